@@ -1,0 +1,1546 @@
+#!/usr/bin/env python3
+"""nodemngr -- one node manager per host: hands out ports, remembers what they are for.
+
+The node manager gives each local process of a distributed application a port that no other holder
+has, records what the port is for and who holds it, and takes it back when asked or when the holder
+dies.  It is a modern re-implementation of the 1999 Open-ORB ``nodemngr`` module (``ping``,
+``newPort``, ``delPort``, ``terminate``) that speaks XML-RPC, so any language can call it.
+
+Run it (this one file, Python 3.8+, standard library only)::
+
+    $ python3 nodemngr.py                 # serve on 127.0.0.1:11800, ports 11801-12800
+    $ nodemngr new "echo service"         # from another shell
+    11801
+    $ nodemngr list
+    PORT   PID  AGE  INFO
+    11801  0    3s   echo service
+    $ nodemngr del 11801; nodemngr stop
+
+Use it from Python (the client lives in nodemngr_proxy.py and starts a daemon if none answers)::
+
+    >>> from nodemngr import nm
+    >>> p = nm.newPort("my capsule")
+    >>> nm.delPort(p)
+    0
+"""
+
+import argparse
+import base64
+import binascii
+import email.utils
+import errno
+import heapq
+import hmac
+import inspect
+import ipaddress
+import logging
+import math
+import os
+import reprlib
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+import xmlrpc.client
+import zlib
+from collections import namedtuple
+from datetime import datetime, timezone
+from xml.parsers import expat
+from xmlrpc.client import Fault
+from xmlrpc.server import SimpleXMLRPCServer
+
+__all__ = [
+    "nmPort", "firstPort", "lastPort", "NodeMngrException", "UnknownPortError", "NoFreePortError",
+    "BadArgumentError", "ForbiddenError", "StoreError", "PortAllocator", "StateStore", "NodeMngr",
+    "NodeMngrServer", "NodeMngrProxy", "nm", "main",
+]
+__version__ = "1.0.0"
+
+log = logging.getLogger("nodemngr")
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+nmPort = 11800          #: the node manager's own port (legacy name)
+firstPort = 11801       #: the first port it hands out (legacy name)
+lastPort = 12800        #: the last port it hands out
+
+MAX_INFO_BYTES = 4096   # an info value, marshalled
+MAX_INFO_DEPTH = 16     # nesting of arrays and structs in an info value
+MAX_BODY = 64 * 1024    # a request body, after any Content-Encoding is undone
+MAX_HEAD = 16 * 1024    # request line and headers together
+MAX_HEADERS = 64
+IDLE_TIMEOUT = 30.0     # a keep-alive connection with no request
+STALL_TIMEOUT = 10.0    # from the first byte of a request to the last byte of its reply
+MAX_CONNECTIONS = 128
+REAP_INTERVAL = 2.0     # seconds between two looks at the owners' liveness
+BUSY_RETRY = 1.0        # a port another program holds is not probed again for this long
+SPAWN_TIMEOUT = 10.0    # how long a client waits for a daemon it started
+
+# Fault codes of the wire protocol (CONTRACT.md).
+UNKNOWN_PORT, NO_FREE_PORT, BAD_ARGUMENT, FORBIDDEN = 1, 2, 3, 4
+NOT_WELL_FORMED, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
+    -32700, -32600, -32601, -32602, -32603)
+
+_INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
+_STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
+_STORE_SCHEMA = 1
+
+# ---------------------------------------------------------------------------------------------
+# Exceptions
+# ---------------------------------------------------------------------------------------------
+
+
+class NodeMngrException(Exception):
+    """Base of every error of the node manager; ``faultCode`` is its wire fault code."""
+
+    faultCode = INTERNAL_ERROR
+
+    def __init__(self, message, faultCode=None):
+        super().__init__(message)
+        if faultCode is not None:
+            self.faultCode = faultCode
+
+    @property
+    def faultString(self):
+        return str(self)
+
+
+class UnknownPortError(NodeMngrException, IndexError):
+    """delPort of a port that is not registered (fault 1, legacy text)."""
+
+    faultCode = UNKNOWN_PORT
+
+    def __init__(self, port):
+        if isinstance(port, str):      # rebuilt from a fault string by a client
+            super().__init__(port)
+        else:
+            super().__init__("Node manager: Unknown port: %s" % port)
+
+
+class NoFreePortError(NodeMngrException):
+    """Every port of the range is registered or held by another program (fault 2)."""
+
+    faultCode = NO_FREE_PORT
+
+
+class BadArgumentError(NodeMngrException, ValueError):
+    """A parameter of the wrong type or out of range, an info too big, a dead pid (fault 3)."""
+
+    faultCode = BAD_ARGUMENT
+
+
+class ForbiddenError(NodeMngrException, PermissionError):
+    """An administrative call from a peer that is not on this host (fault 4)."""
+
+    faultCode = FORBIDDEN
+
+
+class StoreError(NodeMngrException):
+    """The state could not be saved, so the change was not made (fault -32603)."""
+
+    faultCode = INTERNAL_ERROR
+
+
+_FAULT_CLASSES = {UNKNOWN_PORT: UnknownPortError, NO_FREE_PORT: NoFreePortError,
+                  BAD_ARGUMENT: BadArgumentError, FORBIDDEN: ForbiddenError}
+
+
+def exception_from_fault(fault):
+    """The NodeMngrException a client raises for an xmlrpc.client.Fault."""
+    cls = _FAULT_CLASSES.get(fault.faultCode)
+    if cls is None:
+        return NodeMngrException(fault.faultString, fault.faultCode)
+    return cls(fault.faultString)
+
+
+# ---------------------------------------------------------------------------------------------
+# Owners: a pid and the start time of that process, so that a reused pid is a different owner
+# ---------------------------------------------------------------------------------------------
+
+_HAVE_PROC = os.path.isdir("/proc/self") and os.path.exists("/proc/self/stat")
+
+
+def process_start_time(pid):
+    """The start time of process *pid* (clock ticks since boot), 0 where it cannot be read, or
+    None if there is no live process with that pid (zombies count as dead)."""
+    if _HAVE_PROC:
+        try:
+            fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            stat = os.read(fd, 1024)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        fields = stat.rpartition(b")")[2].split()
+        if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
+            return None
+        return int(fields[19])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return 0
+
+
+def owner_alive(pid, start):
+    """True while the process that registered as (*pid*, *start*) runs."""
+    now = process_start_time(pid)
+    return now is not None and (not start or not now or now == start)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host checks: is a port bound by anybody on this host?
+# ---------------------------------------------------------------------------------------------
+
+def _dual_stack():
+    """Whether one IPv6 socket with V6ONLY off sees IPv4 and IPv6 holders alike."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+_PROBES = None
+
+
+def port_is_bindable(port):
+    """True if no process on this host has *port* bound, TCP or UDP, IPv4 or IPv6.
+
+    A bind on the wildcard address conflicts with every holder of the port; a TCP socket in
+    TIME_WAIT does not count (SO_REUSEADDR), as servers reuse such ports at once.
+    """
+    global _PROBES
+    if _PROBES is None:
+        if _dual_stack():
+            _PROBES = [(socket.AF_INET6, socket.SOCK_STREAM, "::"), (socket.AF_INET6, socket.SOCK_DGRAM, "::")]
+        else:
+            _PROBES = [(socket.AF_INET, socket.SOCK_STREAM, ""), (socket.AF_INET, socket.SOCK_DGRAM, "")]
+    for family, kind, address in _PROBES:
+        s = socket.socket(family, kind)
+        try:
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((address, port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
+def is_loopback(host):
+    """True for 127.0.0.0/8, ::1, an IPv4-mapped loopback and names that resolve only there."""
+    host = host.strip("[]")
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None)
+        except OSError:
+            return False
+        return bool(infos) and all(is_loopback(info[4][0]) for info in infos)
+    if getattr(addr, "ipv4_mapped", None) is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+# ---------------------------------------------------------------------------------------------
+# Values: what an info may be, and how it is checked
+# ---------------------------------------------------------------------------------------------
+
+_PARAMS_OVERHEAD = len(xmlrpc.client.dumps((0,))) - len("<value><int>0</int></value>")
+
+
+def marshal_info(info):
+    """Check *info* and return it marshalled (the text the state file keeps).
+
+    Raises BadArgumentError for a value XML-RPC cannot carry back (nil, ints beyond 32 bits,
+    NaN), one nested deeper than MAX_INFO_DEPTH or larger than MAX_INFO_BYTES marshalled.
+    """
+    _check_depth(info, 0)
+    try:
+        text = xmlrpc.client.dumps((info,), allow_none=False)
+    except OverflowError:
+        raise BadArgumentError("info holds an integer outside 32 bits; XML-RPC carries -2147483648 to 2147483647 only")
+    except TypeError:
+        raise BadArgumentError("info holds nil or a value XML-RPC cannot carry; use strings, numbers, "
+                               "booleans, structs, arrays, base64 or dateTime")
+    size = len(text) - _PARAMS_OVERHEAD
+    if size > MAX_INFO_BYTES:
+        raise BadArgumentError("info is %d bytes marshalled; the limit is %d" % (size, MAX_INFO_BYTES))
+    return text
+
+
+def _check_depth(value, depth):
+    if isinstance(value, (list, dict)):
+        if depth >= MAX_INFO_DEPTH:
+            raise BadArgumentError("info is nested deeper than %d levels" % MAX_INFO_DEPTH)
+        for item in (value.values() if isinstance(value, dict) else value):
+            _check_depth(item, depth + 1)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise BadArgumentError("info holds a double that is not finite (NaN or infinity)")
+
+
+def unmarshal_info(text):
+    return xmlrpc.client.loads(text, use_builtin_types=True)[0][0]
+
+
+def check_port(port):
+    """*port* as an int from 1 to 65535, else BadArgumentError naming the value."""
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise BadArgumentError("port must be an integer from 1 to 65535, not %s" % _show(port))
+    return port
+
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 60
+
+
+def _show(value):
+    """A short, safe repr of a value a client sent (bounded in length and depth)."""
+    return _repr.repr(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The allocator: pure logic, no sockets, no files
+# ---------------------------------------------------------------------------------------------
+
+Registration = namedtuple("Registration", "port info pid start since blob")
+Registration.__doc__ = """One held port: its info, owner (pid 0 = none, start time), since (epoch
+seconds) and blob (info marshalled, as the state file keeps it)."""
+
+
+class PortAllocator:
+    """The ports of ``[first, last]``: which are held, by whom, and which is the lowest free one.
+
+    Free ports sit in a heap, so taking the lowest and giving one back are O(log n).  Ports that
+    the host check refused are set aside for BUSY_RETRY seconds rather than probed on every call.
+    Not thread-safe: NodeMngr serialises calls.
+    """
+
+    def __init__(self, first, last, registrations=(), clock=time.monotonic):
+        if not 1 <= first <= last <= 65535:
+            raise BadArgumentError("the port range %s-%s is not within 1-65535 with first <= last" % (first, last))
+        self.first, self.last = first, last
+        self.held = {}          # port -> Registration
+        self.owners = {}        # (pid, start) -> set of ports
+        self._busy = []         # heap of (retry_at, port): refused by the host check lately
+        self._clock = clock
+        for reg in registrations:
+            self._hold(reg)
+        self._free = [p for p in range(first, last + 1) if p not in self.held]   # sorted: a heap
+
+    def __len__(self):
+        return len(self.held)
+
+    @property
+    def free_count(self):
+        return len(self._free) + len(self._busy)
+
+    def take(self, usable):
+        """Remove and return the lowest free port that ``usable(port)`` accepts, or None."""
+        now = self._clock()
+        if self._busy and self._busy[0][0] <= now:
+            while self._busy and self._busy[0][0] <= now:
+                heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+        while self._free:
+            port = heapq.heappop(self._free)
+            if usable(port):
+                return port
+            heapq.heappush(self._busy, (now + BUSY_RETRY, port))
+        return None
+
+    def untake(self, port):
+        """Give back a port from take() that could not be registered after all."""
+        heapq.heappush(self._free, port)
+
+    def hold(self, reg):
+        """Record a port taken with take()."""
+        self._hold(reg)
+
+    def release(self, port):
+        """Forget a held port and make it free again; return its Registration."""
+        reg = self.held.pop(port)
+        key = (reg.pid, reg.start)
+        if reg.pid:
+            ports = self.owners[key]
+            ports.discard(port)
+            if not ports:
+                del self.owners[key]
+        if self.first <= port <= self.last:
+            heapq.heappush(self._free, port)
+        return reg
+
+    def _hold(self, reg):
+        self.held[reg.port] = reg
+        if reg.pid:
+            self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
+
+    def recall_all_busy(self):
+        """Probe every set-aside port again on the next take() (before saying none is free)."""
+        while self._busy:
+            heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The state store: sqlite3, one row per held port
+# ---------------------------------------------------------------------------------------------
+
+def default_state_path(port):
+    """$XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3, else TMPDIR/nodemngr-UID/PORT.sqlite3."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        folder = os.path.join(runtime, "nodemngr")
+    else:
+        folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % _uid())
+    return os.path.join(folder, "%d.sqlite3" % port)
+
+
+def _uid():
+    return os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+
+
+def ensure_private_folder(folder):
+    """Create *folder* 0700 if missing; refuse one that another user owns or that is a link."""
+    os.makedirs(folder, 0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise NodeMngrException("state folder %s is not a plain folder; remove it or set NODEMNGR_STATE" % folder)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise NodeMngrException("state folder %s belongs to uid %d, not to you (uid %d); remove it or set "
+                                "NODEMNGR_STATE" % (folder, st.st_uid, os.getuid()))
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+
+
+class _NotOurs(Exception):
+    pass
+
+
+class StateStore:
+    """The held ports, saved in a sqlite3 file so that they survive a crash of the daemon.
+
+    Every change is its own transaction, committed before the caller is answered.  WAL with
+    synchronous=NORMAL: a commit reaches the operating system before it returns, which is all a
+    ``kill -9`` of the daemon can lose; a power cut can lose the last commits, but it also ends
+    every process that held those ports.  ``StateStore(None)`` keeps nothing (``--state none``).
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self._db = None
+        if path is not None:
+            self._db = self._open_or_move_aside(path)
+
+    def load(self):
+        """Every saved Registration."""
+        if self._db is None:
+            return []
+        rows = self._db.execute("SELECT port, info, pid, start, since FROM ports").fetchall()
+        return [Registration(port, unmarshal_info(blob), pid, start, since, blob)
+                for port, blob, pid, start, since in rows]
+
+    def add(self, reg):
+        self._write("INSERT INTO ports(port, info, pid, start, since) VALUES (?, ?, ?, ?, ?)",
+                    (reg.port, reg.blob, reg.pid, reg.start, reg.since))
+
+    def remove(self, ports):
+        self._write("DELETE FROM ports WHERE port = ?", [(p,) for p in ports], many=True)
+
+    def close(self):
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _write(self, sql, args, many=False):
+        if self._db is None:
+            return
+        try:
+            if many:
+                with self._db:
+                    self._db.executemany(sql, args)
+            else:
+                self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.rollback()
+            raise StoreError("could not save the state to %s (%s); nothing was changed" % (self.path, exc))
+
+    def _open_or_move_aside(self, path):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, 0o700, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        try:
+            return self._open(path)
+        except (sqlite3.DatabaseError, _NotOurs, ValueError, xmlrpc.client.Error, expat.ExpatError) as exc:
+            aside = "%s.bad-%s" % (path, time.strftime("%Y%m%dT%H%M%S"))
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.replace(path + suffix, aside + suffix)
+            log.warning("state file %s is unreadable or not a nodemngr state file (%s); moved it aside "
+                        "to %s and started empty", path, exc, aside)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            return self._open(path)
+
+    @staticmethod
+    def _open(path):
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app_id == 0 and tables == 0:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(
+                    "PRAGMA application_id=%d; PRAGMA user_version=%d;"
+                    "CREATE TABLE ports(port INTEGER PRIMARY KEY, info TEXT NOT NULL,"
+                    " pid INTEGER NOT NULL, start INTEGER NOT NULL, since REAL NOT NULL);"
+                    % (_STORE_APP_ID, _STORE_SCHEMA))
+            elif app_id != _STORE_APP_ID:
+                raise _NotOurs("application id %#x, not nodemngr's" % app_id)
+            elif db.execute("PRAGMA user_version").fetchone()[0] != _STORE_SCHEMA:
+                raise _NotOurs("schema version is not %d" % _STORE_SCHEMA)
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _NotOurs("integrity check: %s" % check)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            for port, blob in db.execute("SELECT port, info FROM ports"):
+                unmarshal_info(blob)     # unreadable rows: the whole file is suspect
+            return db
+        except BaseException:
+            db.close()
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# The node manager: the service behind the wire methods
+# ---------------------------------------------------------------------------------------------
+
+def _rpc(*signatures):
+    """Mark a NodeMngr method as a wire method with its XML-RPC signatures."""
+    def mark(func):
+        func.rpc_signatures = [list(s) for s in signatures]
+        return func
+    return mark
+
+
+def _utc(epoch):
+    """A naive UTC datetime, as XML-RPC's dateTime.iso8601 carries no zone."""
+    return datetime.fromtimestamp(int(epoch), timezone.utc).replace(tzinfo=None)
+
+
+class NodeMngr:
+    """The node manager: a PortAllocator, its StateStore, owner reaping, and the wire methods.
+
+    The wire methods keep the legacy camelCase names; their docstrings are what remote callers
+    read through ``system.methodHelp``.
+    """
+
+    def __init__(self, first=firstPort, last=lastPort, store=None, host_check=port_is_bindable,
+                 hostname=None):
+        self.store = store if store is not None else StateStore(None)
+        self.allocator = PortAllocator(first, last, self.store.load())
+        self.host_check = host_check
+        self.hostname = hostname or socket.gethostname()
+        self.started = time.time()
+        self.reaped = 0
+        self.server = None      # set by NodeMngrServer: terminate() stops it
+        self.local = threading.local()      # .peer: the caller's address, set per request
+        self._lock = threading.Lock()
+        self.reap()
+
+    # -- wire methods ------------------------------------------------------------------------
+
+    @_rpc(["string"])
+    def ping(self):
+        """Return "NodeMngr at HOSTNAME is alive"; use it to see that the node manager runs."""
+        return "NodeMngr at %s is alive" % self.hostname
+
+    @_rpc(["int", "string"], ["int", "string", "int"])
+    def newPort(self, info, pid=0):
+        """Register and return a port (int) that nobody else on this host holds.
+
+        info: any XML-RPC value saying what the port is for (at most 4 KiB marshalled, 16 levels
+        deep); it is kept and returned by listPorts as given.  pid: optional, the process that
+        holds the port; when it is non-zero the port is freed automatically once that process has
+        ended.  Returns the lowest free port of the range.  Faults: 2 when no port is free,
+        3 for a bad info or a pid with no live process.
+        """
+        if info is None:
+            info = ""           # a top-level nil means "no info": replies never carry nil
+        blob = marshal_info(info)
+        if pid is None:
+            pid = 0
+        if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
+            raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, _show(pid)))
+        start = 0
+        if pid:
+            start = process_start_time(pid)
+            if start is None:
+                raise BadArgumentError("pid %d is not a live process on this host" % pid)
+        return self._register(info, blob, pid, start)
+
+    @_rpc(["int", "int"])
+    def delPort(self, port):
+        """Give back a port that newPort returned; returns 0.
+
+        Fault 1 ("Node manager: Unknown port: N") if the port is not registered, 3 if port is
+        not an integer from 1 to 65535.
+        """
+        check_port(port)
+        with self._lock:
+            reg = self.allocator.held.get(port)
+            if reg is None:
+                raise UnknownPortError(port)
+            self.store.remove([port])
+            self.allocator.release(port)
+        log.debug("freed port %d (%s)", port, _show(reg.info))
+        return 0
+
+    @_rpc(["array"])
+    def listPorts(self):
+        """Return every registered port as an array of structs, sorted by port:
+        {port: int, info: as given to newPort, pid: int (0 = none), since: dateTime.iso8601 UTC}.
+        """
+        with self._lock:
+            regs = sorted(self.allocator.held.values())
+        return [{"port": r.port, "info": r.info, "pid": r.pid,
+                 "since": _utc(r.since)} for r in regs]
+
+    @_rpc(["struct"])
+    def status(self):
+        """Return a struct describing the node manager: version, pid, host, port, firstPort,
+        lastPort, registered, free, reaped (ports of dead owners freed since start),
+        uptime (seconds, double) and state (the state file's path, or "" when none).
+        """
+        server = self.server
+        with self._lock:
+            registered, free = len(self.allocator), self.allocator.free_count
+        return {"version": __version__, "pid": os.getpid(), "host": server.host if server else "",
+                "port": server.port if server else 0, "firstPort": self.allocator.first,
+                "lastPort": self.allocator.last, "registered": registered, "free": free,
+                "reaped": self.reaped, "uptime": time.time() - self.started,
+                "state": self.store.path or ""}
+
+    @_rpc(["boolean"])
+    def terminate(self):
+        """Stop the node manager: it answers true, finishes the requests in flight, saves its
+        state and exits.  Only callers on this host may do this (fault 4 otherwise).
+        """
+        peer = getattr(self.local, "peer", None)
+        if peer is not None and not is_loopback(peer):
+            raise ForbiddenError("terminate is only allowed from this host, not from %s" % peer)
+        if self.server is not None:
+            self.server.request_stop("terminate called")
+        return True
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _register(self, info, blob, pid, start):
+        with self._lock:
+            port = self.allocator.take(self.host_check)
+            if port is None:
+                port = self._take_after_reaping()
+            reg = Registration(port, info, pid, start, time.time(), blob)
+            try:
+                self.store.add(reg)
+            except StoreError:
+                self.allocator.untake(port)
+                raise
+            self.allocator.hold(reg)
+        log.debug("gave port %d to pid %d (%s)", port, pid, _show(info))
+        return port
+
+    def _take_after_reaping(self):
+        """Called with the lock held when take() found nothing: reap dead owners, probe again."""
+        self._reap_locked(self._dead_owners(list(self.allocator.owners)))
+        self.allocator.recall_all_busy()
+        port = self.allocator.take(self.host_check)
+        if port is None:
+            a = self.allocator
+            mine = sum(1 for p in a.held if a.first <= p <= a.last)
+            raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
+                                  % (a.first, a.last, mine, a.last - a.first + 1 - mine))
+        return port
+
+    @staticmethod
+    def _dead_owners(owners):
+        return [key for key in owners if not owner_alive(*key)]
+
+    def reap(self):
+        """Free the ports of owners that have ended; return how many were freed."""
+        with self._lock:
+            owners = list(self.allocator.owners)
+        dead = self._dead_owners(owners)    # /proc reads, outside the lock
+        if not dead:
+            return 0
+        with self._lock:
+            return self._reap_locked(dead)
+
+    def _reap_locked(self, dead):
+        ports = [p for key in dead for p in sorted(self.allocator.owners.get(key, ()))]
+        if not ports:
+            return 0
+        try:
+            self.store.remove(ports)
+        except StoreError as exc:
+            log.warning("could not free the ports of ended owners yet: %s", exc)
+            return 0
+        for port in ports:
+            reg = self.allocator.release(port)
+            log.info("reaped port %d: owner pid %d has ended (%s)", port, reg.pid, _show(reg.info))
+        self.reaped += len(ports)
+        return len(ports)
+
+    def close(self):
+        with self._lock:
+            self.store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading requests: expat with DTDs refused, and the dialects real clients send
+# ---------------------------------------------------------------------------------------------
+
+class _Unmarshaller(xmlrpc.client.Unmarshaller):
+    """xmlrpc.client's reader, more liberal: booleans as true/false, whitespace around scalars."""
+
+    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
+
+    def end_boolean(self, data):
+        word = data.strip().lower()
+        if word not in ("0", "1", "true", "false"):
+            raise ValueError("bad boolean value %s" % _show(data))
+        self.append(word in ("1", "true"))
+        self._value = 0
+    dispatch["boolean"] = end_boolean
+
+    def end_dateTime(self, data):
+        xmlrpc.client.Unmarshaller.end_dateTime(self, data.strip())
+        self._value = 0
+    dispatch["dateTime.iso8601"] = end_dateTime
+
+    def end_base64(self, data):
+        try:
+            xmlrpc.client.Unmarshaller.end_base64(self, data)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError("bad base64 value")
+    dispatch["base64"] = end_base64
+
+
+class _DTDRefused(Exception):
+    pass
+
+
+def _refuse_dtd(*args):
+    raise _DTDRefused()
+
+
+def parse_call(data):
+    """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
+    u = _Unmarshaller(use_builtin_types=True)
+    u._encoding = None
+    p = expat.ParserCreate(None, None)
+    p.buffer_text = True
+    p.StartElementHandler = u.start
+    p.EndElementHandler = u.end
+    p.CharacterDataHandler = u.data
+    p.StartDoctypeDeclHandler = _refuse_dtd
+    p.EntityDeclHandler = _refuse_dtd
+    try:
+        p.Parse(data, True)
+    except _DTDRefused:
+        raise Fault(NOT_WELL_FORMED, "DOCTYPE and ENTITY declarations are refused")
+    except expat.ExpatError as exc:
+        raise Fault(NOT_WELL_FORMED, "the request is not well-formed XML: %s" % exc)
+    except (ValueError, TypeError, OverflowError, xmlrpc.client.Error, IndexError, KeyError, ArithmeticError) as exc:
+        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: %s" % (exc or "malformed value"))
+    method = u.getmethodname()
+    if not isinstance(method, str) or u._type not in ("params", "methodName") or u._marks:
+        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: expected a <methodCall> "
+                    "with a <methodName> and <params>")
+    return tuple(u._stack), method
+
+
+# ---------------------------------------------------------------------------------------------
+# The server: SimpleXMLRPCServer, threaded, with a lean HTTP/1.1 keep-alive handler
+# ---------------------------------------------------------------------------------------------
+
+class _HTTPError(Exception):
+    def __init__(self, status, message, extra=""):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 503: "Service Unavailable"}
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def _response(status, body, content_type, close, extra=""):
+    return ("HTTP/1.1 %d %s\r\nServer: nodemngr/%s\r\nDate: %s\r\nContent-Type: %s\r\n"
+            "Content-Length: %d\r\n%s%s\r\n" % (
+                status, _REASONS[status], __version__, _http_date(), content_type, len(body),
+                "Connection: close\r\n" if close else "", extra)).encode("latin-1") + body
+
+
+class _Connection(socketserver.BaseRequestHandler):
+    """One client connection: reads HTTP/1.1 requests, one after the other, until it closes.
+
+    Hand-rolled rather than http.server's, for limits the stdlib lacks (body size after decoding,
+    Content-Length sanity, header block size, deadlines) and for speed on the per-call path.
+    """
+
+    def setup(self):
+        self.sock = self.request
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = b""
+        self.idle = False
+        self.server.conn_new(self)
+
+    def handle(self):
+        server = self.server
+        first = True    # a new connection always gets its first request read, even when stopping
+        while True:
+            if not self.buf:
+                if not first and not server.conn_wait(self):
+                    return
+                self.buf = self._recv()
+                if not self.buf:
+                    return
+                server.conn_busy(self)
+            first = False
+            if not self._one_request() or server.stopping:
+                return
+
+    def finish(self):
+        self.server.conn_gone(self)
+
+    def _recv(self):
+        try:
+            return self.sock.recv(65536)
+        except OSError:
+            return b""
+
+    def _one_request(self):
+        """Serve one request from self.buf (+ the socket); False when the connection must close."""
+        try:
+            head = self._read_head()
+            if head is None:
+                return False
+            keep_alive, headers = self._parse(head)
+            body = self._read_body(headers)
+        except _HTTPError as exc:
+            self._fail(exc)
+            return False
+        server = self.server
+        server.node.local.peer = self.client_address[0]
+        close = not keep_alive or server.stopping
+        self._send(_response(200, server.dispatch_body(body), "text/xml", close))
+        return not close
+
+    def _read_head(self):
+        buf = self.buf.lstrip(b"\r\n")
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                self.buf = buf[end + 4:]
+                return buf[:end]
+            end = buf.find(b"\n\n")
+            if end >= 0:
+                self.buf = buf[end + 2:]
+                return buf[:end]
+            if len(buf) > MAX_HEAD:
+                raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
+            more = self._recv()
+            if not more:
+                return None
+            buf += more
+
+    def _parse(self, head):
+        """(keep_alive, headers) from a request head; _HTTPError for anything off."""
+        lines = head.split(b"\n")
+        parts = lines[0].rstrip(b"\r").split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise _HTTPError(400, "malformed request line")
+        method, target, version = parts
+        if len(lines) > MAX_HEADERS + 1:
+            raise _HTTPError(400, "more than %d header lines" % MAX_HEADERS)
+        headers = {}
+        for line in lines[1:]:
+            line = line.rstrip(b"\r")
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip() or line[:1] in b" \t":
+                raise _HTTPError(400, "malformed header line")
+            name = name.lower()
+            value = value.strip()
+            if name in headers:
+                if name in (b"content-length", b"authorization", b"content-encoding"):
+                    raise _HTTPError(400, "duplicate %s header" % name.decode("latin-1"))
+                value = headers[name] + b", " + value
+            headers[name] = value
+        if method != b"POST":
+            raise _HTTPError(405, "only POST is served; send XML-RPC calls to / or /RPC2",
+                             "Allow: POST\r\n")
+        if target not in (b"/", b"/RPC2"):
+            raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
+        self.server.check_auth(headers.get(b"authorization"))
+        connection = headers.get(b"connection", b"").lower()
+        if version == b"HTTP/1.0":
+            keep_alive = b"keep-alive" in connection
+        else:
+            keep_alive = b"close" not in connection
+        return keep_alive, headers
+
+    def _read_body(self, headers):
+        if b"transfer-encoding" in headers:
+            raise _HTTPError(411 if b"content-length" not in headers else 400,
+                             "chunked bodies are not accepted; send a Content-Length")
+        length = headers.get(b"content-length")
+        if length is None:
+            raise _HTTPError(411, "a Content-Length header is required")
+        if not length.isdigit():
+            raise _HTTPError(400, "Content-Length must be a non-negative decimal number")
+        if len(length) > 9 or int(length) > MAX_BODY:
+            raise _HTTPError(413, "the body exceeds %d bytes" % MAX_BODY)
+        length = int(length)
+        if headers.get(b"expect", b"").lower() == b"100-continue":
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        buf = self.buf
+        while len(buf) < length:
+            more = self._recv()
+            if not more:
+                raise _HTTPError(400, "the body ended before Content-Length bytes")
+            buf += more
+        body, self.buf = buf[:length], buf[length:]
+        encoding = headers.get(b"content-encoding", b"identity").lower()
+        if encoding == b"identity":
+            return body
+        return _decode_body(body, encoding)
+
+    def _send(self, data):
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def _fail(self, exc):
+        """Answer an HTTP-level error in one sentence and close after a short linger."""
+        body = (str(exc) + "\n").encode("utf-8")
+        self._send(_response(exc.status, body, "text/plain; charset=utf-8", True, exc.extra))
+        try:    # drain what the client still sends, so that closing does not reset the reply
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(1.0)
+            for _ in range(16):
+                if not self.sock.recv(65536):
+                    break
+        except OSError:
+            pass
+
+
+def _decode_body(body, encoding):
+    if encoding in (b"gzip", b"x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == b"deflate":
+        decoder = zlib.decompressobj()
+    else:
+        raise _HTTPError(415, "Content-Encoding %s is not supported; use gzip, deflate or none"
+                         % encoding.decode("latin-1")[:40])
+    try:
+        data = decoder.decompress(body, MAX_BODY + 1)
+    except zlib.error:
+        raise _HTTPError(400, "the body is not valid %s data" % encoding.decode("latin-1"))
+    if len(data) > MAX_BODY or decoder.unconsumed_tail:
+        raise _HTTPError(413, "the body exceeds %d bytes once decompressed" % MAX_BODY)
+    if not decoder.eof:
+        raise _HTTPError(400, "the %s body is truncated" % encoding.decode("latin-1"))
+    return data
+
+
+class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
+    """The XML-RPC daemon: a thread per connection, at most MAX_CONNECTIONS of them."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 256
+
+    def __init__(self, host="127.0.0.1", port=nmPort, token=None):
+        """Bind and listen at once: the bound port is what keeps a second daemon out."""
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.host, self.token = host, token
+        self.node = None
+        self.stopping = False
+        self.stop_reason = None
+        self._active = 0            # connections accepted and not yet closed
+        self._conns = set()         # their handlers, for deadlines and draining
+        self._conns_lock = threading.Condition()
+        self._methods = {}
+        SimpleXMLRPCServer.__init__(self, (host, port), requestHandler=_Connection, logRequests=False,
+                                    allow_none=False, encoding="utf-8", bind_and_activate=True)
+        self.port = self.server_address[1]
+
+    def attach(self, node):
+        """Serve the wire methods of *node* (a NodeMngr)."""
+        self.node, node.server = node, self
+        for name in ("ping", "newPort", "delPort", "terminate", "listPorts", "status"):
+            self._register(getattr(node, name), name)
+        for name in ("listMethods", "methodHelp", "methodSignature", "multicall"):
+            self._register(getattr(self, "system_" + name), "system." + name)
+
+    def _register(self, func, name):
+        params = list(inspect.signature(func).parameters.values())
+        required = sum(1 for p in params if p.default is inspect.Parameter.empty)
+        self._methods[name] = (func, required, len(params))
+        self.funcs[name] = func
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def dispatch_body(self, body):
+        """The XML reply (bytes) to one request body."""
+        try:
+            params, method = parse_call(body)
+            response = (self._dispatch(method, params),)
+        except Fault as fault:
+            response = fault
+        try:
+            return xmlrpc.client.dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+        except Exception:
+            log.exception("could not marshal the reply")
+            return xmlrpc.client.dumps(Fault(INTERNAL_ERROR, "internal error: the reply could not be "
+                                             "marshalled; see the node manager's log"),
+                                       methodresponse=True).encode("utf-8")
+
+    def _dispatch(self, method, params):
+        entry = self._methods.get(method)
+        if entry is None:
+            raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
+                        "those that are" % _show(method))
+        func, least, most = entry
+        if not least <= len(params) <= most:
+            wanted = str(least) if least == most else "%d to %d" % (least, most)
+            raise Fault(INVALID_PARAMS, "%s takes %s parameter%s, not %d" % (
+                method, wanted, "" if wanted == "1" else "s", len(params)))
+        try:
+            return func(*params)
+        except NodeMngrException as exc:
+            raise Fault(exc.faultCode, str(exc))
+        except Fault:
+            raise
+        except Exception as exc:
+            log.exception("internal error in %s", method)
+            raise Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the "
+                        "details" % (method, type(exc).__name__))
+
+    def system_listMethods(self):
+        """Return the names of the methods this node manager offers."""
+        return sorted(self._methods)
+
+    def system_methodHelp(self, name):
+        """Return the help text of method *name*, for callers in any language."""
+        entry = self._methods.get(name)
+        if entry is None:
+            raise BadArgumentError("no method %s; system.listMethods lists the methods" % _show(name))
+        return inspect.getdoc(entry[0]) or ""
+
+    def system_methodSignature(self, name):
+        """Return the signatures of method *name*: an array of arrays, the return type first."""
+        entry = self._methods.get(name)
+        if entry is None:
+            raise BadArgumentError("no method %s; system.listMethods lists the methods" % _show(name))
+        return getattr(entry[0], "rpc_signatures", None) or "undef"
+
+    system_listMethods.rpc_signatures = [["array"]]
+    system_methodHelp.rpc_signatures = [["string", "string"]]
+    system_methodSignature.rpc_signatures = [["array", "string"]]
+
+    def system_multicall(self, calls):
+        """Run several calls in one request.  calls: an array of structs {methodName, params};
+        returns an array whose items are [result] or a fault struct {faultCode, faultString}.
+        """
+        if not isinstance(calls, list):
+            raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
+        results = []
+        for call in calls:
+            try:
+                if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
+                        or not isinstance(call.get("params", []), list)):
+                    raise Fault(INVALID_REQUEST, "each call must be a struct {methodName: string, params: array}")
+                if call["methodName"] == "system.multicall":
+                    raise Fault(INVALID_REQUEST, "system.multicall cannot be nested")
+                results.append([self._dispatch(call["methodName"], call.get("params", []))])
+            except Fault as fault:
+                results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
+        return results
+
+    system_multicall.rpc_signatures = [["array", "array"]]
+
+    def check_auth(self, header):
+        """Raise a 401 _HTTPError unless the request carries the token (or none is needed)."""
+        if self.token is None:
+            return
+        given = b""
+        if header and header[:6].lower() == b"basic ":
+            try:
+                given = base64.b64decode(header[6:].strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                given = b""
+        if not hmac.compare_digest(given, self.token):
+            raise _HTTPError(401, "this node manager needs HTTP Basic auth with its token as password",
+                             'WWW-Authenticate: Basic realm="nodemngr"\r\n')
+
+    # -- connections -----------------------------------------------------------------------------
+
+    def process_request(self, request, client_address):
+        with self._conns_lock:
+            crowded = self._active >= MAX_CONNECTIONS
+            if not crowded:
+                self._active += 1
+        if crowded:
+            self._turn_away(request)
+            return
+        try:
+            socketserver.ThreadingMixIn.process_request(self, request, client_address)
+        except BaseException:
+            self._conn_ended()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            socketserver.ThreadingMixIn.process_request_thread(self, request, client_address)
+        finally:
+            self._conn_ended()
+
+    def _conn_ended(self):
+        with self._conns_lock:
+            self._active -= 1
+            self._conns_lock.notify_all()
+
+    def _turn_away(self, request):
+        body = b"too many connections; try again shortly\n"
+        try:
+            request.setblocking(False)
+            request.send(_response(503, body, "text/plain; charset=utf-8", True))
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def conn_new(self, conn):
+        """A new connection: its first request must arrive within STALL_TIMEOUT."""
+        conn.deadline = time.monotonic() + STALL_TIMEOUT
+        with self._conns_lock:
+            self._conns.add(conn)
+
+    def conn_wait(self, conn):
+        """A connection goes idle between requests; False if the server is stopping."""
+        with self._conns_lock:
+            if self.stopping:
+                return False
+            conn.idle = True
+            conn.deadline = time.monotonic() + IDLE_TIMEOUT
+            return True
+
+    def conn_busy(self, conn):
+        conn.deadline = time.monotonic() + STALL_TIMEOUT
+        conn.idle = False
+
+    def conn_gone(self, conn):
+        with self._conns_lock:
+            self._conns.discard(conn)
+
+    def cut_overdue(self):
+        """Shut the sockets of connections past their deadline (idle or stalled)."""
+        now = time.monotonic()
+        with self._conns_lock:
+            late = [c for c in self._conns if c.deadline < now]
+        for conn in late:
+            log.debug("closing %s connection from %s", "idle" if conn.idle else "stalled", conn.client_address)
+            _shut(conn.sock)
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self, reason):
+        """Stop serving soon; safe from a signal handler and from a request thread."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            threading.Thread(target=self.shutdown, name="nodemngr-stop", daemon=True).start()
+
+    def drain(self, timeout=STALL_TIMEOUT + 1):
+        """After serve_forever: answer what was received, close idle connections, wait for the rest."""
+        self.socket.setblocking(False)
+        while True:     # connections the kernel accepted for us are requests already sent
+            try:
+                request, address = self.socket.accept()
+            except OSError:
+                break
+            request.setblocking(True)
+            socketserver.ThreadingMixIn.process_request(self, request, address)
+        self.socket.close()
+        with self._conns_lock:
+            self.stopping = True
+            for conn in self._conns:
+                if conn.idle and not _has_pending(conn.sock):
+                    _shut(conn.sock)
+            deadline = time.monotonic() + timeout
+            while self._active and time.monotonic() < deadline:
+                self._conns_lock.wait(0.1)
+            return self._active
+
+
+def _shut(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _has_pending(sock):
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return False
+
+
+def _housekeeping(server, node, stop):
+    """Cut overdue connections often, reap dead owners every REAP_INTERVAL seconds."""
+    next_reap = time.monotonic() + REAP_INTERVAL
+    while not stop.wait(0.25):
+        server.cut_overdue()
+        if time.monotonic() >= next_reap:
+            next_reap = time.monotonic() + REAP_INTERVAL
+            try:
+                node.reap()
+            except Exception:
+                log.exception("reaping failed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and the client used by the command line
+# ---------------------------------------------------------------------------------------------
+
+def env_host(value=None):
+    return value or os.environ.get("NODEMNGR_HOST") or "127.0.0.1"
+
+
+def env_port(value=None, var="NODEMNGR_PORT", default=nmPort):
+    if value is not None:
+        return value
+    raw = os.environ.get(var)
+    if not raw:
+        return default
+    try:
+        port = int(raw)
+    except ValueError:
+        raise NodeMngrException("%s=%s is not a port number" % (var, _show(raw)))
+    if not 1 <= port <= 65535:
+        raise NodeMngrException("%s=%d is not within 1-65535" % (var, port))
+    return port
+
+
+def read_token(path):
+    """The token in *path*, which must not be readable by group or others."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise NodeMngrException("cannot read token file %s: %s" % (path, exc.strerror or exc))
+    if hasattr(os, "getuid") and st.st_mode & 0o077:
+        raise NodeMngrException("token file %s is readable by others (mode %o); chmod 600 it"
+                                % (path, st.st_mode & 0o777))
+    if not token:
+        raise NodeMngrException("token file %s is empty" % path)
+    return token
+
+
+def server_url(host, port, token=None):
+    """The URL of a node manager, with the token as Basic-auth password when there is one."""
+    from urllib.parse import quote
+    if ":" in host and not host.startswith("["):
+        host = "[%s]" % host
+    auth = "nodemngr:%s@" % quote(token.decode("utf-8"), safe="") if token else ""
+    return "http://%s%s:%d/RPC2" % (auth, host, port)
+
+
+def _client(host, port, token_file=None, timeout=10.0):
+    token_file = token_file or os.environ.get("NODEMNGR_TOKEN_FILE")
+    token = read_token(token_file) if token_file else None
+    return _TimeoutProxy(server_url(host, port, token), timeout)
+
+
+class _TimeoutTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout):
+        super().__init__(use_builtin_types=True)
+        self.timeout = timeout
+
+    def make_connection(self, host):
+        conn = super().make_connection(host)
+        conn.timeout = self.timeout
+        return conn
+
+
+def _TimeoutProxy(url, timeout):
+    return xmlrpc.client.ServerProxy(url, transport=_TimeoutTransport(timeout), use_builtin_types=True)
+
+
+def describe_call_error(exc, host, port):
+    """One sentence for an error a client call raised."""
+    if isinstance(exc, Fault):
+        return exc.faultString
+    if isinstance(exc, NodeMngrException):
+        return str(exc)
+    if isinstance(exc, xmlrpc.client.ProtocolError):
+        if exc.errcode == 401:
+            return "the node manager at %s:%d wants a token: set NODEMNGR_TOKEN_FILE or --token-file" % (host, port)
+        return "the node manager at %s:%d answered HTTP %d %s" % (host, port, exc.errcode, exc.errmsg)
+    if isinstance(exc, ConnectionRefusedError):
+        return "no node manager answers at %s:%d" % (host, port)
+    if isinstance(exc, OSError):
+        return "cannot reach the node manager at %s:%d: %s" % (host, port, exc.strerror or exc)
+    return "unexpected reply from %s:%d: %s" % (host, port, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+# ---------------------------------------------------------------------------------------------
+
+def serve(host, port, first, last, state, token=None):
+    """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
+    if not is_loopback(host) and token is None:
+        raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
+                                "take and free ports; give --token-file, or use a loopback address" % host)
+    node = None
+    try:
+        server = NodeMngrServer(host, port, token)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
+        return _port_taken(host, port, token)
+    try:
+        try:
+            node = NodeMngr(first, last, StateStore(state))
+        except (OSError, sqlite3.Error) as exc:
+            raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
+        server.attach(node)
+        stop = threading.Event()
+        keeper = threading.Thread(target=_housekeeping, args=(server, node, stop),
+                                  name="nodemngr-housekeeping", daemon=True)
+        keeper.start()
+        _install_signals(server)
+        log.info("node manager %s serving on %s:%d, ports %d-%d, state %s, pid %d", __version__,
+                 host, server.port, first, last, state or "none", os.getpid())
+        server.serve_forever(poll_interval=0.5)
+        left = server.drain()
+        stop.set()
+        if left:
+            log.warning("%d connections still busy at exit", left)
+        log.info("node manager stopped (%s)", server.stop_reason)
+        return 0
+    finally:
+        server.server_close()
+        if node is not None:
+            node.close()
+
+
+def _port_taken(host, port, token):
+    try:
+        text = _TimeoutProxy(server_url(host, port, token), 2.0).ping()
+        found = isinstance(text, str) and text.startswith("NodeMngr at ")
+    except xmlrpc.client.ProtocolError as exc:
+        found = exc.errcode == 401
+    except (OSError, xmlrpc.client.Error, expat.ExpatError):
+        found = False
+    if found:
+        print("nodemngr: a node manager is already serving on %s:%d; leaving it alone" % (host, port),
+              file=sys.stderr)
+        return 3
+    raise NodeMngrException("port %d on %s is held by another program" % (port, host))
+
+
+def _install_signals(server):
+    def on_signal(signum, frame):
+        server.request_stop(signal.Signals(signum).name)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
+def _serve_config(args):
+    host = env_host(args.host)
+    port = env_port(args.port)
+    first = env_port(args.first_port, "NODEMNGR_FIRST_PORT", firstPort)
+    last = env_port(args.last_port, "NODEMNGR_LAST_PORT", lastPort)
+    if first > last:
+        raise NodeMngrException("first port %d is above last port %d" % (first, last))
+    state = args.state or os.environ.get("NODEMNGR_STATE") or ""
+    if state.lower() == "none":
+        state = None
+    elif not state:
+        state = default_state_path(port)
+        ensure_private_folder(os.path.dirname(state))
+    token_file = args.token_file or os.environ.get("NODEMNGR_TOKEN_FILE")
+    token = read_token(token_file) if token_file else None
+    return host, port, first, last, state, token
+
+
+def _setup_logging(args):
+    level = (args.log_level or os.environ.get("NODEMNGR_LOG_LEVEL") or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise NodeMngrException("log level %s is not one of DEBUG, INFO, WARNING, ERROR" % _show(level))
+    path = args.log_file or os.environ.get("NODEMNGR_LOG_FILE")
+    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s nodemngr[%(process)d] %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+_COMMANDS = ("serve", "ping", "status", "list", "new", "del", "stop")
+
+
+def _parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", help="address of the node manager (env NODEMNGR_HOST, default 127.0.0.1)")
+    common.add_argument("--port", type=int, help="its port (env NODEMNGR_PORT, default %d)" % nmPort)
+    common.add_argument("--token-file", metavar="PATH",
+                        help="file holding the token; every request then needs it (env NODEMNGR_TOKEN_FILE)")
+    parser = argparse.ArgumentParser(
+        prog="nodemngr", description="One node manager per host: hands out ports that nobody else holds, "
+        "remembers what each is for, and takes them back. With no command it serves.",
+        epilog="Run 'nodemngr COMMAND --help' for the flags of a command. Exit status: 0 done, "
+        "1 error, 2 usage, 3 a node manager already serves that port.")
+    parser.add_argument("--version", action="version", version="nodemngr " + __version__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    s = sub.add_parser("serve", parents=[common], help="run the node manager in the foreground (default)")
+    s.add_argument("--first-port", type=int, help="first port handed out (env NODEMNGR_FIRST_PORT, default %d)" % firstPort)
+    s.add_argument("--last-port", type=int, help="last port handed out (env NODEMNGR_LAST_PORT, default %d)" % lastPort)
+    s.add_argument("--state", metavar="PATH", help="state file, or 'none' to keep nothing (env NODEMNGR_STATE, "
+                   "default $XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3 or TMPDIR/nodemngr-UID/PORT.sqlite3)")
+    s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env NODEMNGR_LOG_LEVEL, default INFO)")
+    s.add_argument("--log-file", metavar="PATH", help="log here instead of stderr (env NODEMNGR_LOG_FILE)")
+    sub.add_parser("ping", parents=[common], help="say whether a node manager answers")
+    sub.add_parser("status", parents=[common], help="show the node manager's status")
+    sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
+    n = sub.add_parser("new", parents=[common], help="register a port and print it")
+    n.add_argument("info", help="what the port is for")
+    n.add_argument("--pid", type=int, default=0, help="free the port when this process ends (e.g. $$)")
+    d = sub.add_parser("del", parents=[common], help="give a port back")
+    d.add_argument("port", type=int)
+    sub.add_parser("stop", parents=[common], help="stop the node manager")
+    return parser
+
+
+def main(argv=None):
+    """The command line; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "serve":
+            _setup_logging(args)
+            return serve(*_serve_config(args))
+        return _run_client_command(args)
+    except NodeMngrException as exc:
+        print("nodemngr: %s" % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 1
+
+
+def _run_client_command(args):
+    host, port = env_host(args.host), env_port(args.port)
+    proxy = _client(host, port, args.token_file)
+    try:
+        if args.command == "ping":
+            print(proxy.ping())
+        elif args.command == "status":
+            for key, value in sorted(proxy.status().items()):
+                print("%-10s %s" % (key, round(value, 1) if isinstance(value, float) else value))
+        elif args.command == "list":
+            print(format_table(proxy.listPorts()))
+        elif args.command == "new":
+            print(proxy.newPort(args.info, args.pid))
+        elif args.command == "del":
+            proxy.delPort(args.port)
+        elif args.command == "stop":
+            proxy.terminate()
+            print("node manager at %s:%d is stopping" % (host, port))
+    except (OSError, xmlrpc.client.Error, expat.ExpatError) as exc:
+        raise NodeMngrException(describe_call_error(exc, host, port))
+    return 0
+
+
+def format_table(entries, now=None):
+    """listPorts entries as an aligned text table: PORT PID AGE INFO."""
+    now = _utc(time.time()) if now is None else now
+    rows = [("PORT", "PID", "AGE", "INFO")]
+    for e in entries:
+        since = e["since"]
+        if not isinstance(since, datetime):
+            since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
+        info = e["info"] if isinstance(e["info"], str) else repr(e["info"])
+        rows.append((str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
+
+
+def _age(seconds):
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy names served lazily: the client lives in nodemngr_proxy.py
+# ---------------------------------------------------------------------------------------------
+
+def __getattr__(name):
+    if name in ("NodeMngrProxy", "nm"):
+        import nodemngr_proxy
+        if name == "nm":
+            globals()["nm"] = nodemngr_proxy.NodeMngrProxy()
+        else:
+            globals()[name] = nodemngr_proxy.NodeMngrProxy
+        return globals()[name]
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
