@@ -1,0 +1,144 @@
+"""The command line: every subcommand, exit codes 0/1/2/3, errors in one line without a traceback."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import NODEMNGR, ROOT, clean_env, free_port, wait_until
+
+
+def cli(*args, env=None, timeout=30):
+    proc = subprocess.run([sys.executable, NODEMNGR] + [str(a) for a in args], env=env or clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(err):
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nodemngr: "), err
+
+
+def test_client_subcommands(daemon):
+    env = daemon.env
+    code, out, err = cli("ping", env=env)
+    assert (code, out.startswith("NodeMngr at "), err) == (0, True, "")
+    code, out, _ = cli("new", "web frontend", env=env)
+    assert code == 0 and int(out) == daemon.first
+    code, out, _ = cli("new", "with owner", "--pid", os.getpid(), env=env)
+    assert code == 0 and int(out) == daemon.first + 1
+    code, out, _ = cli("list", env=env)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["PORT", "PID", "AGE", "INFO"]
+    assert lines[1].split(None, 3) == [str(daemon.first), "0", "0s", "web frontend"]
+    assert lines[2].split(None, 3)[:2] == [str(daemon.first + 1), str(os.getpid())]
+    assert lines[1].index("web") == lines[0].index("INFO"), "columns are aligned"
+    code, out, _ = cli("status", env=env)
+    assert code == 0 and "registered 2" in " ".join(out.split())
+    code, out, err = cli("del", daemon.first, env=env)
+    assert (code, out, err) == (0, "", "")
+    code, out, err = cli("del", daemon.first, env=env)
+    assert code == 1 and err.strip() == "nodemngr: Node manager: Unknown port: %d" % daemon.first
+    code, out, _ = cli("stop", env=env)
+    assert code == 0 and "stopping" in out
+    assert daemon.proc.wait(15) == 0
+
+
+def test_flags_win_over_environment(daemon):
+    env = clean_env(NODEMNGR_PORT=free_port(), NODEMNGR_AUTOSTART=0)
+    code, out, _ = cli("ping", "--port", daemon.port, env=env)
+    assert code == 0 and out.startswith("NodeMngr at ")
+
+
+def test_errors_are_one_line_with_status_1():
+    env = clean_env(NODEMNGR_PORT=free_port())
+    code, out, err = cli("ping", env=env)
+    assert code == 1
+    assert_one_line_error(err)
+    assert "no node manager answers" in err
+    code, _, err = cli("serve", "--port", free_port(), "--first-port", 2000, "--last-port", 1000, env=env)
+    assert code == 1
+    assert_one_line_error(err)
+
+
+def test_usage_errors_are_status_2():
+    assert cli("frobnicate")[0] == 2
+    assert cli("del", "not-a-number")[0] == 2
+    code, out, _ = cli("--help")
+    assert code == 0 and "serve" in out and "Exit status" in " ".join(out.split())
+
+
+def test_serve_on_a_served_port_says_so_and_exits_3(daemon, tmp_path):
+    code, _, err = cli("serve", "--port", daemon.port, "--state", tmp_path / "other.sqlite3", env=daemon.env)
+    assert code == 3
+    assert_one_line_error(err)
+    assert "already serving" in err
+    assert daemon.rpc().ping()
+
+
+def test_serve_on_a_port_held_by_something_else_exits_1(tmp_path):
+    import socket
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        port = holder.getsockname()[1]
+        code, _, err = cli("serve", "--port", port, "--state", "none", timeout=30)
+        assert code == 1
+        assert_one_line_error(err)
+        assert "held by another program" in err
+    finally:
+        holder.close()
+
+
+def test_non_loopback_host_without_token_is_refused():
+    code, _, err = cli("serve", "--host", "0.0.0.0", "--port", free_port(), "--state", "none")
+    assert code == 1
+    assert_one_line_error(err)
+    assert "token" in err
+
+
+def test_main_is_callable_with_argv_and_returns_the_status(capsys):
+    import nodemngr
+    with pytest.raises(SystemExit) as info:
+        nodemngr.main(["--version"])
+    assert info.value.code == 0 and nodemngr.__version__ in capsys.readouterr().out
+    assert nodemngr.main(["ping", "--port", str(free_port())]) == 1
+    assert_one_line_error(capsys.readouterr().err)
+
+
+PYTHONS = ["python3.8", "python3.13"]
+
+
+@pytest.mark.parametrize("python", PYTHONS)
+def test_single_file_serves_in_isolated_mode(python, tmp_path):
+    exe = shutil.which(python)
+    if exe is None:
+        pytest.skip("%s is not installed here; .ci/run puts every installed Python on PATH" % python)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(ROOT, "nodemngr.py"), str(alone / "nodemngr.py"))
+    port = free_port()
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_STATE=tmp_path / "state.sqlite3")
+    proc = subprocess.Popen([exe, "-I", "nodemngr.py"], cwd=str(alone), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        def ping():
+            r = subprocess.run([exe, "-I", "nodemngr.py", "ping"], cwd=str(alone), env=env,
+                               capture_output=True, text=True, timeout=30)
+            return r.returncode == 0 and r.stdout.startswith("NodeMngr at ")
+        assert wait_until(ping, 15), proc.stdout.read1(65536) if proc.poll() is not None else "no answer"
+        r = subprocess.run([exe, "-I", "nodemngr.py", "new", "from a lone file"], cwd=str(alone), env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0 and 11801 <= int(r.stdout) <= 12800
+        r = subprocess.run([exe, "-I", "nodemngr.py", "stop"], cwd=str(alone), env=env,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0
+        assert proc.wait(15) == 0
+        assert sorted(os.listdir(str(alone))) == ["nodemngr.py"], "nothing written beside the file"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -1,0 +1,168 @@
+"""Interoperability: real non-Python XML-RPC clients, and a hand-written HTTP/1.1 exchange.
+
+The clients live in tests/clients/ and are installed by .ci/run (Debian: librpc-xml-perl, ruby,
+ruby-xmlrpc; npm: xmlrpc into tests/clients/node). A client that is not installed is skipped, not failed.
+"""
+import os
+import re
+import shutil
+import socket
+import subprocess
+
+import pytest
+
+CLIENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clients")
+NODE_MODULES = os.path.join(CLIENTS, "node", "node_modules")
+
+
+def _works(argv):
+    """True if *argv* runs and exits 0 (used to probe for an interpreter's library)."""
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def _perl():
+    perl = shutil.which("perl")
+    if not perl or not _works([perl, "-MRPC::XML::Client", "-e", "1"]):
+        pytest.skip("Perl RPC::XML::Client (Debian librpc-xml-perl) not installed; .ci/run installs it")
+    return [perl, os.path.join(CLIENTS, "perl_client.pl")]
+
+
+def _ruby():
+    ruby = shutil.which("ruby")
+    if not ruby or not _works([ruby, "-rxmlrpc/client", "-e", "1"]):
+        pytest.skip("Ruby xmlrpc library (Debian ruby, ruby-xmlrpc) not installed; .ci/run installs it")
+    return [ruby, os.path.join(CLIENTS, "ruby_client.rb")]
+
+
+def _node():
+    node = shutil.which("node") or shutil.which("nodejs")
+    if not node:
+        pytest.skip("Node.js not installed; .ci/run installs the npm xmlrpc client for it")
+    if not os.path.isfile(os.path.join(NODE_MODULES, "xmlrpc", "package.json")):
+        pytest.skip("npm package xmlrpc not installed in tests/clients/node; .ci/run installs it (npm ci)")
+    return [node, os.path.join(CLIENTS, "node_client.js")]
+
+
+@pytest.mark.parametrize("client", [_perl, _ruby, _node], ids=["perl", "ruby", "node"])
+def test_foreign_client(daemon, client):
+    argv = client() + [daemon.url]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=120, universal_newlines=True)
+    report = "exit %s\nstdout:\n%s\nstderr:\n%s\ndaemon log:\n%s" % (
+        proc.returncode, proc.stdout, proc.stderr, daemon.read_log()[-4000:])
+    assert proc.returncode == 0, report
+    lines = proc.stdout.split()
+    assert lines and lines[-1] == "OK", report
+    p1, p2 = int(lines[0]), int(lines[1])
+    # newPort hands out the lowest free port: a later one is above an earlier one, all in range.
+    assert daemon.first <= p1 < p2 <= daemon.last, report
+    # The client gave its ports back.
+    assert daemon.rpc().listPorts() == [], report
+
+
+# --- a raw HTTP/1.1 exchange: no XML-RPC library on this side -------------------------------------
+
+CALL = ('<?xml version="1.0"?>\r\n<methodCall><methodName>%s</methodName>'
+        '<params><param><value>%s</value></param></params></methodCall>\r\n')
+
+
+class RawConnection:
+    """One TCP connection that sends HTTP/1.1 POSTs and reads replies by hand."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise AssertionError("server closed the connection; had %r" % self.buf)
+        self.buf += chunk
+
+    def post(self, body, path="/RPC2"):
+        body = body.encode("utf-8")
+        head = ("POST %s HTTP/1.1\r\n"
+                "Host: %s:%d\r\n"
+                "User-Agent: nodemngr-raw-test\r\n"
+                "Content-Type: text/xml\r\n"
+                "Content-Length: %d\r\n"
+                "\r\n") % (path, self.host, self.port, len(body))
+        self.sock.sendall(head.encode("ascii") + body)
+        return self.read_reply()
+
+    def read_reply(self):
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("iso-8859-1").split("\r\n")
+        status = re.match(r"HTTP/(\d\.\d) (\d{3})(?: (.*))?$", lines[0])
+        assert status, "bad status line %r" % lines[0]
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            assert sep, "bad header line %r" % line
+            headers[name.strip().lower()] = value.strip()
+        assert "transfer-encoding" not in headers, "reply is %s, expected Content-Length" % headers
+        assert "content-length" in headers, "reply has no Content-Length: %r" % head
+        length = int(headers["content-length"])
+        while len(self.buf) < length:
+            self._fill()
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status.group(1), int(status.group(2)), headers, body.decode("utf-8")
+
+
+def _int_value(body):
+    m = re.search(r"<params>\s*<param>\s*<value>\s*<(int|i4)>\s*(-?\d+)\s*</\1>\s*</value>", body)
+    assert m, "no int result in %r" % body
+    return int(m.group(2))
+
+
+def _check_reply(version, status, headers, body):
+    assert version == "1.1", "reply is HTTP/%s, expected HTTP/1.1" % version
+    assert status == 200, (status, body)
+    assert headers.get("content-type", "").split(";")[0].strip() == "text/xml", headers
+    assert headers.get("connection", "").lower() != "close", "daemon closed a keep-alive connection"
+    assert "<methodResponse>" in body, body
+    assert not re.search(r"<(\w+:)?nil\b", body), "reply carries a nil: %r" % body
+
+
+def test_raw_http_keepalive(daemon):
+    conn = RawConnection(daemon.host, daemon.port)
+    try:
+        # newPort("raw socket") -> the lowest free port.
+        reply = conn.post(CALL % ("newPort", "<string>raw socket</string>"))
+        _check_reply(*reply)
+        port = _int_value(reply[3])
+        assert daemon.first <= port <= daemon.last, reply
+
+        # Same connection: delPort(port) -> 0.
+        reply = conn.post(CALL % ("delPort", "<int>%d</int>" % port))
+        _check_reply(*reply)
+        assert "<fault>" not in reply[3], reply
+        assert _int_value(reply[3]) == 0, reply
+
+        # Same connection: delPort of a port no longer registered -> fault 1.
+        reply = conn.post(CALL % ("delPort", "<int>%d</int>" % port))
+        _check_reply(*reply)
+        body = reply[3]
+        fault = re.search(r"<fault>(.*)</fault>", body, re.S)
+        assert fault, "no <fault> in %r" % body
+        code = re.search(r"<name>\s*faultCode\s*</name>\s*<value>\s*<(int|i4)>\s*(-?\d+)\s*</\1>",
+                         fault.group(1))
+        assert code and int(code.group(2)) == 1, "faultCode is not the int 1 in %r" % body
+        text = re.search(r"<name>\s*faultString\s*</name>\s*<value>\s*(?:<string>)?([^<]*)",
+                         fault.group(1))
+        assert text, "no faultString in %r" % body
+        assert "Node manager: Unknown port:" in text.group(1), body
+        assert text.group(1).strip().endswith(str(port)), body
+    finally:
+        conn.close()
+    assert daemon.rpc().listPorts() == []
