@@ -441,7 +441,10 @@ class StateStore:
     Every change is its own transaction, committed before the caller is answered.  WAL with
     synchronous=NORMAL: a commit reaches the operating system before it returns, which is all a
     ``kill -9`` of the daemon can lose; a power cut can lose the last commits, but it also ends
-    every process that held those ports.  ``StateStore(None)`` keeps nothing (``--state none``).
+    every process that held those ports.  Exclusive locking: a second process cannot use the file
+    while a daemon holds it, and the WAL index lives in memory rather than in a mapped -shm file
+    (a mapped file that turns read-only kills the process with SIGBUS; a write just fails).
+    ``StateStore(None)`` keeps nothing (``--state none``).
     """
 
     def __init__(self, path):
@@ -482,7 +485,19 @@ class StateStore:
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.rollback()
-            raise StoreError("could not save the state to %s (%s); nothing was changed" % (self.path, exc))
+            raise StoreError("could not save the state to %s (%s); nothing was changed"
+                             % (self.path, self._diagnose(exc)))
+
+    def _diagnose(self, exc):
+        """sqlite says "disk I/O error"; the operating system can say why."""
+        for path in (self.path + "-wal", self.path):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                return "%s: %s" % (exc, err.strerror)
+        return str(exc)
 
     def _open_or_move_aside(self, path):
         folder = os.path.dirname(os.path.abspath(path))
@@ -502,8 +517,17 @@ class StateStore:
 
     @staticmethod
     def _open(path):
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
         try:
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            try:
+                db.execute("BEGIN EXCLUSIVE")
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc):
+                    raise NodeMngrException("state file %s is in use by another process (a node manager "
+                                            "on another port?); give each daemon its own --state" % path)
+                raise
             app_id = db.execute("PRAGMA application_id").fetchone()[0]
             tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app_id == 0 and tables == 0:
@@ -1204,17 +1228,19 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         with self._conns_lock:
             self.stopping = True
             for conn in self._conns:
+                # Only the read side: a handler that took a request off the socket a moment
+                # ago (still marked idle) can still write its reply.
                 if conn.idle and not _has_pending(conn.sock):
-                    _shut(conn.sock)
+                    _shut(conn.sock, socket.SHUT_RD)
             deadline = time.monotonic() + timeout
             while self._active and time.monotonic() < deadline:
                 self._conns_lock.wait(0.1)
             return self._active
 
 
-def _shut(sock):
+def _shut(sock, how=socket.SHUT_RDWR):
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(how)
     except OSError:
         pass
 
@@ -1455,7 +1481,7 @@ def _parser():
     n.add_argument("info", help="what the port is for")
     n.add_argument("--pid", type=int, default=0, help="free the port when this process ends (e.g. $$)")
     d = sub.add_parser("del", parents=[common], help="give a port back")
-    d.add_argument("port", type=int)
+    d.add_argument("del_port", metavar="PORT", type=int, help="the port newPort gave")
     sub.add_parser("stop", parents=[common], help="stop the node manager")
     return parser
 
@@ -1496,7 +1522,7 @@ def _run_client_command(args):
         elif args.command == "new":
             print(proxy.newPort(args.info, args.pid))
         elif args.command == "del":
-            proxy.delPort(args.port)
+            proxy.delPort(args.del_port)
         elif args.command == "stop":
             proxy.terminate()
             print("node manager at %s:%d is stopping" % (host, port))
