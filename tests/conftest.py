@@ -148,7 +148,9 @@ class Daemon:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     pass
                 return self.rpc().ping()
-            except (OSError, xmlrpc.client.ProtocolError):
+            except xmlrpc.client.ProtocolError as exc:
+                return exc.errcode == 401     # up, and wants a token
+            except OSError:
                 return None
         if not wait_until(up, timeout):
             raise RuntimeError("daemon did not answer within %ss; log:\n%s" % (timeout, self.read_log()))

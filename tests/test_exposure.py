@@ -1,0 +1,156 @@
+"""Exposure: loopback by default, tokens, and administrative calls only from this host."""
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+import xmlrpc.client
+
+import pytest
+
+from conftest import NODEMNGR, ROOT, clean_env, free_port
+
+import nodemngr
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("s3cret/with:odd@chars\n")
+    path.chmod(0o600)
+    return path
+
+
+def raw_status(daemon, authorization=None):
+    body = xmlrpc.client.dumps((), "ping").encode()
+    head = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % len(body)
+    if authorization is not None:
+        head += b"Authorization: " + authorization + b"\r\n"
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(head + b"\r\n" + body)
+        reply = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+            if reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"</methodResponse>\n"):
+                break
+    return reply
+
+
+def basic(password, user=b"nodemngr"):
+    return b"Basic " + base64.b64encode(user + b":" + password)
+
+
+def test_token_is_required_and_checked(daemon_factory, token_file):
+    d = daemon_factory(extra_args=["--token-file", str(token_file)])
+    reply = raw_status(d)
+    assert reply.startswith(b"HTTP/1.1 401 ")
+    assert b'WWW-Authenticate: Basic realm="nodemngr"' in reply
+    assert raw_status(d, basic(b"wrong")).startswith(b"HTTP/1.1 401 ")
+    assert raw_status(d, b"Basic !!!notbase64").startswith(b"HTTP/1.1 401 ")
+    assert raw_status(d, basic(b"s3cret/with:odd@chars")).startswith(b"HTTP/1.1 200 ")
+    assert raw_status(d, basic(b"s3cret/with:odd@chars", user=b"anyone")).startswith(b"HTTP/1.1 200 ")
+
+
+def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file):
+    d = daemon_factory(extra_args=["--token-file", str(token_file)])
+    with pytest.raises(nodemngr.NodeMngrException) as info:
+        d.proxy().ping()
+    assert "token" in str(info.value)
+    nm = d.proxy(token_file=str(token_file))
+    port = nm.newPort("with token")
+    assert nm.listPorts()[0]["port"] == port
+    env = dict(d.env, NODEMNGR_TOKEN_FILE=str(token_file))
+    r = subprocess.run([sys.executable, NODEMNGR, "list"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "with token" in r.stdout
+    script = "import sys; sys.path.insert(0, %r); from nodemngr import nm; print(nm.ping())" % ROOT
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("NodeMngr at "), r.stderr
+    r = subprocess.run([sys.executable, NODEMNGR, "list"], env=d.env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "NODEMNGR_TOKEN_FILE" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_token_file_readable_by_others_is_refused(token_file):
+    token_file.chmod(0o644)
+    r = subprocess.run([sys.executable, NODEMNGR, "serve", "--port", str(free_port()), "--state", "none",
+                        "--token-file", str(token_file)], env=clean_env(), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 1 and "readable by others" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_non_loopback_without_token_is_refused_at_start(host):
+    r = subprocess.run([sys.executable, NODEMNGR, "serve", "--host", host, "--port", str(free_port()),
+                        "--state", "none"], env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "without a token" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("address,local", [
+    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("localhost", True), ("10.0.0.1", False), ("192.168.1.20", False), ("::ffff:10.1.2.3", False),
+    ("fe80::1", False), ("2001:db8::1", False), ("0.0.0.0", False), ("not-a-host.invalid", False)])
+def test_peer_check(address, local):
+    assert nodemngr.is_loopback(address) is local
+
+
+@pytest.fixture
+def test_host(tmp_path):
+    """A second host: a network namespace joined to this one by a veth pair (10.231.x/30)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("making a network namespace needs root and iproute2")
+    name = "nmt" + uuid.uuid4().hex[:8]
+    sub = 4 * (os.getpid() % 60)
+    here, there = "10.231.7.%d" % (sub + 1), "10.231.7.%d" % (sub + 2)
+    veth = "v" + name
+
+    def ip(*args):
+        return subprocess.run(["ip"] + list(args), capture_output=True, text=True)
+
+    if ip("netns", "add", name).returncode != 0:
+        pytest.skip("network namespaces are not available here")
+    try:
+        steps = [("link", "add", veth, "type", "veth", "peer", "name", veth + "p"),
+                 ("link", "set", veth + "p", "netns", name),
+                 ("addr", "add", here + "/30", "dev", veth), ("link", "set", veth, "up"),
+                 ("netns", "exec", name, "ip", "addr", "add", there + "/30", "dev", veth + "p"),
+                 ("netns", "exec", name, "ip", "link", "set", veth + "p", "up"),
+                 ("netns", "exec", name, "ip", "link", "set", "lo", "up")]
+        for step in steps:
+            r = ip(*step)
+            if r.returncode != 0:
+                pytest.skip("could not set up the test host: ip %s: %s" % (" ".join(step), r.stderr.strip()))
+        yield name, here, there
+    finally:
+        ip("link", "del", veth)
+        ip("netns", "del", name)
+
+
+def test_terminate_from_another_host_is_fault_4(daemon_factory, token_file, test_host):
+    name, here, there = test_host
+    d = daemon_factory(host=here, extra_args=["--token-file", str(token_file)])
+    script = textwrap.dedent("""
+        import sys, xmlrpc.client
+        from urllib.parse import quote
+        url = "http://nodemngr:%%s@%s:%d/RPC2" %% quote(%r, safe="")
+        rpc = xmlrpc.client.ServerProxy(url)
+        print(rpc.newPort("from the other host"))
+        try:
+            rpc.terminate()
+        except xmlrpc.client.Fault as f:
+            print(f.faultCode, f.faultString)
+    """ % (here, d.port, "s3cret/with:odd@chars"))
+    r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    port_line, fault_line = r.stdout.splitlines()
+    assert int(port_line) == d.first
+    assert fault_line.startswith("4 ") and there in fault_line
+    assert d.proc.poll() is None
+    assert d.proxy(token_file=str(token_file)).status()["registered"] == 1
