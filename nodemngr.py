@@ -466,7 +466,10 @@ class StateStore:
                     (reg.port, reg.blob, reg.pid, reg.start, reg.since))
 
     def remove(self, ports):
-        self._write("DELETE FROM ports WHERE port = ?", [(p,) for p in ports], many=True)
+        if len(ports) == 1:
+            self._write("DELETE FROM ports WHERE port = ?", (ports[0],))
+        else:
+            self._write("DELETE FROM ports WHERE port = ?", [(p,) for p in ports], many=True)
 
     def close(self):
         if self._db is not None:
@@ -844,7 +847,7 @@ class _Connection(socketserver.BaseRequestHandler):
         self.sock = self.request
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
-        self.idle = False
+        self.idle = self.evicted = False
         self.server.conn_new(self)
 
     def handle(self):
@@ -1142,7 +1145,7 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
 
     def process_request(self, request, client_address):
         with self._conns_lock:
-            crowded = self._active >= MAX_CONNECTIONS
+            crowded = self._active >= MAX_CONNECTIONS and not self._evict_idlest()
             if not crowded:
                 self._active += 1
         if crowded:
@@ -1164,6 +1167,18 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         with self._conns_lock:
             self._active -= 1
             self._conns_lock.notify_all()
+
+    def _evict_idlest(self):
+        """Make room by closing the keep-alive connection idle the longest, if one is idle with
+        nothing sent: holding idle connections must not lock others out.  Lock held by caller."""
+        idle = [c for c in self._conns if c.idle and not c.evicted]
+        for conn in sorted(idle, key=lambda c: c.deadline):
+            if not _has_pending(conn.sock):
+                conn.evicted = True
+                _shut(conn.sock)
+                log.debug("closed idle connection from %s to make room", conn.client_address)
+                return True
+        return False
 
     def _turn_away(self, request):
         body = b"too many connections; try again shortly\n"
