@@ -1238,7 +1238,7 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
             except OSError:
                 break
             request.setblocking(True)
-            socketserver.ThreadingMixIn.process_request(self, request, address)
+            self.process_request(request, address)
         self.socket.close()
         with self._conns_lock:
             self.stopping = True
