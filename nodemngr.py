@@ -269,6 +269,13 @@ def is_loopback(host):
 _PARAMS_OVERHEAD = len(xmlrpc.client.dumps((0,))) - len("<value><int>0</int></value>")
 
 
+def dumps(values, **kw):
+    """xmlrpc.client.dumps, with carriage returns written as &#13; so that parsers keep them
+    (xmlrpc.client leaves them raw; XML readers turn a raw CR into LF).  The marshaller writes
+    no CR of its own, so every CR in its output comes from a string value."""
+    return xmlrpc.client.dumps(values, **kw).replace("\r", "&#13;")
+
+
 def marshal_info(info):
     """Check *info* and return it marshalled (the text the state file keeps).
 
@@ -277,7 +284,7 @@ def marshal_info(info):
     """
     _check_depth(info, 0)
     try:
-        text = xmlrpc.client.dumps((info,), allow_none=False)
+        text = dumps((info,), allow_none=False)
     except OverflowError:
         raise BadArgumentError("info holds an integer outside 32 bits; XML-RPC carries -2147483648 to 2147483647 only")
     except TypeError:
@@ -306,17 +313,30 @@ def unmarshal_info(text):
 def check_port(port):
     """*port* as an int from 1 to 65535, else BadArgumentError naming the value."""
     if type(port) is not int or not 1 <= port <= 65535:
-        raise BadArgumentError("port must be an integer from 1 to 65535, not %s" % _show(port))
+        raise BadArgumentError("port must be an integer from 1 to 65535, not %s" % describe(port))
     return port
 
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = 60
+_repr.maxlevel = 2
+_XMLRPC_TYPES = ((bool, "a boolean"), (int, None), (float, "a double"), (str, None), (bytes, "base64"),
+                 (datetime, "a dateTime.iso8601"), (list, "an array"), (dict, "a struct"),
+                 (type(None), "nil"))
 
 
-def _show(value):
-    """A short, safe repr of a value a client sent (bounded in length and depth)."""
-    return _repr.repr(value)
+def _show(value, limit=80):
+    """A short, safe repr of a value a client sent (bounded in length and depth), for logs."""
+    text = _repr.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe(value):
+    """A value a client sent, as a caller in any language would name it: 7, "text", a struct."""
+    for kind, name in _XMLRPC_TYPES:
+        if isinstance(value, kind):
+            return _show(value, 40) if name is None else name
+    return "a value of an unknown type"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,7 +637,7 @@ class NodeMngr:
         if pid is None:
             pid = 0
         if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
-            raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, _show(pid)))
+            raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
         start = 0
         if pid:
             start = process_start_time(pid)
@@ -754,7 +774,7 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
     def end_boolean(self, data):
         word = data.strip().lower()
         if word not in ("0", "1", "true", "false"):
-            raise ValueError("bad boolean value %s" % _show(data))
+            raise ValueError("bad boolean value %s" % _show(data, 40))
         self.append(word in ("1", "true"))
         self._value = 0
     dispatch["boolean"] = end_boolean
@@ -780,6 +800,12 @@ def _refuse_dtd(*args):
     raise _DTDRefused()
 
 
+def _reason(exc):
+    """An exception's message without its class (xmlrpc.client.Error's str() is a repr)."""
+    text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
+    return _show(text, 120).strip("'\"") if text else "malformed value"
+
+
 def parse_call(data):
     """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
     u = _Unmarshaller(use_builtin_types=True)
@@ -798,7 +824,9 @@ def parse_call(data):
     except expat.ExpatError as exc:
         raise Fault(NOT_WELL_FORMED, "the request is not well-formed XML: %s" % exc)
     except (ValueError, TypeError, OverflowError, xmlrpc.client.Error, IndexError, KeyError, ArithmeticError) as exc:
-        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: %s" % (exc or "malformed value"))
+        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: %s" % _reason(exc))
+    except LookupError as exc:      # after IndexError and KeyError: an encoding expat does not know
+        raise Fault(NOT_WELL_FORMED, "the request's XML encoding is unknown: %s" % _reason(exc))
     method = u.getmethodname()
     if not isinstance(method, str) or u._type not in ("params", "methodName") or u._marks:
         raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: expected a <methodCall> "
@@ -894,16 +922,17 @@ class _Connection(socketserver.BaseRequestHandler):
     def _read_head(self):
         buf = self.buf.lstrip(b"\r\n")
         while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                self.buf = buf[end + 4:]
-                return buf[:end]
-            end = buf.find(b"\n\n")
-            if end >= 0:
-                self.buf = buf[end + 2:]
-                return buf[:end]
-            if len(buf) > MAX_HEAD:
+            end = buf.find(b"\n\r\n")     # the blank line, CRLF or bare LF
+            bare = buf.find(b"\n\n")
+            if bare >= 0 and (end < 0 or bare < end):
+                end, skip = bare, 2
+            else:
+                skip = 3
+            if (end if end >= 0 else len(buf)) > MAX_HEAD:
                 raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
+            if end >= 0:
+                self.buf = buf[end + skip:]
+                return buf[:end]
             more = self._recv()
             if not more:
                 return None
@@ -953,7 +982,7 @@ class _Connection(socketserver.BaseRequestHandler):
             raise _HTTPError(411, "a Content-Length header is required")
         if not length.isdigit():
             raise _HTTPError(400, "Content-Length must be a non-negative decimal number")
-        if len(length) > 9 or int(length) > MAX_BODY:
+        if len(length.lstrip(b"0")) > 9 or int(length) > MAX_BODY:
             raise _HTTPError(413, "the body exceeds %d bytes" % MAX_BODY)
         length = int(length)
         if headers.get(b"expect", b"").lower() == b"100-continue":
@@ -1056,7 +1085,7 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         except Fault as fault:
             response = fault
         try:
-            return xmlrpc.client.dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+            return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
         except Exception:
             log.exception("could not marshal the reply")
             return xmlrpc.client.dumps(Fault(INTERNAL_ERROR, "internal error: the reply could not be "
@@ -1067,7 +1096,7 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
         entry = self._methods.get(method)
         if entry is None:
             raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
-                        "those that are" % _show(method))
+                        "those that are" % _show(method, 80))
         func, least, most = entry
         if not least <= len(params) <= most:
             wanted = str(least) if least == most else "%d to %d" % (least, most)
@@ -1090,17 +1119,17 @@ class NodeMngrServer(socketserver.ThreadingMixIn, SimpleXMLRPCServer):
 
     def system_methodHelp(self, name):
         """Return the help text of method *name*, for callers in any language."""
-        entry = self._methods.get(name)
-        if entry is None:
-            raise BadArgumentError("no method %s; system.listMethods lists the methods" % _show(name))
-        return inspect.getdoc(entry[0]) or ""
+        return inspect.getdoc(self._method(name)) or ""
 
     def system_methodSignature(self, name):
         """Return the signatures of method *name*: an array of arrays, the return type first."""
-        entry = self._methods.get(name)
+        return getattr(self._method(name), "rpc_signatures", None) or "undef"
+
+    def _method(self, name):
+        entry = self._methods.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise BadArgumentError("no method %s; system.listMethods lists the methods" % _show(name))
-        return getattr(entry[0], "rpc_signatures", None) or "undef"
+            raise BadArgumentError("there is no method %s; system.listMethods lists the methods" % describe(name))
+        return entry[0]
 
     system_listMethods.rpc_signatures = [["array"]]
     system_methodHelp.rpc_signatures = [["string", "string"]]

@@ -116,7 +116,7 @@ PYTHONS = ["python3.8", "python3.13"]
 @pytest.mark.parametrize("python", PYTHONS)
 def test_single_file_serves_in_isolated_mode(python, tmp_path):
     exe = shutil.which(python)
-    if exe is None:
+    if exe is None or subprocess.run([exe, "-c", ""], capture_output=True).returncode != 0:
         pytest.skip("%s is not installed here; .ci/run puts every installed Python on PATH" % python)
     alone = tmp_path / "alone"
     alone.mkdir()

@@ -6,7 +6,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import free_range, wait_until
+from conftest import free_range
 
 
 def fault_code(call, *args):
