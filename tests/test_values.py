@@ -1,0 +1,64 @@
+"""Values: the fast paths write exactly what xmlrpc.client writes, and info limits hold."""
+import datetime
+import xmlrpc.client
+
+import pytest
+
+import nodemngr
+
+STRINGS = ["", "plain", "a<b>&c", "tab\tnewline\ncr\rend", "\u00e9t\u00e9 \u2603 \U0001f600", "x" * 800,
+           "]]>", "&amp; already escaped", "%s %d %%"]
+
+
+@pytest.mark.parametrize("text", STRINGS)
+def test_string_info_is_marshalled_as_dumps_would(text):
+    expected = xmlrpc.client.dumps((text,), allow_none=False).replace("\r", "&#13;")
+    assert nodemngr.marshal_info(text) == expected
+    assert nodemngr.unmarshal_info(nodemngr.marshal_info(text)) == text
+
+
+@pytest.mark.parametrize("value", [0, 1, -1, 11801, 65535, 2 ** 31 - 1, -2 ** 31])
+def test_int_reply_is_what_dumps_writes(value):
+    assert nodemngr._INT_REPLY % value == xmlrpc.client.dumps((value,), methodresponse=True)
+
+
+@pytest.mark.parametrize("info", [{"a": [1, 2.5, True]}, [b"\x00bytes", datetime.datetime(2001, 1, 1)], 7, 1.5])
+def test_other_info_round_trips(info):
+    assert nodemngr.unmarshal_info(nodemngr.marshal_info(info)) == info
+
+
+def test_info_size_limit_counts_the_marshalled_value():
+    limit = nodemngr.MAX_INFO_BYTES - len("<value><string></string></value>")
+    nodemngr.marshal_info("y" * limit)
+    with pytest.raises(nodemngr.BadArgumentError):
+        nodemngr.marshal_info("y" * (limit + 1))
+    with pytest.raises(nodemngr.BadArgumentError):     # escaping counts: 4 bytes each
+        nodemngr.marshal_info("<" * (limit // 4 + 1))
+
+
+def test_values_named_for_callers_in_any_language():
+    assert nodemngr.describe(7) == "7"
+    assert nodemngr.describe(True) == "a boolean"
+    assert nodemngr.describe({"a": 1}) == "a struct"
+    assert nodemngr.describe([1]) == "an array"
+    assert nodemngr.describe(datetime.datetime(2001, 1, 1)) == "a dateTime.iso8601"
+    assert len(nodemngr.describe(10 ** 1000)) <= 40
+    assert len(nodemngr.describe("z" * 10000)) <= 40
+
+
+class _NoAuth:
+    def check_auth(self, header):
+        pass
+
+
+def test_headers_parsed_and_repeats_joined_or_refused():
+    keep, headers = nodemngr._parse_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-A:  1 \r\nx-a: 2\r\nContent-Length: 5", _NoAuth())
+    assert keep and headers == {b"host": b"x", b"x-a": b"1, 2", b"content-length": b"5"}
+    keep, headers = nodemngr._parse_head(b"POST / HTTP/1.0\nConnection: keep-alive", _NoAuth())
+    assert keep and headers == {b"connection": b"keep-alive"}
+    for bad in (b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5",
+                b"POST / HTTP/1.1\r\n folded: line", b"POST / HTTP/1.1\r\nno colon here",
+                b"POST / HTTP/1.1\r\nBad Name: x", b"POST / HTTP/1.1\r\nX: a\rb"):
+        with pytest.raises(nodemngr._HTTPError) as info:
+            nodemngr._parse_head(bad, _NoAuth())
+        assert info.value.status == 400
