@@ -830,8 +830,48 @@ def _reason(exc):
     return _show(text, 120).strip("'\"") if text else "malformed value"
 
 
+# The shape of nearly every call (xmlrpc.client's and most other clients'): UTF-8, int or string
+# params, no entities, no markup in strings.  parse_call reads a body of exactly this shape with
+# two patterns instead of expat, about four times as fast; anything else, expat reads.  A string
+# here holds no "<", ">", "&", CR or control character, so expat would read its bytes unchanged.
+_XML_WS = rb"[ \t\r\n]*"
+_SIMPLE_VALUE = rb"<value>(?:<(int|i4)>(-?[0-9]{1,10})</\1>|<string>([^<>&\r\x00-\x08\x0b\x0c\x0e-\x1f]*)</string>)</value>"
+_SIMPLE_CALL = re.compile(
+    rb"(?:<\?xml version=(?:'1\.0'|\"1\.0\")\?>)?%(ws)s<methodCall>%(ws)s<methodName>([A-Za-z0-9_.:]{1,100})"
+    rb"</methodName>%(ws)s(?:<params>%(ws)s((?:<param>%(ws)s%(value)s%(ws)s</param>%(ws)s)*)</params>%(ws)s)?"
+    rb"</methodCall>%(ws)s\Z" % {b"ws": _XML_WS, b"value": _SIMPLE_VALUE.replace(b"\\1", b"\\3")})
+_SIMPLE_PARAM = re.compile(_SIMPLE_VALUE)
+
+
+def _parse_simple_call(data):
+    """(params, method) of a body of the shape above, or None for expat to read it."""
+    match = _SIMPLE_CALL.match(data)
+    if match is None:
+        return None
+    params = []
+    for tag, number, text in _SIMPLE_PARAM.findall(match.group(2) or b""):
+        if tag:
+            params.append(int(number))
+        else:
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if "\ufffe" in text or "\uffff" in text:     # not XML characters: expat's error
+                return None
+            params.append(text)
+    return tuple(params), match.group(1).decode("ascii")
+
+
 def parse_call(data):
     """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
+    simple = _parse_simple_call(data)
+    if simple is not None:
+        return simple
+    return _parse_call_expat(data)
+
+
+def _parse_call_expat(data):
     u = _Unmarshaller(use_builtin_types=True)
     u._encoding = None
     p = expat.ParserCreate(None, None)
@@ -886,6 +926,15 @@ def _response(status, body, content_type, close, extra=""):
             "Content-Length: %d\r\n%s%s\r\n" % (
                 status, _REASONS[status], __version__, _http_date(), content_type, len(body),
                 "Connection: close\r\n" if close else "", extra)).encode("latin-1") + body
+
+
+def _xml_response(body, close):
+    """_response(200, body, "text/xml", close), on the per-call path."""
+    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        _OK_HEAD, _http_date().encode("ascii"), len(body), b"Connection: close\r\n" if close else b"", body)
+
+
+_OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
 class _Connection:
@@ -965,7 +1014,7 @@ class _Connection:
             self.served += 1
             if not keep_alive or server.stopping:
                 self.closing = "close"
-            self._send(_response(200, reply, "text/xml", self.closing is not None))
+            self._send(_xml_response(reply, self.closing is not None))
 
     def _take_request(self):
         """(keep_alive, body) of the next complete request in inbuf, or None; _HTTPError if bad."""
@@ -1041,15 +1090,17 @@ def _parse_head(head, server):
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         raise _HTTPError(400, "malformed request line")
     method, target, version = parts
-    block += b"\n"
-    if not _HEADER_BLOCK.match(block):
-        raise _HTTPError(400, "malformed header line")
-    pairs = _HEADER.findall(block)
-    if len(pairs) > MAX_HEADERS:
-        raise _HTTPError(400, "more than %d header lines" % MAX_HEADERS)
-    headers = {name.lower(): value for name, value in pairs}
-    if len(headers) < len(pairs):
-        headers = _join_repeated(pairs)
+    headers = {}
+    if block:
+        block += b"\n"
+        pairs = _HEADER.findall(block)
+        if len(pairs) != block.count(b"\n"):   # each match is one whole line, from its start
+            raise _HTTPError(400, "malformed header line")
+        if len(pairs) > MAX_HEADERS:
+            raise _HTTPError(400, "more than %d header lines" % MAX_HEADERS)
+        headers = {name.lower(): value.strip(b" \t") for name, value in pairs}
+        if len(headers) < len(pairs):
+            headers = _join_repeated(pairs)
     if method != b"POST":
         raise _HTTPError(405, "only POST is served; send XML-RPC calls to / or /RPC2", "Allow: POST\r\n")
     if target not in (b"/", b"/RPC2"):
@@ -1077,8 +1128,7 @@ def _framing(headers):
 
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_HEADER_BLOCK = re.compile(rb"(?:%s:[^\r\n]*\r?\n)*\n?\Z" % _TOKEN)    # every line "name: value"
-_HEADER = re.compile(rb"(%s):[ \t]*([^\r\n]*?)[ \t]*\r?\n" % _TOKEN)
+_HEADER = re.compile(rb"^(%s):([^\r\n]*)\r?\n" % _TOKEN, re.M)      # a whole "name: value" line
 
 
 def _join_repeated(pairs):
@@ -1086,7 +1136,7 @@ def _join_repeated(pairs):
     repetition is a smuggling or confusion attempt."""
     headers = {}
     for name, value in pairs:
-        name = name.lower()
+        name, value = name.lower(), value.strip(b" \t")
         if name in headers:
             if name in (b"content-length", b"authorization", b"content-encoding", b"transfer-encoding"):
                 raise _HTTPError(400, "duplicate %s header" % name.decode("latin-1"))
