@@ -952,7 +952,7 @@ class _Connection:
     def __init__(self, server, sock, peer):
         self.server, self.sock, self.peer = server, sock, peer
         self.inbuf = self.outbuf = b""
-        self.head = None            # (keep_alive, length, encoding) of a request whose body is awaited
+        self.head = None            # _read_head() of a request whose body is awaited
         self.deadline = time.monotonic() + STALL_TIMEOUT
         self.served = 0
         self.closing = None         # "close" or "linger" once the last reply is queued
@@ -1031,13 +1031,11 @@ class _Connection:
             if end < 0:
                 self.inbuf = buf
                 return None
-            keep_alive, headers = _parse_head(buf[:end], self.server)
-            length, encoding = _framing(headers)
+            self.head = _read_head(buf[:end], self.server)
             self.inbuf = buf[end + skip:]
-            self.head = (keep_alive, length, encoding)
-            if len(self.inbuf) < length and headers.get(b"expect", b"").lower() == b"100-continue":
+            if len(self.inbuf) < self.head[1] and self.head[3]:
                 self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        keep_alive, length, encoding = self.head
+        keep_alive, length, encoding, _ = self.head
         if len(self.inbuf) < length:
             return None
         body, self.inbuf = self.inbuf[:length], self.inbuf[length:]
@@ -1081,6 +1079,22 @@ class _Connection:
         self.closing = "linger"
         self.inbuf = b""
         self._send(_response(exc.status, body, "text/plain; charset=utf-8", True, exc.extra))
+
+
+def _read_head(head, server):
+    """(keep_alive, length, encoding, expects 100-continue) of a request head; _HTTPError if bad.
+
+    A keep-alive client sends the same head bytes call after call, so good heads are remembered
+    by their exact bytes (a few, bounded): the same bytes always get the same answer."""
+    known = server.heads.get(head)
+    if known is None:
+        keep_alive, headers = _parse_head(head, server)
+        length, encoding = _framing(headers)
+        known = (keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue")
+        if len(server.heads) >= 64:
+            server.heads.clear()
+        server.heads[head] = known
+    return known
 
 
 def _parse_head(head, server):
@@ -1184,6 +1198,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.stopping = False
         self.stop_reason = None
         self.conns = {}             # socket -> _Connection
+        self.heads = {}             # request head bytes -> what _read_head made of them
         self._methods = {}
         self._stopped = threading.Event()
         self._selector = selectors.DefaultSelector()

@@ -98,11 +98,12 @@ LOADER = textwrap.dedent("""
 
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.45, 0.8])
 def test_kill_9_under_load_loses_nothing_acknowledged(daemon_factory, delay):
-    d = daemon_factory(size=3000)
+    d = daemon_factory(size=12000)
     loader = subprocess.Popen([sys.executable, "-c", LOADER, d.url], stdout=subprocess.PIPE, text=True)
     try:
         acknowledged = [int(loader.stdout.readline())]   # the load is running
         time.sleep(delay * random.uniform(0.8, 1.2))     # a different instant each time
+        assert loader.poll() is None, "the load ended before the crash (range exhausted?)"
         d.kill()
         # read through the same buffered file as readline() did: communicate() would skip its buffer
         acknowledged += [int(line) for line in loader.stdout.read().split()]
