@@ -1335,13 +1335,16 @@ class NodeMngrServer(SimpleXMLRPCServer):
         next_reap = next_tick + REAP_INTERVAL
         try:
             while not self.stopping or (self.conns and time.monotonic() < self._stop_deadline):
+                accept = False
                 for key, events in self._selector.select(poll_interval):
                     if key.data == "accept":
-                        self._accept()
+                        accept = True
                     elif key.data == "wake":
                         _drain_socket(self._wake_r)
                     else:
                         self._serve_events(key.data, events)
+                if accept:      # after the batch's closes, which may have made room
+                    self._accept()
                 now = time.monotonic()
                 if self.stop_reason is not None and not self.stopping:
                     self._begin_stop(now)
