@@ -291,7 +291,7 @@ def marshal_info(info):
         text = (_STRING_PARAMS % xmlrpc.client.escape(info)).replace("\r", "&#13;")
     else:
         text = _marshal_value(info)
-    size = len(text) - _PARAMS_OVERHEAD
+    size = (len(text) if text.isascii() else len(text.encode("utf-8"))) - _PARAMS_OVERHEAD
     if size > MAX_INFO_BYTES:
         raise BadArgumentError("info is %d bytes marshalled; the limit is %d" % (size, MAX_INFO_BYTES))
     return text
@@ -527,9 +527,10 @@ class StateStore:
         if self._db is None:
             return
         try:
-            if many:
-                with self._db:
-                    self._db.executemany(sql, args)
+            if many:    # one transaction: all or nothing (autocommit mode would do each alone)
+                self._db.execute("BEGIN")
+                self._db.executemany(sql, args)
+                self._db.execute("COMMIT")
             else:
                 self._db.execute(sql, args)
         except sqlite3.Error as exc:
@@ -806,6 +807,23 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
         self._value = 0
     dispatch["boolean"] = end_boolean
 
+    def end_int(self, data):
+        try:
+            self.append(int(data))
+        except ValueError:
+            raise ValueError("bad integer value %s" % _show(data.strip(), 40))
+        self._value = 0
+    for _tag in ("i1", "i2", "i4", "i8", "int", "biginteger"):
+        dispatch[_tag] = end_int
+    del _tag
+
+    def end_struct(self, data):
+        names = self._stack[self._marks[-1]::2]
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError("a struct member name must be a string")
+        xmlrpc.client.Unmarshaller.end_struct(self, data)
+    dispatch["struct"] = end_struct
+
     def end_dateTime(self, data):
         xmlrpc.client.Unmarshaller.end_dateTime(self, data.strip())
         self._value = 0
@@ -828,9 +846,13 @@ def _refuse_dtd(*args):
 
 
 def _reason(exc):
-    """An exception's message without its class (xmlrpc.client.Error's str() is a repr)."""
+    """An exception's message, one line and short, without its class (the str() of
+    xmlrpc.client.Error is a repr)."""
     text = exc.args[0] if exc.args and isinstance(exc.args[0], str) else ""
-    return _show(text, 120).strip("'\"") if text else "malformed value"
+    text = " ".join(text.split())
+    if not text:
+        return "a value is malformed"
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 # The shape of nearly every call (xmlrpc.client's and most other clients'): UTF-8, int or string
@@ -940,17 +962,22 @@ def _xml_response(body, close):
 _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
+_INBUF_LIMIT = MAX_HEAD + MAX_BODY     # read no further ahead than one request of the largest size
+_TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
+
+
 class _Connection:
     """One client connection, driven by the server's loop: bytes come in, each request is answered
     once it is complete, replies go out.  Non-blocking throughout, so a slow or stalled client only
-    ever holds its own connection.
+    ever holds its own connection.  Nothing is read while a reply waits to be taken, nor beyond one
+    request of the largest size, so a client that does not read costs one reply of memory.
 
     HTTP is hand-rolled rather than http.server's, for limits the stdlib lacks (body size after
     decoding, Content-Length sanity, head size, deadlines) and for speed on the per-call path.
     """
 
     __slots__ = ("server", "sock", "peer", "inbuf", "outbuf", "head", "deadline", "served",
-                 "closing", "lingering", "closed")
+                 "closing", "lingering", "closed", "eof", "events")
 
     def __init__(self, server, sock, peer):
         self.server, self.sock, self.peer = server, sock, peer
@@ -959,31 +986,37 @@ class _Connection:
         self.deadline = time.monotonic() + STALL_TIMEOUT
         self.served = 0
         self.closing = None         # "close" or "linger" once the last reply is queued
-        self.lingering = self.closed = False
+        self.lingering = self.closed = self.eof = False
+        self.events = 0             # what the selector watches for (NodeMngrServer.watch)
 
     @property
     def idle(self):
         """Between requests, with nothing received and nothing to send."""
         return not (self.inbuf or self.outbuf or self.head or self.closing)
 
+    def wants_read(self):
+        return self.lingering or (not self.eof and self.closing is None and not self.outbuf
+                                  and len(self.inbuf) < _INBUF_LIMIT)
+
     def on_readable(self):
         try:
             data = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            data = b""
-        if not data:
-            if self.outbuf and not self.lingering:  # half-closed: still send what was asked for
-                self.closing = "close"
-                self.server.watch(self, read=False, write=True)
-            else:
+        except OSError:     # reset: nobody is left to answer
+            self.server.close_conn(self)
+            return
+        if self.lingering:
+            if not data:
                 self.server.close_conn(self)
-        elif not self.lingering:
+            return
+        if not data:
+            self.eof = True     # half-closed: answer what was sent, then close
+        else:
             if self.idle:       # the first byte of a request: it has STALL_TIMEOUT to finish
                 self.deadline = time.monotonic() + STALL_TIMEOUT
             self.inbuf += data
-            self.serve_buffered()
+        self.serve_buffered()
 
     def on_writable(self):
         try:
@@ -995,29 +1028,37 @@ class _Connection:
             return
         self.outbuf = self.outbuf[sent:]
         if not self.outbuf:
-            self.server.watch(self, read=True, write=False)
             self._sent_all()
             if not self.closed:
-                self.serve_buffered()       # requests that were pipelined behind this reply
+                self.serve_buffered()       # requests that were pipelined behind this reply; watch
 
     def serve_buffered(self):
-        """Answer each complete request in inbuf, in order, while no reply waits to be sent."""
+        """Answer the complete requests in inbuf, in order, while no reply waits to be taken;
+        a few per turn, so that one connection's pipeline cannot hold up the others."""
         server = self.server
-        while not self.outbuf and not self.closing and not self.closed:
+        for _ in range(_TURN_REQUESTS):
+            if self.outbuf or self.closing or self.closed:
+                break
             try:
                 request = self._take_request()
             except _HTTPError as exc:
                 self._fail(exc)
-                return
+                break
             if request is None:
-                return
+                if self.eof or (server.stopping and self.head is None and not self.inbuf):
+                    server.close_conn(self)     # nothing more will come, or may be taken
+                break
             keep_alive, body = request
             server.node.local.peer = self.peer[0]
             reply = server.dispatch_body(body)
             self.served += 1
-            if not keep_alive or server.stopping:
+            if not keep_alive:
                 self.closing = "close"
             self._send(_xml_response(reply, self.closing is not None))
+        else:
+            server.backlog.add(self)    # more may be complete: the next turn answers them
+        if not self.closed:
+            server.watch(self)
 
     def _take_request(self):
         """(keep_alive, body) of the next complete request in inbuf, or None; _HTTPError if bad."""
@@ -1060,7 +1101,6 @@ class _Connection:
             if not data:
                 self._sent_all()
                 return
-            self.server.watch(self, read=True, write=True)
         self.outbuf += data
 
     def _sent_all(self):
@@ -1072,6 +1112,7 @@ class _Connection:
             _shut(self.sock, socket.SHUT_WR)
             self.lingering = True
             self.deadline = time.monotonic() + 1.0
+            self.server.watch(self)
         else:   # idle until the next request, or it has begun (pipelined) and has to finish
             idle = self.head is None and not self.inbuf
             self.deadline = time.monotonic() + (IDLE_TIMEOUT if idle else STALL_TIMEOUT)
@@ -1202,6 +1243,9 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.stop_reason = None
         self.conns = {}             # socket -> _Connection
         self.heads = {}             # request head bytes -> what _read_head made of them
+        self.backlog = set()        # connections with requests left over from their last turn
+        self._listening = True      # the listening socket is watched (not paused)
+        self._accept_warned = 0.0
         self._methods = {}
         self._stopped = threading.Event()
         self._selector = selectors.DefaultSelector()
@@ -1299,6 +1343,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if not isinstance(calls, list):
             raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
         results = []
+        listings = 0
         for call in calls:
             try:
                 if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
@@ -1306,6 +1351,10 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     raise Fault(INVALID_REQUEST, "each call must be a struct {methodName: string, params: array}")
                 if call["methodName"] == "system.multicall":
                     raise Fault(INVALID_REQUEST, "system.multicall cannot be nested")
+                if call["methodName"] == "listPorts":   # each is the whole registry: bound the reply
+                    listings += 1
+                    if listings > 1:
+                        raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
                 results.append([self._dispatch(call["methodName"], call.get("params", []))])
             except Fault as fault:
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
@@ -1336,13 +1385,16 @@ class NodeMngrServer(SimpleXMLRPCServer):
         try:
             while not self.stopping or (self.conns and time.monotonic() < self._stop_deadline):
                 accept = False
-                for key, events in self._selector.select(poll_interval):
+                for key, events in self._selector.select(0 if self.backlog else poll_interval):
                     if key.data == "accept":
                         accept = True
                     elif key.data == "wake":
                         _drain_socket(self._wake_r)
                     else:
                         self._serve_events(key.data, events)
+                for conn in list(self.backlog):
+                    self.backlog.discard(conn)
+                    self._serve_events(conn, 0)
                 if accept:      # after the batch's closes, which may have made room
                     self._accept()
                 now = time.monotonic()
@@ -1351,6 +1403,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._cut_overdue(now)
+                    if not self._listening and not self.stopping:
+                        self._listen(True)
                 if now >= next_reap and self.node is not None:
                     next_reap = now + REAP_INTERVAL
                     self._reap()
@@ -1358,11 +1412,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
             self._stopped.set()
 
     def _serve_events(self, conn, events):
+        """Let *conn* write, read, or (events 0, from the backlog) answer what it has."""
         try:
             if events & selectors.EVENT_WRITE and not conn.closed:
                 conn.on_writable()
             if events & selectors.EVENT_READ and not conn.closed:
                 conn.on_readable()
+            if not events and not conn.closed:
+                conn.serve_buffered()
         except Exception:       # a bug must cost one connection, never the daemon
             log.exception("internal error serving %s", conn.peer)
             self.close_conn(conn)
@@ -1379,17 +1436,34 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 sock, peer = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:      # e.g. out of file descriptors: try again next round
-                log.warning("cannot accept a connection: %s", exc.strerror or exc)
+            except OSError as exc:      # e.g. out of file descriptors: pause until the next tick
+                now = time.monotonic()
+                if now - self._accept_warned > 60:
+                    self._accept_warned = now
+                    log.warning("cannot accept connections for now: %s", exc.strerror or exc)
+                if self._listening and not self.stopping:
+                    self._listen(False)
                 return
             if len(self.conns) >= MAX_CONNECTIONS and not self._evict_idlest():
                 _turn_away(sock)
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:     # reset before we got to it
+                sock.close()
+                continue
             conn = _Connection(self, sock, peer)
             self.conns[sock] = conn
-            self._selector.register(sock, selectors.EVENT_READ, conn)
+            self.watch(conn)
+
+    def _listen(self, on):
+        """Watch the listening socket again, or stop watching it for a while."""
+        if on:
+            self._selector.register(self.socket, selectors.EVENT_READ, "accept")
+        else:
+            self._selector.unregister(self.socket)
+        self._listening = on
 
     def _evict_idlest(self):
         """Make room by closing the keep-alive connection idle the longest, if one has served a
@@ -1402,16 +1476,29 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 return True
         return False
 
-    def watch(self, conn, read, write):
-        events = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
-        self._selector.modify(conn.sock, events, conn)
+    def watch(self, conn):
+        """Watch *conn* for what its state wants: writing a reply, or reading (see wants_read)."""
+        events = selectors.EVENT_WRITE if conn.outbuf else 0
+        if conn.wants_read():
+            events |= selectors.EVENT_READ
+        if events == conn.events:
+            return
+        if not conn.events:
+            self._selector.register(conn.sock, events, conn)
+        elif not events:
+            self._selector.unregister(conn.sock)
+        else:
+            self._selector.modify(conn.sock, events, conn)
+        conn.events = events
 
     def close_conn(self, conn):
         if conn.closed:
             return
         conn.closed = True
         self.conns.pop(conn.sock, None)
-        self._selector.unregister(conn.sock)
+        self.backlog.discard(conn)
+        if conn.events:
+            self._selector.unregister(conn.sock)
         conn.sock.close()
 
     def _cut_overdue(self, now):
@@ -1442,7 +1529,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         included), close the idle connections and the listening socket."""
         self.stopping = True
         self._accept(limit=MAX_CONNECTIONS)
-        self._selector.unregister(self.socket)
+        if self._listening:
+            self._listen(False)
         self.socket.close()
         for conn in list(self.conns.values()):
             if conn.idle and not _has_pending(conn.sock):

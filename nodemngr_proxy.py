@@ -33,6 +33,15 @@ _POOL_SIZE = 8                  # idle connections a proxy keeps
 _spawn_lock = threading.Lock()  # one auto-start at a time in this process
 
 
+def _new_spawn_lock():
+    global _spawn_lock      # a child forked while another thread held it must not inherit it held
+    _spawn_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_spawn_lock)
+
+
 class NodeMngrProxy:
     """A client of the node manager at *host*:*port* (else NODEMNGR_HOST/PORT, else defaults).
 
@@ -114,7 +123,7 @@ class NodeMngrProxy:
                 server("close")()
                 if attempt or not self._should_start(exc, autostart):
                     raise NodeMngrException(self._explain(exc)) from None
-                start_daemon(self.host, self.port, self.timeout)
+                start_daemon(self.host, self.port, self.timeout, self.token_file)
                 continue
             except (xmlrpc.client.Error, ValueError) as exc:    # HTTP errors, unreadable replies
                 server("close")()
@@ -154,8 +163,9 @@ class NodeMngrProxy:
 # Auto-start
 # ---------------------------------------------------------------------------------------------
 
-def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT):
-    """Start a detached node manager for *host*:*port* unless one answers; wait until one does."""
+def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_file=None):
+    """Start a detached node manager for *host*:*port* unless one answers; wait until one does.
+    token_file: the daemon's token (else NODEMNGR_TOKEN_FILE, which it inherits)."""
     host, port = nodemngr.env_host(host), nodemngr.env_port(port)
     with _spawn_lock:
         if _answers(host, port):
@@ -163,6 +173,8 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT):
         log_path = _log_path(port)
         argv = [sys.executable, os.path.abspath(nodemngr.__file__), "serve",
                 "--host", host, "--port", str(port), "--log-file", log_path]
+        if token_file:
+            argv += ["--token-file", os.path.abspath(token_file)]
         _spawn_detached(argv, log_path)
         deadline = time.monotonic() + timeout
         delay = 0.005

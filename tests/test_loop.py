@@ -1,0 +1,206 @@
+"""The serving loop under clients that misbehave: unread replies, half-closes, stops, no descriptors."""
+import os
+import resource
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import xmlrpc.client
+
+import pytest
+
+from conftest import ROOT, clean_env, free_port, wait_until
+
+PING = xmlrpc.client.dumps((), "ping").encode()
+PING_REQUEST = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(PING), PING)
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int([line for line in f if line.startswith("VmRSS:")][0].split()[1])
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def read_replies(sock, count, timeout=20):
+    """*count* HTTP replies from *sock*, as (status line, body) pairs, in order."""
+    sock.settimeout(timeout)
+    data, replies = b"", []
+    while len(replies) < count:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return replies
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        while len(data) < length:
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                return replies
+            data += chunk
+        replies.append((head.split(b"\r\n")[0], data[:length]))
+        data = data[length:]
+    return replies
+
+
+def fill_registry(daemon, count, info_bytes=3900):
+    """Register *count* ports with big infos, so that one listPorts reply is megabytes."""
+    rpc = daemon.rpc()
+    per_batch = 60000 // (info_bytes + 100)
+    for first in range(0, count, per_batch):
+        multi = xmlrpc.client.MultiCall(rpc)
+        for i in range(first, min(count, first + per_batch)):
+            multi.newPort("%05d" % i + "x" * (info_bytes - 5))
+        multi()
+
+
+def post(body):
+    return b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def test_a_client_that_does_not_read_costs_others_nothing(daemon):
+    hog = socket.socket()
+    hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hog.connect((daemon.host, daemon.port))
+    hog.setblocking(False)
+    rss_before = rss_kib(daemon.proc.pid)
+    sent, deadline = 0, time.monotonic() + 2.0
+    while time.monotonic() < deadline and sent < 40 << 20:     # pipeline pings, read nothing
+        try:
+            sent += hog.send(PING_REQUEST * 64)
+        except BlockingIOError:
+            time.sleep(0.01)
+    assert rss_kib(daemon.proc.pid) - rss_before < 10 * 1024, "memory grew with what the hog sent"
+    caught_up = threading.Thread(target=lambda: read_replies(hog_blocking(hog), sent // len(PING_REQUEST)))
+    caught_up.start()           # the hog now reads as fast as it can: the daemon must still share
+    try:
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert daemon.rpc().ping().startswith("NodeMngr at ")
+            assert time.monotonic() - t0 < 1.0, "a normal call waited on the hog's pipeline"
+    finally:
+        caught_up.join(60)
+        hog.close()
+
+
+def hog_blocking(sock):
+    sock.setblocking(True)
+    return sock
+
+
+def test_half_close_answers_every_pipelined_request(daemon_factory):
+    d = daemon_factory(size=400)
+    fill_registry(d, 300)                   # each listPorts reply is about 1.2 MB
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((d.host, d.port))
+        s.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()) * 6)
+        time.sleep(0.5)                     # the first reply is stuck half sent in the daemon
+        s.shutdown(socket.SHUT_WR)
+        replies = read_replies(s, 6, timeout=30)
+    assert len(replies) == 6, "every request sent before the half-close is answered"
+    assert all(len(xmlrpc.client.loads(body)[0][0]) == 300 for _, body in replies)
+
+
+def test_stop_waits_only_for_replies_owed(daemon_factory):
+    d = daemon_factory(size=1100)
+    fill_registry(d, 1000)                  # one listPorts reply is about 4 MB
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect((d.host, d.port))
+    slow.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()))
+    time.sleep(0.5)                         # its reply waits, half sent, in the daemon
+    assert d.rpc().terminate() is True
+    replies = read_replies(slow, 1, timeout=30)
+    t0 = time.monotonic()
+    assert replies and len(xmlrpc.client.loads(replies[0][1])[0][0]) == 1000, "the reply owed is sent"
+    assert d.proc.wait(10) == 0
+    assert time.monotonic() - t0 < 3, "the stop waited for a connection that was owed nothing more"
+    slow.close()
+
+
+def test_out_of_descriptors_pauses_accepting_without_spinning(daemon_factory):
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
+    d = daemon_factory(start=False)
+    d._logf = open(d.log, "ab")
+    d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=d._logf, stderr=subprocess.STDOUT,
+                              preexec_fn=low_limit)
+    d.wait_ready()
+    held = []
+    try:
+        for _ in range(60):
+            s = socket.create_connection((d.host, d.port))
+            s.send(b"P")
+            held.append(s)
+        time.sleep(0.3)
+        cpu0 = cpu_seconds(d.proc.pid)
+        time.sleep(2.0)
+        assert cpu_seconds(d.proc.pid) - cpu0 < 0.5, "the daemon spun on a listening socket it cannot accept from"
+    finally:
+        for s in held:
+            s.close()
+    assert wait_until(lambda: _ping(d), 5)
+    assert d.read_log().count("cannot accept connections for now") == 1
+
+
+def _ping(d):
+    try:
+        return d.rpc().ping()
+    except (OSError, xmlrpc.client.Error):
+        return False
+
+
+def test_fault_texts_and_limits_from_the_review(daemon):
+    rpc = daemon.rpc()
+    bad_tag = (b"<methodCall><methodName>ping</methodName><params><param><value><foo>1</foo></value>"
+               b"</param></params></methodCall>")
+    reply = read_replies_of(daemon, bad_tag)
+    assert "unknown tag 'foo'" in reply.faultString and reply.faultCode == -32600
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        rpc.newPort("\u20ac" * 1400)        # 4,200 bytes of UTF-8 in 1,400 characters
+    assert info.value.faultCode == 3 and "bytes marshalled" in info.value.faultString
+    multi = xmlrpc.client.MultiCall(rpc)
+    multi.listPorts()
+    multi.listPorts()
+    results = list(multi().results)
+    assert results[0] == [[]] and results[1]["faultCode"] == 3
+
+
+def read_replies_of(daemon, body):
+    with socket.create_connection((daemon.host, daemon.port)) as s:
+        s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        (status, reply), = read_replies(s, 1)
+    try:
+        xmlrpc.client.loads(reply)
+    except xmlrpc.client.Fault as fault:
+        return fault
+    raise AssertionError("no fault: %r" % reply)
+
+
+def test_proxy_passes_its_token_file_to_the_daemon_it_starts(tmp_path, reap_pids):
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    token.chmod(0o600)
+    port = free_port()
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_STATE=tmp_path / "s.sqlite3")
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        from nodemngr_proxy import NodeMngrProxy
+        nm = NodeMngrProxy(token_file=%r)
+        print(nm.status()["pid"])
+    """ % (ROOT, str(token)))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    reap_pids.append(int(r.stdout))
+    with pytest.raises(xmlrpc.client.ProtocolError) as info:
+        xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port).ping()
+    assert info.value.errcode == 401, "the daemon it started must want the token"
