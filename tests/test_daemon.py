@@ -1,5 +1,6 @@
 """The daemon over the wire: allocation, concurrency, host checks, faults, restart after kill -9."""
 import datetime
+import os
 import socket
 import threading
 import xmlrpc.client
@@ -165,3 +166,23 @@ def test_terminate_stops_with_status_0(daemon):
     assert daemon.rpc().terminate() is True
     assert daemon.proc.wait(15) == 0
     assert "stopped" in daemon.read_log()
+
+
+def open_sockets():
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink("/proc/self/fd/" + fd).startswith("socket:")
+        except OSError:     # the listing's own descriptor
+            pass
+    return count
+
+
+def test_the_proxy_keeps_one_connection_alive_across_calls(daemon):
+    nm = daemon.proxy()
+    before = open_sockets()
+    for i in range(25):
+        nm.delPort(nm.newPort("kept alive %d" % i))
+    assert open_sockets() - before == 1, "50 calls, one connection"
+    nm.close()
+    assert open_sockets() == before
