@@ -1231,6 +1231,7 @@ def op_multicall(d, conn, data):
         # a nil somewhere makes no difference here; only a body over 64 KiB could stop it, and none is
         raise AssertionError("system.multicall faulted as a whole: %r" % value)
     assert isinstance(value, list) and len(value) == len(calls), value
+    listings = 0
     for c, item in zip(calls, value):
         if isinstance(item, dict):
             item = xmlrpc.client.Fault(item["faultCode"], item["faultString"])
@@ -1241,8 +1242,14 @@ def op_multicall(d, conn, data):
                     and isinstance(c.get("params", []), list))
         if not ok_shape or c["methodName"] == "system.multicall":
             check_fault(item, {-32600})
-        else:
-            check_call(d, c["methodName"], c.get("params", []), item)
+            continue
+        if c["methodName"] == "listPorts":     # the registry may be listed once per multicall
+            listings += 1
+            if listings > 1:
+                check_fault(item, {3})
+                assert "once" in item.faultString, item
+                continue
+        check_call(d, c["methodName"], c.get("params", []), item)
 
 
 def op_body(d, conn, data):
