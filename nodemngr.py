@@ -1110,9 +1110,8 @@ class _Connection:
         elif self.closing == "linger":
             # read and drop what the client still sends, so that closing does not reset the reply
             _shut(self.sock, socket.SHUT_WR)
-            self.lingering = True
+            self.lingering = True       # (serve_buffered, which always follows, watches for reads)
             self.deadline = time.monotonic() + 1.0
-            self.server.watch(self)
         else:   # idle until the next request, or it has begun (pipelined) and has to finish
             idle = self.head is None and not self.inbuf
             self.deadline = time.monotonic() + (IDLE_TIMEOUT if idle else STALL_TIMEOUT)
