@@ -31,6 +31,7 @@ import email.utils
 import errno
 import heapq
 import hmac
+import http.client
 import inspect
 import ipaddress
 import logging
@@ -42,6 +43,7 @@ import selectors
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import threading
@@ -54,10 +56,15 @@ from xml.parsers import expat
 from xmlrpc.client import Fault
 from xmlrpc.server import SimpleXMLRPCServer
 
+try:
+    import resource
+except ImportError:     # not on Windows
+    resource = None
+
 __all__ = [
     "nmPort", "firstPort", "lastPort", "NodeMngrException", "UnknownPortError", "NoFreePortError",
     "BadArgumentError", "ForbiddenError", "StoreError", "PortAllocator", "StateStore", "NodeMngr",
-    "NodeMngrServer", "NodeMngrProxy", "nm", "main",
+    "NodeMngrServer", "nm", "main",
 ]
 __version__ = "1.0.0"
 
@@ -168,35 +175,62 @@ _HAVE_PROC = os.path.isdir("/proc/self") and os.path.exists("/proc/self/stat")
 
 
 def process_start_time(pid):
-    """The start time of process *pid* (clock ticks since boot), 0 where it cannot be read, or
-    None if there is no live process with that pid (zombies count as dead)."""
-    if _HAVE_PROC:
-        try:
-            fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            stat = os.read(fd, 1024)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        fields = stat.rpartition(b")")[2].split()
-        if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
-            return None
-        return int(fields[19])
+    """The start time of process *pid* (clock ticks since boot); 0 when the process exists but its
+    start time cannot be read (no /proc, or /proc mounted hidepid= and the process is another
+    user's); None when no such process runs (zombies count as ended).
+
+    Raises OSError when it cannot tell now (out of file descriptors, say): only "no such process"
+    means ended, so a caller that cannot tell must keep what the owner holds.
+    """
+    if not _HAVE_PROC:
+        return _pid_exists(pid)
+    try:
+        fd = os.open("/proc/%d/stat" % pid, os.O_RDONLY)
+    except (FileNotFoundError, ProcessLookupError):
+        return _pid_exists(pid)     # hidepid= hides other users' processes; kill() still sees them
+    try:
+        stat = os.read(fd, 1024)
+    except ProcessLookupError:      # it ended between open and read
+        return None
+    finally:
+        os.close(fd)
+    fields = stat.rpartition(b")")[2].split()
+    if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
+        return None
+    return int(fields[19])
+
+
+def _pid_exists(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
-    except PermissionError:
+    except PermissionError:     # it exists, and belongs to somebody else
         pass
     return 0
 
 
+def is_thread_of_another(pid):
+    """True if *pid* is a thread of some process rather than a process (Linux: its Tgid differs).
+    A thread id would free its port when the thread ends, while its process runs on."""
+    if not _HAVE_PROC:
+        return False
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            head = f.read(512)
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    match = re.search(rb"\nTgid:\s*(\d+)", head)
+    return match is not None and int(match.group(1)) != pid
+
+
 def owner_alive(pid, start):
-    """True while the process that registered as (*pid*, *start*) runs."""
-    now = process_start_time(pid)
+    """True while the process that registered as (*pid*, *start*) may run: False only when it
+    has certainly ended (no such process, or the pid now belongs to a later process)."""
+    try:
+        now = process_start_time(pid)
+    except OSError:
+        return True
     return now is not None and (not start or not now or now == start)
 
 
@@ -220,30 +254,79 @@ def _probes():
 
 
 _PROBES = None
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+_TIME_WAIT = "06"
+_TABLE_TTL = 0.25       # seconds a reading of the TCP tables is used again
+_table = [float("-inf"), {}]     # when read, {local port: set of states}
 
 
 def port_is_bindable(port):
-    """True if no process on this host has *port* bound, TCP or UDP, IPv4 or IPv6.
+    """True if no socket on this host has *port* bound: TCP or UDP, IPv4 or IPv6, any address,
+    listening, connected or neither, with or without SO_REUSEADDR.  A TCP socket in TIME_WAIT
+    does not count, as servers reuse such ports at once.
 
-    A bind on the wildcard address conflicts with every holder of the port; a TCP socket in
-    TIME_WAIT does not count (SO_REUSEADDR), as servers reuse such ports at once.
+    A plain wildcard bind conflicts with every holder of the port, TIME_WAIT included.  When it
+    fails and a bind with SO_REUSEADDR succeeds, the holder is in TIME_WAIT, or is a socket with
+    SO_REUSEADDR that does not listen; the kernel's TCP table tells the two apart.  Raises
+    OSError when no probe socket can be made (out of descriptors), which says nothing of the port.
     """
     global _PROBES
     if _PROBES is None:
         _PROBES = _probes()
     for family, kind, address, v6only in _PROBES:
-        s = socket.socket(family, kind)
-        try:
-            if v6only:
-                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            if kind == socket.SOCK_STREAM:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((address, port))
-        except OSError:
-            return False
-        finally:
-            s.close()
+        if not _bind_probe(family, kind, address, v6only, port, reuse=False):
+            if kind != socket.SOCK_STREAM or not _bind_probe(family, kind, address, v6only, port, reuse=True):
+                return False
+            if not _only_time_wait(port):
+                return False
     return True
+
+
+def _bind_probe(family, kind, address, v6only, port, reuse):
+    s = socket.socket(family, kind)
+    try:
+        if v6only:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if reuse:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((address, port))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOBUFS, errno.ENOMEM):
+            raise
+        return False
+    finally:
+        s.close()
+
+
+def _only_time_wait(port):
+    """True if every TCP socket the kernel lists on local *port* is in TIME_WAIT, and there is
+    one.  None listed means a holder the tables do not show (bound, not listening): held.
+    Without /proc, trust the bind with SO_REUSEADDR."""
+    now = time.monotonic()
+    if now - _table[0] > _TABLE_TTL:
+        _table[:] = [now, _read_tcp_tables()]
+    states = _table[1]
+    return states is None or states.get(port) == {_TIME_WAIT}
+
+
+def _read_tcp_tables():
+    """{local port: set of TCP states} of every socket the kernel lists; None without /proc."""
+    found = {}
+    for table in _TCP_TABLES:
+        try:
+            with open(table, "rb") as f:
+                lines = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            if not os.path.exists("/proc/net"):
+                return None
+            continue    # no IPv6 here
+        for line in lines:
+            fields = line.split(None, 4)
+            if len(fields) > 3:
+                port = int(fields[1].rpartition(b":")[2], 16)
+                found.setdefault(port, set()).add(fields[3].decode("ascii"))
+    return found
 
 
 def is_loopback(host):
@@ -260,6 +343,26 @@ def is_loopback(host):
     if getattr(addr, "ipv4_mapped", None) is not None:
         addr = addr.ipv4_mapped
     return addr.is_loopback
+
+
+def is_this_host(address):
+    """True if *address* (a peer's) is one of this host's own addresses, loopback or not: a
+    socket can be bound to it only then."""
+    try:
+        addr = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if getattr(addr, "ipv4_mapped", None) is not None:
+        addr = addr.ipv4_mapped
+    if addr.is_loopback:
+        return True
+    family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(addr), 0))
+        return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,8 +510,12 @@ class PortAllocator:
                 heapq.heappush(self._free, heapq.heappop(self._busy)[1])
         while self._free:
             port = heapq.heappop(self._free)
-            if usable(port):
-                return port
+            try:
+                if usable(port):
+                    return port
+            except BaseException:   # the check failed, not the port: it stays free
+                heapq.heappush(self._free, port)
+                raise
             heapq.heappush(self._busy, (now + BUSY_RETRY, port))
         return None
 
@@ -439,9 +546,12 @@ class PortAllocator:
             self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
 
     def recall_all_busy(self):
-        """Probe every set-aside port again on the next take() (before saying none is free)."""
+        """Probe every set-aside port again on the next take() (before saying none is free);
+        return how many there were."""
+        count = len(self._busy)
         while self._busy:
             heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+        return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,6 +589,41 @@ class _NotOurs(Exception):
     pass
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def _is_regular_file(path):
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _create_regular_file(path):
+    """Create the state file 0600 if missing; refuse a path that is anything but a regular file
+    (a device, FIFO, socket, folder, or a link to anything): it is never opened, never moved."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is None or stat.S_ISREG(mode):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):   # replaced meanwhile
+                raise
+        else:
+            mode = os.fstat(fd).st_mode
+            os.close(fd)
+            if stat.S_ISREG(mode):
+                return
+        mode = os.lstat(path).st_mode
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    raise NodeMngrException("state file %s is %s, not a regular file; give --state the path of a file "
+                            "(or none)" % (path, kind))
+
+
 class StateStore:
     """The held ports, saved in a sqlite3 file so that they survive a crash of the daemon.
 
@@ -493,6 +638,8 @@ class StateStore:
     (a mapped file that turns read-only kills the process with SIGBUS; a write just fails).
     ``StateStore(None)`` keeps nothing (``--state none``).
     """
+
+    lock_wait = 2.0     # seconds to wait for a state file that another daemon still holds
 
     def __init__(self, path):
         self.path = path
@@ -553,27 +700,28 @@ class StateStore:
     def _open_or_move_aside(self, path):
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, 0o700, exist_ok=True)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        _create_regular_file(path)
         try:
             return self._open(path)
         except (sqlite3.DatabaseError, _NotOurs, ValueError, xmlrpc.client.Error, expat.ExpatError) as exc:
             aside = "%s.bad-%s" % (path, time.strftime("%Y%m%dT%H%M%S"))
             for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
+                if _is_regular_file(path + suffix):     # never a device, FIFO, folder or link
                     os.replace(path + suffix, aside + suffix)
             log.warning("state file %s is unreadable or not a nodemngr state file (%s); moved it aside "
                         "to %s and started empty", path, exc, aside)
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            _create_regular_file(path)
             return self._open(path)
 
-    @staticmethod
-    def _open(path):
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+    def _open(self, path):
+        # a daemon on its way out releases the file within about a second: wait that long for it
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.lock_wait)
         try:
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             try:
                 db.execute("BEGIN EXCLUSIVE")
                 db.execute("COMMIT")
+                db.execute("PRAGMA busy_timeout=0")
             except sqlite3.OperationalError as exc:
                 if "locked" in str(exc):
                     raise NodeMngrException("state file %s is in use by another process (a node manager "
@@ -629,6 +777,8 @@ class NodeMngr:
     read through ``system.methodHelp``.
     """
 
+    reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
+
     def __init__(self, first=firstPort, last=lastPort, store=None, host_check=port_is_bindable,
                  hostname=None):
         self.store = store if store is not None else StateStore(None)
@@ -637,6 +787,8 @@ class NodeMngr:
         self.hostname = hostname or socket.gethostname()
         self.started = time.time()
         self.reaped = 0
+        self._unchecked = []    # owners the current reap pass has yet to look at
+        self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.server = None      # set by NodeMngrServer: terminate() stops it
         self.local = threading.local()      # .peer: the caller's address, set per request
         self._lock = threading.Lock()
@@ -666,11 +818,7 @@ class NodeMngr:
             pid = 0
         if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
             raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
-        start = 0
-        if pid:
-            start = process_start_time(pid)
-            if start is None:
-                raise BadArgumentError("pid %d is not a live process on this host" % pid)
+        start = self._owner_start(pid) if pid else 0
         return self._register(info, blob, pid, start)
 
     @_rpc(["int", "int"])
@@ -721,7 +869,7 @@ class NodeMngr:
         state and exits.  Only callers on this host may do this (fault 4 otherwise).
         """
         peer = getattr(self.local, "peer", None)
-        if peer is not None and not is_loopback(peer):
+        if peer is not None and not is_this_host(peer):
             raise ForbiddenError("terminate is only allowed from this host, not from %s" % peer)
         if self.server is not None:
             self.server.request_stop("terminate called")
@@ -729,11 +877,28 @@ class NodeMngr:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _owner_start(self, pid):
+        """The start time to record for owner *pid*; BadArgumentError unless it is a live process."""
+        try:
+            start = process_start_time(pid)
+        except OSError as exc:
+            raise NodeMngrException("cannot check pid %d now (%s); nothing was registered, try again"
+                                    % (pid, exc.strerror or exc))
+        if start is None:
+            raise BadArgumentError("pid %d is not a live process on this host" % pid)
+        if (pid, start) not in self.allocator.owners and is_thread_of_another(pid):
+            raise BadArgumentError("pid %d is a thread, not a process; give the process id (getpid)" % pid)
+        return start
+
     def _register(self, info, blob, pid, start):
         with self._lock:
-            port = self.allocator.take(self.host_check)
-            if port is None:
-                port = self._take_after_reaping()
+            try:
+                port = self.allocator.take(self.host_check)
+                if port is None:
+                    port = self._take_after_reaping()
+            except OSError as exc:
+                raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
+                                        "registered, try again" % (exc.strerror or exc))
             reg = Registration(port, info, pid, start, time.time(), blob)
             try:
                 self.store.add(reg)
@@ -745,30 +910,49 @@ class NodeMngr:
         return port
 
     def _take_after_reaping(self):
-        """Called with the lock held when take() found nothing: reap dead owners, probe again."""
-        self._reap_locked(self._dead_owners(list(self.allocator.owners)))
-        self.allocator.recall_all_busy()
-        port = self.allocator.take(self.host_check)
-        if port is None:
-            a = self.allocator
-            mine = sum(1 for p in a.held if a.first <= p <= a.last)
-            raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
-                                  % (a.first, a.last, mine, a.last - a.first + 1 - mine))
-        return port
-
-    @staticmethod
-    def _dead_owners(owners):
-        return [key for key in owners if not owner_alive(*key)]
+        """Called with the lock held when take() found nothing.  At most once per reap interval,
+        however many calls fail meanwhile: reap the ended owners and probe the set-aside ports
+        again (both cost a system call per port, so a stream of failing calls must not repeat them)."""
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.reap_interval
+            reaped = self._reap_locked([key for key in self.allocator.owners if not owner_alive(*key)])
+            log.debug("no port free: swept the range (%d reaped, %d set-aside ports probed again)",
+                      reaped, self.allocator.recall_all_busy())
+            port = self.allocator.take(self.host_check)
+            if port is not None:
+                return port
+        a = self.allocator
+        mine = sum(1 for p in a.held if a.first <= p <= a.last)
+        raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
+                              % (a.first, a.last, mine, a.last - a.first + 1 - mine))
 
     def reap(self):
-        """Free the ports of owners that have ended; return how many were freed."""
+        """Free the ports of every owner that has ended; return how many were freed."""
+        freed = 0
+        while True:
+            done, count = self.reap_step(budget=None)
+            freed += count
+            if done:
+                return freed
+
+    def reap_step(self, budget=0.002):
+        """Look at the next owners for about *budget* seconds (None: all of them) and free the
+        ports of those that have ended; return (pass complete, ports freed).  The server calls
+        it until the pass is complete, one slice per turn of its loop, so that thousands of
+        owners never hold up the callers."""
         with self._lock:
-            owners = list(self.allocator.owners)
-        dead = self._dead_owners(owners)    # /proc reads, outside the lock
-        if not dead:
-            return 0
-        with self._lock:
-            return self._reap_locked(dead)
+            if not self._unchecked:
+                self._unchecked = list(self.allocator.owners)
+            deadline = None if budget is None else time.monotonic() + budget
+            dead = []
+            while self._unchecked:
+                key = self._unchecked.pop()
+                if key in self.allocator.owners and not owner_alive(*key):
+                    dead.append(key)
+                if deadline is not None and len(self._unchecked) % 16 == 0 and time.monotonic() >= deadline:
+                    break
+            return not self._unchecked, self._reap_locked(dead)
 
     def _reap_locked(self, dead):
         ports = [p for key in dead for p in sorted(self.allocator.owners.get(key, ()))]
@@ -953,15 +1137,19 @@ def _response(status, body, content_type, close, extra=""):
                 "Connection: close\r\n" if close else "", extra)).encode("latin-1") + body
 
 
-def _xml_response(body, close):
-    """_response(200, body, "text/xml", close), on the per-call path."""
-    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n%s" % (
-        _OK_HEAD, _http_date().encode("ascii"), len(body), b"Connection: close\r\n" if close else b"", body)
-
-
 _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
+def _xml_response(body, close, echo_keep_alive=False):
+    """_response(200, body, "text/xml", close), on the per-call path.  An HTTP/1.0 client that
+    asked for keep-alive is told it got it (1.0 closes by default)."""
+    connection = (b"Connection: close\r\n" if close else
+                  b"Connection: keep-alive\r\n" if echo_keep_alive else b"")
+    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        _OK_HEAD, _http_date().encode("ascii"), len(body), connection, body)
+
+
+_LARGE_REPLIES = ("listPorts", "system.multicall")    # the calls whose reply can be megabytes
 _INBUF_LIMIT = MAX_HEAD + MAX_BODY     # read no further ahead than one request of the largest size
 _TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
 
@@ -983,7 +1171,7 @@ class _Connection:
         self.server, self.sock, self.peer = server, sock, peer
         self.inbuf = self.outbuf = b""
         self.head = None            # _read_head() of a request whose body is awaited
-        self.deadline = time.monotonic() + STALL_TIMEOUT
+        self.deadline = time.monotonic() + server.stall_timeout
         self.served = 0
         self.closing = None         # "close" or "linger" once the last reply is queued
         self.lingering = self.closed = self.eof = False
@@ -1013,8 +1201,8 @@ class _Connection:
         if not data:
             self.eof = True     # half-closed: answer what was sent, then close
         else:
-            if self.idle:       # the first byte of a request: it has STALL_TIMEOUT to finish
-                self.deadline = time.monotonic() + STALL_TIMEOUT
+            if self.idle:       # the first byte of a request: it has stall_timeout to finish
+                self.deadline = time.monotonic() + self.server.stall_timeout
             self.inbuf += data
         self.serve_buffered()
 
@@ -1027,6 +1215,7 @@ class _Connection:
             self.server.close_conn(self)
             return
         self.outbuf = self.outbuf[sent:]
+        self.server.pending_bytes -= sent
         if not self.outbuf:
             self._sent_all()
             if not self.closed:
@@ -1048,13 +1237,17 @@ class _Connection:
                 if self.eof or (server.stopping and self.head is None and not self.inbuf):
                     server.close_conn(self)     # nothing more will come, or may be taken
                 break
-            keep_alive, body = request
+            head, body = request
             server.node.local.peer = self.peer[0]
-            reply = server.dispatch_body(body)
+            try:
+                reply = server.dispatch_body(body, server.pending_bytes > server.max_pending_bytes)
+            except _HTTPError as exc:
+                self._fail(exc)
+                break
             self.served += 1
-            if not keep_alive:
+            if not head.keep_alive:
                 self.closing = "close"
-            self._send(_xml_response(reply, self.closing is not None))
+            self._send(_xml_response(reply, self.closing is not None, head.echo_keep_alive))
         else:
             server.backlog.add(self)    # more may be complete: the next turn answers them
         if not self.closed:
@@ -1077,16 +1270,16 @@ class _Connection:
                 return None
             self.head = _read_head(buf[:end], self.server)
             self.inbuf = buf[end + skip:]
-            if len(self.inbuf) < self.head[1] and self.head[3]:
+            if len(self.inbuf) < self.head.length and self.head.expect_continue:
                 self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        keep_alive, length, encoding, _ = self.head
-        if len(self.inbuf) < length:
+        head = self.head
+        if len(self.inbuf) < head.length:
             return None
-        body, self.inbuf = self.inbuf[:length], self.inbuf[length:]
+        body, self.inbuf = self.inbuf[:head.length], self.inbuf[head.length:]
         self.head = None
-        if encoding != b"identity":
-            body = _decode_body(body, encoding)
-        return keep_alive, body
+        if head.encoding != b"identity":
+            body = _decode_body(body, head.encoding)
+        return head, body
 
     def _send(self, data):
         if not self.outbuf:
@@ -1102,6 +1295,7 @@ class _Connection:
                 self._sent_all()
                 return
         self.outbuf += data
+        self.server.pending_bytes += len(data)
 
     def _sent_all(self):
         """Everything queued has left: close, linger, or wait for the next request."""
@@ -1114,7 +1308,8 @@ class _Connection:
             self.deadline = time.monotonic() + 1.0
         else:   # idle until the next request, or it has begun (pipelined) and has to finish
             idle = self.head is None and not self.inbuf
-            self.deadline = time.monotonic() + (IDLE_TIMEOUT if idle else STALL_TIMEOUT)
+            server = self.server
+            self.deadline = time.monotonic() + (server.idle_timeout if idle else server.stall_timeout)
 
     def _fail(self, exc):
         """Answer an HTTP-level error in one sentence, then close."""
@@ -1124,16 +1319,20 @@ class _Connection:
         self._send(_response(exc.status, body, "text/plain; charset=utf-8", True, exc.extra))
 
 
+RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive")
+
+
 def _read_head(head, server):
-    """(keep_alive, length, encoding, expects 100-continue) of a request head; _HTTPError if bad.
+    """The RequestHead of a request head's bytes; _HTTPError if bad.
 
     A keep-alive client sends the same head bytes call after call, so good heads are remembered
     by their exact bytes (a few, bounded): the same bytes always get the same answer."""
     known = server.heads.get(head)
     if known is None:
-        keep_alive, headers = _parse_head(head, server)
+        keep_alive, http10, headers = _parse_head(head, server)
         length, encoding = _framing(headers)
-        known = (keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue")
+        known = RequestHead(keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue",
+                            keep_alive and http10)
         if len(server.heads) >= 64:
             server.heads.clear()
         server.heads[head] = known
@@ -1141,7 +1340,7 @@ def _read_head(head, server):
 
 
 def _parse_head(head, server):
-    """(keep_alive, headers) from a request head; _HTTPError for anything off."""
+    """(keep_alive, is HTTP/1.0, headers) from a request head; _HTTPError for anything off."""
     request_line, _, block = head.partition(b"\n")
     parts = request_line.rstrip(b"\r").split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
@@ -1160,13 +1359,15 @@ def _parse_head(head, server):
             headers = _join_repeated(pairs)
     if method != b"POST":
         raise _HTTPError(405, "only POST is served; send XML-RPC calls to / or /RPC2", "Allow: POST\r\n")
+    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"    # absolute-form
     if target not in (b"/", b"/RPC2"):
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
     server.check_auth(headers.get(b"authorization"))
     connection = headers.get(b"connection", b"").lower()
     if version == b"HTTP/1.0":
-        return b"keep-alive" in connection, headers
-    return b"close" not in connection, headers
+        return b"keep-alive" in connection, True, headers
+    return b"close" not in connection, False, headers
 
 
 def _framing(headers):
@@ -1218,6 +1419,8 @@ def _decode_body(body, encoding):
         raise _HTTPError(413, "the body exceeds %d bytes once decompressed" % MAX_BODY)
     if not decoder.eof:
         raise _HTTPError(400, "the %s body is truncated" % encoding.decode("latin-1"))
+    if decoder.unused_data:     # trailing bytes, or a second gzip member: say so, never cut silently
+        raise _HTTPError(400, "the %s body has data after its end" % encoding.decode("latin-1"))
     return data
 
 
@@ -1232,6 +1435,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     allow_reuse_address = True
     request_queue_size = 256
+    idle_timeout = IDLE_TIMEOUT     # a keep-alive connection with no request is closed then
+    stall_timeout = STALL_TIMEOUT   # from a request's first byte to its reply's last
+    max_connections = MAX_CONNECTIONS
+    max_pending_bytes = 32 * 1024 * 1024    # replies waiting for slow clients; beyond it, 503
+    stop_grace = 1.0                # a stopping daemon drops what is not complete by then
+    fd_reserve = 16                 # descriptors kept for calls in progress (probes, /proc, sqlite)
 
     def __init__(self, host="127.0.0.1", port=nmPort, token=None):
         """Bind and listen at once: the bound port is what keeps a second daemon out."""
@@ -1240,6 +1449,9 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.node = None
         self.stopping = False
         self.stop_reason = None
+        self.reopen_logs = False    # set by SIGHUP: the loop reopens the log files
+        self.pending_bytes = 0      # bytes of replies queued and not yet taken by their clients
+        self.connection_limit = self.max_connections
         self.conns = {}             # socket -> _Connection
         self.heads = {}             # request head bytes -> what _read_head made of them
         self.backlog = set()        # connections with requests left over from their last turn
@@ -1274,10 +1486,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def dispatch_body(self, body):
-        """The XML reply (bytes) to one request body."""
+    def dispatch_body(self, body, short_of_memory=False):
+        """The XML reply (bytes) to one request body.  short_of_memory: replies already wait
+        beyond max_pending_bytes, so a call whose reply can be megabytes gets 503 (_HTTPError)
+        before it runs; the others, whose replies are small, are served."""
         try:
             params, method = parse_call(body)
+            if short_of_memory and method in _LARGE_REPLIES:
+                raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
             result = self._dispatch(method, params)
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
@@ -1379,12 +1595,15 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     def serve_forever(self, poll_interval=0.25):
         """Serve until request_stop(), then answer what was received and return."""
+        self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         next_tick = time.monotonic()
-        next_reap = next_tick + REAP_INTERVAL
+        next_reap = next_tick + self.node.reap_interval if self.node else float("inf")
+        reaping = False
         try:
             while not self.stopping or (self.conns and time.monotonic() < self._stop_deadline):
                 accept = False
-                for key, events in self._selector.select(0 if self.backlog else poll_interval):
+                busy = self.backlog or reaping
+                for key, events in self._selector.select(0 if busy else poll_interval):
                     if key.data == "accept":
                         accept = True
                     elif key.data == "wake":
@@ -1399,14 +1618,18 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 now = time.monotonic()
                 if self.stop_reason is not None and not self.stopping:
                     self._begin_stop(now)
+                if self.reopen_logs:
+                    self.reopen_logs = False
+                    reopen_log_files()
                 if now >= next_tick:
                     next_tick = now + 0.25
                     self._cut_overdue(now)
                     if not self._listening and not self.stopping:
                         self._listen(True)
-                if now >= next_reap and self.node is not None:
-                    next_reap = now + REAP_INTERVAL
-                    self._reap()
+                if (reaping or now >= next_reap) and not self.stopping:
+                    reaping = not self._reap_step()
+                    if not reaping:
+                        next_reap = time.monotonic() + self.node.reap_interval
         finally:
             self._stopped.set()
 
@@ -1423,11 +1646,13 @@ class NodeMngrServer(SimpleXMLRPCServer):
             log.exception("internal error serving %s", conn.peer)
             self.close_conn(conn)
 
-    def _reap(self):
+    def _reap_step(self):
+        """One slice of the owner check; True once the pass is complete."""
         try:
-            self.node.reap()
+            return self.node.reap_step()[0]
         except Exception:
             log.exception("reaping failed")
+            return True
 
     def _accept(self, limit=64):
         for _ in range(limit):
@@ -1443,7 +1668,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 if self._listening and not self.stopping:
                     self._listen(False)
                 return
-            if len(self.conns) >= MAX_CONNECTIONS and not self._evict_idlest():
+            if len(self.conns) >= self.connection_limit and not self._evict_idlest():
                 _turn_away(sock)
                 continue
             try:
@@ -1494,6 +1719,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if conn.closed:
             return
         conn.closed = True
+        self.pending_bytes -= len(conn.outbuf)
+        conn.outbuf = b""
         self.conns.pop(conn.sock, None)
         self.backlog.discard(conn)
         if conn.events:
@@ -1513,10 +1740,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
         """Stop serving soon; safe from a signal handler and from a request."""
         if self.stop_reason is None:
             self.stop_reason = reason
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
+            self.wake()
+
+    def wake(self):
+        """Make the loop take a turn now (from a signal handler or another thread)."""
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
 
     def shutdown(self):
         """Stop serve_forever (running in another thread) and wait until it has returned."""
@@ -1527,14 +1758,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
         """Take no new request: answer what was received (connections the kernel accepted for us
         included), close the idle connections and the listening socket."""
         self.stopping = True
-        self._accept(limit=MAX_CONNECTIONS)
+        self._accept(limit=self.connection_limit)
         if self._listening:
             self._listen(False)
         self.socket.close()
         for conn in list(self.conns.values()):
             if conn.idle and not _has_pending(conn.sock):
                 self.close_conn(conn)
-        self._stop_deadline = now + STALL_TIMEOUT + 1
+        self._stop_deadline = now + self.stop_grace
 
     def server_close(self):
         for conn in list(self.conns.values()):
@@ -1642,6 +1873,11 @@ class _TimeoutTransport(xmlrpc.client.Transport):
         conn.timeout = self.timeout
         return conn
 
+    def request(self, host, handler, request_body, verbose=False):
+        # xmlrpc.client writes a CR inside a string raw, and XML readers turn a raw CR into LF; the
+        # marshaller writes no CR of its own, so every CR here belongs to a string
+        return super().request(host, handler, request_body.replace(b"\r", b"&#13;"), verbose)
+
 
 def _TimeoutProxy(url, timeout):
     return xmlrpc.client.ServerProxy(url, transport=_TimeoutTransport(timeout), use_builtin_types=True)
@@ -1687,6 +1923,7 @@ def serve(host, port, first, last, state, token=None):
             raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
         server.attach(node)
         _install_signals(server)
+        _raise_descriptor_limit()
         log.info("node manager %s serving on %s:%d, ports %d-%d, state %s, pid %d", __version__,
                  host, server.port, first, last, state or "none", os.getpid())
         server.serve_forever()
@@ -1718,8 +1955,58 @@ def _port_taken(host, port, token):
 def _install_signals(server):
     def on_signal(signum, frame):
         server.request_stop(signal.Signals(signum).name)
+
+    def on_hangup(signum, frame):     # logrotate's postrotate: never a reason to stop
+        server.reopen_logs = True
+        server.wake()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, on_hangup)
+
+
+def reopen_log_files():
+    """Reopen the log's files, which logrotate may have moved away (SIGHUP)."""
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.acquire()
+            try:
+                if handler.stream is not None:
+                    handler.stream.close()
+                handler.stream = handler._open()
+            except OSError as exc:
+                handler.stream = None   # the next record tries again
+                sys.stderr.write("nodemngr: cannot reopen the log file %s: %s\n" % (handler.baseFilename, exc.strerror))
+            finally:
+                handler.release()
+    log.info("reopened the log file (SIGHUP)")
+
+
+def _raise_descriptor_limit():
+    """Lift the soft limit on open files to the hard one: each connection costs a descriptor."""
+    if resource is None:
+        return
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 1 << 20) if hard != resource.RLIM_INFINITY
+                                                        else 1 << 20, hard))
+    except (OSError, ValueError):
+        pass
+
+
+def _spare_descriptors():
+    """How many more files this process may open now: the soft limit less those open."""
+    if resource is None:
+        return 1 << 20
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    try:
+        used = len(os.listdir("/proc/self/fd" if _HAVE_PROC else "/dev/fd"))
+    except OSError:
+        used = 32
+    return soft - used
 
 
 def _serve_config(args):
@@ -1745,7 +2032,10 @@ def _setup_logging(args):
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise NodeMngrException("log level %s is not one of DEBUG, INFO, WARNING, ERROR" % _show(level))
     path = args.log_file or os.environ.get("NODEMNGR_LOG_FILE")
-    handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    try:
+        handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    except OSError as exc:
+        raise NodeMngrException("cannot open the log file %s: %s" % (path, exc.strerror or exc))
     handler.setFormatter(logging.Formatter("%(asctime)s nodemngr[%(process)d] %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(level)
@@ -1759,13 +2049,35 @@ def _setup_logging(args):
 _COMMANDS = ("serve", "ping", "status", "list", "new", "del", "stop")
 
 
+def _bounded_int(low, high, what):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError("%s must be an integer from %d to %d, not %s" % (what, low, high, text))
+        return value
+    return parse
+
+
+_port_arg = _bounded_int(1, 65535, "a port")
+_pid_arg = _bounded_int(0, _INT32_MAX, "a pid")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, as every other error of the command line (argparse prints the usage too)."""
+        self.exit(2, "%s: %s (see %s --help)\n" % (self.prog, message, self.prog))
+
+
 def _parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = _ArgumentParser(add_help=False)
     common.add_argument("--host", help="address of the node manager (env NODEMNGR_HOST, default 127.0.0.1)")
-    common.add_argument("--port", type=int, help="its port (env NODEMNGR_PORT, default %d)" % nmPort)
+    common.add_argument("--port", type=_port_arg, help="its port (env NODEMNGR_PORT, default %d)" % nmPort)
     common.add_argument("--token-file", metavar="PATH",
                         help="file holding the token; every request then needs it (env NODEMNGR_TOKEN_FILE)")
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="nodemngr", description="One node manager per host: hands out ports that nobody else holds, "
         "remembers what each is for, and takes them back. With no command it serves.",
         epilog="Run 'nodemngr COMMAND --help' for the flags of a command. Exit status: 0 done, "
@@ -1773,8 +2085,8 @@ def _parser():
     parser.add_argument("--version", action="version", version="nodemngr " + __version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     s = sub.add_parser("serve", parents=[common], help="run the node manager in the foreground (default)")
-    s.add_argument("--first-port", type=int, help="first port handed out (env NODEMNGR_FIRST_PORT, default %d)" % firstPort)
-    s.add_argument("--last-port", type=int, help="last port handed out (env NODEMNGR_LAST_PORT, default %d)" % lastPort)
+    s.add_argument("--first-port", type=_port_arg, help="first port handed out (env NODEMNGR_FIRST_PORT, default %d)" % firstPort)
+    s.add_argument("--last-port", type=_port_arg, help="last port handed out (env NODEMNGR_LAST_PORT, default %d)" % lastPort)
     s.add_argument("--state", metavar="PATH", help="state file, or 'none' to keep nothing (env NODEMNGR_STATE, "
                    "default $XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3 or TMPDIR/nodemngr-UID/PORT.sqlite3)")
     s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env NODEMNGR_LOG_LEVEL, default INFO)")
@@ -1784,9 +2096,9 @@ def _parser():
     sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
     n = sub.add_parser("new", parents=[common], help="register a port and print it")
     n.add_argument("info", help="what the port is for")
-    n.add_argument("--pid", type=int, default=0, help="free the port when this process ends (e.g. $$)")
+    n.add_argument("--pid", type=_pid_arg, default=0, help="free the port when this process ends (e.g. $$)")
     d = sub.add_parser("del", parents=[common], help="give a port back")
-    d.add_argument("del_port", metavar="PORT", type=int, help="the port newPort gave")
+    d.add_argument("del_port", metavar="PORT", type=_port_arg, help="the port newPort gave")
     sub.add_parser("stop", parents=[common], help="stop the node manager")
     return parser
 
@@ -1831,7 +2143,7 @@ def _run_client_command(args):
         elif args.command == "stop":
             proxy.terminate()
             print("node manager at %s:%d is stopping" % (host, port))
-    except (OSError, xmlrpc.client.Error, expat.ExpatError) as exc:
+    except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
         raise NodeMngrException(describe_call_error(exc, host, port))
     return 0
 
@@ -1844,10 +2156,19 @@ def format_table(entries, now=None):
         since = e["since"]
         if not isinstance(since, datetime):
             since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
-        info = e["info"] if isinstance(e["info"], str) else repr(e["info"])
+        info = _printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
         rows.append((str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _printable(text):
+    """*text* with control characters written as escapes, so that an info cannot forge table
+    rows or drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _age(seconds):
@@ -1862,14 +2183,50 @@ def _age(seconds):
 # Legacy names served lazily: the client lives in nodemngr_proxy.py
 # ---------------------------------------------------------------------------------------------
 
-def __getattr__(name):
-    if name in ("NodeMngrProxy", "nm"):
+class MissingClientError(NodeMngrException, AttributeError):
+    """nodemngr_proxy.py, which holds the client, is not beside nodemngr.py."""
+
+
+def _proxy_class():
+    try:
         import nodemngr_proxy
-        if name == "nm":
-            globals()["nm"] = nodemngr_proxy.NodeMngrProxy()
-        else:
-            globals()[name] = nodemngr_proxy.NodeMngrProxy
-        return globals()[name]
+    except ImportError:
+        raise MissingClientError("the Python client needs nodemngr_proxy.py beside %s; copy it there, or "
+                                 "call the daemon with xmlrpc.client" % os.path.abspath(__file__)) from None
+    return nodemngr_proxy.NodeMngrProxy
+
+
+class _LazyProxy:
+    """``nm``: a NodeMngrProxy made on first use, so that importing nodemngr (even alone, without
+    nodemngr_proxy.py) spawns nothing, opens nothing and fails nothing."""
+
+    def __init__(self):
+        self._proxy = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name):
+        with self._lock:
+            if self._proxy is None:
+                self._proxy = _proxy_class()()
+        return getattr(self._proxy, name)
+
+    def __repr__(self):
+        return "<nodemngr.nm: %s>" % ("not used yet" if self._proxy is None else self._proxy)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._proxy is not None:
+            self._proxy.close()
+
+
+nm = _LazyProxy()
+
+
+def __getattr__(name):
+    if name == "NodeMngrProxy":
+        return _proxy_class()
     raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 

@@ -154,3 +154,13 @@ def test_terminate_from_another_host_is_fault_4(daemon_factory, token_file, test
     assert fault_line.startswith("4 ") and there in fault_line
     assert d.proc.poll() is None
     assert d.proxy(token_file=str(token_file)).status()["registered"] == 1
+
+
+def test_terminate_from_any_address_of_this_host_is_local(daemon_factory, token_file, test_host):
+    name, here, there = test_host
+    d = daemon_factory(host=here, extra_args=["--token-file", str(token_file)])
+    assert nodemngr.is_this_host(here) and not nodemngr.is_this_host(there)
+    nm = d.proxy(token_file=str(token_file))
+    assert nm.status()["registered"] == 0
+    assert nm.terminate() is True       # from this host's address on the veth, not loopback
+    assert d.proc.wait(10) == 0

@@ -52,10 +52,10 @@ class _NoAuth:
 
 
 def test_headers_parsed_and_repeats_joined_or_refused():
-    keep, headers = nodemngr._parse_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-A:  1 \r\nx-a: 2\r\nContent-Length: 5", _NoAuth())
-    assert keep and headers == {b"host": b"x", b"x-a": b"1, 2", b"content-length": b"5"}
-    keep, headers = nodemngr._parse_head(b"POST / HTTP/1.0\nConnection: keep-alive", _NoAuth())
-    assert keep and headers == {b"connection": b"keep-alive"}
+    keep, http10, headers = nodemngr._parse_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-A:  1 \r\nx-a: 2\r\nContent-Length: 5", _NoAuth())
+    assert keep and not http10 and headers == {b"host": b"x", b"x-a": b"1, 2", b"content-length": b"5"}
+    keep, http10, headers = nodemngr._parse_head(b"POST / HTTP/1.0\nConnection: keep-alive", _NoAuth())
+    assert keep and http10 and headers == {b"connection": b"keep-alive"}
     for bad in (b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5",
                 b"POST / HTTP/1.1\r\n folded: line", b"POST / HTTP/1.1\r\nno colon here",
                 b"POST / HTTP/1.1\r\nBad Name: x", b"POST / HTTP/1.1\r\nX: a\rb"):

@@ -1,0 +1,554 @@
+"""The promises under stress (issue 8): no port freed from a live owner, none lost, none handed to
+a holder the daemon missed, and every failure told in one sentence."""
+import gzip
+import json
+import os
+import pathlib
+import resource
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import xmlrpc.client
+
+import pytest
+
+from conftest import NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
+from test_loop import read_replies, fill_registry, rss_kib
+
+import nodemngr
+
+
+def post(body, head_extra=b"", target=b"/RPC2", version=b"HTTP/1.1"):
+    return b"POST %s %s\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (target, version, len(body), head_extra, body)
+
+
+def call_on(sock, method, *params):
+    """One XML-RPC call over an open socket; the result, or the Fault."""
+    sock.sendall(post(xmlrpc.client.dumps(params, method).encode()))
+    (status, body), = read_replies(sock, 1, timeout=10)
+    assert status == b"HTTP/1.1 200 OK", status
+    try:
+        return xmlrpc.client.loads(body)[0][0]
+    except xmlrpc.client.Fault as fault:
+        return fault
+
+
+@pytest.fixture
+def sleeper(reap_pids):
+    """A live process that holds nothing, to stand as a port's owner."""
+    proc = subprocess.Popen(["sleep", "300"])
+    reap_pids.append(proc.pid)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+# -- 1. out of file descriptors ------------------------------------------------------------------
+
+def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, sleeper):
+    d = daemon_factory(size=3, start=False)
+    d._logf = open(d.log, "ab")
+    d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=d._logf, stderr=subprocess.STDOUT,
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+    d.wait_ready()
+    rpc = d.rpc()
+    ports = [rpc.newPort("held by sleep", sleeper.pid) for _ in range(3)]
+    held = []
+    try:
+        for _ in range(45):
+            held.append(socket.create_connection((d.host, d.port)))
+        # the first ones were accepted; later ones may be turned away, never a call in progress
+        assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
+        assert call_on(held[1], "newPort", "more", 0).faultCode == 2
+        # two owner checks pass while the connections are held, and take nothing from the owner
+        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * nodemngr.REAP_INTERVAL,
+                             interval=0.2)
+        assert not changed
+        assert call_on(held[2], "delPort", ports[2]) == 0
+        assert call_on(held[3], "newPort", "again", 0) == ports[2]
+        listing = call_on(held[4], "listPorts")
+    finally:
+        for s in held:
+            s.close()
+    assert [(e["port"], e["pid"]) for e in listing] == [(p, sleeper.pid) for p in ports[:2]] + [(ports[2], 0)]
+    assert "has ended" not in d.read_log()
+
+
+PROBE_UNDER_EMFILE = textwrap.dedent("""
+    import json, os, resource, sys
+    sys.path.insert(0, %(root)r)
+    import nodemngr
+    node = nodemngr.NodeMngr(%(first)d, %(last)d)
+    start = nodemngr.process_start_time(os.getpid())
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    filler = []
+    try:
+        while True:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    out = {"alive": nodemngr.owner_alive(os.getpid(), start)}
+    for key, pid in (("port", 0), ("owned", os.getpid())):
+        try:
+            node.newPort("x", pid)
+        except nodemngr.NodeMngrException as exc:
+            out[key] = [exc.faultCode, str(exc)]
+    for fd in filler:
+        os.close(fd)
+    out["after"] = [node.newPort("y", 0) for _ in range(%(size)d)]
+    print(json.dumps(out))
+""")
+
+
+def test_a_probe_without_descriptors_answers_32603_and_keeps_the_port():
+    first, last = free_range(3)
+    script = PROBE_UNDER_EMFILE % {"root": ROOT, "first": first, "last": last, "size": 3}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["alive"] is True, "an owner that cannot be checked is taken for alive"
+    for key in ("port", "owned"):
+        code, text = out[key]
+        assert code == -32603 and "Too many open files" in text and "\n" not in text
+    assert "cannot check pid" in out["owned"][1]
+    assert out["after"] == [first, first + 1, last], "the port probed without descriptors was lost"
+
+
+# -- 2. the state path --------------------------------------------------------------------------
+
+def _special_paths(tmp_path):
+    target = tmp_path / "real.sqlite3"
+    target.write_bytes(b"")
+    paths = {"folder": tmp_path / "dir", "FIFO": tmp_path / "fifo", "link": tmp_path / "link",
+             "dangling link": tmp_path / "dangling", "socket": tmp_path / "sock"}
+    paths["folder"].mkdir()
+    os.mkfifo(str(paths["FIFO"]))
+    os.symlink(str(target), str(paths["link"]))
+    os.symlink(str(tmp_path / "nowhere"), str(paths["dangling link"]))
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(paths["socket"]))
+    unix.close()
+    try:
+        os.mknod(str(tmp_path / "null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        paths["device"] = tmp_path / "null"
+    except PermissionError:
+        pass    # not root: the other kinds still show the rule
+    return paths
+
+
+def test_a_state_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path):
+    for kind, path in _special_paths(tmp_path).items():
+        before = os.lstat(str(path))
+        r = subprocess.run([sys.executable, NODEMNGR, "serve", "--port", str(free_port()), "--state", str(path)],
+                           capture_output=True, text=True, timeout=30, env=clean_env())
+        assert r.returncode == 1, (kind, r.stderr)
+        assert r.stderr.count("\n") == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr, kind
+        after = os.lstat(str(path))
+        assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev), kind
+    assert not [p for p in os.listdir(str(tmp_path)) if ".bad-" in p], "something was moved aside"
+    assert os.path.getsize(str(tmp_path / "real.sqlite3")) == 0, "the link's target was written"
+
+
+# -- 4. failing calls cannot stall everyone -----------------------------------------------------
+
+def test_failing_calls_sweep_the_range_once_per_interval(daemon_factory, sleeper):
+    d = daemon_factory(size=20)
+    rpc = d.rpc()
+    for _ in range(10):
+        rpc.newPort("owned", sleeper.pid)
+    foreign = []
+    try:
+        for port in range(d.first + 10, d.last + 1):
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            foreign.append(s)
+        faults = []
+        for _ in range(2):
+            multi = xmlrpc.client.MultiCall(rpc)
+            for _ in range(150):
+                multi.newPort("one too many", 0)
+            faults += [f for f in _results(multi()) if isinstance(f, xmlrpc.client.Fault)]
+        assert len(faults) == 300 and {f.faultCode for f in faults} == {2}
+        assert faults[0].faultString == "no free port in %d-%d: 10 registered, 10 held by other programs" % (d.first, d.last)
+        assert d.read_log().count("no port free: swept the range") == 1
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def _results(results):
+    """A MultiCall's results, with each fault as a Fault in its place."""
+    out = []
+    for i in range(len(results.results)):
+        try:
+            out.append(results[i])
+        except xmlrpc.client.Fault as fault:
+            out.append(fault)
+    return out
+
+
+def test_the_owner_check_is_done_in_slices(reap_pids):
+    first, last = free_range(60)
+    procs = [subprocess.Popen(["sleep", "300"]) for _ in range(48)]
+    reap_pids.extend(p.pid for p in procs)
+    node = nodemngr.NodeMngr(first, last)
+    for p in procs:
+        node.newPort("owned", p.pid)
+    procs[0].kill()
+    procs[0].wait()
+    slices = 0
+    while True:
+        slices += 1
+        done, freed = node.reap_step(budget=0)
+        if done:
+            break
+    assert slices >= 3, "a zero budget still looked at every owner in one slice"
+    assert node.reaped == 1 and len(node.allocator) == 47
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+# -- 5. replies that nobody takes ---------------------------------------------------------------
+
+def test_unread_replies_are_bounded_in_memory(daemon_factory):
+    d = daemon_factory(size=1000)
+    fill_registry(d, 1000)          # one listPorts reply is about 4 MB
+    base = rss_kib(d.proc.pid)
+    request = post(xmlrpc.client.dumps((), "listPorts").encode())
+    clients, turned_away = [], 0
+    try:
+        for _ in range(120):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((d.host, d.port))
+            s.sendall(request)
+            clients.append(s)
+        assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
+        peak = _status_kib(d.proc.pid, "VmHWM")
+        for s in clients:
+            s.settimeout(0.05)
+            try:
+                turned_away += s.recv(30).startswith(b"HTTP/1.1 503 ")
+            except socket.timeout:
+                pass
+    finally:
+        for s in clients:
+            s.close()
+    assert turned_away > 0
+    assert peak - base < 100 * 1024, "replies waiting for clients grew the daemon by %d KiB" % (peak - base)
+    assert wait_until(lambda: rss_kib(d.proc.pid) - base < 40 * 1024, timeout=5), "memory stayed held"
+
+
+def _status_kib(pid, field):
+    with open("/proc/%d/status" % pid) as f:
+        return int([line for line in f if line.startswith(field + ":")][0].split()[1])
+
+
+# -- 6. holders a bind probe cannot see ---------------------------------------------------------
+
+def _listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+def test_the_host_check_sees_every_holder():
+    first, _ = free_range(4)
+    bound = socket.socket()             # bound with SO_REUSEADDR, not listening
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound.bind(("127.0.0.1", first))
+    server = _listener()
+    outgoing = socket.socket()          # an outgoing connection from a fixed local port
+    outgoing.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    outgoing.bind(("127.0.0.1", first + 1))
+    outgoing.connect(server.getsockname())
+    udp6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    udp6.bind(("::1", first + 2))
+    try:
+        assert not nodemngr.port_is_bindable(first)
+        assert not nodemngr.port_is_bindable(first + 1)
+        assert not nodemngr.port_is_bindable(first + 2)
+    finally:
+        for s in (bound, outgoing, server, udp6):
+            s.close()
+    assert nodemngr.port_is_bindable(first) and nodemngr.port_is_bindable(first + 2)
+
+
+def test_a_port_in_time_wait_only_is_free():
+    first, _ = free_range(2)
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", first))
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", first))
+    conn, _ = server.accept()
+    server.close()
+    conn.close()                        # the side that closes first waits in TIME_WAIT on port first
+    assert client.recv(1) == b""
+    client.close()
+    assert wait_until(lambda: _tcp_states(first) == {"06"}, timeout=5), _tcp_states(first)
+    # (a reading of the kernel's table from before the close may serve for a moment: held till then)
+    assert wait_until(lambda: nodemngr.port_is_bindable(first), timeout=2)
+
+
+def _tcp_states(port):
+    states = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[1].endswith(":%04X" % port):
+                    states.add(fields[3])
+    return states
+
+
+def test_the_daemon_skips_a_port_bound_without_listening(daemon_factory):
+    d = daemon_factory(size=2)
+    bound = socket.socket()
+    bound.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    bound.bind(("0.0.0.0", d.first))
+    try:
+        port = d.rpc().newPort("after the hidden holder")
+        assert port == d.first + 1
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))         # its holder can bind it
+        s.close()
+    finally:
+        bound.close()
+
+
+# -- 7. owners taken on trust -------------------------------------------------------------------
+
+def test_a_thread_id_is_not_an_owner(daemon):
+    script = textwrap.dedent("""
+        import sys, threading
+        ready, done = threading.Event(), threading.Event()
+        def run():
+            print(threading.get_native_id(), flush=True)
+            done.wait()
+        threading.Thread(target=run).start()
+        sys.stdin.read()
+        done.set()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        tid = int(proc.stdout.readline())
+        assert tid != proc.pid
+        with pytest.raises(xmlrpc.client.Fault) as info:
+            daemon.rpc().newPort("thread", tid)
+        assert info.value.faultCode == 3 and "thread" in info.value.faultString
+        assert daemon.rpc().newPort("process", proc.pid) == daemon.first
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+@pytest.fixture
+def public_copy():
+    """A folder an unprivileged user can read (pytest's are root's alone), holding nodemngr.py."""
+    folder = tempfile.mkdtemp(prefix="nodemngr-public-")
+    os.chmod(folder, 0o755)
+    shutil.copy(NODEMNGR, folder)
+    yield pathlib.Path(folder)
+    shutil.rmtree(folder)
+
+
+HIDEPID_DAEMON = ("mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 "
+                  "--clear-groups --inh-caps=-all %s %s serve --port %d --first-port %d --last-port %d "
+                  "--state none --log-level DEBUG")
+
+
+def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper, reap_pids, public_copy):
+    """/proc mounted hidepid=2 and an unprivileged daemon: it cannot read root's processes, yet
+    kill(pid, 0) says they exist (EPERM), so they are owners until they are gone."""
+    if os.geteuid() != 0 or not all(os.path.exists(t) for t in ("/usr/bin/unshare", "/usr/bin/setpriv")):
+        pytest.skip("needs root and util-linux's unshare and setpriv")
+    python = "/usr/bin/python3"         # readable by an unprivileged user, unlike a root-only install
+    copy = public_copy
+    port, (first, last) = free_port(), free_range(3)
+    cmd = HIDEPID_DAEMON % (python, copy / "nodemngr.py", port, first, last)
+    log = open(str(tmp_path / "hidepid.log"), "wb")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+                            stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    reap_pids.append(proc.pid)
+    rpc = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port)
+
+    def up():
+        if proc.poll() is not None:
+            pytest.skip("could not mount /proc hidepid=2 here: %s" % open(str(tmp_path / "hidepid.log")).read())
+        try:
+            return rpc.ping()
+        except OSError:
+            return False
+    assert wait_until(up, timeout=10)
+    assert rpc.newPort("root's", sleeper.pid) == first
+    sleeper.kill()
+    sleeper.wait()
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=3 * nodemngr.REAP_INTERVAL)
+    rpc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+# -- 8. a stalled client does not delay a restart -----------------------------------------------
+
+def test_a_stalled_client_does_not_hold_the_state_file(daemon_factory):
+    d = daemon_factory()
+    d.rpc().newPort("kept", 0)
+    stalled = socket.create_connection((d.host, d.port))
+    stalled.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 500\r\n\r\n<?xml")
+    assert d.rpc().terminate() is True
+    assert d.proc.wait(5) == 0, "the daemon waited for a request that never completes"
+    assert stalled.recv(100) == b""
+    stalled.close()
+    again = daemon_factory(first=d.first, last=d.last, state=d.state)
+    assert [e["info"] for e in again.rpc().listPorts()] == ["kept"]
+
+
+def test_a_daemon_waits_briefly_for_a_state_file_being_released(daemon_factory):
+    d = daemon_factory()
+    second = daemon_factory(start=False, first=d.first, last=d.last, state=d.state)
+    second.start(wait=False)
+    assert wait_until(lambda: "nodemngr.py" in open("/proc/%d/cmdline" % second.proc.pid).read(), timeout=5)
+    d.terminate()
+    second.wait_ready()
+    assert second.proc.poll() is None
+
+
+# -- 9. errors in one sentence ------------------------------------------------------------------
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, NODEMNGR] + list(args), capture_output=True, text=True,
+                          timeout=30, env=env or clean_env(NODEMNGR_PORT=free_port()))
+
+
+def test_cli_errors_are_one_line(tmp_path, daemon):
+    for args, code in ((["new", "x", "--pid", "3000000000"], 2), (["del", "3000000000"], 2),
+                       (["serve", "--port", "70000"], 2), (["del", "0"], 2),
+                       (["serve", "--state", "none", "--port", str(free_port()),
+                         "--log-file", "/nonexistent/x.log"], 1)):
+        r = _cli(*args, env=daemon.env)
+        assert r.returncode == code, (args, r.stderr)
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def speak_ssh():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
+            conn.close()
+    threading.Thread(target=speak_ssh, daemon=True).start()
+    try:
+        r = _cli("ping", env=clean_env(NODEMNGR_PORT=listener.getsockname()[1]))
+    finally:
+        stop.set()
+        listener.close()
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_nodemngr_alone_imports_whole(tmp_path):
+    (tmp_path / "nodemngr.py").write_bytes(open(NODEMNGR, "rb").read())
+    script = "import sys; sys.path.insert(0, %r)\n" % str(tmp_path) + textwrap.dedent("""
+        from nodemngr import *
+        import nodemngr
+        print(hasattr(nodemngr, "nm"), hasattr(nodemngr, "NodeMngrProxy"), "nm" in dir())
+        try:
+            nm.ping()
+        except NodeMngrException as exc:
+            print(str(exc))
+    """)
+    r = subprocess.run([sys.executable, "-I", "-c", script], cwd=str(tmp_path), capture_output=True,
+                       text=True, timeout=30, env=clean_env())
+    assert r.returncode == 0, r.stderr
+    flags, message = r.stdout.splitlines()
+    assert flags == "True False True"
+    assert "nodemngr_proxy.py" in message
+
+
+# -- 10. text in and out ------------------------------------------------------------------------
+
+def test_carriage_returns_round_trip_and_listings_escape_control_characters(daemon):
+    nm = daemon.proxy()
+    tricky = "a\rb\r\nc"
+    port = nm.newPort(tricky, 0)
+    forged = "real\r\n%d  0    0s   forged\x9b2J" % (port + 1)
+    nm.newPort(forged, 0)
+    assert [e["info"] for e in nm.listPorts()] == [tricky, forged]
+    r = _cli("list", env=daemon.env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[2].endswith("real\\r\\n%d  0    0s   forged\\x9b2J" % (port + 1))
+    assert "\x9b" not in r.stdout
+
+
+# -- 11. signals and protocol details -----------------------------------------------------------
+
+def test_sighup_reopens_the_log_and_never_stops(daemon_factory, tmp_path):
+    log_path = tmp_path / "hup.log"
+    d = daemon_factory(extra_args=["--log-file", str(log_path)])
+    os.rename(str(log_path), str(tmp_path / "hup.log.1"))
+    d.proc.send_signal(__import__("signal").SIGHUP)
+    assert wait_until(lambda: log_path.exists() and "reopened the log file" in log_path.read_text(), timeout=5)
+    assert d.rpc().newPort("after HUP") == d.first
+    assert d.proc.poll() is None
+    assert "serving on" in (tmp_path / "hup.log.1").read_text()
+
+
+def _raw(daemon, request, count=1):
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(request)
+        return read_replies(s, count), s.recv(1) if count else None
+
+
+def test_absolute_form_targets_are_accepted(daemon):
+    body = xmlrpc.client.dumps((), "ping").encode()
+    for target in (b"http://127.0.0.1:%d/RPC2" % daemon.port, b"http://t/", b"HTTP://t"):
+        (status, reply), = _raw(daemon, post(body, b"Connection: close\r\n", target=target))[0]
+        assert status == b"HTTP/1.1 200 OK" and b"is alive" in reply, target
+    (status, _), = _raw(daemon, post(body, b"Connection: close\r\n", target=b"http://t/other"))[0]
+    assert status.startswith(b"HTTP/1.1 404 ")
+
+
+def test_http10_keep_alive_is_said_in_the_reply(daemon):
+    body = xmlrpc.client.dumps((), "ping").encode()
+    request = post(body, b"Connection: keep-alive\r\n", version=b"HTTP/1.0")
+    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
+        s.sendall(request)
+        s.settimeout(10)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        assert b"\r\nConnection: keep-alive\r\n" in head.split(b"\r\n\r\n")[0] + b"\r\n"
+        s.sendall(post(body, version=b"HTTP/1.0"))          # still open: served, then closed
+        rest = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            rest += chunk
+        assert b"is alive" in rest and b"Connection: close" in rest
+
+
+def test_gzip_with_data_after_its_end_is_refused(daemon):
+    body = xmlrpc.client.dumps((), "ping").encode()
+    for payload in (gzip.compress(body) + b"junk", gzip.compress(body) + gzip.compress(body)):
+        (status, text), = _raw(daemon, post(payload, b"Content-Encoding: gzip\r\n"))[0]
+        assert status.startswith(b"HTTP/1.1 400 ") and b"after its end" in text
+    (status, _), = _raw(daemon, post(gzip.compress(body), b"Content-Encoding: gzip\r\nConnection: close\r\n"))[0]
+    assert status == b"HTTP/1.1 200 OK"
