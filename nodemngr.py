@@ -479,9 +479,11 @@ class PortAllocator:
     """The ports of ``[first, last]``: which are held, by whom, and which is the lowest free one.
 
     Free ports sit in a heap, so taking the lowest and giving one back are O(log n).  Ports that
-    the host check refused are set aside for BUSY_RETRY seconds rather than probed on every call.
+    the host check refused are set aside for busy_retry seconds rather than probed on every call.
     Not thread-safe: NodeMngr serialises calls.
     """
+
+    busy_retry = BUSY_RETRY
 
     def __init__(self, first, last, registrations=(), clock=time.monotonic):
         if not 1 <= first <= last <= 65535:
@@ -516,7 +518,7 @@ class PortAllocator:
             except BaseException:   # the check failed, not the port: it stays free
                 heapq.heappush(self._free, port)
                 raise
-            heapq.heappush(self._busy, (now + BUSY_RETRY, port))
+            heapq.heappush(self._busy, (now + self.busy_retry, port))
         return None
 
     def untake(self, port):
@@ -1897,7 +1899,9 @@ def describe_call_error(exc, host, port):
         return "no node manager answers at %s:%d" % (host, port)
     if isinstance(exc, OSError):
         return "cannot reach the node manager at %s:%d: %s" % (host, port, exc.strerror or exc)
-    return "unexpected reply from %s:%d: %s" % (host, port, exc)
+    if isinstance(exc, http.client.HTTPException):
+        return "%s:%d does not answer like a node manager: %s" % (host, port, _reason(exc))
+    return "unexpected reply from %s:%d: %s" % (host, port, _reason(exc))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1938,8 +1942,8 @@ def serve(host, port, first, last, state, token=None):
 
 
 def _port_taken(host, port, token):
-    try:
-        text = _TimeoutProxy(server_url(host, port, token), 2.0).ping()
+    try:    # a node manager on this host answers ping in milliseconds
+        text = _TimeoutProxy(server_url(host, port, token), 0.5).ping()
         found = isinstance(text, str) and text.startswith("NodeMngr at ")
     except xmlrpc.client.ProtocolError as exc:
         found = exc.errcode == 401

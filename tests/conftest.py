@@ -17,6 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODEMNGR = os.path.join(ROOT, "nodemngr.py")
 sys.path.insert(0, ROOT)
 
+#: Short limits for tests that wait for the owner check.
+FAST_REAP = {"NodeMngr.reap_interval": 0.5}
+
 #: Environment variables of the product that a test must never inherit from the machine.
 PRODUCT_VARS = ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_FIRST_PORT", "NODEMNGR_LAST_PORT",
                 "NODEMNGR_STATE", "NODEMNGR_TOKEN_FILE", "NODEMNGR_LOG_LEVEL", "NODEMNGR_LOG_FILE",
@@ -102,15 +105,29 @@ def pid_alive(pid):
         return True
 
 
+# Runs the daemon with some class attributes changed (limits are settings, as in socketserver),
+# so that a test of a 10 s limit can wait 2 s instead.
+_WITH_SETTINGS = """import sys
+sys.path.insert(0, %r)
+import nodemngr
+for name, value in %r.items():
+    cls, attr = name.split(".")
+    setattr(getattr(nodemngr, cls), attr, value)
+sys.exit(nodemngr.main())
+"""
+
+
 class Daemon:
     """One real nodemngr daemon in a subprocess.
 
     Attributes: host, port, first, last, state (path or "none"), log (path), proc, url, env (the
     environment a client of this daemon needs: NODEMNGR_HOST/PORT set, autostart off).
+    settings: {"Class.attribute": value} set in the daemon before it serves, e.g.
+    {"NodeMngrServer.stall_timeout": 2.0, "NodeMngr.reap_interval": 0.5}.
     """
 
     def __init__(self, tmp_path, first=None, last=None, size=50, state=None, host="127.0.0.1",
-                 port=None, extra_args=(), env=None, python=None):
+                 port=None, extra_args=(), env=None, python=None, settings=None):
         if first is None:
             first, last = free_range(size)
         self.host, self.port = host, port or free_port()
@@ -119,6 +136,7 @@ class Daemon:
         self.log = str(tmp_path / ("daemon-%d.log" % self.port))
         self.extra_args = list(extra_args)
         self.python = python or sys.executable
+        self.settings = dict(settings or {})
         self.env = clean_env(NODEMNGR_HOST=self.host, NODEMNGR_PORT=self.port, NODEMNGR_AUTOSTART=0,
                              **(env or {}))
         self.proc = None
@@ -128,7 +146,8 @@ class Daemon:
         return "http://%s:%d/RPC2" % (self.host, self.port)
 
     def argv(self):
-        return [self.python, NODEMNGR, "serve", "--host", self.host, "--port", str(self.port),
+        program = ["-c", _WITH_SETTINGS % (ROOT, self.settings)] if self.settings else [NODEMNGR]
+        return [self.python] + program + ["serve", "--host", self.host, "--port", str(self.port),
                 "--first-port", str(self.first), "--last-port", str(self.last),
                 "--state", self.state, "--log-level", "DEBUG"] + self.extra_args
 

@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, wait_until
+from conftest import FAST_REAP, ROOT, wait_until
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -34,7 +34,8 @@ def registered(daemon):
     return {e["port"]: e for e in daemon.rpc().listPorts()}
 
 
-def test_a_killed_owner_frees_its_port_within_5s(daemon):
+def test_a_killed_owner_frees_its_port_within_5s(daemon_factory):
+    daemon = daemon_factory(settings=FAST_REAP)
     proc, port = start_holder(daemon)
     try:
         assert registered(daemon)[port]["pid"] == proc.pid

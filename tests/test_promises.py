@@ -17,7 +17,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
+from conftest import FAST_REAP, NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
 from test_loop import read_replies, fill_registry, rss_kib
 
 import nodemngr
@@ -51,7 +51,7 @@ def sleeper(reap_pids):
 # -- 1. out of file descriptors ------------------------------------------------------------------
 
 def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, sleeper):
-    d = daemon_factory(size=3, start=False)
+    d = daemon_factory(size=3, start=False, settings=FAST_REAP)
     d._logf = open(d.log, "ab")
     d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=d._logf, stderr=subprocess.STDOUT,
                               preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
@@ -66,7 +66,7 @@ def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, slee
         assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
         assert call_on(held[1], "newPort", "more", 0).faultCode == 2
         # two owner checks pass while the connections are held, and take nothing from the owner
-        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * nodemngr.REAP_INTERVAL,
+        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * FAST_REAP["NodeMngr.reap_interval"],
                              interval=0.2)
         assert not changed
         assert call_on(held[2], "delPort", ports[2]) == 0
