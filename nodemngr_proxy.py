@@ -8,14 +8,19 @@
 
 Making a proxy opens nothing: it connects on its first call.  If nothing answers there and the
 address is a loopback one, it forks and execs ``sys.executable nodemngr.py serve`` detached (its own
-session, no terminal, output to ``PORT.log`` beside the state file) and waits until it answers.  Any
-number of processes doing so at once end with one daemon: the others' daemons find the port bound
-and exit.  ``NODEMNGR_AUTOSTART=0`` turns this off.  A proxy is safe to share between threads; each
-call borrows a kept-alive connection from a small pool.
+session, no terminal, output to ``PORT.log`` beside the state file, none of the caller's other open
+files, working folder "/") and waits until it answers, spawning again if that daemon gave up (as it
+may while the previous one is still on its way out).  Any number of processes doing so at once end
+with one daemon: the others' daemons find the port bound and exit.  ``NODEMNGR_AUTOSTART=0`` turns
+this off.  Every failed call raises a NodeMngrException whose text is one line.  A proxy is safe
+to share between threads; each call borrows a kept-alive connection from a small pool.
 """
 
 import errno
+import http.client
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +28,7 @@ import threading
 import time
 import warnings
 import xmlrpc.client
+from xml.parsers import expat
 
 import nodemngr
 from nodemngr import NodeMngrException, exception_from_fault
@@ -31,6 +37,13 @@ __all__ = ["NodeMngrProxy", "start_daemon"]
 
 _POOL_SIZE = 8                  # idle connections a proxy keeps
 _spawn_lock = threading.Lock()  # one auto-start at a time in this process
+_RESPAWN_MIN = 0.2              # seconds between two spawns, at least
+_RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, whatever the last one does
+_CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
+
+# What a reply that is not XML-RPC raises (a Fault or an HTTP status is handled before these).
+_REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
+                 TypeError, OverflowError)
 
 
 def _new_spawn_lock():
@@ -123,10 +136,13 @@ class NodeMngrProxy:
                 server("close")()
                 if attempt or not self._should_start(exc, autostart):
                     raise NodeMngrException(self._explain(exc)) from None
-                start_daemon(self.host, self.port, self.timeout, self.token_file)
+                start_daemon(self.host, self.port, nodemngr.SPAWN_TIMEOUT, self.token_file)
                 continue
-            except (xmlrpc.client.Error, ValueError) as exc:    # HTTP errors, unreadable replies
+            except _REPLY_ERRORS as exc:     # HTTP errors, unreadable replies, unsendable arguments
                 server("close")()
+                reason = _unsendable(args) if isinstance(exc, (TypeError, OverflowError)) else None
+                if reason:
+                    raise UnsendableError("cannot send this %s call: %s" % (method, reason)) from None
                 raise NodeMngrException(self._explain(exc)) from None
             self._give_back(server)
             return result
@@ -146,17 +162,56 @@ class NodeMngrProxy:
             server("close")()
 
     def _should_start(self, exc, autostart):
+        """Refused, or cut off mid-call by a daemon on its way out: start one (loopback only)."""
         if not (self.autostart if autostart is None else autostart):
             return False
-        refused = isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) in (
-            errno.ECONNREFUSED, errno.ENOENT)
-        return refused and nodemngr.is_loopback(self.host)
+        gone = isinstance(exc, ConnectionError) or getattr(exc, "errno", None) in (
+            errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+        return gone and nodemngr.is_loopback(self.host)
 
     def _explain(self, exc):
-        text = nodemngr.describe_call_error(exc, self.host, self.port)
-        if isinstance(exc, ConnectionRefusedError) and not self.autostart:
-            text += " (auto-start is off)"
-        return text
+        """One line for a failed call, naming host:port (never a class repr or a traceback)."""
+        where = "%s:%d" % (self.host, self.port)
+        if isinstance(exc, socket.timeout):     # TimeoutError since 3.10
+            return "the node manager at %s did not answer within %g s" % (where, self.timeout)
+        if isinstance(exc, (OSError, xmlrpc.client.ProtocolError)):
+            text = nodemngr.describe_call_error(exc, self.host, self.port)
+            if isinstance(exc, ConnectionRefusedError) and not self.autostart:
+                text += " (auto-start is off)"
+            return _one_line(text, 300)
+        if isinstance(exc, http.client.BadStatusLine):     # e.g. an SSH server's banner
+            return "the server at %s is not a node manager: it answered %s where HTTP was due" % (
+                where, _quoted(exc.line))
+        if isinstance(exc, http.client.IncompleteRead):
+            return "the reply from %s was cut short" % where
+        if isinstance(exc, http.client.HTTPException):     # e.g. a header line too long
+            return "the server at %s sent a broken HTTP reply (%s)" % (
+                where, _one_line(exc) or type(exc).__name__)
+        detail = "" if isinstance(exc, xmlrpc.client.Error) else " (%s)" % _one_line(exc)
+        return "the server at %s is not a node manager: its reply is not XML-RPC%s" % (where, detail)
+
+
+class UnsendableError(nodemngr.BadArgumentError, TypeError):
+    """A call argument that XML-RPC cannot carry (nothing was sent); also a TypeError."""
+
+
+def _unsendable(args):
+    """Why *args* cannot be marshalled, or None if they can (so the reply was at fault)."""
+    try:
+        xmlrpc.client.dumps(tuple(args), "call")
+    except (TypeError, OverflowError) as exc:
+        return _one_line(re.sub(r"<class '([\w.]+)'>", r"\1", str(exc)))
+    return None
+
+
+def _one_line(value, limit=160):
+    """*value* as text on one line: control characters escaped, length bounded."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(value).strip())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _quoted(value):
+    return '"%s"' % _one_line(value, 80)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,29 +220,43 @@ class NodeMngrProxy:
 
 def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_file=None):
     """Start a detached node manager for *host*:*port* unless one answers; wait until one does.
-    token_file: the daemon's token (else NODEMNGR_TOKEN_FILE, which it inherits)."""
+    token_file: the daemon's token (else NODEMNGR_TOKEN_FILE).
+
+    A daemon started while the previous one is still on its way out may give up (the state file
+    is still held); so while nothing listens and the daemon spawned last has exited, spawn again.
+    Spawned daemons race safely: one binds the port, the others find it bound and exit."""
     host, port = nodemngr.env_host(host), nodemngr.env_port(port)
     with _spawn_lock:
-        if _answers(host, port):
+        answer = _answers(host, port)
+        if answer:
             return
         log_path = _log_path(port)
-        argv = [sys.executable, os.path.abspath(nodemngr.__file__), "serve",
-                "--host", host, "--port", str(port), "--log-file", log_path]
-        if token_file:
-            argv += ["--token-file", os.path.abspath(token_file)]
-        _spawn_detached(argv, log_path)
+        argv = _daemon_argv(host, port, log_path, token_file)
         deadline = time.monotonic() + timeout
-        delay = 0.005
-        while not _answers(host, port):
-            if time.monotonic() >= deadline:
-                raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
-                                        "see its log %s" % (host, port, timeout, log_path))
+        daemon, spawned_at, delay = None, None, 0.005
+        while True:
+            now = time.monotonic()
+            if answer is False and _time_to_spawn(daemon, spawned_at, now):
+                daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
+            answer = _answers(host, port)
+            if answer:
+                return
+            if time.monotonic() >= deadline:
+                if spawned_at is None:
+                    raise NodeMngrException("something at %s:%d accepts connections but did not answer "
+                                            "within %g s" % (host, port, timeout))
+                raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
+                                        "see its log %s%s" % (host, port, timeout, log_path,
+                                                              _last_words(log_path)))
 
 
 def _answers(host, port):
-    """True if a node manager (or anything speaking HTTP) answers ping at host:port."""
+    """True if something answers at host:port (a node manager, one that wants a token, or another
+    program, whose reply the call then reports); False if nothing listens or what listened went
+    away without a word (a daemon on its way out, or one that could not start); None if it
+    accepted but has not replied yet (a daemon still starting)."""
     try:
         with socket.create_connection((host, port), timeout=1.0):
             pass
@@ -195,51 +264,176 @@ def _answers(host, port):
         return False
     try:
         nodemngr._TimeoutProxy(nodemngr.server_url(host, port), 2.0).ping()
+    except socket.timeout:
+        return None
+    except OSError:             # refused, reset (RemoteDisconnected too): nobody to talk to
+        return False
+    except _REPLY_ERRORS:
+        return True             # e.g. 401: it runs, and wants a token; or another program's reply
+    return True
+
+
+def _time_to_spawn(pid, spawned_at, now):
+    """Nothing listens: spawn if no daemon was spawned yet, if the last one (*pid*) has exited,
+    or if it has not listened for a long while (its pid unknown, or a very slow machine).  Not
+    on a timer alone: on a loaded machine a daemon may take over 0.5 s to listen, and a spawn
+    per racing client per half second would only load it more."""
+    if spawned_at is None:
         return True
-    except xmlrpc.client.ProtocolError:
-        return True             # e.g. 401: it runs, and wants a token
-    except (OSError, xmlrpc.client.Error):
+    waited = now - spawned_at
+    return waited >= _RESPAWN_MAX or (waited >= _RESPAWN_MIN and pid is not None and _gone(pid))
+
+
+def _gone(pid):
+    """True if process *pid* has ended (a zombie that its new parent has not reaped included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False            # EPERM: it exists (the pid was reused by another user)
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
         return False
 
 
-def _log_path(port):
-    """NODEMNGR_LOG_FILE, else PORT.log beside the state file (default folder created 0700)."""
-    path = os.environ.get("NODEMNGR_LOG_FILE")
-    if path:
-        return path
+def _last_words(log_path):
+    """The last line of the daemon's log as " (it ends: LINE)", or "" if there is none."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " (it ends: %s)" % _one_line(lines[-1]) if lines else ""
+
+
+def _daemon_argv(host, port, log_path, token_file):
+    """The daemon's command line.  It runs in "/", so every path it is given is absolute,
+    including the relative ones the environment holds (NODEMNGR_STATE, NODEMNGR_TOKEN_FILE)."""
+    argv = [os.path.abspath(sys.executable), os.path.abspath(nodemngr.__file__), "serve",
+            "--host", host, "--port", str(port), "--log-file", log_path]
     state = os.environ.get("NODEMNGR_STATE", "")
     if state and state.lower() != "none":
-        return os.path.join(os.path.dirname(os.path.abspath(state)), "%d.log" % port)
-    folder = os.path.dirname(nodemngr.default_state_path(port))
-    nodemngr.ensure_private_folder(folder)
+        argv += ["--state", os.path.abspath(state)]
+    token_file = token_file or os.environ.get("NODEMNGR_TOKEN_FILE")
+    if token_file:
+        argv += ["--token-file", os.path.abspath(token_file)]
+    return argv
+
+
+def _log_path(port):
+    """NODEMNGR_LOG_FILE, else PORT.log beside the state file; absolute.  The state folder is
+    created (0700) as the daemon itself would; a log folder that does not exist is an error, as
+    it is for the daemon."""
+    path = os.environ.get("NODEMNGR_LOG_FILE")
+    if path:
+        return os.path.abspath(path)
+    state = os.environ.get("NODEMNGR_STATE", "")
+    if state and state.lower() != "none":
+        folder = os.path.dirname(os.path.abspath(state))
+        try:
+            os.makedirs(folder, 0o700, exist_ok=True)
+        except OSError as exc:
+            raise NodeMngrException("cannot create the state folder %s (NODEMNGR_STATE): %s"
+                                    % (folder, exc.strerror or exc)) from None
+    else:
+        folder = os.path.dirname(nodemngr.default_state_path(port))
+        try:
+            nodemngr.ensure_private_folder(folder)
+        except OSError as exc:
+            raise NodeMngrException("cannot create the node manager's folder %s: %s"
+                                    % (folder, exc.strerror or exc)) from None
     return os.path.join(folder, "%d.log" % port)
 
 
 def _spawn_detached(argv, log_path):
-    """fork, setsid, fork, exec: the daemon has its own session, no terminal and is not our child."""
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    """fork, setsid, fork, exec: the daemon has its own session, no terminal and is not our child.
+    It inherits no descriptor but 0 (/dev/null), 1 and 2 (its log), so a lock or a pipe end the
+    caller holds is released when the caller ends; and it runs in "/", pinning no mount point.
+    Returns the daemon's pid, or None if it is not known."""
+    try:
+        log_fd = _open_above_stdio(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise NodeMngrException("cannot open the node manager's log file %s: %s"
+                                % (log_path, exc.strerror or exc)) from None
     try:
         if not hasattr(os, "fork"):
             subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                             close_fds=True, start_new_session=True)
-            return
-        null_fd = os.open(os.devnull, os.O_RDWR)
+                             close_fds=True, start_new_session=True, cwd=os.path.abspath(os.sep))
+            return None         # (os.kill(pid, 0) would terminate it on Windows)
+        null_fd = _open_above_stdio(os.devnull, os.O_RDWR)
+        pid_r, pid_w = os.pipe()                # the middle child tells the daemon's pid
         try:
+            fd_limit = _fd_limit()
             with warnings.catch_warnings():     # 3.12+ warns about fork in threaded programs
                 warnings.simplefilter("ignore", DeprecationWarning)
                 pid = os.fork()
             if pid == 0:                        # child: only async-signal-safe work until exec
                 try:
                     os.setsid()
-                    if os.fork() == 0:
+                    daemon = os.fork()
+                    if daemon:
+                        os.write(pid_w, b"%d" % daemon)
+                    else:
                         os.dup2(null_fd, 0)
                         os.dup2(log_fd, 1)
                         os.dup2(log_fd, 2)
+                        os.closerange(3, fd_limit)
+                        os.chdir("/")
+                        if hasattr(signal, "pthread_sigmask"):  # a mask survives exec: SIGTERM must get in
+                            signal.pthread_sigmask(signal.SIG_SETMASK, ())
                         os.execv(argv[0], argv)
                 finally:
                     os._exit(0)
-            os.waitpid(pid, 0)
+            os.close(pid_w)
+            pid_w = None
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:       # SIGCHLD ignored: the system reaped it already
+                pass
+            told = os.read(pid_r, 32)
+            return int(told) if told.isdigit() else None
         finally:
-            os.close(null_fd)
+            for fd in (null_fd, pid_r, pid_w):
+                if fd is not None:
+                    os.close(fd)
+    except OSError as exc:      # fork failed (EAGAIN, ENOMEM)
+        raise NodeMngrException("cannot start a node manager: %s" % (exc.strerror or exc)) from None
     finally:
         os.close(log_fd)
+
+
+def _open_above_stdio(path, flags, mode=0o777):
+    """os.open, but never as 0, 1 or 2 (free in a caller that closed them): the child's dup2
+    onto 0, 1 and 2 would overwrite such a descriptor before copying it."""
+    fd = os.open(path, flags, mode)
+    low = []
+    while fd <= 2:
+        low.append(fd)
+        fd = os.dup(fd)
+    for extra in low:
+        os.close(extra)
+    return fd
+
+
+def _fd_limit():
+    """One above the highest descriptor the child may hold, computed before fork.
+
+    Where the limit is huge (containers may allow 2**30), closing one by one (Python < 3.10, or
+    a kernel without close_range) would take seconds or minutes; then close up to the highest
+    descriptor open now, plus room for any that other threads open before the fork."""
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, ValueError, OSError):
+        limit = -1
+    if 0 < limit <= _CLOSE_ALL_LIMIT:
+        return limit
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return max(int(fd) for fd in os.listdir(folder)) + 1 + 1024
+        except (OSError, ValueError):
+            continue
+    return limit if limit > 0 else _CLOSE_ALL_LIMIT

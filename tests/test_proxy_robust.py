@@ -1,0 +1,464 @@
+"""The proxy under stress (issue 8, items 3, 8 and 9): the auto-started daemon keeps none of its
+caller's files, a client that meets a daemon on its way out is served by the next one, and every
+failed call is a NodeMngrException in one line.
+
+Real daemons in real processes, real sockets; every daemon a test causes is stopped by its pid.
+"""
+import fcntl
+import http.server
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import xmlrpc.client
+
+import pytest
+
+from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, stop_pid, wait_until
+
+import nodemngr
+import nodemngr_proxy
+from nodemngr import NodeMngrException
+
+
+def daemon_pid_at(port):
+    """The pid of the node manager answering at 127.0.0.1:port, or None."""
+    try:
+        proxy = nodemngr._TimeoutProxy("http://127.0.0.1:%d/RPC2" % port, 2.0)
+        return proxy.status()["pid"]
+    except (OSError, xmlrpc.client.Error, ValueError, KeyError):
+        return None
+
+
+@pytest.fixture
+def stop_at_ports():
+    """A list of ports: at teardown, the daemon serving each (if any) is stopped by its pid."""
+    ports = []
+    yield ports
+    for port in ports:
+        pid = daemon_pid_at(port)
+        if pid:
+            stop_pid(pid)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """This process's environment without the product's variables; returns monkeypatch."""
+    for var in PRODUCT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+def assert_one_sentence(exc, port=None):
+    text = str(exc)
+    assert isinstance(exc, NodeMngrException), repr(exc)
+    assert text and "\n" not in text and "\r" not in text, repr(text)
+    assert "<class" not in text and "Error(" not in text and "Traceback" not in text, text
+    if port is not None:
+        assert "127.0.0.1:%d" % port in text, text
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 3: the auto-started daemon inherits nothing but 0, 1, 2 and runs in "/"
+# ---------------------------------------------------------------------------------------------
+
+CLIENT = textwrap.dedent("""
+    import json, os, signal, sys
+    sys.path.insert(0, %(root)r)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])   # the daemon must not keep this mask
+    from nodemngr_proxy import NodeMngrProxy
+    status = NodeMngrProxy().status()
+    out = json.dumps({"pid": status["pid"], "state": status["state"]})
+    with open(os.environ["CLIENT_OUT"], "w") as f:
+        f.write(out)
+""")
+
+
+def fd_targets(pid):
+    """{fd number: what it points at} for process *pid*."""
+    found = {}
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            found[int(fd)] = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def detached(tmp_path_factory):
+    """A client run like ``(flock 9; python3 client.py) 9>job.lock`` with a pipe's write end too,
+    from a working folder, with a relative NODEMNGR_STATE; it auto-starts a daemon and exits."""
+    work = tmp_path_factory.mktemp("detached")
+    (work / "state").mkdir()
+    port = free_port()
+    first, last = free_range(10)
+    lock_path = str(work / "job.lock")
+    lock_fd = os.open(lock_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    read_end, write_end = os.pipe()
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=os.path.join("state", "here.sqlite3"), NODEMNGR_AUTOSTART=1,
+                    CLIENT_OUT=work / "out.json")
+    daemon_pid = None
+    try:
+        proc = subprocess.run([sys.executable, "-c", CLIENT % {"root": ROOT}], env=env, cwd=str(work),
+                              pass_fds=(lock_fd, write_end), capture_output=True, text=True, timeout=30)
+        os.close(write_end)     # ours; the client's copy went with it; the daemon must hold none
+        os.close(lock_fd)       # the same: only a copy inherited by the daemon could keep the lock
+        daemon_pid = daemon_pid_at(port)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads((work / "out.json").read_text())
+        assert out["pid"] == daemon_pid
+        yield dict(out, port=port, work=work, lock=lock_path, read_end=read_end,
+                   pipe_inode=os.fstat(read_end).st_ino)
+    finally:
+        if daemon_pid:
+            stop_pid(daemon_pid)
+        os.close(read_end)
+
+
+def test_lock_held_by_client_is_free_once_it_exits(detached):
+    assert pid_alive(detached["pid"]), "the auto-started daemon outlives its client"
+    fd = os.open(detached["lock"], os.O_WRONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # BlockingIOError if the daemon kept it
+    finally:
+        os.close(fd)
+
+
+def test_pipe_given_to_client_reaches_eof_once_it_exits(detached):
+    assert pid_alive(detached["pid"])
+    ready, _, _ = select.select([detached["read_end"]], [], [], 5.0)
+    assert ready, "the pipe's write end is still open somewhere (the daemon?)"
+    assert os.read(detached["read_end"], 1) == b""
+
+
+def test_daemon_holds_only_its_own_files_and_runs_in_root(detached):
+    pid = detached["pid"]
+    targets = fd_targets(pid)
+    log = str(detached["work"] / "state" / ("%d.log" % detached["port"]))
+    assert targets[0] == os.devnull
+    assert targets[1] == targets[2] == log
+    assert detached["lock"] not in targets.values(), targets
+    assert "pipe:[%d]" % detached["pipe_inode"] not in targets.values(), targets
+    assert os.readlink("/proc/%d/cwd" % pid) == "/"
+    with open("/proc/%d/status" % pid) as f:
+        blocked = [line.split()[1] for line in f if line.startswith("SigBlk:")]
+    assert int(blocked[0], 16) == 0, "the daemon must start with no signal blocked"
+
+
+def test_relative_state_path_reaches_daemon_absolute(detached):
+    state = str(detached["work"] / "state" / "here.sqlite3")
+    assert detached["state"] == state
+    assert os.path.isfile(state)
+
+
+def test_daemon_gets_its_log_when_client_has_stdio_closed(tmp_path, stop_at_ports):
+    """With 0, 1 and 2 closed, the log and /dev/null would be opened as 0 and 1: the dup2 onto
+    0, 1, 2 must not overwrite them before copying."""
+    port = free_port()
+    first, last = free_range(10)
+    stop_at_ports.append(port)
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=tmp_path / "state.sqlite3", CLIENT_OUT=tmp_path / "out.json")
+    script = CLIENT % {"root": ROOT}
+    proc = subprocess.run(["/bin/sh", "-c", 'exec "$0" -c "$1" <&- >&- 2>&-', sys.executable, script],
+                          env=env, cwd=str(tmp_path), timeout=30)
+    assert proc.returncode == 0
+    pid = json.loads((tmp_path / "out.json").read_text())["pid"]
+    targets = fd_targets(pid)
+    log = str(tmp_path / ("%d.log" % port))
+    assert (targets[0], targets[1], targets[2]) == (os.devnull, log, log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 8: a client that meets a daemon on its way out is served by the next one
+# ---------------------------------------------------------------------------------------------
+
+NEWPORT_CLIENT = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, %(root)r)
+    from nodemngr_proxy import NodeMngrProxy
+    began = time.monotonic()
+    nm = NodeMngrProxy()
+    port = nm.newPort("after restart", 0)
+    took = time.monotonic() - began
+    print(json.dumps({"port": port, "took": took, "pid": nm.status()["pid"],
+                      "ports": {str(e["port"]): e["info"] for e in nm.listPorts()}}))
+""")
+
+
+def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, stop_at_ports):
+    old = daemon_factory(size=10)
+    kept = old.rpc().newPort("kept", 0)
+    stop_at_ports.append(old.port)      # the daemon the client starts, should the test fail midway
+    stalled = socket.create_connection((old.host, old.port))
+    try:        # a client stalled mid-request: the old daemon must not wait for it to let go
+        stalled.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
+                        b"Content-Length: 200\r\n\r\n<?xml version='1.0'?><methodCall>")
+        env = clean_env(NODEMNGR_PORT=old.port, NODEMNGR_FIRST_PORT=old.first, NODEMNGR_LAST_PORT=old.last,
+                        NODEMNGR_STATE=old.state, NODEMNGR_AUTOSTART=1)
+        assert old.rpc().terminate() is True
+        began = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", NEWPORT_CLIENT % {"root": ROOT}], env=env,
+                              capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - began
+    finally:
+        stalled.close()
+    assert proc.returncode == 0, "%s\n--- old daemon's log:\n%s" % (proc.stderr, old.read_log())
+    out = json.loads(proc.stdout)
+    assert out["pid"] != old.proc.pid
+    assert elapsed < 6, "served only after %.1f s" % elapsed
+    assert out["ports"].get(str(kept)) == "kept", "the new daemon must hold what the old one had"
+    assert out["port"] != kept
+    assert old.proc.wait(10) == 0
+
+
+class ResetServer:
+    """Accepts connections at a port and resets each one mid-call; closes its listening socket
+    before resetting the *count*-th, as a daemon on its way out would."""
+
+    def __init__(self, count=2):
+        self.port = free_port()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(8)
+        self.count, self.served = count, 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.served < self.count:
+            conn, _ = self.listener.accept()
+            self.served += 1
+            if self.served == self.count:
+                self.listener.close()
+            conn.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()        # linger 0: RST
+
+    def stop(self):
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_call_reset_mid_way_retries_through_autostart(tmp_path, env, stop_at_ports):
+    server = ResetServer()
+    stop_at_ports.append(server.port)
+    first, last = free_range(10)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    try:
+        with nodemngr_proxy.NodeMngrProxy(port=server.port, autostart=True) as nm:
+            assert nm.ping().startswith("NodeMngr at ")
+            assert nm.status()["firstPort"] == first
+    finally:
+        server.stop()
+    assert server.served == 2
+
+
+def test_spawns_again_when_the_daemon_it_started_has_exited(tmp_path, env, stop_at_ports):
+    """The first daemon spawned cannot start (here: the port is bound, not listening, by another
+    socket until that daemon has given up; in life: a state file not yet released) and exits at
+    once: start_daemon spawns again rather than waiting out its 10 s for a daemon that is gone."""
+    port = free_port()
+    stop_at_ports.append(port)
+    log = tmp_path / ("%d.log" % port)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))    # connect is refused; a daemon's bind fails
+    first, last = free_range(10)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+
+    def release_once_refused():     # the daemon's one-line error is in its log: it has exited
+        wait_until(lambda: log.exists() and "nodemngr:" in log.read_text(), 5)
+        holder.close()
+    releaser = threading.Thread(target=release_once_refused)
+    releaser.start()
+    began = time.monotonic()
+    try:
+        nodemngr_proxy.start_daemon(port=port)
+    finally:
+        releaser.join()
+        holder.close()
+    elapsed = time.monotonic() - began
+    assert daemon_pid_at(port)
+    assert "nodemngr:" in log.read_text(), "the first daemon must have exited"
+    assert elapsed < 3, "served only after %.1f s" % elapsed
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 9: every failed call is a NodeMngrException in one sentence
+# ---------------------------------------------------------------------------------------------
+
+class Served:
+    """Runs *handle(conn)* for each connection accepted at a fresh port, in a thread."""
+
+    def __init__(self, handle):
+        self.port = free_port()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", self.port))
+        self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.handle, self.stopped = handle, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    self.handle(conn)
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+@pytest.fixture
+def served():
+    made = []
+
+    def make(handle):
+        made.append(Served(handle))
+        return made[-1]
+    yield make
+    for s in made:
+        s.stop()
+
+
+def drain(conn):
+    """Read until the peer closes, so that our close sends FIN rather than RST."""
+    while conn.recv(65536):
+        pass
+
+
+HTML_BODIES = {"well-formed": b"<html><body>hi</body></html>",
+               "not-xml": b"<!DOCTYPE html>\n<html><meta charset=utf-8><p>hi<br>there\n"}
+
+
+@pytest.mark.parametrize("kind", sorted(HTML_BODIES))
+def test_html_server_gives_one_sentence(kind, env):
+    body = HTML_BODIES[kind]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    port = httpd.server_address[1]
+    try:
+        with pytest.raises(NodeMngrException) as caught:
+            nodemngr_proxy.NodeMngrProxy(port=port, autostart=True).ping()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert_one_sentence(caught.value, port)
+    assert "not a node manager" in str(caught.value)
+
+
+def test_ssh_banner_gives_one_sentence(served, env):
+    def ssh(conn):
+        conn.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
+        drain(conn)
+    server = served(ssh)
+    with pytest.raises(NodeMngrException) as caught:
+        nodemngr_proxy.NodeMngrProxy(port=server.port, autostart=True).ping()
+    assert_one_sentence(caught.value, server.port)
+    assert '"SSH-2.0-OpenSSH_9.0"' in str(caught.value)
+
+
+def test_silent_server_gives_timeout_in_one_sentence(env):
+    with socket.socket() as listener:       # the kernel accepts; nobody ever answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        began = time.monotonic()
+        with pytest.raises(NodeMngrException) as caught:
+            nodemngr_proxy.NodeMngrProxy(port=port, timeout=0.5).ping()
+        elapsed = time.monotonic() - began
+    assert_one_sentence(caught.value, port)
+    assert "did not answer within 0.5 s" in str(caught.value)
+    assert elapsed < 2
+
+
+def test_state_in_a_missing_folder_is_created_by_autostart(tmp_path, env, stop_at_ports):
+    """As `nodemngr serve --state` does, auto-start creates the state file's folder (0700)."""
+    port = free_port()
+    first, last = free_range(10)
+    stop_at_ports.append(port)
+    folder = tmp_path / "not" / "yet"
+    env.setenv("NODEMNGR_STATE", str(folder / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    with nodemngr_proxy.NodeMngrProxy(port=port) as nm:
+        assert nm.status()["state"] == str(folder / "state.sqlite3")
+    assert os.stat(str(folder)).st_mode & 0o777 == 0o700
+    assert (folder / ("%d.log" % port)).is_file()
+
+
+def test_state_folder_that_cannot_be_made_gives_one_sentence(tmp_path, env, stop_at_ports):
+    port = free_port()
+    stop_at_ports.append(port)
+    (tmp_path / "plain").write_text("a file, not a folder")
+    folder = tmp_path / "plain" / "sub"
+    env.setenv("NODEMNGR_STATE", str(folder / "state.sqlite3"))
+    with pytest.raises(NodeMngrException) as caught:
+        nodemngr_proxy.NodeMngrProxy(port=port).ping()
+    assert_one_sentence(caught.value)
+    assert str(folder) in str(caught.value)
+    assert daemon_pid_at(port) is None
+
+
+def test_log_file_in_a_missing_folder_gives_one_sentence(tmp_path, env, stop_at_ports):
+    port = free_port()
+    stop_at_ports.append(port)
+    log = tmp_path / "missing" / "x.log"
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_LOG_FILE", str(log))
+    with pytest.raises(NodeMngrException) as caught:
+        nodemngr_proxy.NodeMngrProxy(port=port).ping()
+    assert_one_sentence(caught.value)
+    assert str(log) in str(caught.value)
+    assert daemon_pid_at(port) is None
+
+
+def test_unsendable_argument_is_one_sentence_and_a_type_error(daemon):
+    with daemon.proxy() as nm:
+        with pytest.raises(TypeError) as caught:
+            nm.newPort(object())
+        assert_one_sentence(caught.value)
+        assert "newPort" in str(caught.value)
+        assert nm.listPorts() == [], "nothing was registered"
