@@ -3,19 +3,33 @@
 
 Run from the repository root::
 
-    python3 bench/bench.py             # full run (3 rounds, under two minutes on 2 cores)
+    python3 bench/bench.py             # full run (3 rounds)
     python3 bench/bench.py --quick     # short smoke run
     python3 bench/bench.py --rounds 5
+    git show 482246a:nodemngr.py > /tmp/nodemngr-1.0.0.py
+    python3 bench/bench.py --baseline /tmp/nodemngr-1.0.0.py     # before/after in one run
 
 Both servers run as subprocesses on 127.0.0.1, on ports found free at start, and are measured with
 the same plain ``xmlrpc.client.ServerProxy`` client.  Rounds alternate stdlib / ours; the table shows
-the median over rounds and every round's value.  Standard library only; everything started is stopped
-by pid and every temporary directory is removed, whatever happens.
+the median over rounds and every round's value.  With ``--baseline PATH`` every scenario of ours also
+runs against that older copy of nodemngr.py (ours and the baseline swap order every round) and the
+table gains baseline columns.  Scenario 6 ("one call can stall everyone", issue 8 item 4) runs a
+daemon whose range of 2,000 ports is full: 1,000 registered to live owner processes (``sleep``),
+1,000 bound by the benchmark itself; a second process pings every 10 ms while failing newPort
+multicalls run, and again with nothing else running (the periodic owner check).  Standard library
+only; everything started is stopped by pid and every temporary directory is removed, whatever happens.
 """
 import argparse
+import hashlib
+import http.client
+import json
+import math
 import multiprocessing
 import os
 import platform
+import re
+import resource
+import select
 import shlex
 import shutil
 import signal
@@ -35,6 +49,11 @@ RESERVED_PORT = 11800          # nmPort: never touched by the benchmark
 BATCH = 250                     # newPort calls per system.multicall batch
 FLAT_MANY = 25000               # registered ports for the "flat cost" case
 WIDE_RANGE = (20000, 59999)     # range for the 25,000-registered daemon
+STALL_RANGE = 2000              # scenario 6: ports in the range, all of them unavailable:
+STALL_OWNERS = 1000             #   this many registered, one each to a live owner process,
+STALL_BATCH = 300               #   the rest bound by the benchmark; failing newPort per multicall
+PING_PERIOD = 0.010             # scenario 6: the pinger sends one ping every 10 ms
+STALL_BATCH_TIMEOUT = 45.0      # scenario 6: a failing batch with no answer by then is an error
 PRODUCT_VARS = ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_FIRST_PORT", "NODEMNGR_LAST_PORT",
                 "NODEMNGR_STATE", "NODEMNGR_TOKEN_FILE", "NODEMNGR_LOG_LEVEL", "NODEMNGR_LOG_FILE",
                 "NODEMNGR_AUTOSTART")
@@ -70,6 +89,41 @@ server.register_function(delPort)
 server.register_function(ping)
 server.register_multicall_functions()
 server.serve_forever()
+'''
+
+# (c) Scenario 6's pinger, a process of its own so that the failing client's CPU work in the
+# benchmark process never delays a ping: one ping every PERIOD seconds on one kept-alive connection,
+# each latency recorded, until a line (or EOF) on stdin or its own hard deadline; then one JSON line.
+PINGER = r'''
+import json, select, socket, sys, time, xmlrpc.client
+
+url, period, limit = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+perf = time.perf_counter
+hard_end = perf() + limit                   # never runs past this, whatever the parent does
+socket.setdefaulttimeout(limit)            # longer than any failing batch may take
+lat = []
+out = {}
+try:
+    proxy = xmlrpc.client.ServerProxy(url)  # HTTP/1.1: one connection, kept alive
+    for _ in range(3):
+        proxy.ping()
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    next_t = perf()
+    while perf() < hard_end:
+        wait = max(0.0, min(next_t, hard_end) - perf())
+        if select.select([sys.stdin], [], [], wait)[0]:
+            break                           # "stop" or EOF from the benchmark
+        t0 = perf()
+        proxy.ping()
+        t1 = perf()
+        lat.append(t1 - t0)
+        next_t = max(next_t + period, t1)   # a late ping is not followed by a burst
+except BaseException as exc:
+    out["error"] = "%s: %s" % (type(exc).__name__, exc)
+out["latencies"] = lat
+sys.stdout.write(json.dumps(out) + "\n")
+sys.stdout.flush()
 '''
 
 
@@ -112,14 +166,27 @@ class PortPicker:
         raise BenchError("no free server port in 13000-13999")
 
 
-def free_range(size, low=20000, high=30000):
-    """A range of *size* ports below 30000, every one of them free (TCP and UDP) now."""
-    for first in range(low, high - size + 1, size):
+def free_range(size, low=20000, high=30000, step=None):
+    """A range of *size* ports in [low, high), every one of them free (TCP and UDP) now."""
+    for first in range(low, high - size + 1, step or size):
         if first <= RESERVED_PORT <= first + size - 1:
             continue
         if all(port_is_free(p) for p in range(first, first + size)):
             return first, first + size - 1
-    raise BenchError("no fully free range of %d ports below 30000" % size)
+    raise BenchError("no fully free range of %d ports in %d-%d" % (size, low, high - 1))
+
+
+def find_stall_range():
+    """Scenario 6's range, in 30000-32767: above the test suite's ranges (14000-29999) and below the
+    kernel's ephemeral ports, so that the sockets the scenario holds for a while are never in the
+    way of tests running at the same time, nor of outgoing connections."""
+    high = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            high = min(high, int(f.read().split()[0]))
+    except (OSError, ValueError, IndexError):
+        pass
+    return free_range(STALL_RANGE, low=30000, high=high, step=100)
 
 
 def clean_env():
@@ -194,13 +261,14 @@ def start_stdlib(picker, tmp, first, last):
     return server
 
 
-def start_ours(picker, tmp, first, last, tag):
+def start_ours(picker, tmp, first, last, tag, script=NODEMNGR, name="ours"):
+    """Our daemon (or, with *script* and *name*, the baseline copy) with its defaults."""
     port = picker.take()
-    state_dir = tempfile.mkdtemp(prefix="state-%s-" % tag, dir=tmp)
-    argv = [sys.executable, NODEMNGR, "serve", "--host", "127.0.0.1", "--port", str(port),
+    state_dir = tempfile.mkdtemp(prefix="state-%s-%s-" % (name, tag), dir=tmp)
+    argv = [sys.executable, script, "serve", "--host", "127.0.0.1", "--port", str(port),
             "--first-port", str(first), "--last-port", str(last),
             "--state", os.path.join(state_dir, "state.sqlite3"), "--log-level", "WARNING"]
-    return Server("ours", argv, port, tmp)
+    return Server(name, argv, port, tmp)
 
 
 # ----------------------------------------------------------------------------- client workloads
@@ -355,7 +423,7 @@ def run_common(server, durations, results, label, proxy_factory=None):
         server.check_alive()
 
 
-def run_flat(few_srv, many_srv, durations, results):
+def run_flat(few_srv, many_srv, durations, results, label="ours"):
     """Scenario 4 (ours only): pair cost on a daemon holding 10 ports vs one holding FLAT_MANY.
 
     Both daemons run at once with the same wide range; pairs alternate between them in small chunks."""
@@ -377,10 +445,318 @@ def run_flat(few_srv, many_srv, durations, results):
     few_srv.check_alive()
     many_srv.check_alive()
     m_few, m_many = statistics.median(s_few) * 1e6, statistics.median(s_many) * 1e6
-    results.add("flat_few", "ours", m_few)
-    results.add("flat_many", "ours", m_many)
-    results.add("flat_ratio", "ours", m_many / m_few)
-    results.add("fill", "ours", FLAT_MANY / fill)
+    results.add("flat_few", label, m_few)
+    results.add("flat_many", label, m_many)
+    results.add("flat_ratio", label, m_many / m_few)
+    results.add("fill", label, FLAT_MANY / fill)
+
+
+# ----------------------------------------------------------------------------- scenario 6: stalls
+
+def raise_nofile(need):
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; BenchError if that is < need."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise BenchError("scenario 6 needs %d open files; the limit is %d (hard %s)"
+                         % (need, soft, hard))
+
+
+def _user_tasks(uid):
+    """Processes and threads of *uid* now (what RLIMIT_NPROC counts)."""
+    n = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/status" % name) as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["Uid"].split()[0]) == uid:
+                n += int(fields.get("Threads", "1"))
+        except (OSError, ValueError, KeyError):
+            pass
+    return n
+
+
+def check_nproc(n):
+    """BenchError unless *n* more processes fit under `ulimit -u` (raised to the hard limit)."""
+    if os.geteuid() == 0:
+        return                                          # the kernel does not apply it to root
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY:
+        return
+    need = _user_tasks(os.getuid()) + n + 100
+    if soft < need and (hard == resource.RLIM_INFINITY or hard > soft):
+        try:
+            resource.setrlimit(resource.RLIMIT_NPROC, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raise BenchError("scenario 6 starts %d owner processes; ulimit -u is %d and %d are needed"
+                         % (n, soft, need))
+
+
+class Sleepers:
+    """*n* live owner processes (`sleep SECONDS`: each ends by itself at its deadline); stop() kills
+    each by pid."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, n, seconds):
+        check_nproc(n)
+        exe = shutil.which("sleep") or "/bin/sleep"
+        for _ in range(n):
+            self.procs.append(subprocess.Popen([exe, "%d" % seconds], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    @property
+    def pids(self):
+        return [p.pid for p in self.procs]
+
+    def check_alive(self):
+        dead = [p.pid for p in self.procs if p.poll() is not None]
+        if dead:
+            raise BenchError("%d owner processes ended early (pid %d ...)" % (len(dead), dead[0]))
+
+    def stop(self):
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for p in self.procs:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs = []
+
+
+def bind_foreign(ports):
+    """The "other programs": one listening TCP socket on 0.0.0.0 per port, in this process.  Nothing
+    ever connects to them; they only make the daemon's host check see the ports as taken."""
+    socks = []
+    try:
+        for port in ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind(("0.0.0.0", port))
+            s.listen(1)
+    except OSError as exc:
+        for s in socks:
+            s.close()
+        raise BenchError("could not bind port %d as another program for scenario 6: %s" % (port, exc))
+    return socks
+
+
+class Pinger:
+    """The PINGER script as a subprocess; finish() stops it and returns its latencies (s)."""
+
+    def __init__(self, url, tmp, limit):
+        script = os.path.join(tmp, "pinger.py")
+        if not os.path.exists(script):
+            with open(script, "w") as f:
+                f.write(PINGER)
+        self.errpath = os.path.join(tmp, "pinger.err")
+        with open(self.errpath, "ab") as err:
+            self.proc = subprocess.Popen([sys.executable, script, url, repr(PING_PERIOD), repr(limit)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                         env=clean_env(), cwd=tmp, bufsize=0)
+
+    def _error(self, what, line=b""):
+        try:
+            line = json.loads(line.decode()).get("error") or line
+        except ValueError:
+            pass
+        try:
+            with open(self.errpath, "rb") as f:
+                tail = f.read().decode("utf-8", "replace").strip()[-400:]
+        except OSError:
+            tail = ""
+        return BenchError("pinger %s: %r %s" % (what, line, tail))
+
+    def wait_ready(self, timeout=15.0):
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise self._error("gave no sign of life within %.0f s" % timeout)
+        line = self.proc.stdout.readline()
+        if line.strip() != b"ready":
+            raise self._error("failed at start")
+
+    def finish(self, timeout=STALL_BATCH_TIMEOUT + 15):
+        try:
+            out, _ = self.proc.communicate(b"stop\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError("pinger did not stop within %.0f s of being asked" % timeout)
+        lines = out.strip().splitlines()
+        try:
+            data = json.loads(lines[-1].decode())
+        except (IndexError, ValueError):
+            raise self._error("gave no result", out[-200:])
+        if data.get("error"):
+            raise BenchError("pinger: %s (after %d pings)" % (data["error"], len(data["latencies"])))
+        if not data["latencies"]:
+            raise BenchError("pinger: no ping was answered")
+        return data["latencies"]
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                f.close()
+
+
+_FAULT_CODE = re.compile(rb"<name>faultCode</name>\s*<value>\s*<(?:int|i4)>\s*(-?\d+)\s*</")
+
+
+def _check_all_no_free_port(data, n):
+    """BenchError unless the multicall reply *data* holds *n* faults, every one fault 2."""
+    codes = _FAULT_CODE.findall(data)
+    if len(codes) == n and all(c == b"2" for c in codes):
+        return
+    try:
+        items = xmlrpc.client.loads(data)[0][0]
+    except Exception as exc:
+        raise BenchError("a failing multicall got a reply that is not an XML-RPC array: %s: %s"
+                         % (type(exc).__name__, exc))
+    if len(items) != n:
+        raise BenchError("a multicall of %d failing newPort got %d results" % (n, len(items)))
+    for item in items:
+        if not (isinstance(item, dict) and item.get("faultCode") == 2):
+            raise BenchError("a newPort in a full range answered %r instead of fault 2" % (item,))
+
+
+def multicall_body(method, params, n):
+    """A system.multicall request of *n* identical calls, written without whitespace and with
+    untyped struct values: 300 newPort fit in the daemon's 64 KiB body limit (xmlrpc.client's own
+    marshalling of them is 72 KB).  The same body read back by xmlrpc.client is checked to match."""
+    one = ("<value><struct><member><name>methodName</name><value>%s</value></member><member><name>"
+           "params</name><value><array><data>%s</data></array></value></member></struct></value>"
+           % (method, "".join(xmlrpc.client.dumps((p,)).replace("\n", "")[len("<params><param>"):
+                                                                         -len("</param></params>")]
+                              for p in params)))
+    body = ('<?xml version="1.0"?><methodCall><methodName>system.multicall</methodName><params>'
+            "<param><value><array><data>%s</data></array></value></param></params></methodCall>"
+            % (one * n)).encode()
+    want = ([{"methodName": method, "params": list(params)}] * n,)
+    if xmlrpc.client.loads(body) != (want, "system.multicall") or len(body) > 64 * 1024:
+        raise BenchError("the multicall body of %d %s is wrong or over 64 KiB (%d B)"
+                         % (n, method, len(body)))
+    return body
+
+
+def failing_newports(port, duration, batch=STALL_BATCH):
+    """system.multicall batches of *batch* newPort("stall") that all fail with fault 2, on one
+    kept-alive connection, for *duration* seconds (at least one batch; each must be answered within
+    STALL_BATCH_TIMEOUT).  The request is written
+    once and each reply checked with a regular expression, so that this process does little work.
+    Returns (failed calls, elapsed s, batches, longest batch s)."""
+    body = multicall_body("newPort", ["stall"], batch)
+    headers = {"Content-Type": "text/xml", "User-Agent": "nodemngr-bench"}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=STALL_BATCH_TIMEOUT)
+    perf = time.perf_counter
+    calls = batches = 0
+    longest = 0.0
+    try:
+        t0 = perf()
+        end = t0 + duration
+        while batches == 0 or perf() < end:
+            b0 = perf()
+            try:
+                conn.request("POST", "/RPC2", body, headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except socket.timeout:
+                raise BenchError("a multicall of %d failing newPort had no answer within %.0f s (after %d "
+                                 "batches): the loop, and every client, waited at least that long"
+                                 % (batch, STALL_BATCH_TIMEOUT, batches))
+            longest = max(longest, perf() - b0)
+            if resp.status != 200:
+                raise BenchError("a failing multicall got HTTP %d %s" % (resp.status, resp.reason))
+            _check_all_no_free_port(data, batch)
+            calls += batch
+            batches += 1
+        return calls, perf() - t0, batches, longest
+    finally:
+        conn.close()
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def run_stall(server, sleepers, first, last, durations, results, tmp, label):
+    """Scenario 6 against one running daemon with range [first, last] (STALL_RANGE ports).
+
+    Its lower STALL_OWNERS ports are registered, one to each live sleeper; the others are bound by
+    this process (listening TCP on 0.0.0.0) before anything is registered, so no port is free.
+    (a) idle: the pinger alone for durations["stall_idle"] s, a few reap intervals: its worst
+        latency is the longest the loop stalled on the periodic owner check.
+    (b) stall: failing newPort multicalls for durations["stall_fail"] s while the pinger runs."""
+    pids = sleepers.pids
+    socks = bind_foreign(range(first + len(pids), last + 1))
+    try:
+        proxy = xmlrpc.client.ServerProxy(server.url)
+        got = []
+        for i in range(0, len(pids), 200):            # 250 with a pid would exceed 64 KiB
+            mc = xmlrpc.client.MultiCall(proxy)
+            for pid in pids[i:i + 200]:
+                mc.newPort("owner %d" % pid, pid)
+            got.extend(mc())                            # iterating raises on any fault
+        if sorted(got) != list(range(first, first + len(pids))):
+            raise BenchError("registering %d owners returned other ports than the %d lowest"
+                             % (len(pids), len(pids)))
+        server.check_alive()
+
+        pinger = Pinger(server.url, tmp, durations["stall_idle"] + 30)
+        try:
+            pinger.wait_ready()
+            time.sleep(durations["stall_idle"])
+            idle = pinger.finish()
+        finally:
+            pinger.kill()
+        server.check_alive()
+        results.add("stall_idle_worst", label, max(idle) * 1e3)
+        results.add("stall_idle_p99", label, percentile(idle, 0.99) * 1e3)
+
+        pinger = Pinger(server.url, tmp, durations["stall_fail"] + STALL_BATCH_TIMEOUT + 60)
+        try:
+            pinger.wait_ready()
+            calls, elapsed, batches, longest = failing_newports(server.port, durations["stall_fail"])
+            busy = pinger.finish()
+        finally:
+            pinger.kill()
+        server.check_alive()
+        sleepers.check_alive()
+        registered = xmlrpc.client.ServerProxy(server.url).status()["registered"]   # fresh connection
+        if registered != len(pids):
+            raise BenchError("%d ports registered after the run instead of %d: live owners' ports "
+                             "were freed" % (registered, len(pids)))
+    finally:
+        for s in socks:
+            s.close()
+    results.add("stall_worst", label, max(busy) * 1e3)
+    results.add("stall_p99", label, percentile(busy, 0.99) * 1e3)
+    results.add("stall_rate", label, calls / elapsed)
+    results.add("stall_pings", label, len(busy))
+    results.add("stall_batch", label, longest * 1e3)
+    results.add("stall_ping_median", label, statistics.median(busy) * 1e3)
 
 
 # ----------------------------------------------------------------------------- physical floor
@@ -504,88 +880,195 @@ def fmt_rounds(values, unit=""):
     return " / ".join(fmt_num(v, unit) for v in values)
 
 
-def cell(res, key, label, unit=""):
-    err = res.errors.get((key, label))
+def cell(res, key, label, unit="", err_key=None):
+    err = res.errors.get((err_key or key, label))
     v = res.median(key, label)
     if err and v is None:
         return "ERROR (see below)"
     return fmt_num(v, unit)
 
 
+def fmt_ratio(num, den, suffix=""):
+    if not (num and den):
+        return "n/a"
+    r = num / den
+    if r < 0.1:
+        text = "%.2gx" % r
+    elif r < 100:
+        text = "%.2fx" % r
+    else:
+        text = "{:,.0f}x".format(r)
+    return text + suffix
+
+
+def file_id(path):
+    """"version V, git blob XXXXXXXXXXXX" of a nodemngr.py copy (the blob id is what `git hash-object`
+    prints, so a copy can be matched to its commit)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return "unreadable: %s" % exc
+    m = re.search(rb'^__version__ = "([^"]*)"', data, re.M)
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return "version %s, git blob %s" % (m.group(1).decode() if m else "?", blob[:12])
+
+
 def render(res, floor, args, cmdline, elapsed, load):
     lines = []
     out = lines.append
+    base = bool(args.baseline)
+    B = "baseline"
     out("# nodemngr benchmark")
     out("")
     out("machine: %s cores, Python %s (%s), %s" % (os.cpu_count(), platform.python_version(),
                                                    platform.python_implementation(), platform.platform()))
     out("load average at start: %s" % load)
     out("command: %s" % cmdline)
-    out("rounds: %d (stdlib and ours alternate; medians over rounds); timed window per scenario: %.1f s"
-        % (args.rounds, args.duration))
+    if base:
+        out("ours: %s (%s); baseline: %s (%s)" % (os.path.relpath(NODEMNGR, ROOT), file_id(NODEMNGR),
+                                                  args.baseline, file_id(args.baseline)))
+        out("rounds: %d (stdlib, then ours and baseline, which swap order every round; medians over "
+            "rounds); timed window per scenario: %.1f s" % (args.rounds, args.duration))
+    else:
+        out("rounds: %d (stdlib and ours alternate; medians over rounds); timed window per scenario: %.1f s"
+            % (args.rounds, args.duration))
     out("")
-    out("| # | scenario | unit | stdlib | ours | ours/stdlib | target | met | stdlib per round | ours per round |")
-    out("|---|---|---|---:|---:|---:|---|---|---|---|")
 
-    def ratio_row(num, name, key, unit, target, target_text, stdlib_key=None):
-        s_label, o_label = "stdlib", "ours"
-        s = res.median(stdlib_key or key, s_label)
-        o = res.median(key, o_label)
+    def row(num, name, unit, stdlib, baseline, ours, r_std, r_base, target, met, rs, rb, ro, pad=True):
+        cells = ([num, name, unit, stdlib] + ([baseline] if base else []) + [ours, r_std]
+                 + ([r_base] if base else []) + [target, met, rs] + ([rb] if base else []) + [ro])
+        out("|" + "|".join((" %s " % c if pad else str(c)) if c != "" else " " for c in cells) + "|")
+
+    row("#", "scenario", "unit", "stdlib", B, "ours", "ours/stdlib", "ours/baseline", "target", "met",
+        "stdlib per round", "baseline per round", "ours per round")
+    row("---", "---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---", "---", "---", "---",
+        pad=False)
+
+    def rounds(key, label):
+        return fmt_rounds(res.data.get((key, label)))
+
+    def ratio_row(num, name, key, unit, target, target_text):
+        s, b, o = res.median(key, "stdlib"), res.median(key, B), res.median(key, "ours")
         ratio = (o / s) if (s and o) else None
         met = "" if ratio is None else ("yes" if ratio >= target else "**no**")
-        out("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            num, name, unit, cell(res, key, s_label), cell(res, key, o_label),
-            "n/a" if ratio is None else "%.2fx" % ratio, target_text, met,
-            fmt_rounds(res.data.get((key, s_label))), fmt_rounds(res.data.get((key, o_label)))))
+        row(num, name, unit, cell(res, key, "stdlib"), cell(res, key, B, err_key="one"),
+            cell(res, key, "ours"), "n/a" if ratio is None else "%.2fx" % ratio, fmt_ratio(o, b),
+            target_text, met, rounds(key, "stdlib"), rounds(key, B), rounds(key, "ours"))
 
     ratio_row(1, "one client, ServerProxy, newPort/delPort pairs", "one", "calls/s", 1.3, ">= 1.3x")
+    # 1c: row 1 as time per call, the figure a change on the per-call path (the host check) moves
+    us = {label: [1e6 / v for v in res.data.get(("one", label), [])] for label in ("stdlib", B, "ours")}
+    med = {label: statistics.median(v) if v else None for label, v in us.items()}
+    if med["ours"] or med[B]:
+        row("1c", "one client: time per call (row 1 inverted; includes the host check)", "µs/call",
+            fmt_num(med["stdlib"]), fmt_num(med[B]), fmt_num(med["ours"]),
+            fmt_ratio(med["ours"], med["stdlib"]), fmt_ratio(med["ours"], med[B]), "", "",
+            fmt_rounds(us["stdlib"]), fmt_rounds(us[B]), fmt_rounds(us["ours"]))
     ratio_row(2, "four client processes, aggregate", "four", "calls/s", 1.5, ">= 1.5x")
     # 3: absolute target on ours
-    s, o = res.median("multi", "stdlib"), res.median("multi", "ours")
-    out("| 3 | system.multicall, batches of %d newPort (newPort batches timed) | newPort/s | %s | %s | %s "
-        "| ours >= 10,000/s | %s | %s | %s |" % (
-            BATCH, cell(res, "multi", "stdlib"), cell(res, "multi", "ours"),
-            "%.2fx" % (o / s) if (s and o) else "n/a",
-            "" if o is None else ("yes" if o >= 10000 else "**no**"),
-            fmt_rounds(res.data.get(("multi", "stdlib"))), fmt_rounds(res.data.get(("multi", "ours")))))
-    few, many, fr = (res.median("flat_few", "ours"), res.median("flat_many", "ours"),
-                     res.median("flat_ratio", "ours"))
-    if few is not None or res.errors.get(("flat", "ours")):
-        rounds = " / ".join("%s→%s" % (fmt_num(a), fmt_num(b)) for a, b in
-                            zip(res.data.get(("flat_few", "ours"), []),
-                                res.data.get(("flat_many", "ours"), [])))
-        value = ("%s → %s" % (fmt_num(few), fmt_num(many))) if few is not None else "ERROR (see below)"
-        out("| 4 | flat cost, ours only: pair cost with 10 → %s registered | µs/pair | – | %s | "
-            "%s (25k/10) | <= 1.3x | %s | | %s |" % (
-                "{:,}".format(FLAT_MANY), value, "n/a" if fr is None else "%.2fx" % fr,
-                "" if fr is None else ("yes" if fr <= 1.3 else "**no**"), rounds))
-    if res.data.get(("proxy", "ours")) or res.errors.get(("proxy", "ours")):
-        p, s = res.median("proxy", "ours"), res.median("one", "stdlib")
-        out("| 1p | ours via NodeMngrProxy, one client | calls/s | %s | %s | %s | | | | %s |" % (
-            cell(res, "one", "stdlib"), cell(res, "proxy", "ours"),
-            "%.2fx" % (p / s) if (p and s) else "n/a", fmt_rounds(res.data.get(("proxy", "ours")))))
+    s, b, o = res.median("multi", "stdlib"), res.median("multi", B), res.median("multi", "ours")
+    row(3, "system.multicall, batches of %d newPort (newPort batches timed)" % BATCH, "newPort/s",
+        cell(res, "multi", "stdlib"), cell(res, "multi", B, err_key="one"), cell(res, "multi", "ours"),
+        fmt_ratio(o, s), fmt_ratio(o, b), "ours >= 10,000/s",
+        "" if o is None else ("yes" if o >= 10000 else "**no**"),
+        rounds("multi", "stdlib"), rounds("multi", B), rounds("multi", "ours"))
+
+    def flat(label):
+        few, many = res.median("flat_few", label), res.median("flat_many", label)
+        per = " / ".join("%s→%s" % (fmt_num(a), fmt_num(c)) for a, c in
+                         zip(res.data.get(("flat_few", label), []), res.data.get(("flat_many", label), [])))
+        if few is None:
+            value = "ERROR (see below)" if res.errors.get(("flat", label)) else "n/a"
+        else:
+            value = "%s → %s" % (fmt_num(few), fmt_num(many))
+        return value, per, res.median("flat_ratio", label), many
+
+    labels = ("ours", B) if base else ("ours",)
+    if any(res.data.get(("flat_few", x)) or res.errors.get(("flat", x)) for x in labels):
+        o_value, o_per, fr, o_many = flat("ours")
+        b_value, b_per, b_fr, b_many = flat(B)
+        if b_fr is not None:
+            b_value += " (%.2fx)" % b_fr
+        row(4, "flat cost, %s: pair cost with 10 → %s registered"
+            % ("daemons only" if base else "ours only", "{:,}".format(FLAT_MANY)), "µs/pair", "–",
+            b_value, o_value, "n/a" if fr is None else "%.2fx (25k/10)" % fr,
+            fmt_ratio(o_many, b_many, " (at 25k)"), "<= 1.3x",
+            "" if fr is None else ("yes" if fr <= 1.3 else "**no**"), "", b_per, o_per)
+    if any(res.data.get(("proxy", x)) or res.errors.get(("proxy", x)) for x in labels):
+        p, pb, s = res.median("proxy", "ours"), res.median("proxy", B), res.median("one", "stdlib")
+        row("1p", "ours via NodeMngrProxy, one client", "calls/s", cell(res, "one", "stdlib"),
+            cell(res, "proxy", B, err_key="one"), cell(res, "proxy", "ours"), fmt_ratio(p, s),
+            fmt_ratio(p, pb), "", "", "", rounds("proxy", B), rounds("proxy", "ours"))
     if floor:
         rtt, req_len, resp_len, bind = floor
-        out("| 5a | floor: loopback TCP round trip, %d B request / %d B reply (echo thread) | µs | | %s | "
-            "| | | | (= %s round trips/s) |" % (req_len, resp_len, fmt_num(rtt), fmt_num(1e6 / rtt)))
-        out("| 5b | floor: socket() + bind((\"127.0.0.1\", 0)) + close() | µs | | %s | | | | | |"
-            % fmt_num(bind))
+        row("5a", "floor: loopback TCP round trip, %d B request / %d B reply (echo thread)"
+            % (req_len, resp_len), "µs", "", "", fmt_num(rtt), "", "", "", "", "", "",
+            "(= %s round trips/s)" % fmt_num(1e6 / rtt))
+        row("5b", "floor: socket() + bind((\"127.0.0.1\", 0)) + close()", "µs", "", "", fmt_num(bind),
+            "", "", "", "", "", "", "")
+    if any(res.data.get(("stall_worst", x)) or res.errors.get(("stall", x)) for x in labels):
+        few_ms = "a few ms (issue 8 #4)"
+        for num, name, key, unit, target in (
+                ("6a", "one call can stall everyone: worst ping (one every %d ms) while failing newPort "
+                 "multicalls run; range %s: %s held by live owners, %s bound by other programs"
+                 % (PING_PERIOD * 1e3, "{:,}".format(STALL_RANGE), "{:,}".format(STALL_OWNERS),
+                    "{:,}".format(STALL_RANGE - STALL_OWNERS)), "stall_worst", "ms", few_ms),
+                ("6b", "same: 99th percentile ping", "stall_p99", "ms", ""),
+                ("6c", "same: failing newPort (fault 2, multicalls of %d) answered" % STALL_BATCH,
+                 "stall_rate", "calls/s", ""),
+                ("6d", "periodic owner check, %s owners: worst ping over %g s with nothing else running"
+                 % ("{:,}".format(STALL_OWNERS), args.stall_idle), "stall_idle_worst", "ms", few_ms)):
+            o, b = res.median(key, "ours"), res.median(key, B)
+            row(num, name, unit, "–", cell(res, key, B, err_key="stall"),
+                cell(res, key, "ours", err_key="stall"), "", fmt_ratio(o, b), target, "", "",
+                rounds(key, B), rounds(key, "ours"))
     out("")
-    fill = res.data.get(("fill", "ours"))
     notes = [
         "stdlib = `SimpleXMLRPCServer((\"127.0.0.1\", port), logRequests=False)`, defaults otherwise "
         "(single-threaded, HTTP/1.0: a new TCP connection per call), a dict and a lowest-free loop; no "
         "bound-port check, no state. The one line added for scenario 3 is "
         "`server.register_multicall_functions()`.",
         "ours = `nodemngr.py serve` with defaults (state file on, bound-port check on), `--log-level WARNING`.",
+    ]
+    if base:
+        notes.append("baseline = `%s serve`, started exactly as ours. ours/baseline is the ratio of the "
+                     "two medians: above 1 is better for rates (calls/s), below 1 for times (µs, ms)."
+                     % args.baseline)
+    notes += [
         "Same client for both: plain `xmlrpc.client.ServerProxy` (socket default timeout 30 s).",
         "Scenario 4: two more daemons of ours run at once, both with range %d-%d, one holding 10 ports "
         "and one 25,000; pairs alternate between them in chunks of 20 and the median pair time of each is "
         "compared. Server ports are in 13000-13999, outside every range." % WIDE_RANGE,
     ]
-    if fill:
-        notes.append("Registering the %s ports (multicall batches of %d) ran at %s newPort/s per round."
-                     % ("{:,}".format(FLAT_MANY), BATCH, fmt_rounds(fill)))
+    for label in labels:
+        fill = res.data.get(("fill", label))
+        if fill:
+            notes.append("Registering the %s ports (multicall batches of %d) ran at %s newPort/s per round%s."
+                         % ("{:,}".format(FLAT_MANY), BATCH, fmt_rounds(fill),
+                            " (%s)" % label if base else ""))
+    if any(res.data.get(("stall_worst", x)) or res.errors.get(("stall", x)) for x in labels):
+        notes.append(
+            "Scenario 6 (issue 8 item 4): a fresh daemon per round with a range of %s ports; its lowest %s "
+            "are registered by `newPort(info, pid)`, one to each of %s live `sleep` processes, and the "
+            "rest are bound first by the benchmark process (listening TCP on 0.0.0.0, never connected "
+            "to), so no port is free. A separate pinger process sends `ping` every %d ms on its own "
+            "kept-alive connection and times each. 6d: the pinger alone for %.1f s (the daemon looks at "
+            "its owners every 2 s). 6a-6c: for %.1f s (and at least one batch) one client sends "
+            "`system.multicall` batches of %d `newPort` that all fail with fault 2, on one kept-alive "
+            "connection; the daemon must still hold all %s ports afterwards."
+            % ("{:,}".format(STALL_RANGE), "{:,}".format(STALL_OWNERS), "{:,}".format(STALL_OWNERS),
+               PING_PERIOD * 1e3, args.stall_idle, args.stall_fail, STALL_BATCH,
+               "{:,}".format(STALL_OWNERS)))
+        for label in labels:
+            if res.data.get(("stall_pings", label)):
+                notes.append(
+                    "Scenario 6, %s, per round: longest failing multicall %s ms; pings answered while "
+                    "failing calls ran %s (median %s ms); idle 99th percentile ping %s ms." % (
+                        label, fmt_rounds(res.data.get(("stall_batch", label))),
+                        " / ".join("%d" % n for n in res.data.get(("stall_pings", label))),
+                        fmt_rounds(res.data.get(("stall_ping_median", label))),
+                        fmt_rounds(res.data.get(("stall_idle_p99", label)))))
     for (key, label), msg in sorted(res.errors.items()):
         notes.append("**ERROR** %s/%s: %s" % (label, key, msg))
     for n in notes:
@@ -597,12 +1080,21 @@ def render(res, floor, args, cmdline, elapsed, load):
 
 # ----------------------------------------------------------------------------- main
 
+ERRORS = (BenchError, OSError, xmlrpc.client.Error, EOFError, http.client.HTTPException,
+          subprocess.SubprocessError)
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="short smoke run (1 round, short windows)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds of stdlib/ours (default 3, quick 1)")
     ap.add_argument("--duration", type=float, default=None,
                     help="timed window per scenario in seconds (default 2, quick 0.5)")
+    ap.add_argument("--baseline", metavar="PATH",
+                    help="an older copy of nodemngr.py (e.g. `git show 482246a:nodemngr.py > "
+                    "/tmp/nodemngr-1.0.0.py`): every scenario of ours also runs against it")
+    ap.add_argument("--no-stall", action="store_true",
+                    help="skip scenario 6 (starts %d sleep processes)" % STALL_OWNERS)
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -610,6 +1102,12 @@ def parse_args(argv):
         args.duration = 0.5 if args.quick else 2.0
     if args.rounds < 1 or args.duration <= 0:
         ap.error("--rounds must be >= 1 and --duration > 0")
+    if args.baseline is not None:
+        if not os.path.isfile(args.baseline):
+            ap.error("--baseline %s: no such file" % args.baseline)
+        args.baseline = os.path.abspath(args.baseline)
+    args.stall_idle = 2.5 if args.quick else 6.0        # >= one reap interval (2 s); full: three
+    args.stall_fail = 1.5 if args.quick else 5.0
     return args
 
 
@@ -636,8 +1134,14 @@ def main(argv=None):
         load = "unknown"
     socket.setdefaulttimeout(30)
     d = {"pairs": args.duration, "multi": min(args.duration, 1.5), "flat": min(args.duration, 1.5),
-         "fill_limit": 15.0}
-    limit = max(30, int(10 + args.rounds * (15 * args.duration + 3)))   # default: 109 s
+         "fill_limit": 15.0, "stall_idle": args.stall_idle, "stall_fail": args.stall_fail}
+    daemons = [("ours", NODEMNGR)] + ([("baseline", args.baseline)] if args.baseline else [])
+    stall_each = 0 if args.no_stall else (d["stall_idle"] + d["stall_fail"] + STALL_BATCH_TIMEOUT + 25)
+    # A safety net against hangs, not a schedule: stdlib 3 windows; each daemon 4 windows plus the
+    # flat fill (up to fill_limit) and starts; scenario 6 bounded by STALL_BATCH_TIMEOUT.
+    per_daemon = 4 * args.duration + d["fill_limit"] + 8 + stall_each
+    limit = int(40 + args.rounds * (3 * args.duration + 3 + len(daemons) * per_daemon))
+    # default: 403 s, 739 s with --baseline; --quick: 143 s, 242 s with --baseline
 
     def on_alarm(signum, frame):
         raise Watchdog("run exceeded %d s" % limit)
@@ -648,10 +1152,19 @@ def main(argv=None):
     floor = None
     tmp = tempfile.mkdtemp(prefix="nodemngr-bench-")
     servers = []
+    sleepers = Sleepers()
     have_ours = os.path.exists(NODEMNGR)
     try:
         picker = PortPicker()
         first, last = free_range(1000)
+        stall_range = None
+        if not args.no_stall and have_ours:
+            try:
+                raise_nofile(STALL_RANGE - STALL_OWNERS + 200)
+                stall_range = find_stall_range()
+            except BenchError as exc:
+                for label, _ in daemons:
+                    res.error("stall", label, str(exc))
         try:
             proxy_factory = load_proxy_factory()
         except Exception as exc:
@@ -666,48 +1179,77 @@ def main(argv=None):
             try:
                 srv.wait_ready()
                 run_common(srv, d, res, "stdlib")
-            except (BenchError, OSError, xmlrpc.client.Error, EOFError) as exc:
+            except ERRORS as exc:
                 res.error("one", "stdlib", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
             finally:
                 srv.stop()
                 servers.remove(srv)
             if not have_ours:
                 continue
-            # (b) ours, scenarios 1-3 (+ NodeMngrProxy)
-            srv = start_ours(picker, tmp, first, last, "r%d" % rnd)
-            servers.append(srv)
-            try:
-                srv.wait_ready()
-                run_common(srv, d, res, "ours", proxy_factory)
-            except (BenchError, OSError, xmlrpc.client.Error, EOFError) as exc:
-                res.error("one", "ours", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
-            finally:
-                srv.stop()
-                servers.remove(srv)
-            # (b') ours, flat cost: two daemons on the wide range, 10 vs FLAT_MANY registered
-            pair = []
-            try:
-                for tag in ("few", "many"):
-                    srv = start_ours(picker, tmp, WIDE_RANGE[0], WIDE_RANGE[1], "%s%d" % (tag, rnd))
-                    servers.append(srv)
-                    pair.append(srv)
-                for srv in pair:
+            order = daemons if rnd % 2 == 0 else daemons[::-1]
+            # (b) ours (and the baseline), scenarios 1-3 (+ NodeMngrProxy)
+            for label, script in order:
+                srv = start_ours(picker, tmp, first, last, "r%d" % rnd, script, label)
+                servers.append(srv)
+                try:
                     srv.wait_ready()
-                run_flat(pair[0], pair[1], d, res)
-            except (BenchError, OSError, xmlrpc.client.Error, EOFError) as exc:
-                res.error("flat", "ours", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
-            finally:
-                for srv in pair:
+                    run_common(srv, d, res, label, proxy_factory)
+                except ERRORS as exc:
+                    res.error("one", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+                finally:
                     srv.stop()
                     servers.remove(srv)
+            # (b') flat cost: two daemons on the wide range, 10 vs FLAT_MANY registered
+            for label, script in order:
+                pair = []
+                try:
+                    for tag in ("few", "many"):
+                        srv = start_ours(picker, tmp, WIDE_RANGE[0], WIDE_RANGE[1], "%s%d" % (tag, rnd),
+                                         script, label)
+                        servers.append(srv)
+                        pair.append(srv)
+                    for srv in pair:
+                        srv.wait_ready()
+                    run_flat(pair[0], pair[1], d, res, label)
+                except ERRORS as exc:
+                    res.error("flat", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+                finally:
+                    for srv in pair:
+                        srv.stop()
+                        servers.remove(srv)
+            # (c) scenario 6: one call can stall everyone (1,000 live owners, 1,000 foreign-bound)
+            if stall_range is None:
+                continue
+            if not sleepers.procs:
+                try:
+                    sleepers.start(STALL_OWNERS, limit + 60)
+                except (BenchError, OSError) as exc:
+                    sleepers.stop()
+                    for label, _ in daemons:
+                        res.error("stall", label, "starting the owner processes: %s" % exc)
+                    stall_range = None
+                    continue
+            for label, script in order:
+                srv = start_ours(picker, tmp, stall_range[0], stall_range[1], "s%d" % rnd, script, label)
+                servers.append(srv)
+                try:
+                    srv.wait_ready()
+                    run_stall(srv, sleepers, stall_range[0], stall_range[1], d, res, tmp, label)
+                except ERRORS as exc:
+                    res.error("stall", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+                finally:
+                    srv.stop()
+                    servers.remove(srv)
+        sleepers.stop()
         rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
         floor = (rtt, req_len, resp_len, bind_close_us())
     except Watchdog as exc:
         res.error("run", "bench", str(exc))
     finally:
         signal.alarm(0)
-        for srv in servers:
+        for srv in list(servers):
             srv.stop()
+        sleepers.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print(render(res, floor, args, cmdline, time.monotonic() - start, load))
     return 1 if res.errors else 0
