@@ -1847,6 +1847,10 @@ def read_token(path):
                                 % (path, st.st_mode & 0o777))
     if not token:
         raise NodeMngrException("token file %s is empty" % path)
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NodeMngrException("token file %s is not UTF-8 text" % path) from None
     return token
 
 
