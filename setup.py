@@ -34,7 +34,7 @@ setup(
     py_modules=["nodemngr", "nodemngr_proxy"],
     python_requires=">=3.8",
     install_requires=[],
-    extras_require={"test": ["pytest", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis"]},
     entry_points={"console_scripts": ["nodemngr = nodemngr:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -55,10 +55,23 @@ def port_is_free(port):
     return True
 
 
+def _worker_ports():
+    """The share of 14000-29999 this test process draws ranges from: under pytest-xdist each worker
+    has its own, so that two daemons of tests running at once never share a port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    share = 16000 // max(1, count)
+    return 14000 + index * share, 14000 + (index + 1) * share
+
+
 def free_range(size):
     """A range of *size* ports below the ephemeral range, all free now."""
+    low, high = _worker_ports()
+    if high - low < 2 * size:   # a few tests need most of the span: they take their chances
+        low, high = 14000, 30000
     for _ in range(200):
-        first = random.randrange(14000, 30000 - size)
+        first = random.randrange(low, high - size)
         if first <= 11800 <= first + size:
             continue
         if all(port_is_free(p) for p in range(first, first + min(size, 8))):
@@ -107,7 +120,7 @@ def pid_alive(pid):
 
 # Runs the daemon with some class attributes changed (limits are settings, as in socketserver),
 # so that a test of a 10 s limit can wait 2 s instead.
-_WITH_SETTINGS = """import sys
+WITH_SETTINGS = """import sys
 sys.path.insert(0, %r)
 import nodemngr
 for name, value in %r.items():
@@ -146,7 +159,7 @@ class Daemon:
         return "http://%s:%d/RPC2" % (self.host, self.port)
 
     def argv(self):
-        program = ["-c", _WITH_SETTINGS % (ROOT, self.settings)] if self.settings else [NODEMNGR]
+        program = ["-c", WITH_SETTINGS % (ROOT, self.settings)] if self.settings else [NODEMNGR]
         return [self.python] + program + ["serve", "--host", self.host, "--port", str(self.port),
                 "--first-port", str(self.first), "--last-port", str(self.last),
                 "--state", self.state, "--log-level", "DEBUG"] + self.extra_args

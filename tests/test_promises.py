@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import resource
+import shlex
 import shutil
 import socket
 import stat
@@ -17,7 +18,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
+from conftest import WITH_SETTINGS, FAST_REAP, NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
 from test_loop import read_replies, fill_registry, rss_kib
 
 import nodemngr
@@ -363,7 +364,7 @@ def public_copy():
 
 
 HIDEPID_DAEMON = ("mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 "
-                  "--clear-groups --inh-caps=-all %s %s serve --port %d --first-port %d --last-port %d "
+                  "--clear-groups --inh-caps=-all %s -c %s serve --port %d --first-port %d --last-port %d "
                   "--state none --log-level DEBUG")
 
 
@@ -375,7 +376,8 @@ def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper,
     python = "/usr/bin/python3"         # readable by an unprivileged user, unlike a root-only install
     copy = public_copy
     port, (first, last) = free_port(), free_range(3)
-    cmd = HIDEPID_DAEMON % (python, copy / "nodemngr.py", port, first, last)
+    program = shlex.quote(WITH_SETTINGS % (str(copy), FAST_REAP))
+    cmd = HIDEPID_DAEMON % (python, program, port, first, last)
     log = open(str(tmp_path / "hidepid.log"), "wb")
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
                             stdout=log, stderr=subprocess.STDOUT, env=clean_env())
@@ -393,7 +395,7 @@ def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper,
     assert rpc.newPort("root's", sleeper.pid) == first
     sleeper.kill()
     sleeper.wait()
-    assert wait_until(lambda: rpc.listPorts() == [], timeout=3 * nodemngr.REAP_INTERVAL)
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=5)
     rpc.terminate()
     proc.wait(10)
     log.close()
