@@ -50,6 +50,7 @@ import threading
 import time
 import xmlrpc.client
 import zlib
+import collections
 from collections import namedtuple
 from datetime import datetime, timezone
 from xml.parsers import expat
@@ -195,9 +196,20 @@ def process_start_time(pid):
     finally:
         os.close(fd)
     fields = stat.rpartition(b")")[2].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
+    if len(fields) < 20 or (fields[0] in (b"Z", b"X", b"x") and not _threads_live(pid)):
         return None
     return int(fields[19])
+
+
+def _threads_live(pid):
+    """True if a process shown as a zombie still runs threads: its main thread ended
+    (pthread_exit) and the others carry on, and with them the process."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            match = re.search(rb"\nThreads:\s*(\d+)", f.read())
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return match is not None and int(match.group(1)) > 1
 
 
 def _pid_exists(pid):
@@ -255,9 +267,9 @@ def _probes():
 
 _PROBES = None
 _TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
-_TIME_WAIT = "06"
+_TIME_WAIT = b"06"
 _TABLE_TTL = 0.25       # seconds a reading of the TCP tables is used again
-_table = [float("-inf"), {}]     # when read, {local port: set of states}
+_table = [float("-inf"), b""]     # when read, and the tables' text
 
 
 def port_is_bindable(port):
@@ -302,31 +314,30 @@ def _bind_probe(family, kind, address, v6only, port, reuse):
 def _only_time_wait(port):
     """True if every TCP socket the kernel lists on local *port* is in TIME_WAIT, and there is
     one.  None listed means a holder the tables do not show (bound, not listening): held.
-    Without /proc, trust the bind with SO_REUSEADDR."""
+    Without /proc, trust the bind with SO_REUSEADDR.  The tables are read at most once per
+    _TABLE_TTL and searched by one pattern, not line by line: a local user can fill them with
+    a hundred thousand TIME_WAIT sockets at no cost of his own."""
     now = time.monotonic()
     if now - _table[0] > _TABLE_TTL:
         _table[:] = [now, _read_tcp_tables()]
-    states = _table[1]
-    return states is None or states.get(port) == {_TIME_WAIT}
+    text = _table[1]
+    if text is None:
+        return True
+    states = set(re.findall(rb"^ *\d+: [0-9A-F]+:%04X [0-9A-F]+:[0-9A-F]{4} ([0-9A-F]{2}) " % port, text, re.M))
+    return states == {_TIME_WAIT}
 
 
 def _read_tcp_tables():
-    """{local port: set of TCP states} of every socket the kernel lists; None without /proc."""
-    found = {}
+    """The text of the kernel's TCP tables (IPv4 and IPv6), or None without /proc."""
+    text = b""
     for table in _TCP_TABLES:
         try:
             with open(table, "rb") as f:
-                lines = f.read().splitlines()[1:]
+                text += f.read()
         except FileNotFoundError:
             if not os.path.exists("/proc/net"):
-                return None
-            continue    # no IPv6 here
-        for line in lines:
-            fields = line.split(None, 4)
-            if len(fields) > 3:
-                port = int(fields[1].rpartition(b":")[2], 16)
-                found.setdefault(port, set()).add(fields[3].decode("ascii"))
-    return found
+                return None     # not Linux
+    return text
 
 
 def is_loopback(host):
@@ -491,6 +502,7 @@ class PortAllocator:
         self.first, self.last = first, last
         self.held = {}          # port -> Registration
         self.owners = {}        # (pid, start) -> set of ports
+        self.changes = 0        # counts changes to held: a listing made at the same count is current
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._clock = clock
         for reg in registrations:
@@ -532,6 +544,7 @@ class PortAllocator:
     def release(self, port):
         """Forget a held port and make it free again; return its Registration."""
         reg = self.held.pop(port)
+        self.changes += 1
         key = (reg.pid, reg.start)
         if reg.pid:
             ports = self.owners[key]
@@ -544,6 +557,7 @@ class PortAllocator:
 
     def _hold(self, reg):
         self.held[reg.port] = reg
+        self.changes += 1
         if reg.pid:
             self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
 
@@ -716,9 +730,13 @@ class StateStore:
             return self._open(path)
 
     def _open(self, path):
+        before = os.lstat(path)
         # a daemon on its way out releases the file within about a second: wait that long for it
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=self.lock_wait)
         try:
+            after = os.lstat(path)      # sqlite opens by name: the file it opened must be the one checked
+            if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+                raise NodeMngrException("state file %s was replaced while it was being opened; refusing it" % path)
             db.execute("PRAGMA locking_mode=EXCLUSIVE")
             try:
                 db.execute("BEGIN EXCLUSIVE")
@@ -1004,9 +1022,9 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
     del _tag
 
     def end_struct(self, data):
-        names = self._stack[self._marks[-1]::2]
-        if not all(isinstance(name, str) for name in names):
-            raise ValueError("a struct member name must be a string")
+        items = self._stack[self._marks[-1]:]
+        if len(items) % 2 or not all(isinstance(name, str) for name in items[::2]):
+            raise ValueError("each struct member needs a <name> string and a <value>")
         xmlrpc.client.Unmarshaller.end_struct(self, data)
     dispatch["struct"] = end_struct
 
@@ -1452,10 +1470,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.stopping = False
         self.stop_reason = None
         self.reopen_logs = False    # set by SIGHUP: the loop reopens the log files
+        self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self.pending_bytes = 0      # bytes of replies queued and not yet taken by their clients
         self.connection_limit = self.max_connections
         self.conns = {}             # socket -> _Connection
         self.heads = {}             # request head bytes -> what _read_head made of them
+        self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
         self.backlog = set()        # connections with requests left over from their last turn
         self._listening = True      # the listening socket is watched (not paused)
         self._accept_warned = 0.0
@@ -1496,6 +1516,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
             params, method = parse_call(body)
             if short_of_memory and method in _LARGE_REPLIES:
                 raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
+            if method == "listPorts" and not params:
+                return self._listing()
             result = self._dispatch(method, params)
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
@@ -1509,6 +1531,15 @@ class NodeMngrServer(SimpleXMLRPCServer):
             return xmlrpc.client.dumps(Fault(INTERNAL_ERROR, "internal error: the reply could not be "
                                              "marshalled; see the node manager's log"),
                                        methodresponse=True).encode("utf-8")
+
+    def _listing(self):
+        """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
+        many clients asking at once must not each pay for marshalling it."""
+        changes = self.node.allocator.changes
+        if self._listing_cache[0] != changes:
+            self._listing_cache = (changes, dumps((self._dispatch("listPorts", ()),), methodresponse=True,
+                                                  allow_none=False).encode("utf-8"))
+        return self._listing_cache[1]
 
     def _dispatch(self, method, params):
         entry = self._methods.get(method)
@@ -1671,7 +1702,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     self._listen(False)
                 return
             if len(self.conns) >= self.connection_limit and not self._evict_idlest():
-                _turn_away(sock)
+                self._turn_away(sock)
                 continue
             try:
                 sock.setblocking(False)
@@ -1729,7 +1760,25 @@ class NodeMngrServer(SimpleXMLRPCServer):
             self._selector.unregister(conn.sock)
         conn.sock.close()
 
+    def _turn_away(self, sock):
+        """Answer 503 and close.  Read what the client sent first, and keep the socket a moment
+        half-closed (a few at most): closing with unread bytes would reset the connection, and
+        the client would see a broken pipe instead of the 503."""
+        try:
+            sock.setblocking(False)
+            _drain_socket(sock)
+            sock.send(_response(503, b"too many connections; try again shortly\n",
+                                "text/plain; charset=utf-8", True))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if len(self._refused) >= self.fd_reserve // 2:    # the oldest has most likely been read
+            _close_drained(self._refused.popleft()[1])
+        self._refused.append((time.monotonic() + 1.0, sock))
+
     def _cut_overdue(self, now):
+        while self._refused and self._refused[0][0] < now:
+            _close_drained(self._refused.popleft()[1])
         """Close connections past their deadline: idle too long, stalled mid-request, lingering."""
         for conn in [c for c in self.conns.values() if c.deadline < now]:
             if not conn.lingering:
@@ -1772,20 +1821,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
     def server_close(self):
         for conn in list(self.conns.values()):
             self.close_conn(conn)
+        while self._refused:
+            self._refused.popleft()[1].close()
         self._selector.close()      # (also called by TCPServer when the bind fails)
         self._wake_r.close()
         self._wake_w.close()
         SimpleXMLRPCServer.server_close(self)
 
 
-def _turn_away(sock):
-    body = b"too many connections; try again shortly\n"
-    try:
-        sock.setblocking(False)
-        sock.send(_response(503, body, "text/plain; charset=utf-8", True))
-    except OSError:
-        pass
-    sock.close()
 
 
 def _shut(sock, how=socket.SHUT_RDWR):
@@ -1803,6 +1846,12 @@ def _has_pending(sock):
         return False
 
 
+def _close_drained(sock):
+    """Close after reading what has arrived: closing with unread bytes resets the connection."""
+    _drain_socket(sock)
+    sock.close()
+
+
 def _drain_socket(sock):
     try:
         while sock.recv(4096):
@@ -1816,7 +1865,14 @@ def _drain_socket(sock):
 # ---------------------------------------------------------------------------------------------
 
 def env_host(value=None):
-    return value or os.environ.get("NODEMNGR_HOST") or "127.0.0.1"
+    """The node manager's host: *value*, else NODEMNGR_HOST, else 127.0.0.1 (brackets dropped)."""
+    host = value or os.environ.get("NODEMNGR_HOST") or "127.0.0.1"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or any(c in host for c in "[]/@ ") or (host.count(":") == 1):
+        raise NodeMngrException("%s is not a host name or address (give the port with --port or "
+                                "NODEMNGR_PORT)" % _show(host))
+    return host
 
 
 def env_port(value=None, var="NODEMNGR_PORT", default=nmPort):
@@ -1880,9 +1936,16 @@ class _TimeoutTransport(xmlrpc.client.Transport):
         return conn
 
     def request(self, host, handler, request_body, verbose=False):
+        bad = _XML_FORBIDDEN.search(request_body)
+        if bad:
+            raise BadArgumentError("cannot send the control character U+%04X: XML 1.0, and so XML-RPC, "
+                                   "has no way to carry it" % ord(bad.group()))
         # xmlrpc.client writes a CR inside a string raw, and XML readers turn a raw CR into LF; the
         # marshaller writes no CR of its own, so every CR here belongs to a string
         return super().request(host, handler, request_body.replace(b"\r", b"&#13;"), verbose)
+
+
+_XML_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 def _TimeoutProxy(url, timeout):
@@ -2135,7 +2198,10 @@ def main(argv=None):
 
 def _run_client_command(args):
     host, port = env_host(args.host), env_port(args.port)
-    proxy = _client(host, port, args.token_file)
+    try:
+        proxy = _client(host, port, args.token_file)
+    except ValueError as exc:   # a URL xmlrpc.client cannot parse
+        raise NodeMngrException("cannot reach %s:%d: %s" % (host, port, _reason(exc)))
     try:
         if args.command == "ping":
             print(proxy.ping())
@@ -2213,6 +2279,8 @@ class _LazyProxy:
         self._lock = threading.Lock()
 
     def __getattr__(self, name):
+        if name.startswith("_"):    # copy and pickle look for these on an instance without __init__
+            raise AttributeError(name)
         with self._lock:
             if self._proxy is None:
                 self._proxy = _proxy_class()()

@@ -132,6 +132,9 @@ class NodeMngrProxy:
             except xmlrpc.client.Fault as fault:
                 self._give_back(server)
                 raise exception_from_fault(fault) from None
+            except NodeMngrException:   # refused before sending (a character XML cannot carry)
+                self._give_back(server)
+                raise
             except OSError as exc:
                 server("close")()
                 if attempt or not self._should_start(exc, autostart):

@@ -554,3 +554,128 @@ def test_gzip_with_data_after_its_end_is_refused(daemon):
         assert status.startswith(b"HTTP/1.1 400 ") and b"after its end" in text
     (status, _), = _raw(daemon, post(gzip.compress(body), b"Content-Encoding: gzip\r\nConnection: close\r\n"))[0]
     assert status == b"HTTP/1.1 200 OK"
+
+
+# -- found by the adversarial run after the fixes above -----------------------------------------
+
+ZOMBIE_LEADER = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    threading.Thread(target=lambda: (time.sleep(60), os._exit(0))).start()
+    print("ready", flush=True)
+    time.sleep(0.2)
+    ctypes.CDLL(None).pthread_exit(None)     # the main thread ends; the process runs on
+""")
+
+
+def test_a_process_whose_main_thread_ended_still_owns_its_port(daemon_factory, reap_pids):
+    d = daemon_factory(settings=FAST_REAP)
+    proc = subprocess.Popen([sys.executable, "-c", ZOMBIE_LEADER], stdout=subprocess.PIPE, text=True)
+    reap_pids.append(proc.pid)
+    assert proc.stdout.readline() == "ready\n"
+    assert wait_until(lambda: open("/proc/%d/stat" % proc.pid).read().rpartition(")")[2].split()[0] == "Z")
+    port = d.rpc().newPort("threads live on", proc.pid)
+    changed = wait_until(lambda: d.rpc().listPorts() == [], timeout=3 * FAST_REAP["NodeMngr.reap_interval"])
+    assert not changed, "the port was freed while the process ran"
+    assert [(e["port"], e["pid"]) for e in d.rpc().listPorts()] == [(port, proc.pid)]
+    proc.kill()
+    proc.wait()
+    assert wait_until(lambda: d.rpc().listPorts() == [], timeout=5)
+
+
+def test_listings_follow_every_change(daemon_factory, reap_pids):
+    d = daemon_factory(settings=FAST_REAP)
+    rpc = d.rpc()
+    assert rpc.listPorts() == []
+    a = rpc.newPort("a", 0)
+    assert [e["port"] for e in rpc.listPorts()] == [a]
+    owner = subprocess.Popen(["sleep", "60"])
+    reap_pids.append(owner.pid)
+    b = rpc.newPort("b", owner.pid)
+    assert [e["port"] for e in rpc.listPorts()] == [a, b]
+    rpc.delPort(a)
+    assert [e["port"] for e in rpc.listPorts()] == [b]
+    owner.kill()
+    owner.wait()
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=5), "a reaped port stayed listed"
+
+
+def test_a_stop_is_quick_while_many_slow_clients_read_listings(daemon_factory):
+    d = daemon_factory(size=1000)
+    fill_registry(d, 1000)
+    request = post(xmlrpc.client.dumps((), "listPorts").encode())
+    clients = []
+    try:
+        for _ in range(60):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((d.host, d.port))
+            s.sendall(request)
+            clients.append(s)
+        assert d.rpc().ping().startswith("NodeMngr at ")
+        assert d.terminate(timeout=5) == 0
+    finally:
+        for s in clients:
+            s.close()
+
+
+def test_newcomers_turned_away_read_a_503(daemon_factory):
+    d = daemon_factory(settings={"NodeMngrServer.max_connections": 8})
+    held = []
+    try:
+        for _ in range(8):
+            s = socket.create_connection((d.host, d.port))
+            s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n<?xml")
+            held.append(s)
+        for _ in range(20):
+            with pytest.raises(xmlrpc.client.ProtocolError) as info:
+                d.rpc().ping()
+            assert info.value.errcode == 503
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_state_file_swapped_for_a_link_while_opening_is_refused(tmp_path):
+    path, victim = tmp_path / "state.sqlite3", tmp_path / "victim"
+    victim.write_bytes(b"")
+    check = nodemngr._create_regular_file
+
+    def check_then_swap(p):     # what another user could do between the check and sqlite's open
+        check(p)
+        os.unlink(p)
+        os.symlink(str(victim), p)
+    nodemngr._create_regular_file = check_then_swap
+    try:
+        with pytest.raises(nodemngr.NodeMngrException) as info:
+            nodemngr.StateStore(str(path))
+    finally:
+        nodemngr._create_regular_file = check
+    assert "replaced" in str(info.value)
+    assert victim.read_bytes() == b""
+
+
+def test_more_errors_in_one_line(daemon):
+    for args, env in ((["ping", "--host", "127.0.0.1:5"], None),
+                      (["stop"], clean_env(NODEMNGR_HOST="[::1")),
+                      (["new", "a\x1bb"], daemon.env)):
+        r = _cli(*args, env=env)
+        assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert "U+001B" in r.stderr
+    with pytest.raises(nodemngr.BadArgumentError) as info:
+        daemon.proxy().newPort("a\x01b")
+    assert "U+0001" in str(info.value)
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        daemon.rpc()._ServerProxy__request("newPort", ())  # a warm-up that is well-formed: arity fault
+    assert fault.value.faultCode == -32602
+    body = (b"<?xml version='1.0'?><methodCall><methodName>newPort</methodName><params><param><value>"
+            b"<struct><member><value><int>1</int></value></member></struct></value></param></params></methodCall>")
+    (status, reply), = _raw(daemon, post(body, b"Connection: close\r\n"))[0]
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        xmlrpc.client.loads(reply)
+    assert fault.value.faultCode == -32600 and "<name>" in fault.value.faultString
+
+
+def test_nm_can_be_copied_without_being_used():
+    import copy
+    clone = copy.copy(nodemngr.nm)
+    assert clone is not None and nodemngr.nm._proxy is None
