@@ -50,6 +50,30 @@ def read_replies(sock, count, timeout=20):
     return replies
 
 
+def slow_readers(daemon, count, request):
+    """*count* connections that each send *request* and read nothing (small receive buffers)."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((daemon.host, daemon.port))
+        s.sendall(request)
+        socks.append(s)
+    return socks
+
+
+def count_turned_away(socks):
+    """How many of *socks* have a 503 waiting to be read."""
+    count = 0
+    for s in socks:
+        s.settimeout(0.05)
+        try:
+            count += s.recv(100).startswith(b"HTTP/1.1 503 ")
+        except socket.timeout:
+            pass
+    return count
+
+
 def fill_registry(daemon, count, info_bytes=3900):
     """Register *count* ports with big infos, so that one listPorts reply is megabytes."""
     rpc = daemon.rpc()
@@ -145,14 +169,7 @@ def test_short_of_descriptors_turns_newcomers_away_without_spinning(daemon_facto
         time.sleep(2.0)
         assert cpu_seconds(d.proc.pid) - cpu0 < 0.5, "the daemon spun on a listening socket"
         # it stops accepting while it still has descriptors to spare for the calls in progress
-        turned_away = 0
-        for s in held:
-            s.settimeout(0.05)
-            try:
-                turned_away += s.recv(100).startswith(b"HTTP/1.1 503 ")
-            except socket.timeout:
-                pass
-        assert 0 < turned_away < 60
+        assert 0 < count_turned_away(held) < 60
     finally:
         for s in held:
             s.close()

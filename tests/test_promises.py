@@ -19,7 +19,7 @@ import xmlrpc.client
 import pytest
 
 from conftest import WITH_SETTINGS, FAST_REAP, NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
-from test_loop import read_replies, fill_registry, rss_kib
+from test_loop import count_turned_away, fill_registry, read_replies, rss_kib, slow_readers
 
 import nodemngr
 
@@ -222,23 +222,11 @@ def test_unread_replies_are_bounded_in_memory(daemon_factory):
     d = daemon_factory(size=1000)
     fill_registry(d, 1000)          # one listPorts reply is about 4 MB
     base = rss_kib(d.proc.pid)
-    request = post(xmlrpc.client.dumps((), "listPorts").encode())
-    clients, turned_away = [], 0
+    clients = slow_readers(d, 120, post(xmlrpc.client.dumps((), "listPorts").encode()))
     try:
-        for _ in range(120):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect((d.host, d.port))
-            s.sendall(request)
-            clients.append(s)
         assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
         peak = _status_kib(d.proc.pid, "VmHWM")
-        for s in clients:
-            s.settimeout(0.05)
-            try:
-                turned_away += s.recv(30).startswith(b"HTTP/1.1 503 ")
-            except socket.timeout:
-                pass
+        turned_away = count_turned_away(clients)
     finally:
         for s in clients:
             s.close()
@@ -602,15 +590,8 @@ def test_listings_follow_every_change(daemon_factory, reap_pids):
 def test_a_stop_is_quick_while_many_slow_clients_read_listings(daemon_factory):
     d = daemon_factory(size=1000)
     fill_registry(d, 1000)
-    request = post(xmlrpc.client.dumps((), "listPorts").encode())
-    clients = []
+    clients = slow_readers(d, 60, post(xmlrpc.client.dumps((), "listPorts").encode()))
     try:
-        for _ in range(60):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect((d.host, d.port))
-            s.sendall(request)
-            clients.append(s)
         assert d.rpc().ping().startswith("NodeMngr at ")
         assert d.terminate(timeout=5) == 0
     finally:
