@@ -44,6 +44,7 @@ import signal
 import socket
 import sqlite3
 import stat
+import struct
 import sys
 import tempfile
 import threading
@@ -58,9 +59,11 @@ from xmlrpc.client import Fault
 from xmlrpc.server import SimpleXMLRPCServer
 
 try:
+    import fcntl
     import resource
+    import termios
 except ImportError:     # not on Windows
-    resource = None
+    fcntl = resource = termios = None
 
 __all__ = [
     "nmPort", "firstPort", "lastPort", "NodeMngrException", "UnknownPortError", "NoFreePortError",
@@ -1185,7 +1188,7 @@ class _Connection:
     """
 
     __slots__ = ("server", "sock", "peer", "inbuf", "outbuf", "head", "deadline", "served",
-                 "closing", "lingering", "closed", "eof", "events")
+                 "closing", "lingering", "closed", "eof", "events", "owed")
 
     def __init__(self, server, sock, peer):
         self.server, self.sock, self.peer = server, sock, peer
@@ -1247,6 +1250,9 @@ class _Connection:
         server = self.server
         for _ in range(_TURN_REQUESTS):
             if self.outbuf or self.closing or self.closed:
+                break
+            if server.released:         # stopping, and the state is closed: nothing more is taken
+                server.close_conn(self)
                 break
             try:
                 request = self._take_request()
@@ -1469,6 +1475,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.node = None
         self.stopping = False
         self.stop_reason = None
+        self.released = False       # stopping, and the state file is closed: no more requests
         self.reopen_logs = False    # set by SIGHUP: the loop reopens the log files
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self.pending_bytes = 0      # bytes of replies queued and not yet taken by their clients
@@ -1651,6 +1658,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 now = time.monotonic()
                 if self.stop_reason is not None and not self.stopping:
                     self._begin_stop(now)
+                if self.stopping and not self.released and self.node is not None:
+                    self._release_if_drained(now)
                 if self.reopen_logs:
                     self.reopen_logs = False
                     reopen_log_files()
@@ -1777,15 +1786,29 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._refused.append((time.monotonic() + 1.0, sock))
 
     def _cut_overdue(self, now):
+        """Close connections past their deadline: idle too long, stalled mid-request, lingering,
+        or, once stopping, no longer taking the reply they are owed."""
         while self._refused and self._refused[0][0] < now:
             _close_drained(self._refused.popleft()[1])
-        """Close connections past their deadline: idle too long, stalled mid-request, lingering."""
         for conn in [c for c in self.conns.values() if c.deadline < now]:
+            if self.released and conn.outbuf and self._still_taking(conn):
+                conn.deadline = now + self.stop_grace
+                continue
             if not conn.lingering:
                 log.debug("closing %s connection from %s", "idle" if conn.idle else "stalled", conn.peer)
             self.close_conn(conn)
 
     # -- stopping --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _still_taking(conn):
+        """Whether the client took some of its reply since the last look: what is left (ours and
+        the kernel's send queue) has shrunk.  The loop hears of it only when a third of the
+        kernel's buffer is free, which for a slow reader can take more than stop_grace."""
+        left = len(conn.outbuf) + _unsent_bytes(conn.sock)
+        taking = left < conn.owed
+        conn.owed = left
+        return taking
 
     def request_stop(self, reason):
         """Stop serving soon; safe from a signal handler and from a request."""
@@ -1816,7 +1839,24 @@ class NodeMngrServer(SimpleXMLRPCServer):
         for conn in list(self.conns.values()):
             if conn.idle and not _has_pending(conn.sock):
                 self.close_conn(conn)
-        self._stop_deadline = now + self.stop_grace
+        self._release_at = now + self.stop_grace
+        self._stop_deadline = now + self.stall_timeout + 1     # for replies owed to slow readers
+
+    def _release_if_drained(self, now):
+        """Once no request is left half-received (or stop_grace has passed): drop those that are,
+        and close the state file, so that the next daemon can start at once.  Replies owed are
+        still sent, to clients that keep taking them (each gets stop_grace from its last bytes
+        taken); the connections close after them."""
+        if any(c.head is not None or c.inbuf for c in self.conns.values()) and now < self._release_at:
+            return
+        for conn in list(self.conns.values()):
+            conn.head, conn.inbuf = None, b""
+            conn.deadline = min(conn.deadline, now + self.stop_grace)
+            conn.owed = float("inf")
+            if not conn.outbuf:
+                self.close_conn(conn)
+        self.released = True
+        self.node.close()
 
     def server_close(self):
         for conn in list(self.conns.values()):
@@ -1844,6 +1884,16 @@ def _has_pending(sock):
         return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
     except OSError:
         return False
+
+
+def _unsent_bytes(sock):
+    """Bytes the kernel still holds to send on *sock* (Linux's SIOCOUTQ); 0 where it cannot say."""
+    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def _close_drained(sock):
