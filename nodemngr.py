@@ -506,6 +506,7 @@ class PortAllocator:
         self.held = {}          # port -> Registration
         self.owners = {}        # (pid, start) -> set of ports
         self.changes = 0        # counts changes to held: a listing made at the same count is current
+        self.in_range = 0       # held ports within [first, last] (a saved state may hold others)
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._clock = clock
         for reg in registrations:
@@ -548,6 +549,7 @@ class PortAllocator:
         """Forget a held port and make it free again; return its Registration."""
         reg = self.held.pop(port)
         self.changes += 1
+        self.in_range -= self.first <= port <= self.last
         key = (reg.pid, reg.start)
         if reg.pid:
             ports = self.owners[key]
@@ -561,6 +563,7 @@ class PortAllocator:
     def _hold(self, reg):
         self.held[reg.port] = reg
         self.changes += 1
+        self.in_range += self.first <= reg.port <= self.last
         if reg.pid:
             self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
 
@@ -811,6 +814,7 @@ class NodeMngr:
         self.started = time.time()
         self.reaped = 0
         self._unchecked = []    # owners the current reap pass has yet to look at
+        self._processes = set()     # (pid, start) found to be a process, not a thread
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.server = None      # set by NodeMngrServer: terminate() stops it
         self.local = threading.local()      # .peer: the caller's address, set per request
@@ -909,8 +913,13 @@ class NodeMngr:
                                     % (pid, exc.strerror or exc))
         if start is None:
             raise BadArgumentError("pid %d is not a live process on this host" % pid)
-        if (pid, start) not in self.allocator.owners and is_thread_of_another(pid):
-            raise BadArgumentError("pid %d is a thread, not a process; give the process id (getpid)" % pid)
+        key = (pid, start)
+        if key not in self._processes:      # a client calls again and again with its own pid
+            if is_thread_of_another(pid):
+                raise BadArgumentError("pid %d is a thread, not a process; give the process id (getpid)" % pid)
+            if len(self._processes) >= 1024:
+                self._processes.clear()
+            self._processes.add(key)
         return start
 
     def _register(self, info, blob, pid, start):
@@ -946,9 +955,8 @@ class NodeMngr:
             if port is not None:
                 return port
         a = self.allocator
-        mine = sum(1 for p in a.held if a.first <= p <= a.last)
         raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
-                              % (a.first, a.last, mine, a.last - a.first + 1 - mine))
+                              % (a.first, a.last, a.in_range, a.last - a.first + 1 - a.in_range))
 
     def reap(self):
         """Free the ports of every owner that has ended; return how many were freed."""
