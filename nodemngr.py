@@ -1207,6 +1207,7 @@ class _Connection:
         self.closing = None         # "close" or "linger" once the last reply is queued
         self.lingering = self.closed = self.eof = False
         self.events = 0             # what the selector watches for (NodeMngrServer.watch)
+        self.owed = float("inf")    # once stopping: bytes of its reply left at the last look
 
     @property
     def idle(self):
@@ -1860,7 +1861,6 @@ class NodeMngrServer(SimpleXMLRPCServer):
         for conn in list(self.conns.values()):
             conn.head, conn.inbuf = None, b""
             conn.deadline = min(conn.deadline, now + self.stop_grace)
-            conn.owed = float("inf")
             if not conn.outbuf:
                 self.close_conn(conn)
         self.released = True
