@@ -1856,7 +1856,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         and close the state file, so that the next daemon can start at once.  Replies owed are
         still sent, to clients that keep taking them (each gets stop_grace from its last bytes
         taken); the connections close after them."""
-        if any(c.head is not None or c.inbuf for c in self.conns.values()) and now < self._release_at:
+        if now < self._release_at and any(c.head is not None or c.inbuf or _has_pending(c.sock)
+                                          for c in self.conns.values()):
             return
         for conn in list(self.conns.values()):
             conn.head, conn.inbuf = None, b""
