@@ -498,6 +498,8 @@ class PortAllocator:
     """
 
     busy_retry = BUSY_RETRY
+    recheck_rate = 2000     # set-aside ports probed again per second, at most,
+    recheck_burst = 32      # and at once
 
     def __init__(self, first, last, registrations=(), clock=time.monotonic):
         if not 1 <= first <= last <= 65535:
@@ -508,6 +510,7 @@ class PortAllocator:
         self.changes = 0        # counts changes to held: a listing made at the same count is current
         self.in_range = 0       # held ports within [first, last] (a saved state may hold others)
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
+        self._rechecks, self._rechecked_at = 0.0, clock()   # a token bucket for probing those again
         self._clock = clock
         for reg in registrations:
             self._hold(reg)
@@ -521,11 +524,15 @@ class PortAllocator:
         return len(self._free) + len(self._busy)
 
     def take(self, usable):
-        """Remove and return the lowest free port that ``usable(port)`` accepts, or None."""
+        """Remove and return the lowest free port that ``usable(port)`` accepts, or None.  The
+        set-aside ports due for another probe come back at recheck_rate a second at most: a
+        thousand found busy together must not be probed again within one call (or multicall)."""
         now = self._clock()
-        if self._busy and self._busy[0][0] <= now:
-            while self._busy and self._busy[0][0] <= now:
-                heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+        self._rechecks = min(self.recheck_burst, self._rechecks + (now - self._rechecked_at) * self.recheck_rate)
+        self._rechecked_at = now
+        while self._rechecks >= 1 and self._busy and self._busy[0][0] <= now:
+            heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+            self._rechecks -= 1
         while self._free:
             port = heapq.heappop(self._free)
             try:
@@ -534,7 +541,9 @@ class PortAllocator:
             except BaseException:   # the check failed, not the port: it stays free
                 heapq.heappush(self._free, port)
                 raise
-            heapq.heappush(self._busy, (now + self.busy_retry, port))
+            # each port comes back after its own share of busy_retry (half to all of it), so that
+            # a thousand ports found busy together are not all probed again by one call
+            heapq.heappush(self._busy, (now + self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5), port))
         return None
 
     def untake(self, port):
@@ -942,16 +951,18 @@ class NodeMngr:
         return port
 
     def _take_after_reaping(self):
-        """Called with the lock held when take() found nothing.  At most once per reap interval,
-        however many calls fail meanwhile: reap the ended owners and probe the set-aside ports
-        again (both cost a system call per port, so a stream of failing calls must not repeat them)."""
+        """Called with the lock held when take() found nothing: reap the ended owners first.
+        Failing calls advance the pass over the owners that the server makes every reap
+        interval, a slice each, and start no new pass sooner: a stream of them must not read
+        /proc for every owner again and again.  Ports set aside as busy come back on their own
+        timers, a few at a time: probing a thousand at once would hold up every caller."""
         now = time.monotonic()
         if now >= self._next_sweep:
-            self._next_sweep = now + self.reap_interval
-            reaped = self._reap_locked([key for key in self.allocator.owners if not owner_alive(*key)])
-            log.debug("no port free: swept the range (%d reaped, %d set-aside ports probed again)",
-                      reaped, self.allocator.recall_all_busy())
-            port = self.allocator.take(self.host_check)
+            done, reaped = self._reap_step_locked(0.002)
+            if done:
+                self._next_sweep = now + self.reap_interval
+                log.debug("no port free: swept the owners")
+            port = self.allocator.take(self.host_check) if reaped else None
             if port is not None:
                 return port
         a = self.allocator
@@ -973,17 +984,20 @@ class NodeMngr:
         it until the pass is complete, one slice per turn of its loop, so that thousands of
         owners never hold up the callers."""
         with self._lock:
-            if not self._unchecked:
-                self._unchecked = list(self.allocator.owners)
-            deadline = None if budget is None else time.monotonic() + budget
-            dead = []
-            while self._unchecked:
-                key = self._unchecked.pop()
-                if key in self.allocator.owners and not owner_alive(*key):
-                    dead.append(key)
-                if deadline is not None and len(self._unchecked) % 16 == 0 and time.monotonic() >= deadline:
-                    break
-            return not self._unchecked, self._reap_locked(dead)
+            return self._reap_step_locked(budget)
+
+    def _reap_step_locked(self, budget):
+        if not self._unchecked:
+            self._unchecked = list(self.allocator.owners)
+        deadline = None if budget is None else time.monotonic() + budget
+        dead = []
+        while self._unchecked:
+            key = self._unchecked.pop()
+            if key in self.allocator.owners and not owner_alive(*key):
+                dead.append(key)
+            if deadline is not None and len(self._unchecked) % 16 == 0 and time.monotonic() >= deadline:
+                break
+        return not self._unchecked, self._reap_locked(dead)
 
     def _reap_locked(self, dead):
         ports = [p for key in dead for p in sorted(self.allocator.owners.get(key, ()))]

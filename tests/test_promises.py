@@ -178,7 +178,7 @@ def test_failing_calls_sweep_the_range_once_per_interval(daemon_factory, sleeper
             faults += [f for f in _results(multi()) if isinstance(f, xmlrpc.client.Fault)]
         assert len(faults) == 300 and {f.faultCode for f in faults} == {2}
         assert faults[0].faultString == "no free port in %d-%d: 10 registered, 10 held by other programs" % (d.first, d.last)
-        assert d.read_log().count("no port free: swept the range") == 1
+        assert d.read_log().count("no port free: swept the owners") == 1
     finally:
         for s in foreign:
             s.close()
