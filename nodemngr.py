@@ -541,9 +541,7 @@ class PortAllocator:
             except BaseException:   # the check failed, not the port: it stays free
                 heapq.heappush(self._free, port)
                 raise
-            # each port comes back after its own share of busy_retry (half to all of it), so that
-            # a thousand ports found busy together are not all probed again by one call
-            heapq.heappush(self._busy, (now + self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5), port))
+            heapq.heappush(self._busy, (now + self._retry_after(port), port))
         return None
 
     def untake(self, port):
@@ -575,6 +573,26 @@ class PortAllocator:
         self.in_range += self.first <= reg.port <= self.last
         if reg.pid:
             self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
+
+    def recheck_due(self, usable, limit=32):
+        """Probe up to *limit* set-aside ports that are due again; the usable ones become free.
+        The server calls this between turns, so that a port its holder let go comes back
+        however rarely clients ask.  True while more are due."""
+        now = self._clock()
+        for _ in range(limit):
+            if not self._busy or self._busy[0][0] > now:
+                return False
+            port = heapq.heappop(self._busy)[1]
+            if usable(port):
+                heapq.heappush(self._free, port)
+            else:
+                heapq.heappush(self._busy, (now + self._retry_after(port), port))
+        return bool(self._busy) and self._busy[0][0] <= now
+
+    def _retry_after(self, port):
+        # each port comes back after its own share of busy_retry (half to all of it), so that
+        # a thousand ports found busy together are not all due at once
+        return self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5)
 
     def recall_all_busy(self):
         """Probe every set-aside port again on the next take() (before saying none is free);
@@ -670,7 +688,7 @@ class StateStore:
     ``StateStore(None)`` keeps nothing (``--state none``).
     """
 
-    lock_wait = 2.0     # seconds to wait for a state file that another daemon still holds
+    lock_wait = 5.0     # seconds to wait for a state file that another daemon still holds
 
     def __init__(self, path):
         self.path = path
@@ -1014,6 +1032,14 @@ class NodeMngr:
         self.reaped += len(ports)
         return len(ports)
 
+    def recheck_step(self):
+        """Probe a few of the ports set aside as busy that are due again; True while more are."""
+        with self._lock:
+            try:
+                return self.allocator.recheck_due(self.host_check)
+            except OSError:     # no descriptor for a probe now: the ports stay set aside
+                return False
+
     def close(self):
         with self._lock:
             self.store.close()
@@ -1275,7 +1301,6 @@ class _Connection:
             if self.outbuf or self.closing or self.closed:
                 break
             if server.released:         # stopping, and the state is closed: nothing more is taken
-                server.close_conn(self)
                 break
             try:
                 request = self._take_request()
@@ -1283,24 +1308,65 @@ class _Connection:
                 self._fail(exc)
                 break
             if request is None:
-                if self.eof or (server.stopping and self.head is None and not self.inbuf):
+                if self.eof or (server.stopping and self.head is None and not self.inbuf
+                                and not _has_pending(self.sock)):
                     server.close_conn(self)     # nothing more will come, or may be taken
                 break
-            head, body = request
-            server.node.local.peer = self.peer[0]
-            try:
-                reply = server.dispatch_body(body, server.pending_bytes > server.max_pending_bytes)
-            except _HTTPError as exc:
-                self._fail(exc)
+            if not self._answer(request):
                 break
-            self.served += 1
-            if not head.keep_alive:
-                self.closing = "close"
-            self._send(_xml_response(reply, self.closing is not None, head.echo_keep_alive))
         else:
             server.backlog.add(self)    # more may be complete: the next turn answers them
         if not self.closed:
             server.watch(self)
+
+    def _answer(self, request):
+        """Dispatch one request and queue its reply; False if the connection ends with it."""
+        head, body = request
+        server = self.server
+        server.node.local.peer = self.peer[0]
+        try:
+            reply = server.dispatch_body(body, server.pending_bytes > server.max_pending_bytes)
+        except _HTTPError as exc:
+            self._fail(exc)
+            return False
+        self.served += 1
+        if not head.keep_alive:
+            self.closing = "close"
+        self._send(_xml_response(reply, self.closing is not None, head.echo_keep_alive))
+        return not (self.closing or self.closed)
+
+    def answer_the_rest(self, grace):
+        """Stopping, just before the state file closes: answer every complete request received,
+        even those waiting behind a reply not yet taken, drop what is incomplete, and close once
+        the replies are taken, without a reset (which would lose what the kernel has not sent)."""
+        while len(self.inbuf) < _INBUF_LIMIT and not self.eof:
+            try:
+                data = self.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.server.close_conn(self)
+                return
+            self.eof = not data
+            self.inbuf += data
+        while self.closing is None and not self.closed:
+            try:
+                request = self._take_request()
+            except _HTTPError as exc:
+                self._fail(exc)
+                break
+            if request is None or not self._answer(request):
+                break
+        if self.closed:
+            return
+        self.head, self.inbuf = None, b""
+        self.deadline = min(self.deadline, time.monotonic() + grace)
+        if self.closing is None:
+            self.closing = "linger"
+        if not self.outbuf:
+            self._sent_all()
+        if not self.closed:
+            self.server.watch(self)
 
     def _take_request(self):
         """(keep_alive, body) of the next complete request in inbuf, or None; _HTTPError if bad."""
@@ -1661,11 +1727,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         next_tick = time.monotonic()
         next_reap = next_tick + self.node.reap_interval if self.node else float("inf")
-        reaping = False
+        reaping = rechecking = False
         try:
             while not self.stopping or (self.conns and time.monotonic() < self._stop_deadline):
                 accept = False
-                busy = self.backlog or reaping
+                busy = self.backlog or reaping or rechecking
                 for key, events in self._selector.select(0 if busy else poll_interval):
                     if key.data == "accept":
                         accept = True
@@ -1691,6 +1757,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     self._cut_overdue(now)
                     if not self._listening and not self.stopping:
                         self._listen(True)
+                if not self.stopping and self.node is not None:
+                    rechecking = self.node.recheck_step()
                 if (reaping or now >= next_reap) and not self.stopping:
                     reaping = not self._reap_step()
                     if not reaping:
@@ -1866,18 +1934,15 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._stop_deadline = now + self.stall_timeout + 1     # for replies owed to slow readers
 
     def _release_if_drained(self, now):
-        """Once no request is left half-received (or stop_grace has passed): drop those that are,
-        and close the state file, so that the next daemon can start at once.  Replies owed are
-        still sent, to clients that keep taking them (each gets stop_grace from its last bytes
-        taken); the connections close after them."""
+        """Once no request is left half-received (or stop_grace has passed): answer every
+        complete one, drop the rest, and close the state file, so that the next daemon can start
+        at once.  Replies owed are still sent, to clients that keep taking them (each gets
+        stop_grace from its last bytes taken); the connections close after them."""
         if now < self._release_at and any(c.head is not None or c.inbuf or _has_pending(c.sock)
                                           for c in self.conns.values()):
             return
         for conn in list(self.conns.values()):
-            conn.head, conn.inbuf = None, b""
-            conn.deadline = min(conn.deadline, now + self.stop_grace)
-            if not conn.outbuf:
-                self.close_conn(conn)
+            conn.answer_the_rest(self.stop_grace)
         self.released = True
         self.node.close()
 

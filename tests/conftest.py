@@ -144,6 +144,7 @@ class Daemon:
         if first is None:
             first, last = free_range(size)
         self.host, self.port = host, port or free_port()
+        self._own_port = port is None     # a port we picked may be taken before the daemon binds it
         self.first, self.last = first, last
         self.state = str(tmp_path / "state.sqlite3") if state is None else str(state)
         self.log = str(tmp_path / ("daemon-%d.log" % self.port))
@@ -165,11 +166,23 @@ class Daemon:
                 "--state", self.state, "--log-level", "DEBUG"] + self.extra_args
 
     def start(self, wait=True):
-        self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv(), env=self.env, stdin=subprocess.DEVNULL,
-                                     stdout=self._logf, stderr=subprocess.STDOUT)
-        if wait:
-            self.wait_ready()
+        for attempt in range(3):
+            self._logf = open(self.log, "ab")
+            self.proc = subprocess.Popen(self.argv(), env=self.env, stdin=subprocess.DEVNULL,
+                                         stdout=self._logf, stderr=subprocess.STDOUT)
+            if not wait:
+                return self
+            try:
+                self.wait_ready()
+                return self
+            except RuntimeError:
+                lost = "is held by another program" in self.read_log() and self.proc.poll() is not None
+                if not (lost and self._own_port) or attempt == 2:
+                    raise
+            # another process took the free port between free_port() and the bind: pick again
+            self._logf.close()
+            self.port = free_port()
+            self.env["NODEMNGR_PORT"] = str(self.port)
         return self
 
     def wait_ready(self, timeout=10.0):

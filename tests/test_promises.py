@@ -697,3 +697,68 @@ def test_the_state_file_is_released_while_an_owed_reply_is_still_taken(daemon_fa
     head, _, body = b"".join(received).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 ") and len(xmlrpc.client.loads(body)[0][0]) == 1000
     assert d.proc.wait(5) == 0
+
+
+def test_a_stop_answers_requests_pipelined_behind_an_owed_reply(daemon_factory):
+    d = daemon_factory(size=1100)
+    fill_registry(d, 1000)                  # a listPorts reply of about 4 MB
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect((d.host, d.port))
+    s.sendall(post(xmlrpc.client.dumps((), "listPorts").encode())
+              + post(xmlrpc.client.dumps(("pipelined", 0), "newPort").encode()))
+    s.settimeout(10)
+    received = [s.recv(4096)]
+    later = post(xmlrpc.client.dumps(("sent later", 0), "newPort").encode())
+    s.sendall(later)                        # waits in the kernel while the reply is owed
+
+    def take_steadily():
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return
+            received.append(chunk)
+            time.sleep(0.002)
+    reader = threading.Thread(target=take_steadily)
+    reader.start()
+    d.proc.send_signal(__import__("signal").SIGTERM)
+    reader.join(30)
+    s.close()
+    data = b"".join(received)
+    replies = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        replies.append(rest[:length])
+        data = rest[length:]
+    assert len(replies) == 3, "every request received in full is answered, none reset"
+    assert len(xmlrpc.client.loads(replies[0])[0][0]) == 1000
+    ports = [xmlrpc.client.loads(r)[0][0] for r in replies[1:]]
+    assert d.proc.wait(10) == 0
+    d.start()
+    held = {e["port"]: e["info"] for e in d.rpc().listPorts()}
+    assert [held[p] for p in ports] == ["pipelined", "sent later"]
+
+
+def test_a_port_its_holder_let_go_comes_back_however_rarely_clients_ask(daemon_factory):
+    d = daemon_factory(size=300)
+    holders = []
+    try:
+        for port in range(d.first, d.last + 1):
+            h = socket.socket()
+            h.bind(("0.0.0.0", port))
+            h.listen()
+            holders.append(h)
+        with pytest.raises(xmlrpc.client.Fault):
+            d.rpc().newPort("none free", 0)
+        holders.pop(150).close()
+
+        def served():
+            try:
+                return d.rpc().newPort("asked now and then", 0)
+            except xmlrpc.client.Fault:
+                return None
+        assert wait_until(served, timeout=4, interval=0.5) == d.first + 150
+    finally:
+        for h in holders:
+            h.close()
