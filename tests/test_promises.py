@@ -676,16 +676,7 @@ def test_the_state_file_is_released_while_an_owed_reply_is_still_taken(daemon_fa
     slow.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()))
     slow.settimeout(10)
     received = [slow.recv(4096)]            # the reply has begun, and waits in the daemon
-
-    def take_slowly():                      # slowly, but steadily
-        while True:
-            chunk = slow.recv(16384)
-            if not chunk:
-                return
-            received.append(chunk)
-            time.sleep(0.005)
-    reader = threading.Thread(target=take_slowly)
-    reader.start()
+    reader = steady_reader(slow, received, 16384, 0.005)    # slowly, but steadily
     try:
         assert d.rpc().terminate() is True
         successor = daemon_factory(first=d.first, last=d.last, state=d.state)      # starts at once
@@ -711,16 +702,7 @@ def test_a_stop_answers_requests_pipelined_behind_an_owed_reply(daemon_factory):
     received = [s.recv(4096)]
     later = post(xmlrpc.client.dumps(("sent later", 0), "newPort").encode())
     s.sendall(later)                        # waits in the kernel while the reply is owed
-
-    def take_steadily():
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                return
-            received.append(chunk)
-            time.sleep(0.002)
-    reader = threading.Thread(target=take_steadily)
-    reader.start()
+    reader = steady_reader(s, received, 65536, 0.002)
     d.proc.send_signal(__import__("signal").SIGTERM)
     reader.join(30)
     s.close()
@@ -762,3 +744,18 @@ def test_a_port_its_holder_let_go_comes_back_however_rarely_clients_ask(daemon_f
     finally:
         for h in holders:
             h.close()
+
+
+def steady_reader(sock, received, size, pause):
+    """A started thread that reads *sock* to its end, *size* bytes at a time with *pause*
+    seconds between reads, into the list *received*."""
+    def read():
+        while True:
+            chunk = sock.recv(size)
+            if not chunk:
+                return
+            received.append(chunk)
+            time.sleep(pause)
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader
