@@ -676,7 +676,7 @@ def test_the_state_file_is_released_while_an_owed_reply_is_still_taken(daemon_fa
     slow.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()))
     slow.settimeout(10)
     received = [slow.recv(4096)]            # the reply has begun, and waits in the daemon
-    reader = steady_reader(slow, received, 16384, 0.005)    # slowly, but steadily
+    reader = steady_reader(slow, received, 16384, 0.001)    # slowly, but steadily
     try:
         assert d.rpc().terminate() is True
         successor = daemon_factory(first=d.first, last=d.last, state=d.state)      # starts at once
@@ -702,7 +702,7 @@ def test_a_stop_answers_requests_pipelined_behind_an_owed_reply(daemon_factory):
     received = [s.recv(4096)]
     later = post(xmlrpc.client.dumps(("sent later", 0), "newPort").encode())
     s.sendall(later)                        # waits in the kernel while the reply is owed
-    reader = steady_reader(s, received, 65536, 0.002)
+    reader = steady_reader(s, received, 65536, 0.001)
     d.proc.send_signal(__import__("signal").SIGTERM)
     reader.join(30)
     s.close()
