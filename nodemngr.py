@@ -207,12 +207,18 @@ def process_start_time(pid):
 def _threads_live(pid):
     """True if a process shown as a zombie still runs threads: its main thread ended
     (pthread_exit) and the others carry on, and with them the process."""
+    threads = _status_field(pid, b"Threads")
+    return threads is not None and threads > 1
+
+
+def _status_field(pid, name):
+    """The number in line *name* of /proc/PID/status, or None where it cannot be read."""
     try:
         with open("/proc/%d/status" % pid, "rb") as f:
-            match = re.search(rb"\nThreads:\s*(\d+)", f.read())
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return match is not None and int(match.group(1)) > 1
+            match = re.search(rb"\n%s:\s*(\d+)" % name, f.read())
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return int(match.group(1)) if match else None
 
 
 def _pid_exists(pid):
@@ -230,13 +236,8 @@ def is_thread_of_another(pid):
     A thread id would free its port when the thread ends, while its process runs on."""
     if not _HAVE_PROC:
         return False
-    try:
-        with open("/proc/%d/status" % pid, "rb") as f:
-            head = f.read(512)
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    match = re.search(rb"\nTgid:\s*(\d+)", head)
-    return match is not None and int(match.group(1)) != pid
+    tgid = _status_field(pid, b"Tgid")
+    return tgid is not None and tgid != pid
 
 
 def owner_alive(pid, start):
@@ -1754,11 +1755,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     reopen_log_files()
                 if now >= next_tick:
                     next_tick = now + 0.25
+                    rechecking = True       # look for set-aside ports due for another probe
                     self._cut_overdue(now)
                     if not self._listening and not self.stopping:
                         self._listen(True)
-                if not self.stopping and self.node is not None:
-                    rechecking = self.node.recheck_step()
+                if rechecking and not self.stopping and self.node is not None:
+                    rechecking = self.node.recheck_step()   # each turn while more are due
                 if (reaping or now >= next_reap) and not self.stopping:
                     reaping = not self._reap_step()
                     if not reaping:
