@@ -42,6 +42,10 @@ _RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, wh
 _CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
 
 # What a reply that is not XML-RPC raises (a Fault or an HTTP status is handled before these).
+# What nodemngr.who_answers says when a call can go ahead: it reaches a node manager, or it
+# reaches another program, whose reply the call then reports.
+_SOMEONE = ("nodemngr", "other")
+
 _REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
                  TypeError, OverflowError)
 
@@ -156,7 +160,7 @@ class NodeMngrProxy:
         try:
             return self._idle.pop()
         except IndexError:
-            return nodemngr._client(self.host, self.port, self.token_file, self.timeout)
+            return nodemngr.make_proxy(self.host, self.port, nodemngr.read_token(self.token_file), self.timeout)
 
     def _give_back(self, server):
         if len(self._idle) < _POOL_SIZE:
@@ -230,8 +234,8 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
     Spawned daemons race safely: one binds the port, the others find it bound and exit."""
     host, port = nodemngr.env_host(host), nodemngr.env_port(port)
     with _spawn_lock:
-        answer = _answers(host, port)
-        if answer:
+        answer = nodemngr.who_answers(host, port)
+        if answer in _SOMEONE:
             return
         log_path = _log_path(port)
         argv = _daemon_argv(host, port, log_path, token_file)
@@ -239,12 +243,12 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
         daemon, spawned_at, delay = None, None, 0.005
         while True:
             now = time.monotonic()
-            if answer is False and _time_to_spawn(daemon, spawned_at, now):
+            if answer is None and _time_to_spawn(daemon, spawned_at, now):
                 daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
             time.sleep(delay)
             delay = min(delay * 2, 0.1)
-            answer = _answers(host, port)
-            if answer:
+            answer = nodemngr.who_answers(host, port)
+            if answer in _SOMEONE:
                 return
             if time.monotonic() >= deadline:
                 if spawned_at is None:
@@ -253,27 +257,6 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
                 raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
                                         "see its log %s%s" % (host, port, timeout, log_path,
                                                               _last_words(log_path)))
-
-
-def _answers(host, port):
-    """True if something answers at host:port (a node manager, one that wants a token, or another
-    program, whose reply the call then reports); False if nothing listens or what listened went
-    away without a word (a daemon on its way out, or one that could not start); None if it
-    accepted but has not replied yet (a daemon still starting)."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            pass
-    except OSError:
-        return False
-    try:
-        nodemngr._TimeoutProxy(nodemngr.server_url(host, port), 2.0).ping()
-    except socket.timeout:
-        return None
-    except OSError:             # refused, reset (RemoteDisconnected too): nobody to talk to
-        return False
-    except _REPLY_ERRORS:
-        return True             # e.g. 401: it runs, and wants a token; or another program's reply
-    return True
 
 
 def _time_to_spawn(pid, spawned_at, now):

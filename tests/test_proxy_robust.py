@@ -29,7 +29,7 @@ from nodemngr import NodeMngrException
 def daemon_pid_at(port):
     """The pid of the node manager answering at 127.0.0.1:port, or None."""
     try:
-        proxy = nodemngr._TimeoutProxy("http://127.0.0.1:%d/RPC2" % port, 2.0)
+        proxy = nodemngr.make_proxy("127.0.0.1", port, timeout=2.0)
         return proxy.status()["pid"]
     except (OSError, xmlrpc.client.Error, ValueError, KeyError):
         return None

@@ -46,19 +46,17 @@ def test_values_named_for_callers_in_any_language():
     assert len(nodemngr.describe("z" * 10000)) <= 40
 
 
-class _NoAuth:
-    def check_auth(self, header):
-        pass
-
-
-def test_headers_parsed_and_repeats_joined_or_refused():
-    keep, http10, headers = nodemngr._parse_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nX-A:  1 \r\nx-a: 2\r\nContent-Length: 5", _NoAuth())
-    assert keep and not http10 and headers == {b"host": b"x", b"x-a": b"1, 2", b"content-length": b"5"}
-    keep, http10, headers = nodemngr._parse_head(b"POST / HTTP/1.0\nConnection: keep-alive", _NoAuth())
-    assert keep and http10 and headers == {b"connection": b"keep-alive"}
+def test_heads_are_read_and_repeats_joined_or_refused():
+    # the two Connection lines are joined ("keep-alive, close"), so the connection closes
+    head = nodemngr.read_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                              b"connection: close\r\nContent-Length: 5")
+    assert head == nodemngr.RequestHead(False, 5, b"identity", False, False, None)
+    head = nodemngr.read_head(b"POST / HTTP/1.0\nConnection: keep-alive\nContent-Length: 0\n"
+                              b"Authorization: Basic eA==")
+    assert head == nodemngr.RequestHead(True, 0, b"identity", False, True, b"Basic eA==")
     for bad in (b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5",
                 b"POST / HTTP/1.1\r\n folded: line", b"POST / HTTP/1.1\r\nno colon here",
                 b"POST / HTTP/1.1\r\nBad Name: x", b"POST / HTTP/1.1\r\nX: a\rb"):
         with pytest.raises(nodemngr._HTTPError) as info:
-            nodemngr._parse_head(bad, _NoAuth())
+            nodemngr.read_head(bad)
         assert info.value.status == 400
