@@ -22,6 +22,25 @@ Use it from Python (the client lives in nodemngr_proxy.py and starts a daemon if
     >>> p = nm.newPort("my capsule")
     >>> nm.delPort(p)
     0
+
+The sections below, in order, each using only those above it:
+
+    Constants        ports, limits and the wire protocol's fault codes
+    Exceptions       NodeMngrException and one subclass per fault
+    Owners           a pid and its start time (/proc), alive or not
+    Host checks      is a port bound by anybody on this host?  is an address ours?
+    Values           infos: checked, marshalled; describe() for messages, _loggable for logs
+    The allocator    PortAllocator: pure logic, no sockets, no files
+    The state store  StateStore: sqlite3, one row per held port
+    The node manager NodeMngr: the wire methods, owner reaping (knows nothing of the transport)
+    Reading requests parse_call: a fast path for common calls, else expat with DTDs refused
+    HTTP/1.1 framing read_head and the replies' bytes (pure functions)
+    The transport    _Channel: one asyncio protocol per connection
+    The daemon       NodeMngrServer: the socket, the method table, the loop and its timers, the stop
+    Configuration    env_host, env_port, read_token, and the client: make_proxy, who_answers
+    Serving          run_daemon: the daemon in this process, from bind to exit
+    The command line main()
+    Legacy names     nm and NodeMngrProxy, from nodemngr_proxy.py on first use
 """
 
 import argparse
@@ -95,7 +114,7 @@ REAP_INTERVAL = 2.0     # seconds between two looks at the owners' liveness
 BUSY_RETRY = 1.0        # a port another program holds is not probed again for this long
 SPAWN_TIMEOUT = 10.0    # how long a client waits for a daemon it started
 
-# Fault codes of the wire protocol (CONTRACT.md).
+# Fault codes of the wire protocol (README, "Methods").
 UNKNOWN_PORT, NO_FREE_PORT, BAD_ARGUMENT, FORBIDDEN = 1, 2, 3, 4
 NOT_WELL_FORMED, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
     -32700, -32600, -32601, -32602, -32603)
@@ -679,11 +698,8 @@ class StateStore:
 
     Every change is its own transaction, committed before the caller is answered.  A commit has
     reached the operating system when it returns, which is all that a ``kill -9`` of the daemon
-    can lose.  WAL without fsync (synchronous=OFF): with fsync, each checkpoint flushed megabytes
-    under load and stalled every caller for up to 0.4 s.  A power cut or an OS crash can then lose
-    or damage the file, but it also ends every local process that held those ports; a damaged
-    file is moved aside at start, and a port in use stays protected by the bind check.
-    Exclusive locking: a second process cannot use the file
+    can lose.  WAL, not fsynced (synchronous=OFF): README, "Owners and crashes", says why and what
+    that risks.  Exclusive locking: a second process cannot use the file
     while a daemon holds it, and the WAL index lives in memory rather than in a mapped -shm file
     (a mapped file that turns read-only kills the process with SIGBUS; a write just fails).
     ``StateStore(None)`` keeps nothing (``--state none``).
@@ -1149,6 +1165,9 @@ def parse_call(data):
 
 
 def _parse_call_expat(data):
+    # This drives xmlrpc.client.Unmarshaller through its internals (_encoding, _type, _marks,
+    # _stack and the dispatch table _Unmarshaller extends), as xmlrpc.client.loads does not refuse
+    # DTDs; tests/test_fastpath.py fails if a Python release changes them.
     u = _Unmarshaller(use_builtin_types=True)
     u._encoding = None
     p = expat.ParserCreate(None, None)
