@@ -633,12 +633,9 @@ def default_state_path(port):
     if runtime:
         folder = os.path.join(runtime, "nodemngr")
     else:
-        folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % _uid())
+        uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % uid)
     return os.path.join(folder, "%d.sqlite3" % port)
-
-
-def _uid():
-    return os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
 
 
 def ensure_private_folder(folder):
@@ -1631,14 +1628,14 @@ def _unsent_bytes(sock):
         return 0
 
 
-def _close_drained(sock):
-    """Close after reading what has arrived: closing with unread bytes resets the connection."""
+def _drain(sock):
+    """Read and drop what has arrived: closing with unread bytes resets the connection."""
     try:
         while sock.recv(4096, socket.MSG_DONTWAIT):
             pass
     except OSError:
         pass
-    sock.close()
+    return sock
 
 
 def _loop_error(loop, context):
@@ -1862,7 +1859,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         and look at the busy ports due for another probe."""
         now = time.monotonic()
         while self._refused and self._refused[0][0] < now:
-            _close_drained(self._refused.popleft()[1])
+            _drain(self._refused.popleft()[1]).close()
         for channel in [c for c in self.channels if c.deadline < now]:
             if self.released and channel.transport is not None and channel.still_taking():
                 channel.deadline = now + self.stop_grace
@@ -1943,17 +1940,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
         half-closed (a few at most): closing with unread bytes would reset the connection, and
         the client would see a broken pipe instead of the 503."""
         try:
-            while sock.recv(4096, socket.MSG_DONTWAIT):
-                pass
-        except OSError:
-            pass
-        try:
-            sock.send(_text_response(503, "too many connections; try again shortly"), socket.MSG_DONTWAIT)
+            _drain(sock).send(_text_response(503, "too many connections; try again shortly"), socket.MSG_DONTWAIT)
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         if len(self._refused) >= self.fd_reserve // 2:    # the oldest has most likely been read
-            _close_drained(self._refused.popleft()[1])
+            _drain(self._refused.popleft()[1]).close()
         self._refused.append((time.monotonic() + 1.0, sock))
 
     # -- stopping --------------------------------------------------------------------------------
