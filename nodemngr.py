@@ -1570,8 +1570,9 @@ class _Channel(asyncio.BufferedProtocol):
     def _sent_all(self):
         """Everything queued has left: close, linger, or wait (idle, or for a pipelined request)."""
         state = self.state
-        if state is CLOSING:    # on the next turn: 3.13 loses count if closed from resume_writing
-            self.server.loop.call_soon(self.transport.close)
+        if state is CLOSING:    # going: it no longer holds a place among the connections
+            self.server.channels.discard(self)
+            self.server.loop.call_soon(self.transport.close)    # (3.13 miscounts a close in resume_writing)
         elif state is LINGERING:
             self.transport.write_eof()
             self.transport.resume_reading()
@@ -1848,7 +1849,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 log.warning("%d connections still busy at exit", len(self.channels))
             for channel in list(self.channels):
                 channel.close()
-            loop.run_until_complete(asyncio.sleep(0))   # (their transports close)
+            for _ in range(2):      # the transports close, then tell their channels
+                loop.run_until_complete(asyncio.sleep(0))
         finally:
             loop.close()        # (which also gives the signals back)
             self._stopped.set()
