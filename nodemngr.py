@@ -1412,8 +1412,8 @@ class _Channel(asyncio.BufferedProtocol):
         self.answer_received()
 
     def eof_received(self):
-        if self.state is LINGERING:
-            return False                # the client read the last reply and closed: close too
+        if self.state is LINGERING:     # the client is done: close once its replies have left
+            return bool(self.outbuf)    # (the transport sends its own buffer before it closes)
         if self.state is READING:
             self.state = DRAINING       # half-closed: answer what was sent, then close
             self.answer_received()
