@@ -1112,12 +1112,8 @@ class _Unmarshaller(xmlrpc.client.Unmarshaller):
     dispatch["base64"] = end_base64
 
 
-class _DTDRefused(Exception):
-    pass
-
-
 def _refuse_dtd(*args):
-    raise _DTDRefused()
+    raise Fault(NOT_WELL_FORMED, "DOCTYPE and ENTITY declarations are refused")
 
 
 # The shape of nearly every call (xmlrpc.client's and most other clients'): UTF-8, int or string
@@ -1176,8 +1172,8 @@ def _parse_call_expat(data):
     p.EntityDeclHandler = _refuse_dtd
     try:
         p.Parse(data, True)
-    except _DTDRefused:
-        raise Fault(NOT_WELL_FORMED, "DOCTYPE and ENTITY declarations are refused")
+    except Fault:       # (_refuse_dtd's)
+        raise
     except expat.ExpatError as exc:
         raise Fault(NOT_WELL_FORMED, "the request is not well-formed XML: %s" % exc)
     except (ValueError, TypeError, OverflowError, xmlrpc.client.Error, IndexError, KeyError, ArithmeticError) as exc:
@@ -1397,11 +1393,9 @@ class _Channel(asyncio.BufferedProtocol):
         return _READ_BUFFER
 
     def buffer_updated(self, nbytes):
-        self.data_received(bytes(_READ_VIEW[:nbytes]))
-
-    def data_received(self, data):
         if self.state is not READING:   # lingering: dropped
             return
+        data = bytes(_READ_VIEW[:nbytes])
         if self.inbuf:
             self.inbuf = self.inbuf[self.pos:] + data
             self.pos = 0
@@ -1529,7 +1523,8 @@ class _Channel(asyncio.BufferedProtocol):
                 self.inbuf, self.pos = buf[pos:], 0
                 return None
             head = read_head(buf[pos:end])
-            self.server.check_auth(head.authorization)
+            if self.server.token is not None:
+                self.server.check_auth(head.authorization)
             self.head, self.pos = head, end + skip
             pos = self.pos
             if len(buf) - pos < head.length and head.expect_continue:
@@ -1552,7 +1547,7 @@ class _Channel(asyncio.BufferedProtocol):
         """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
         each once the previous one has left (resume_writing sends the next): a reply the client
         does not read is then held once, not copied into the transport's buffer."""
-        if not self.outbuf and not self.pending and len(data) <= _CHUNK:
+        if not self.outbuf and len(data) <= _CHUNK:     # (even while paused: small, and in order)
             self.transport.write(data)
             return
         outbuf = self.outbuf
