@@ -381,8 +381,9 @@ def is_loopback(host):
 
 
 def is_this_host(address):
-    """True if *address* (a peer's) is one of this host's own addresses, loopback or not: a
-    socket can be bound to it only then."""
+    """True if *address* (a peer's) is one of this host's own addresses, loopback or not: the
+    kernel then routes to it from itself.  (Not "it can be bound": with ip_nonlocal_bind set,
+    as on many keepalived hosts, any address can.)"""
     try:
         addr = ipaddress.ip_address(address.split("%")[0])
     except ValueError:
@@ -394,8 +395,8 @@ def is_this_host(address):
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.bind((str(addr), 0))
-        return True
+            s.connect((str(addr), 9))       # (UDP: nothing is sent)
+            return s.getsockname()[0] == str(addr)
     except OSError:
         return False
 
@@ -603,10 +604,14 @@ class PortAllocator:
             if not self._busy or self._busy[0][0] > now:
                 return False
             port = heapq.heappop(self._busy)[1]
-            if usable(port):
-                heapq.heappush(self._free, port)
-            else:
-                heapq.heappush(self._busy, (now + self._retry_after(port), port))
+            free = False
+            try:
+                free = usable(port)
+            finally:    # (if the check failed, not the port, the port stays set aside)
+                if free:
+                    heapq.heappush(self._free, port)
+                else:
+                    heapq.heappush(self._busy, (now + self._retry_after(port), port))
         return bool(self._busy) and self._busy[0][0] <= now
 
     def _retry_after(self, port):
@@ -1288,9 +1293,10 @@ def _framing(headers):
         raise _HTTPError(411, "a Content-Length header is required")
     if not length.isdigit():
         raise _HTTPError(400, "Content-Length must be a non-negative decimal number")
-    if len(length.lstrip(b"0")) > 9 or int(length) > MAX_BODY:
+    digits = length.lstrip(b"0") or b"0"     # (int() refuses thousands of digits, zeros included)
+    if len(digits) > 9 or int(digits) > MAX_BODY:
         raise _HTTPError(413, "the body exceeds %d bytes" % MAX_BODY)
-    return int(length), headers.get(b"content-encoding", b"identity").lower()
+    return int(digits), headers.get(b"content-encoding", b"identity").lower()
 
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -1362,7 +1368,7 @@ class _Channel(asyncio.BufferedProtocol):
     """
 
     __slots__ = ("server", "sock", "peer", "transport", "state", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "served", "owed")
+                 "outbuf", "pending", "between", "served", "owed")
 
     def __init__(self, server, sock, peer):
         self.server, self.sock, self.peer = server, sock, peer
@@ -1373,6 +1379,7 @@ class _Channel(asyncio.BufferedProtocol):
         self.head = None                # the RequestHead of a request whose body is awaited
         self.outbuf = collections.deque()   # what waits to be given to the transport
         self.pending = 0                # bytes held for the client when writing paused
+        self.between = True             # between requests: no byte of the next one yet
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
 
@@ -1396,12 +1403,13 @@ class _Channel(asyncio.BufferedProtocol):
         if self.state is not READING:   # lingering: dropped
             return
         data = bytes(_READ_VIEW[:nbytes])
+        if self.between:    # a request's first byte (blank lines before it count): it has
+            self.between = False        # stall_timeout to finish
+            self.deadline = time.monotonic() + self.server.stall_timeout
         if self.inbuf:
             self.inbuf = self.inbuf[self.pos:] + data
             self.pos = 0
         else:
-            if self.head is None and not self.pending:  # a request's first byte: it has
-                self.deadline = time.monotonic() + self.server.stall_timeout   # stall_timeout to finish
             self.inbuf = data
         self.answer_received()
 
@@ -1553,6 +1561,9 @@ class _Channel(asyncio.BufferedProtocol):
         outbuf = self.outbuf
         if data:
             outbuf.append(data)
+            if self.pending:    # it waits behind a reply not taken (at a stop): count it too
+                self.pending += len(data)
+                self.server.pending_bytes += len(data)
         while outbuf and not self.pending:
             piece = outbuf[0]
             if len(piece) > _CHUNK:
@@ -1573,8 +1584,8 @@ class _Channel(asyncio.BufferedProtocol):
             self.transport.resume_reading()
             self.deadline = time.monotonic() + 1.0
         elif state is READING:
-            idle = self.head is None and not self.inbuf
-            self.deadline = time.monotonic() + (self.server.idle_timeout if idle else self.server.stall_timeout)
+            self.between = self.head is None and not self.inbuf
+            self.deadline = time.monotonic() + (self.server.idle_timeout if self.between else self.server.stall_timeout)
 
     def _fail(self, exc):
         """Answer an HTTP-level error in one sentence, then linger; a client that half-closed
@@ -1826,16 +1837,21 @@ class NodeMngrServer(SimpleXMLRPCServer):
         the log files)."""
         self.loop = loop = asyncio.new_event_loop()
         loop.set_exception_handler(_loop_error)
+        handlers = {signal.SIGTERM: (self.request_stop, "SIGTERM"), signal.SIGINT: (self.request_stop, "SIGINT")}
+        if hasattr(signal, "SIGHUP"):   # logrotate's postrotate: never a reason to stop
+            handlers[signal.SIGHUP] = (reopen_log_files,)
+        if threading.current_thread() is not threading.main_thread():
+            handlers = {}
+        before = {sig: signal.getsignal(sig) for sig in handlers}
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         self._done = loop.create_future()
         try:
             self.socket.setblocking(False)
             self._listen()
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
-                if hasattr(signal, "SIGHUP"):   # logrotate's postrotate: never a reason to stop
-                    loop.add_signal_handler(signal.SIGHUP, reopen_log_files)
+            for sig, handler in handlers.items():
+                loop.add_signal_handler(sig, *handler)
+            if self.stop_reason is not None:    # asked before the loop ran (run_daemon's handlers)
+                loop.call_soon(self._begin_stop)
             loop.call_later(self.tick, self._sweep)
             if self.node is not None:
                 loop.call_later(self.reap_interval, self._reap_step)
@@ -1847,7 +1863,9 @@ class NodeMngrServer(SimpleXMLRPCServer):
             for _ in range(2):      # the transports close, then tell their channels
                 loop.run_until_complete(asyncio.sleep(0))
         finally:
-            loop.close()        # (which also gives the signals back)
+            loop.close()
+            for sig, handler in before.items():     # (closing set them to SIG_DFL)
+                signal.signal(sig, handler)
             self._stopped.set()
 
     def _sweep(self):
@@ -1984,7 +2002,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if not self.released and (now >= self._release_at or not any(
                 c.head is not None or c.inbuf or _has_unread(c.sock) for c in self.channels)):
             for channel in list(self.channels):
-                channel.answer_the_rest(self.stop_grace)
+                try:
+                    channel.answer_the_rest(self.stop_grace)
+                except Exception:       # a bug costs that connection, never the stop
+                    log.exception("internal error answering %s at the stop", channel.peer)
+                    channel.close()
             self.released = True
             if self.node is not None:
                 self.node.close()
@@ -2152,6 +2174,7 @@ def run_daemon(host, port, first, last, state, token=None):
         print("nodemngr: a node manager is already serving on %s:%d; leaving it alone" % (host, port),
               file=sys.stderr)
         return 3
+    _catch_signals(server)
     try:
         try:
             node = NodeMngr(first, last, StateStore(state), address=(host, server.port),
@@ -2164,14 +2187,23 @@ def run_daemon(host, port, first, last, state, token=None):
         log.info("node manager %s serving on %s:%d, ports %d-%d, state %s, pid %d", __version__,
                  host, server.port, first, last, state or "none", os.getpid())
         server.serve_forever()
-        for sig in (signal.SIGTERM, signal.SIGINT):     # stopping already: let the state be saved
-            signal.signal(sig, signal.SIG_IGN)
         log.info("node manager stopped (%s)", server.stop_reason)
         return 0
     finally:
         server.server_close()
         if node is not None:
             node.close()
+
+
+def _catch_signals(server):
+    """Before the loop takes the signals over (opening the state file can take seconds) and after
+    it: SIGTERM and SIGINT ask to stop, SIGHUP reopens the log; none of them kills the daemon."""
+    def stop(signum, frame):
+        server.stop_reason = server.stop_reason or signal.Signals(signum).name
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda signum, frame: reopen_log_files())
 
 
 def reopen_log_files():

@@ -1,0 +1,142 @@
+"""What an adversarial run found in the asyncio transport (issue 9), one test each: a Content-Length
+int() cannot read, replies queued at a stop beyond the memory bound, blank lines that kept a
+connection open, signals while the daemon starts, a host check fooled by ip_nonlocal_bind, and a
+busy-port recheck that lost its port."""
+import os
+import select
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import xmlrpc.client
+
+import pytest
+
+from conftest import ROOT, wait_until
+from test_loop import fill_registry, read_replies
+from test_promises import _status_kib, post
+
+import nodemngr
+
+
+def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(daemon):
+    body = xmlrpc.client.dumps((), "ping").encode()
+    head = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %s%d\r\n\r\n" % (b"0" * 5000, len(body))
+    with socket.create_connection((daemon.host, daemon.port)) as s:
+        s.sendall(head + body)
+        (status, reply), = read_replies(s, 1, timeout=10)
+    assert status == b"HTTP/1.1 200 OK"
+    assert xmlrpc.client.loads(reply)[0][0].startswith("NodeMngr at ")
+
+
+def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
+    # Each multicall below answers one listing of about 4 MB. The client asks for 40 of them in one
+    # go and reads nothing, then the daemon is told to stop: it answers what it received, but once
+    # max_pending_bytes of replies wait, the large ones get 503 instead of 160 MB of replies.
+    d = daemon_factory(size=1000, settings={"NodeMngrServer.max_pending_bytes": 8 << 20})
+    fill_registry(d, 1000)
+    request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
+    base = _status_kib(d.proc.pid, "VmRSS")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((d.host, d.port))
+    try:
+        client.sendall(request * 40)
+        assert select.select([client], [], [], 10)[0], "the first reply never came"
+        d.proc.send_signal(signal.SIGTERM)
+        peak = base
+        deadline = time.monotonic() + 5
+        while d.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                peak = max(peak, _status_kib(d.proc.pid, "VmHWM"))
+            except (OSError, IndexError):
+                break
+            time.sleep(0.02)
+    finally:
+        client.close()
+    assert d.proc.wait(10) == 0
+    assert peak - base < 40 * 1024, "replies owed at the stop grew the daemon by %d KiB" % (peak - base)
+
+
+def test_blank_lines_do_not_keep_a_connection_open(daemon_factory):
+    # Blank lines may come before a request line; they are part of that request, which has
+    # stall_timeout to arrive whole: sending some every 0.3 s must not hold the connection.
+    d = daemon_factory(settings={"NodeMngrServer.stall_timeout": 1.0, "NodeMngrServer.idle_timeout": 5.0})
+    with socket.create_connection((d.host, d.port)) as s:
+        s.settimeout(0.3)
+        deadline = time.monotonic() + 5
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                s.sendall(b"\r\n")
+                closed = s.recv(100) == b""
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+    assert closed, "a connection sending only blank lines stayed open past the stall limit"
+
+
+def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_factory, tmp_path):
+    # The daemon binds its port first, then waits for the state file (held here by another
+    # connection, as a daemon on its way out holds it): SIGHUP meanwhile must not kill it, and
+    # SIGTERM must stop it cleanly once it can start.
+    state = tmp_path / "held.sqlite3"
+    holder = sqlite3.connect(str(state), isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    d = daemon_factory(start=False, state=state, settings={"StateStore.lock_wait": 20.0})
+    d.start(wait=False)
+    try:
+        def listening():
+            try:
+                socket.create_connection((d.host, d.port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+        assert wait_until(listening, timeout=10), d.read_log()
+        d.proc.send_signal(signal.SIGHUP)
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)     # (nothing to wait for: the daemon is blocked in sqlite, as it would be)
+        assert d.proc.poll() is None, "a signal killed the daemon while it waited for its state file"
+    finally:
+        holder.execute("COMMIT")
+        holder.close()
+    assert d.proc.wait(10) == 0
+    log = d.read_log()
+    assert "reopened the log file" in log and "stopped (SIGTERM)" in log, log
+
+
+def test_an_address_any_socket_can_bind_is_not_this_host():
+    # With ip_nonlocal_bind (keepalived, HAProxy hosts) every address can be bound: a remote peer
+    # must still not count as this host (terminate would be allowed to it).
+    unshare = shutil.which("unshare")
+    script = ("import sys; sys.path.insert(0, %r); import nodemngr; "
+              "print(nodemngr.is_this_host('8.8.8.8'), nodemngr.is_this_host('192.0.2.7'), "
+              "nodemngr.is_this_host('127.0.0.1'))" % ROOT)
+    shell = ("ip link set lo up && echo 1 > /proc/sys/net/ipv4/ip_nonlocal_bind && exec %s -c %s"
+             % (sys.executable, "'%s'" % script.replace("'", "'\\''")))
+    if unshare is None or subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -n (a network namespace of its own), which this machine refuses")
+    out = subprocess.run([unshare, "-n", "sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"]
+
+
+def test_a_recheck_whose_probe_fails_keeps_the_port():
+    now = [0.0]
+    a = nodemngr.PortAllocator(7000, 7001, clock=lambda: now[0], busy_retry=1.0)
+    assert a.take(lambda port: port != 7000) == 7001     # 7000 is set aside as busy
+    now[0] = 5.0
+
+    def no_descriptors(port):
+        raise OSError(24, "Too many open files")
+    with pytest.raises(OSError):
+        a.recheck_due(no_descriptors)
+    assert a.free_count == 1, "the port whose probe failed fell out of the allocator"
+    now[0] = 10.0
+    a.recheck_due(lambda port: True)
+    assert a.take(lambda port: True) == 7000
