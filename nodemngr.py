@@ -619,14 +619,6 @@ class PortAllocator:
         # a thousand ports found busy together are not all due at once
         return self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5)
 
-    def recall_all_busy(self):
-        """Probe every set-aside port again on the next take() (before saying none is free);
-        return how many there were."""
-        count = len(self._busy)
-        while self._busy:
-            heapq.heappush(self._free, heapq.heappop(self._busy)[1])
-        return count
-
 
 # ---------------------------------------------------------------------------------------------
 # The state store: sqlite3, one row per held port
@@ -875,7 +867,7 @@ class NodeMngr:
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.address, self.on_terminate, self.reap_interval = address, on_terminate, reap_interval
         self._lock = threading.Lock()
-        self.reap()
+        self.reap_step(budget=None)     # owners that ended while no daemon ran
 
     # -- wire methods ------------------------------------------------------------------------
 
@@ -1011,15 +1003,6 @@ class NodeMngr:
         a = self.allocator
         raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
                               % (a.first, a.last, a.in_range, a.last - a.first + 1 - a.in_range))
-
-    def reap(self):
-        """Free the ports of every owner that has ended; return how many were freed."""
-        freed = 0
-        while True:
-            done, count = self.reap_step(budget=None)
-            freed += count
-            if done:
-                return freed
 
     def reap_step(self, budget=0.002):
         """Look at the next owners for about *budget* seconds (None: all of them) and free the
@@ -1218,23 +1201,19 @@ def _http_date():
     return _date_cache[1]
 
 
-def _response(status, body, content_type, close, extra=""):
-    return ("HTTP/1.1 %d %s\r\nServer: nodemngr/%s\r\nDate: %s\r\nContent-Type: %s\r\n"
-            "Content-Length: %d\r\n%s%s\r\n" % (
-                status, _REASONS[status], __version__, _http_date(), content_type, len(body),
-                "Connection: close\r\n" if close else "", extra)).encode("latin-1") + body
-
-
 def _text_response(status, message, extra=""):
     """An error or refusal in one sentence, after which the connection closes."""
-    return _response(status, (message + "\n").encode("utf-8"), "text/plain; charset=utf-8", True, extra)
+    body = (message + "\n").encode("utf-8")
+    return ("HTTP/1.1 %d %s\r\nServer: nodemngr/%s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Length: %d\r\nConnection: close\r\n%s\r\n" % (
+                status, _REASONS[status], __version__, _http_date(), len(body), extra)).encode("latin-1") + body
 
 
 _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
 def _xml_head(length, close, echo_keep_alive=False):
-    """The head of _response(200, body, "text/xml", close), on the per-call path.  An HTTP/1.0
+    """The head of a reply of *length* bytes of XML, on the per-call path.  An HTTP/1.0
     client that asked for keep-alive is told it got it (1.0 closes by default)."""
     connection = (b"Connection: close\r\n" if close else
                   b"Connection: keep-alive\r\n" if echo_keep_alive else b"")
@@ -1487,15 +1466,14 @@ class _Channel(asyncio.BufferedProtocol):
         replies are taken (lingering: a reset would lose what the kernel has not sent)."""
         if self.state is READING:
             try:
-                data = self.sock.recv(max(1, _INBUF_LIMIT - len(self.inbuf) + self.pos), socket.MSG_DONTWAIT)
+                self.inbuf = self.inbuf[self.pos:] + self.sock.recv(
+                    max(1, _INBUF_LIMIT - len(self.inbuf) + self.pos), socket.MSG_DONTWAIT)
+                self.pos = 0
             except (BlockingIOError, InterruptedError):
-                data = None
+                pass
             except OSError:
                 self.close()
                 return
-            if data is not None:
-                self.inbuf = self.inbuf[self.pos:] + data
-                self.pos = 0
         while self.state is READING or self.state is DRAINING:
             try:
                 request = self._take_request()
@@ -1655,14 +1633,13 @@ def _loop_error(loop, context):
 # ---------------------------------------------------------------------------------------------
 
 class NodeMngrServer(SimpleXMLRPCServer):
-    """The XML-RPC daemon: one thread serves every connection from an asyncio loop.
+    """The XML-RPC daemon: one thread serves every connection from an asyncio loop (README,
+    "Performance", says why not a thread each).
 
     SimpleXMLRPCServer binds, listens and keeps the method table (``funcs``, filled by attach()
     from the @_rpc marks).  serve_forever() runs an asyncio loop of its own on that socket, one
     _Channel per connection, with the deadline sweep, the owner check and the busy-port rechecks
-    as timers.  One loop rather than a thread per connection: threads hand the GIL to each other
-    around every system call (bind probes, sqlite, send), which cost a quarter of the daemon's CPU
-    per call when measured.
+    as timers.
 
     Methods for the caller: attach(node), serve_forever(), request_stop(reason) (in the loop's
     thread: a request, a signal), shutdown() (from another thread), server_close().  The limits
@@ -1833,24 +1810,15 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     def serve_forever(self, poll_interval=None):
         """Serve on an asyncio loop of its own until request_stop(), then answer what was received
-        and return.  In the main thread it also takes SIGTERM and SIGINT (stop) and SIGHUP (reopen
-        the log files)."""
+        and return."""
         self.loop = loop = asyncio.new_event_loop()
         loop.set_exception_handler(_loop_error)
-        handlers = {signal.SIGTERM: (self.request_stop, "SIGTERM"), signal.SIGINT: (self.request_stop, "SIGINT")}
-        if hasattr(signal, "SIGHUP"):   # logrotate's postrotate: never a reason to stop
-            handlers[signal.SIGHUP] = (reopen_log_files,)
-        if threading.current_thread() is not threading.main_thread():
-            handlers = {}
-        before = {sig: signal.getsignal(sig) for sig in handlers}
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         self._done = loop.create_future()
         try:
             self.socket.setblocking(False)
             self._listen()
-            for sig, handler in handlers.items():
-                loop.add_signal_handler(sig, *handler)
-            if self.stop_reason is not None:    # asked before the loop ran (run_daemon's handlers)
+            if self.stop_reason is not None:    # asked before the loop ran
                 loop.call_soon(self._begin_stop)
             loop.call_later(self.tick, self._sweep)
             if self.node is not None:
@@ -1864,8 +1832,6 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 loop.run_until_complete(asyncio.sleep(0))
         finally:
             loop.close()
-            for sig, handler in before.items():     # (closing set them to SIG_DFL)
-                signal.signal(sig, handler)
             self._stopped.set()
 
     def _sweep(self):
@@ -1966,10 +1932,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
     # -- stopping --------------------------------------------------------------------------------
 
     def request_stop(self, reason):
-        """Stop serving soon (in the loop's thread: a request, a signal)."""
+        """Stop serving soon (in the loop's thread: a request, a signal; or before it runs)."""
         if self.stop_reason is None:
             self.stop_reason = reason
-            self.loop.call_soon(self._begin_stop)   # after the reply of the call that asked
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon(self._begin_stop)   # after the reply of the call that asked
 
     def shutdown(self):
         """Stop serve_forever (running in another thread) and wait until it has returned."""
@@ -2196,14 +2163,18 @@ def run_daemon(host, port, first, last, state, token=None):
 
 
 def _catch_signals(server):
-    """Before the loop takes the signals over (opening the state file can take seconds) and after
-    it: SIGTERM and SIGINT ask to stop, SIGHUP reopens the log; none of them kills the daemon."""
-    def stop(signum, frame):
-        server.stop_reason = server.stop_reason or signal.Signals(signum).name
+    """From the bind on, SIGTERM and SIGINT ask the server to stop and SIGHUP (logrotate's
+    postrotate) reopens the log files: through the server's loop while it runs, at once before
+    (opening the state file can take seconds) and after it.  None of them kills the daemon."""
+    def through_loop(func, *args):
+        if server.loop is not None and server.loop.is_running():
+            server.loop.call_soon_threadsafe(func, *args)
+        else:
+            func(*args)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, stop)
+        signal.signal(sig, lambda signum, frame: through_loop(server.request_stop, signal.Signals(signum).name))
     if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: reopen_log_files())
+        signal.signal(signal.SIGHUP, lambda signum, frame: through_loop(reopen_log_files))
 
 
 def reopen_log_files():

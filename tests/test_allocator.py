@@ -45,7 +45,6 @@ def test_busy_ports_are_skipped_not_held_and_retried_later():
     assert take_and_hold(a) == 13, "a refused port is not probed again at once"
     now[0] += BUSY_RETRY
     assert take_and_hold(a) == 10, "after BUSY_RETRY it is offered again"
-    a.recall_all_busy()
     assert take_and_hold(a) == 11
 
 

@@ -2,7 +2,6 @@
 int() cannot read, replies queued at a stop beyond the memory bound, blank lines that kept a
 connection open, signals while the daemon starts, a host check fooled by ip_nonlocal_bind, and a
 busy-port recheck that lost its port."""
-import os
 import select
 import shutil
 import signal
