@@ -153,11 +153,7 @@ def test_stop_waits_only_for_replies_owed(daemon_factory):
 def test_short_of_descriptors_turns_newcomers_away_without_spinning(daemon_factory):
     def low_limit():
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
-    d = daemon_factory(start=False)
-    d._logf = open(d.log, "ab")
-    d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=d._logf, stderr=subprocess.STDOUT,
-                              preexec_fn=low_limit)
-    d.wait_ready()
+    d = daemon_factory(preexec_fn=low_limit)
     held = []
     try:
         for _ in range(60):

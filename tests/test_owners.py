@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, wait_until
+from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, wait_until
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -166,7 +166,7 @@ def test_a_state_file_of_another_schema_is_moved_aside(daemon_factory, tmp_path)
 
 
 def test_a_second_daemon_cannot_share_a_state_file(daemon, daemon_factory):
-    other = daemon_factory(state=daemon.state, start=False, settings={"StateStore.lock_wait": 0.2})
+    other = daemon_factory(state=daemon.state, start=False, settings=SHORT_LOCK_WAIT)
     other.start(wait=False)
     assert other.proc.wait(15) == 1
     assert "in use by another process" in other.read_log()

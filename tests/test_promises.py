@@ -19,7 +19,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import WITH_SETTINGS, FAST_REAP, NODEMNGR, ROOT, clean_env, free_port, free_range, wait_until
+from conftest import FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, free_port, free_range, launcher, wait_until
 from test_loop import count_turned_away, fill_registry, read_replies, rss_kib, slow_readers
 
 import nodemngr
@@ -53,11 +53,8 @@ def sleeper(reap_pids):
 # -- 1. out of file descriptors ------------------------------------------------------------------
 
 def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, sleeper):
-    d = daemon_factory(size=3, start=False, settings=FAST_REAP)
-    d._logf = open(d.log, "ab")
-    d.proc = subprocess.Popen(d.argv(), env=d.env, stdout=d._logf, stderr=subprocess.STDOUT,
-                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
-    d.wait_ready()
+    d = daemon_factory(size=3, settings=FAST_REAP,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
     rpc = d.rpc()
     ports = [rpc.newPort("held by sleep", sleeper.pid) for _ in range(3)]
     held = []
@@ -68,7 +65,7 @@ def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, slee
         assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
         assert call_on(held[1], "newPort", "more", 0).faultCode == 2
         # two owner checks pass while the connections are held, and take nothing from the owner
-        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * FAST_REAP["NodeMngr.reap_interval"],
+        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * REAP_INTERVAL,
                              interval=0.2)
         assert not changed
         assert call_on(held[2], "delPort", ports[2]) == 0
@@ -365,7 +362,7 @@ def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper,
     python = "/usr/bin/python3"         # readable by an unprivileged user, unlike a root-only install
     copy = public_copy
     port, (first, last) = free_port(), free_range(3)
-    program = shlex.quote(WITH_SETTINGS % (str(copy), FAST_REAP))
+    program = shlex.quote(launcher(str(copy / "nodemngr.py"), FAST_REAP))
     cmd = HIDEPID_DAEMON % (python, program, port, first, last)
     log = open(str(tmp_path / "hidepid.log"), "wb")
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
@@ -567,7 +564,7 @@ def test_a_process_whose_main_thread_ended_still_owns_its_port(daemon_factory, r
     assert proc.stdout.readline() == "ready\n"
     assert wait_until(lambda: open("/proc/%d/stat" % proc.pid).read().rpartition(")")[2].split()[0] == "Z")
     port = d.rpc().newPort("threads live on", proc.pid)
-    changed = wait_until(lambda: d.rpc().listPorts() == [], timeout=3 * FAST_REAP["NodeMngr.reap_interval"])
+    changed = wait_until(lambda: d.rpc().listPorts() == [], timeout=3 * REAP_INTERVAL)
     assert not changed, "the port was freed while the process ran"
     assert [(e["port"], e["pid"]) for e in d.rpc().listPorts()] == [(port, proc.pid)]
     proc.kill()
