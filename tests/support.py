@@ -241,17 +241,18 @@ class Daemon(ServerProcess):
     settings: {"Class.attribute": value} set in the daemon before it serves, e.g.
     {"NodeMngrServer.stall_timeout": 1.0}.  script: the nodemngr.py to run (the benchmark's
     --baseline runs an older copy).  preexec_fn: run in the child before it starts (rlimits).
+    cwd: its working folder (default: this process's).
     """
 
     def __init__(self, folder, first=None, last=None, size=50, state=None, host="127.0.0.1",
                  port=None, extra_args=(), env=None, python=None, settings=None, script=NODEMNGR,
-                 log_level="DEBUG", name="daemon", preexec_fn=None):
+                 log_level="DEBUG", name="daemon", preexec_fn=None, cwd=None):
         if first is None:
             first, last = free_range(size)
         port_given = port
         port = port or free_port()
         super().__init__(name, None, port, os.path.join(str(folder), "%s-%d.log" % (name, port)), host=host,
-                         preexec_fn=preexec_fn)
+                         cwd=cwd, preexec_fn=preexec_fn)
         self._own_port = port_given is None     # a port we picked may be taken before the daemon binds it
         self.first, self.last = first, last
         self.state = os.path.join(str(folder), "state.sqlite3") if state is None else str(state)
