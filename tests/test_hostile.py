@@ -26,7 +26,7 @@ import pytest
 
 from conftest import Daemon, free_port, wait_until
 
-from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
+from hypothesis import assume, event, given, settings, strategies as st
 
 MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024
