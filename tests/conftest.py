@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from support import (NODEMNGR, PRODUCT_VARS, ROOT, Daemon, ServerError, clean_env,  # noqa: F401
-                     free_port, free_range, launcher, pid_alive, port_is_free, stop_pid, wait_until)
+                     free_port, free_range, launcher, pid_alive, port_is_free, reserve_range, stop_pid,
+                     wait_until)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.
@@ -45,6 +46,31 @@ def daemon_factory(tmp_path):
 def daemon(daemon_factory):
     """One started daemon with 50 ports of its own and state under tmp_path."""
     return daemon_factory()
+
+
+@pytest.fixture(scope="session")
+def _session_daemon(tmp_path_factory):
+    d = Daemon(tmp_path_factory.mktemp("session-daemon"), size=50)
+    reserve_range(d.first, d.last)      # no daemon of another test may hand out these ports
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def any_daemon(_session_daemon):
+    """A started daemon that tests share (one per xdist worker), for those that need *a* daemon
+    but not one of their own: they must not stop it, bind ports in its range, or register ports
+    to processes that end (its reaped count stays 0).  Each finds it serving with nothing
+    registered; whatever a test registered is deleted after it."""
+    d = _session_daemon
+    d.check_alive()
+    assert d.rpc().listPorts() == [], "the shared daemon has registrations a test left"
+    yield d
+    d.check_alive()     # a test that stopped it must use daemon / daemon_factory instead
+    rpc = d.rpc()
+    for entry in rpc.listPorts():
+        rpc.delPort(entry["port"])
 
 
 @pytest.fixture

@@ -69,18 +69,29 @@ def worker_ports():
     return 14000 + index * share, 14000 + (index + 1) * share
 
 
+_reserved = []      # ranges of daemons that outlive a test (shared ones): free_range() avoids them
+
+
+def reserve_range(first, last):
+    """Keep free_range() from handing out ports of [first, last] in this process from now on."""
+    _reserved.append((first, last))
+
+
 def free_range(size):
     """A range of *size* ports in this worker's share, picked at random, whose first 8 are free now
-    (checking all of a 1,000-port range on every test would cost more than the collisions it avoids)."""
+    (checking all of a 1,000-port range on every test would cost more than the collisions it avoids),
+    and which overlaps no reserved range."""
     low, high = worker_ports()
+    reserved = _reserved
     if high - low < 2 * size:   # a few tests need most of the span: they take their chances
-        low, high = 14000, 30000
+        low, high, reserved = 14000, 30000, []
     for _ in range(200):
         first = random.randrange(low, high - size)
-        if first <= RESERVED_PORT <= first + size:
+        last = first + size - 1
+        if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in reserved):
             continue
         if all(port_is_free(p) for p in range(first, first + min(size, 8))):
-            return first, first + size - 1
+            return first, last
     raise ServerError("no free port range found")
 
 

@@ -5,8 +5,8 @@ sending side; xmlrpc.client is only used to *read* replies).  Each error provoke
 call that must be served.
 
 Daemons: tests that need a fresh daemon (memory, stalls, flood, an exhausted range) use conftest's
-``daemon`` / ``daemon_factory``.  The many small stateless table cases share one module-scoped daemon
-(``shared``), and the fuzz test has its own (``fuzz_daemon``), both built on conftest's ``Daemon`` class:
+``daemon`` / ``daemon_factory``.  The many small stateless table cases share one daemon
+(``shared``, conftest's ``any_daemon``), and the fuzz test has its own (``fuzz_daemon``):
 a daemon costs about 0.25 s of CPU to start and stop (a Python that imports nodemngr.py; measured on
 the 2-core test machine), and 150 table rows would spend most of the run starting daemons.
 """
@@ -39,12 +39,10 @@ DEAD_PID = 2 ** 31 - 1          # above any pid_max: never a live process
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    """One daemon for the stateless table cases of this module; every test leaves it as it found it."""
-    d = Daemon(tmp_path_factory.mktemp("shared"), size=50).start()
-    yield d
-    d.stop()
+@pytest.fixture
+def shared(any_daemon):
+    """The daemon the stateless table cases share (conftest's, shared with other modules)."""
+    return any_daemon
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,8 @@ def _ping(d):
         return False
 
 
-def test_fault_texts_and_limits_from_the_review(daemon):
+def test_fault_texts_and_limits_from_the_review(any_daemon):
+    daemon = any_daemon
     rpc = daemon.rpc()
     bad_tag = (b"<methodCall><methodName>ping</methodName><params><param><value><foo>1</foo></value>"
                b"</param></params></methodCall>")

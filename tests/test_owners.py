@@ -89,7 +89,8 @@ def test_a_reused_pid_does_not_keep_a_port(daemon):
     assert held[mine]["pid"] == os.getpid() and daemon.rpc().status()["reaped"] == 1
 
 
-def test_new_port_with_a_dead_pid_is_fault_3(daemon):
+def test_new_port_with_a_dead_pid_is_fault_3(any_daemon):
+    daemon = any_daemon
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(10)
     with pytest.raises(xmlrpc.client.Fault) as info:

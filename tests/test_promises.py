@@ -423,7 +423,8 @@ def _cli(*args, env=None):
                           timeout=30, env=env or clean_env(NODEMNGR_PORT=free_port()))
 
 
-def test_cli_errors_are_one_line(tmp_path, daemon):
+def test_cli_errors_are_one_line(tmp_path, any_daemon):
+    daemon = any_daemon
     for args, code in ((["new", "x", "--pid", "3000000000"], 2), (["del", "3000000000"], 2),
                        (["serve", "--port", "70000"], 2), (["del", "0"], 2),
                        (["serve", "--state", "none", "--port", str(free_port()),
@@ -474,7 +475,8 @@ def test_nodemngr_alone_imports_whole(tmp_path):
 
 # -- 10. text in and out ------------------------------------------------------------------------
 
-def test_carriage_returns_round_trip_and_listings_escape_control_characters(daemon):
+def test_carriage_returns_round_trip_and_listings_escape_control_characters(any_daemon):
+    daemon = any_daemon
     nm = daemon.proxy()
     tricky = "a\rb\r\nc"
     port = nm.newPort(tricky, 0)
@@ -508,7 +510,8 @@ def _raw(daemon, request, count=1):
         return read_replies(s, count), s.recv(1) if count else None
 
 
-def test_absolute_form_targets_are_accepted(daemon):
+def test_absolute_form_targets_are_accepted(any_daemon):
+    daemon = any_daemon
     body = xmlrpc.client.dumps((), "ping").encode()
     for target in (b"http://127.0.0.1:%d/RPC2" % daemon.port, b"http://t/", b"HTTP://t"):
         (status, reply), = _raw(daemon, post(body, b"Connection: close\r\n", target=target))[0]
@@ -517,7 +520,8 @@ def test_absolute_form_targets_are_accepted(daemon):
     assert status.startswith(b"HTTP/1.1 404 ")
 
 
-def test_http10_keep_alive_is_said_in_the_reply(daemon):
+def test_http10_keep_alive_is_said_in_the_reply(any_daemon):
+    daemon = any_daemon
     body = xmlrpc.client.dumps((), "ping").encode()
     request = post(body, b"Connection: keep-alive\r\n", version=b"HTTP/1.0")
     with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
@@ -537,7 +541,8 @@ def test_http10_keep_alive_is_said_in_the_reply(daemon):
         assert b"is alive" in rest and b"Connection: close" in rest
 
 
-def test_gzip_with_data_after_its_end_is_refused(daemon):
+def test_gzip_with_data_after_its_end_is_refused(any_daemon):
+    daemon = any_daemon
     body = xmlrpc.client.dumps((), "ping").encode()
     for payload in (gzip.compress(body) + b"junk", gzip.compress(body) + gzip.compress(body)):
         (status, text), = _raw(daemon, post(payload, b"Content-Encoding: gzip\r\n"))[0]
@@ -637,7 +642,8 @@ def test_a_state_file_swapped_for_a_link_while_opening_is_refused(tmp_path):
     assert victim.read_bytes() == b""
 
 
-def test_more_errors_in_one_line(daemon):
+def test_more_errors_in_one_line(any_daemon):
+    daemon = any_daemon
     for args, env in ((["ping", "--host", "127.0.0.1:5"], None),
                       (["stop"], clean_env(NODEMNGR_HOST="[::1")),
                       (["new", "a\x1bb"], daemon.env)):
