@@ -183,10 +183,10 @@ def test_short_of_descriptors_turns_newcomers_away_without_spinning(daemon_facto
             s = socket.create_connection((d.host, d.port))
             s.send(b"P")
             held.append(s)
-        time.sleep(0.3)
+        time.sleep(0.3)            # for the daemon to take (or leave) what it can
         cpu0 = cpu_seconds(d.proc.pid)
-        time.sleep(2.0)
-        assert cpu_seconds(d.proc.pid) - cpu0 < 0.5, "the daemon spun on a listening socket"
+        time.sleep(1.0)            # a daemon spinning on its listener would use most of it
+        assert cpu_seconds(d.proc.pid) - cpu0 < 0.25, "the daemon spun on a listening socket"
         # it stops accepting while it still has descriptors to spare for the calls in progress
         assert 0 < count_turned_away(held) < 60
     finally:

@@ -19,7 +19,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, free_port, free_range, launcher, wait_until
+from conftest import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, free_port, free_range, launcher,
+                      stop_pid, wait_until)
 from test_loop import count_turned_away, fill_registry, read_replies, rss_kib, slow_readers
 
 import nodemngr
@@ -141,14 +142,26 @@ def _special_paths(tmp_path):
 
 
 def test_a_state_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_path):
-    for kind, path in _special_paths(tmp_path).items():
-        before = os.lstat(str(path))
-        r = subprocess.run([sys.executable, NODEMNGR, "serve", "--port", str(free_port()), "--state", str(path)],
-                           capture_output=True, text=True, timeout=30, env=clean_env())
-        assert r.returncode == 1, (kind, r.stderr)
-        assert r.stderr.count("\n") == 1 and "not a regular file" in r.stderr and "Traceback" not in r.stderr, kind
+    paths = _special_paths(tmp_path)
+    before = {kind: os.lstat(str(path)) for kind, path in paths.items()}
+    # one daemon per kind of path, all at once (each is a Python starting and exiting)
+    procs = {kind: subprocess.Popen([sys.executable, NODEMNGR, "serve", "--port", str(free_port()), "--state",
+                                     str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=clean_env()) for kind, path in paths.items()}
+    try:
+        for kind, proc in procs.items():
+            _, stderr = proc.communicate(timeout=30)
+            assert proc.returncode == 1, (kind, stderr)
+            assert stderr.count("\n") == 1 and "not a regular file" in stderr and "Traceback" not in stderr, kind
+    finally:
+        for proc in procs.values():     # one that served instead of refusing
+            if proc.poll() is None:
+                stop_pid(proc.pid)
+                proc.communicate()
+    for kind, path in paths.items():
         after = os.lstat(str(path))
-        assert (after.st_mode, after.st_ino, after.st_rdev) == (before.st_mode, before.st_ino, before.st_rdev), kind
+        assert (after.st_mode, after.st_ino, after.st_rdev) == (before[kind].st_mode, before[kind].st_ino,
+                                                                before[kind].st_rdev), kind
     assert not [p for p in os.listdir(str(tmp_path)) if ".bad-" in p], "something was moved aside"
     assert os.path.getsize(str(tmp_path / "real.sqlite3")) == 0, "the link's target was written"
 
