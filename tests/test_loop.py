@@ -149,7 +149,8 @@ def test_half_close_answers_every_pipelined_request(daemon_factory):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         s.connect((d.host, d.port))
         s.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()) * 6)
-        time.sleep(0.5)                     # the first reply is stuck half sent in the daemon
+        # once its first bytes arrive, the first reply is stuck half sent in the daemon
+        assert select.select([s], [], [], 10)[0], "no reply began"
         s.shutdown(socket.SHUT_WR)
         replies = read_replies(s, 6, timeout=30)
     assert len(replies) == 6, "every request sent before the half-close is answered"
@@ -163,7 +164,7 @@ def test_stop_waits_only_for_replies_owed(daemon_factory):
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.connect((d.host, d.port))
     slow.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()))
-    time.sleep(0.5)                         # its reply waits, half sent, in the daemon
+    assert select.select([slow], [], [], 10)[0], "no reply began"     # it waits, half sent, in the daemon
     assert d.rpc().terminate() is True
     replies = read_replies(slow, 1, timeout=30)
     t0 = time.monotonic()
