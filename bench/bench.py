@@ -43,9 +43,12 @@ import time
 import xmlrpc.client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NODEMNGR = os.path.join(ROOT, "nodemngr.py")
+# The helpers the test suite uses too (ports, environment, daemons in subprocesses): one copy.
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from support import (NODEMNGR, RESERVED_PORT, Daemon, ServerError, ServerProcess,  # noqa: E402
+                     clean_env, port_is_free, scan_free_range)
+
 PROXY_MODULE = os.path.join(ROOT, "nodemngr_proxy.py")
-RESERVED_PORT = 11800          # nmPort: never touched by the benchmark
 BATCH = 250                     # newPort calls per system.multicall batch
 FLAT_MANY = 25000               # registered ports for the "flat cost" case
 WIDE_RANGE = (20000, 59999)     # range for the 25,000-registered daemon
@@ -54,9 +57,6 @@ STALL_OWNERS = 1000             #   this many registered, one each to a live own
 STALL_BATCH = 300               #   the rest bound by the benchmark; failing newPort per multicall
 PING_PERIOD = 0.010             # scenario 6: the pinger sends one ping every 10 ms
 STALL_BATCH_TIMEOUT = 45.0      # scenario 6: a failing batch with no answer by then is an error
-PRODUCT_VARS = ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_FIRST_PORT", "NODEMNGR_LAST_PORT",
-                "NODEMNGR_STATE", "NODEMNGR_TOKEN_FILE", "NODEMNGR_LOG_LEVEL", "NODEMNGR_LOG_FILE",
-                "NODEMNGR_AUTOSTART")
 
 # (a) The bare stdlib server, as a user would write it: default SimpleXMLRPCServer, a dict, a loop.
 # The one extra line a user adds for scenario 3 is register_multicall_functions().
@@ -137,18 +137,6 @@ class Watchdog(Exception):
 
 # ----------------------------------------------------------------------------- ports and processes
 
-def port_is_free(port):
-    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        s = socket.socket(socket.AF_INET, kind)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        finally:
-            s.close()
-    return True
-
-
 class PortPicker:
     """Hands out server ports in 13000-13999: outside every allocation range used here, above the
     default range 11801-12800 and below the 14000-30000 the test suite draws its ranges from."""
@@ -168,12 +156,10 @@ class PortPicker:
 
 def free_range(size, low=20000, high=30000, step=None):
     """A range of *size* ports in [low, high), every one of them free (TCP and UDP) now."""
-    for first in range(low, high - size + 1, step or size):
-        if first <= RESERVED_PORT <= first + size - 1:
-            continue
-        if all(port_is_free(p) for p in range(first, first + size)):
-            return first, first + size - 1
-    raise BenchError("no fully free range of %d ports in %d-%d" % (size, low, high - 1))
+    try:
+        return scan_free_range(size, low, high, step)
+    except ServerError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def find_stall_range():
@@ -189,86 +175,22 @@ def find_stall_range():
     return free_range(STALL_RANGE, low=30000, high=high, step=100)
 
 
-def clean_env():
-    return {k: v for k, v in os.environ.items() if k not in PRODUCT_VARS}
-
-
-class Server:
-    """A server subprocess; stop() ends it by pid (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, name, argv, port, logdir):
-        self.name = name
-        self.port = port
-        self.url = "http://127.0.0.1:%d/" % port
-        self.logpath = os.path.join(logdir, "%s-%d.log" % (name, port))
-        self.log = open(self.logpath, "wb")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env=clean_env(), cwd=ROOT)
-
-    def log_tail(self, n=600):
-        try:
-            with open(self.logpath, "rb") as f:
-                data = f.read().decode("utf-8", "replace").strip()
-        except OSError:
-            return ""
-        return data[-n:]
-
-    def wait_ready(self, timeout=15.0):
-        """Poll ping until it answers; no fixed sleep."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise BenchError("%s exited with status %s before answering ping; output: %r"
-                                 % (self.name, self.proc.returncode, self.log_tail()))
-            try:
-                xmlrpc.client.ServerProxy(self.url).ping()
-                return
-            except (OSError, xmlrpc.client.Error) as exc:
-                last = exc
-            time.sleep(0.01)
-        raise BenchError("%s did not answer ping within %.0f s (last error: %r); output: %r"
-                         % (self.name, timeout, last, self.log_tail()))
-
-    def check_alive(self):
-        if self.proc.poll() is not None:
-            raise BenchError("%s died (status %s); output: %r"
-                             % (self.name, self.proc.returncode, self.log_tail()))
-
-    def stop(self):
-        pid = self.proc.pid
-        try:
-            if self.proc.poll() is None:
-                os.kill(pid, signal.SIGTERM)
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    os.kill(pid, signal.SIGKILL)
-                    self.proc.wait(5)
-        except ProcessLookupError:
-            pass
-        finally:
-            self.log.close()
-
-
 def start_stdlib(picker, tmp, first, last):
     script = os.path.join(tmp, "stdlib_server.py")
     if not os.path.exists(script):
         with open(script, "w") as f:
             f.write(STDLIB_SERVER)
     port = picker.take()
-    server = Server("stdlib", [sys.executable, script, str(port), str(first), str(last)], port, tmp)
-    return server
+    argv = [sys.executable, script, str(port), str(first), str(last)]
+    return ServerProcess("stdlib", argv, port, os.path.join(tmp, "stdlib-%d.log" % port), cwd=ROOT).start(wait=False)
 
 
 def start_ours(picker, tmp, first, last, tag, script=NODEMNGR, name="ours"):
     """Our daemon (or, with *script* and *name*, the baseline copy) with its defaults."""
     port = picker.take()
     state_dir = tempfile.mkdtemp(prefix="state-%s-%s-" % (name, tag), dir=tmp)
-    argv = [sys.executable, script, "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--first-port", str(first), "--last-port", str(last),
-            "--state", os.path.join(state_dir, "state.sqlite3"), "--log-level", "WARNING"]
-    return Server(name, argv, port, tmp)
+    return Daemon(state_dir, first, last, port=port, script=script, log_level="WARNING", name=name,
+                  cwd=ROOT).start(wait=False)
 
 
 # ----------------------------------------------------------------------------- client workloads
@@ -1080,7 +1002,7 @@ def render(res, floor, args, cmdline, elapsed, load):
 
 # ----------------------------------------------------------------------------- main
 
-ERRORS = (BenchError, OSError, xmlrpc.client.Error, EOFError, http.client.HTTPException,
+ERRORS = (BenchError, ServerError, OSError, xmlrpc.client.Error, EOFError, http.client.HTTPException,
           subprocess.SubprocessError)
 
 
@@ -1177,7 +1099,7 @@ def main(argv=None):
             srv = start_stdlib(picker, tmp, first, last)
             servers.append(srv)
             try:
-                srv.wait_ready()
+                srv.wait_ready(15.0)
                 run_common(srv, d, res, "stdlib")
             except ERRORS as exc:
                 res.error("one", "stdlib", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
@@ -1192,7 +1114,7 @@ def main(argv=None):
                 srv = start_ours(picker, tmp, first, last, "r%d" % rnd, script, label)
                 servers.append(srv)
                 try:
-                    srv.wait_ready()
+                    srv.wait_ready(15.0)
                     run_common(srv, d, res, label, proxy_factory)
                 except ERRORS as exc:
                     res.error("one", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
@@ -1209,7 +1131,7 @@ def main(argv=None):
                         servers.append(srv)
                         pair.append(srv)
                     for srv in pair:
-                        srv.wait_ready()
+                        srv.wait_ready(15.0)
                     run_flat(pair[0], pair[1], d, res, label)
                 except ERRORS as exc:
                     res.error("flat", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
@@ -1233,7 +1155,7 @@ def main(argv=None):
                 srv = start_ours(picker, tmp, stall_range[0], stall_range[1], "s%d" % rnd, script, label)
                 servers.append(srv)
                 try:
-                    srv.wait_ready()
+                    srv.wait_ready(15.0)
                     run_stall(srv, sleepers, stall_range[0], stall_range[1], d, res, tmp, label)
                 except ERRORS as exc:
                     res.error("stall", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))

@@ -47,7 +47,8 @@ def test_client_subcommands(daemon):
     assert daemon.proc.wait(15) == 0
 
 
-def test_flags_win_over_environment(daemon):
+def test_flags_win_over_environment(any_daemon):
+    daemon = any_daemon
     env = clean_env(NODEMNGR_PORT=free_port(), NODEMNGR_AUTOSTART=0)
     code, out, _ = cli("ping", "--port", daemon.port, env=env)
     assert code == 0 and out.startswith("NodeMngr at ")
@@ -71,7 +72,8 @@ def test_usage_errors_are_status_2():
     assert code == 0 and "serve" in out and "Exit status" in " ".join(out.split())
 
 
-def test_serve_on_a_served_port_says_so_and_exits_3(daemon, tmp_path):
+def test_serve_on_a_served_port_says_so_and_exits_3(any_daemon, tmp_path):
+    daemon = any_daemon
     code, _, err = cli("serve", "--port", daemon.port, "--state", tmp_path / "other.sqlite3", env=daemon.env)
     assert code == 3
     assert_one_line_error(err)

@@ -74,7 +74,8 @@ def test_exhaustion_is_fault_2_and_the_daemon_serves_on(daemon_factory):
     assert rpc.newPort("fits again") == ports[1]
 
 
-def test_fault_codes_over_the_wire(daemon):
+def test_fault_codes_over_the_wire(any_daemon):
+    daemon = any_daemon
     rpc = daemon.rpc()
     assert fault_code(rpc.delPort, daemon.first) == 1
     assert fault_code(rpc.delPort, "11801") == 3
@@ -97,13 +98,15 @@ def test_fault_codes_over_the_wire(daemon):
     assert rpc.ping().startswith("NodeMngr at ")
 
 
-def test_unknown_port_text_is_the_legacy_one(daemon):
+def test_unknown_port_text_is_the_legacy_one(any_daemon):
+    daemon = any_daemon
     with pytest.raises(xmlrpc.client.Fault) as info:
         daemon.rpc().delPort(daemon.first)
     assert info.value.faultString == "Node manager: Unknown port: %d" % daemon.first
 
 
-def test_info_values_are_kept_as_given(daemon):
+def test_info_values_are_kept_as_given(any_daemon):
+    daemon = any_daemon
     rpc = daemon.rpc()
     infos = ["text", 42, 2.5, True, {"service": "echo", "nested": [1, {"a": "b"}]}, [1, "two"],
              b"\x00\x01binary", datetime.datetime(2001, 2, 3, 4, 5, 6), ""]
@@ -115,14 +118,16 @@ def test_info_values_are_kept_as_given(daemon):
         assert isinstance(listed[port]["since"], datetime.datetime)
 
 
-def test_nil_info_is_stored_as_empty_and_replies_carry_no_nil(daemon):
+def test_nil_info_is_stored_as_empty_and_replies_carry_no_nil(any_daemon):
+    daemon = any_daemon
     rpc = xmlrpc.client.ServerProxy(daemon.url, allow_none=True)
     port = rpc.newPort(None)
     assert rpc.listPorts() == [{"port": port, "info": "", "pid": 0, "since": rpc.listPorts()[0]["since"]}]
     assert fault_code(rpc.newPort, {"a": None}) == 3
 
 
-def test_status_and_introspection(daemon):
+def test_status_and_introspection(any_daemon):
+    daemon = any_daemon
     rpc = daemon.rpc()
     rpc.newPort("a")
     st = rpc.status()
@@ -178,7 +183,8 @@ def open_sockets():
     return count
 
 
-def test_the_proxy_keeps_one_connection_alive_across_calls(daemon):
+def test_the_proxy_keeps_one_connection_alive_across_calls(any_daemon):
+    daemon = any_daemon
     nm = daemon.proxy()
     before = open_sockets()
     for i in range(25):

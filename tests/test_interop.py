@@ -48,7 +48,8 @@ def _node():
 
 
 @pytest.mark.parametrize("client", [_perl, _ruby, _node], ids=["perl", "ruby", "node"])
-def test_foreign_client(daemon, client):
+def test_foreign_client(any_daemon, client):
+    daemon = any_daemon
     argv = client() + [daemon.url]
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           timeout=120, universal_newlines=True)
@@ -134,7 +135,8 @@ def _check_reply(version, status, headers, body):
     assert not re.search(r"<(\w+:)?nil\b", body), "reply carries a nil: %r" % body
 
 
-def test_raw_http_keepalive(daemon):
+def test_raw_http_keepalive(any_daemon):
+    daemon = any_daemon
     conn = RawConnection(daemon.host, daemon.port)
     try:
         # newPort("raw socket") -> the lowest free port.

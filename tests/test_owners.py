@@ -4,6 +4,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, wait_until
+from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, wait_until
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -67,14 +68,29 @@ def test_owner_that_died_while_the_daemon_was_down_is_reaped_at_start(daemon):
 
 
 def test_a_reused_pid_does_not_keep_a_port(daemon):
-    """The start time is part of the owner: the same pid with another start time is another owner."""
+    """The start time is part of the owner: the same pid with another start time is another owner.
+    A state file whose entry names this process's pid with another start time (what it holds for
+    an owner that died while the daemon was down, once its pid is reused) loses that entry."""
     import nodemngr
     start = nodemngr.process_start_time(os.getpid())
     assert start is not None and nodemngr.owner_alive(os.getpid(), start)
     assert not nodemngr.owner_alive(os.getpid(), start + 1)
+    rpc = daemon.rpc()
+    mine = rpc.newPort("this process", os.getpid())
+    earlier = rpc.newPort("an earlier process with this pid", os.getpid())
+    assert daemon.terminate() == 0
+    db = sqlite3.connect(daemon.state)
+    with db:
+        assert db.execute("UPDATE ports SET start = start + 1 WHERE port = ?", (earlier,)).rowcount == 1
+    db.close()
+    daemon.start()
+    held = registered(daemon)
+    assert earlier not in held, "a port stayed with a pid that now belongs to another process"
+    assert held[mine]["pid"] == os.getpid() and daemon.rpc().status()["reaped"] == 1
 
 
-def test_new_port_with_a_dead_pid_is_fault_3(daemon):
+def test_new_port_with_a_dead_pid_is_fault_3(any_daemon):
+    daemon = any_daemon
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait(10)
     with pytest.raises(xmlrpc.client.Fault) as info:
@@ -166,7 +182,7 @@ def test_a_state_file_of_another_schema_is_moved_aside(daemon_factory, tmp_path)
 
 
 def test_a_second_daemon_cannot_share_a_state_file(daemon, daemon_factory):
-    other = daemon_factory(state=daemon.state, start=False, settings={"StateStore.lock_wait": 0.2})
+    other = daemon_factory(state=daemon.state, start=False, settings=SHORT_LOCK_WAIT)
     other.start(wait=False)
     assert other.proc.wait(15) == 1
     assert "in use by another process" in other.read_log()

@@ -455,7 +455,8 @@ def test_log_file_in_a_missing_folder_gives_one_sentence(tmp_path, env, stop_at_
     assert daemon_pid_at(port) is None
 
 
-def test_unsendable_argument_is_one_sentence_and_a_type_error(daemon):
+def test_unsendable_argument_is_one_sentence_and_a_type_error(any_daemon):
+    daemon = any_daemon
     with daemon.proxy() as nm:
         with pytest.raises(TypeError) as caught:
             nm.newPort(object())
