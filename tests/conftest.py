@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 #: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).
 REAP_INTERVAL = 0.5
 #: Short limits for tests that wait for the owner check.
-FAST_REAP = {"NodeMngr.reap_interval": REAP_INTERVAL}
+FAST_REAP = {"NodeMngrServer.reap_interval": REAP_INTERVAL}
 #: How long a daemon waits for a state file another daemon holds.
 SHORT_LOCK_WAIT = {"StateStore.lock_wait": 0.2}
 

@@ -15,6 +15,9 @@ import xmlrpc.client
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NODEMNGR = os.path.join(ROOT, "nodemngr.py")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+import nodemngr     # noqa: E402  (the repository's, whatever copy a test or bench runs)
 RESERVED_PORT = 11800           # nmPort, the default port: never used by a test or the benchmark
 
 #: Environment variables of the product that a test or the benchmark must never inherit from the machine.
@@ -199,15 +202,9 @@ class ServerProcess:
         return self
 
     def answers(self):
-        """Whether the server answers a ping now (a 401 counts: it is up, and wants a token)."""
-        try:
-            with socket.create_connection((self.host, self.port), timeout=0.5):
-                pass
-            return bool(self.rpc().ping())
-        except xmlrpc.client.ProtocolError as exc:
-            return exc.errcode == 401
-        except OSError:
-            return False
+        """Whether the server answers a ping now (one that wants a token counts): the product's
+        own check, which its client and serve use too."""
+        return nodemngr.who_answers(self.host, self.port, timeout=0.5) in ("nodemngr", "other")
 
     def wait_ready(self, timeout=10.0):
         """Poll until it answers (no fixed sleep); ServerError if it exits or does not answer in time."""
