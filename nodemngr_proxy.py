@@ -42,12 +42,12 @@ _RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, wh
 _CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
 
 # What a reply that is not XML-RPC raises (a Fault or an HTTP status is handled before these).
+_REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
+                 TypeError, OverflowError)
+
 # What nodemngr.who_answers says when a call can go ahead: it reaches a node manager, or it
 # reaches another program, whose reply the call then reports.
 _SOMEONE = ("nodemngr", "other")
-
-_REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
-                 TypeError, OverflowError)
 
 
 def _new_spawn_lock():
