@@ -395,8 +395,8 @@ def is_this_host(address):
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as s:
-            s.connect((str(addr), 9))       # (UDP: nothing is sent)
-            return s.getsockname()[0] == str(addr)
+            s.connect((address if addr.version == 6 else str(addr), 9))    # (UDP: nothing is sent;
+            return s.getsockname()[0].split("%")[0] == str(addr)           # a link-local keeps its scope)
     except OSError:
         return False
 
@@ -1327,6 +1327,7 @@ _TURN_REQUESTS = 16                     # requests of one connection answered pe
 _CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
 _READ_BUFFER = bytearray(65536)         # every connection reads into it (_Channel.get_buffer)
 _READ_VIEW = memoryview(_READ_BUFFER)
+_BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or bare LF lines)
 
 # What a connection is doing (_Channel.state): taking requests; answering what a client that
 # half-closed sent, then closing; closing once its last reply has left; lingering after its last
@@ -1416,9 +1417,6 @@ class _Channel(asyncio.BufferedProtocol):
             self._sent_all()
             self.answer_received()
 
-    def connection_lost(self, exc):
-        self.close()
-
     # -- requests and replies --------------------------------------------------------------------
 
     def answer_received(self):
@@ -1484,6 +1482,9 @@ class _Channel(asyncio.BufferedProtocol):
                 self._fail(exc)
         if self.state is CLOSED:
             return
+        if not self.served:     # nothing was ever sent on it, so nothing a reset could lose
+            self.close()
+            return
         self.head, self.inbuf, self.pos = None, b"", 0
         self.deadline = min(self.deadline, time.monotonic() + grace)
         if self.state is READING or self.state is DRAINING:
@@ -1497,22 +1498,18 @@ class _Channel(asyncio.BufferedProtocol):
         if self.head is None:
             while buf[pos:pos + 1] in (b"\r", b"\n"):
                 pos += 1
-            end = buf.find(b"\n\r\n", pos)      # the blank line, CRLF or bare LF
-            bare = buf.find(b"\n\n", pos)
-            if bare >= 0 and (end < 0 or bare < end):
-                end, skip = bare, 2
-            else:
-                skip = 3
-            if (end if end >= 0 else len(buf)) - pos > MAX_HEAD:
+            blank = _BLANK_LINE.search(buf, pos)
+            if (blank.start() if blank else len(buf)) - pos > MAX_HEAD:
                 raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
-            if end < 0:
+            if blank is None:
                 self.inbuf, self.pos = buf[pos:], 0
                 return None
+            end, after = blank.span()
             head = read_head(buf[pos:end])
             if self.server.token is not None:
                 self.server.check_auth(head.authorization)
-            self.head, self.pos = head, end + skip
-            pos = self.pos
+            self.head = head
+            pos = self.pos = after
             if len(buf) - pos < head.length and head.expect_continue:
                 self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
         head = self.head
@@ -1533,13 +1530,13 @@ class _Channel(asyncio.BufferedProtocol):
         """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
         each once the previous one has left (resume_writing sends the next): a reply the client
         does not read is then held once, not copied into the transport's buffer."""
-        if not self.outbuf and len(data) <= _CHUNK:     # (even while paused: small, and in order)
+        if not self.outbuf and not self.pending and len(data) <= _CHUNK:
             self.transport.write(data)
             return
         outbuf = self.outbuf
         if data:
             outbuf.append(data)
-            if self.pending:    # it waits behind a reply not taken (at a stop): count it too
+            if self.pending:    # it waits behind a reply not taken (at a stop): counted too
                 self.pending += len(data)
                 self.server.pending_bytes += len(data)
         while outbuf and not self.pending:
@@ -1582,8 +1579,8 @@ class _Channel(asyncio.BufferedProtocol):
         self.owed = left
         return taking
 
-    def close(self):
-        """Close now, dropping whatever is not sent yet (also: the transport has closed)."""
+    def close(self, exc=None):
+        """Close now, dropping whatever is not sent yet; also asyncio's connection_lost(exc)."""
         if self.state is CLOSED:
             return
         self.state = CLOSED
@@ -1593,6 +1590,8 @@ class _Channel(asyncio.BufferedProtocol):
         self.server.pending_bytes -= self.pending
         self.pending = 0
         self.outbuf.clear()
+
+    connection_lost = close
 
 
 def _has_unread(sock):
@@ -1663,15 +1662,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.host, self.token = host, token
         self.node = self.loop = None
-        self.stopping = False
-        self.stop_reason = None
+        self.stopping, self.stop_reason = False, None
         self.released = False       # stopping, and the state file is closed: no more requests
         self.pending_bytes = 0      # bytes of replies queued and not yet taken by their clients
-        self.connection_limit = self.max_connections
         self.channels = set()       # the open connections
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
-        self._listening = False
-        self._rechecking = False
+        self._listening = self._rechecking = False
         self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
         self._accept_warned = 0.0
         self._stopped = threading.Event()
@@ -1852,7 +1848,6 @@ class NodeMngrServer(SimpleXMLRPCServer):
             if not self._listening:
                 self._listen()
             if not self._rechecking and self.node is not None:
-                self._rechecking = True
                 self._recheck()
         self.loop.call_later(self.tick, self._sweep)
 
@@ -1871,10 +1866,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         except Exception:
             log.exception("reaping failed")
             done = True
-        if done:
-            self.loop.call_later(self.reap_interval, self._reap_step)
-        else:
-            self.loop.call_soon(self._reap_step)
+        self.loop.call_later(self.reap_interval if done else 0, self._reap_step)
 
     def _listen(self):
         self.loop.add_reader(self.socket, self._accept)
@@ -2125,6 +2117,10 @@ def describe_call_error(exc, host, port):
 # Serving
 # ---------------------------------------------------------------------------------------------
 
+_SIGHUP = getattr(signal, "SIGHUP", None)
+_SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
+
+
 def run_daemon(host, port, first, last, state, token=None):
     """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
     if not is_loopback(host) and token is None:
@@ -2160,21 +2156,23 @@ def run_daemon(host, port, first, last, state, token=None):
         server.server_close()
         if node is not None:
             node.close()
+        for sig in _SIGNALS:    # exiting: Python's own exit would put the default (fatal) ones back
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def _catch_signals(server):
     """From the bind on, SIGTERM and SIGINT ask the server to stop and SIGHUP (logrotate's
     postrotate) reopens the log files: through the server's loop while it runs, at once before
     (opening the state file can take seconds) and after it.  None of them kills the daemon."""
-    def through_loop(func, *args):
+    def on_signal(signum, frame):
+        func, args = ((reopen_log_files, ()) if signum == _SIGHUP
+                      else (server.request_stop, (signal.Signals(signum).name,)))
         if server.loop is not None and server.loop.is_running():
             server.loop.call_soon_threadsafe(func, *args)
         else:
             func(*args)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: through_loop(server.request_stop, signal.Signals(signum).name))
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: through_loop(reopen_log_files))
+    for sig in _SIGNALS:
+        signal.signal(sig, on_signal)
 
 
 def reopen_log_files():
