@@ -1557,7 +1557,7 @@ class _Channel(asyncio.BufferedProtocol):
         elif state is LINGERING:
             self.transport.write_eof()
             self.transport.resume_reading()
-            self.deadline = time.monotonic() + 1.0
+            self.deadline = time.monotonic() + self.server.linger
         elif state is READING:
             self.between = self.head is None and not self.inbuf
             self.deadline = time.monotonic() + (self.server.idle_timeout if self.between else self.server.stall_timeout)
@@ -1652,6 +1652,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
     max_connections = MAX_CONNECTIONS
     max_pending_bytes = 32 * 1024 * 1024    # replies waiting for slow clients; beyond it, 503
     stop_grace = 1.0                # a stopping daemon drops what is not complete by then
+    linger = 1.0                    # after its last reply, what a client still sends is dropped
     fd_reserve = 16                 # descriptors kept for calls in progress (probes, /proc, sqlite)
     reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
@@ -1919,7 +1920,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
             pass
         if len(self._refused) >= self.fd_reserve // 2:    # the oldest has most likely been read
             _drain(self._refused.popleft()[1]).close()
-        self._refused.append((time.monotonic() + 1.0, sock))
+        self._refused.append((time.monotonic() + self.linger, sock))
 
     # -- stopping --------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
-"""What an adversarial run found in the asyncio transport (issue 9), one test each: a Content-Length
-int() cannot read, replies queued at a stop beyond the memory bound, blank lines that kept a
-connection open, signals while the daemon starts, a host check fooled by ip_nonlocal_bind, and a
-busy-port recheck that lost its port."""
+"""What two adversarial runs found in the asyncio transport (issue 9), one test each: a
+Content-Length int() cannot read, replies queued at a stop beyond the memory bound (large and small
+ones), blank lines that kept a connection open, signals while the daemon starts and while it exits,
+a host check fooled by ip_nonlocal_bind, a busy-port recheck that lost its port, and a stop that
+lingered on a connection owed nothing."""
+import os
 import select
 import shutil
 import signal
@@ -21,7 +23,8 @@ from test_promises import _status_kib, post
 import nodemngr
 
 
-def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(daemon):
+def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(any_daemon):
+    daemon = any_daemon
     body = xmlrpc.client.dumps((), "ping").encode()
     head = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %s%d\r\n\r\n" % (b"0" * 5000, len(body))
     with socket.create_connection((daemon.host, daemon.port)) as s:
@@ -139,3 +142,66 @@ def test_a_recheck_whose_probe_fails_keeps_the_port():
     now[0] = 10.0
     a.recheck_due(lambda port: True)
     assert a.take(lambda port: True) == 7000
+
+
+# -- what a second adversarial run found -------------------------------------------------------
+
+def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_factory):
+    # A listing of about 250 KB goes to the transport in one piece; 300 of them asked for in one go
+    # and never read must still wait within max_pending_bytes when the stop answers them.
+    d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20})
+    fill_registry(d, 60)
+    base = _status_kib(d.proc.pid, "VmRSS")
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((d.host, d.port))
+    try:
+        client.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()) * 300)
+        assert select.select([client], [], [], 10)[0], "the first reply never came"
+        d.proc.send_signal(signal.SIGTERM)
+        peak = base
+        deadline = time.monotonic() + 5
+        while d.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                peak = max(peak, _status_kib(d.proc.pid, "VmHWM"))
+            except (OSError, IndexError):
+                break
+            time.sleep(0.02)
+    finally:
+        client.close()
+    assert d.proc.wait(10) == 0
+    assert peak - base < 30 * 1024, "small replies owed at the stop grew the daemon by %d KiB" % (peak - base)
+
+
+def test_signals_while_the_daemon_exits_do_not_kill_it(daemon):
+    # terminate is answered, then SIGTERM, SIGINT and SIGHUP keep coming until the process is gone:
+    # none of them, however late in the exit, may turn the clean exit into a death by signal.
+    pid = daemon.proc.pid
+    assert daemon.rpc().terminate() is True
+    deadline = time.monotonic() + 10
+    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    n = 0
+    while daemon.proc.poll() is None and time.monotonic() < deadline:
+        try:
+            os.kill(pid, sigs[n % 3])
+        except ProcessLookupError:
+            break
+        n += 1
+        time.sleep(0.002)
+    assert daemon.proc.wait(10) == 0, "a signal during the exit killed the daemon"
+
+
+def test_a_stop_does_not_linger_on_a_client_owed_nothing(daemon_factory):
+    # A connection holding only the start of a request is owed nothing: once the state file is
+    # released (stop_grace), it is closed, not left to linger (30 s here) as one owed replies is.
+    d = daemon_factory(settings={"NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.linger": 30.0,
+                                 "NodeMngrServer.stall_timeout": 60.0})
+    with socket.create_connection((d.host, d.port)) as s:
+        s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n<?xml")
+        assert d.rpc().ping()       # (the partial request has reached the daemon by now)
+        d.proc.send_signal(signal.SIGTERM)
+        try:
+            status = d.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            status = None
+    assert status == 0, "the stop lingered on a connection owed nothing"
