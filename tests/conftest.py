@@ -74,6 +74,44 @@ def any_daemon(_session_daemon):
 
 
 @pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """The command line run in this process, as ``nodemngr.main(argv)``: ``run_cli(*args, env=...)``
+    returns (exit status, stdout, stderr) as a ``python3 nodemngr.py ARGS`` would, without the
+    quarter second of CPU an interpreter start costs.  *env* is the environment the process would
+    have had (clean_env() by default): its product variables (NODEMNGR_*) are set here, the others
+    unset, for the call.  For client commands and errors argparse raises before anything runs;
+    ``serve`` installs signal handlers and runs a loop: it stays a real process, and here only its
+    usage errors may be checked (reaching its logging setup or its loop fails the test)."""
+    import nodemngr
+
+    def no_serving(*args, **kw):
+        raise AssertionError("run_cli does not serve: run serve as a process")
+    monkeypatch.setattr(nodemngr, "_setup_logging", no_serving)
+    monkeypatch.setattr(nodemngr, "run_daemon", no_serving)
+
+    def run(*args, env=None):
+        env = clean_env() if env is None else env
+        for var in PRODUCT_VARS:
+            if var in env:
+                monkeypatch.setenv(var, str(env[var]))
+            else:
+                monkeypatch.delenv(var, raising=False)
+        capsys.readouterr()         # whatever the test printed before is not the command's
+        try:
+            code = nodemngr.main([str(a) for a in args])
+        except SystemExit as exc:   # argparse: usage errors (2), --help and --version (0)
+            code = exc.code
+            if code is None:
+                code = 0
+            elif not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
+
+
+@pytest.fixture
 def reap_pids():
     """A list to append pids to; each is stopped by pid at teardown."""
     pids = []

@@ -1,4 +1,9 @@
-"""The command line: every subcommand, exit codes 0/1/2/3, errors in one line without a traceback."""
+"""The command line: every subcommand, exit codes 0/1/2/3, errors in one line without a traceback.
+
+Client commands and usage errors run in this process through conftest's ``run_cli`` (nodemngr.main
+with the product's variables of the environment given); ``python3 nodemngr.py`` itself runs as a
+process where the process is the point: the script's entry point (a ping that works and one that
+fails), and ``serve``, which binds, installs signal handlers and runs a loop."""
 import os
 import shutil
 import subprocess
@@ -10,6 +15,7 @@ from conftest import NODEMNGR, ROOT, clean_env, free_port, wait_until
 
 
 def cli(*args, env=None, timeout=30):
+    """``python3 nodemngr.py ARGS`` as a process: (exit status, stdout, stderr)."""
     proc = subprocess.run([sys.executable, NODEMNGR] + [str(a) for a in args], env=env or clean_env(),
                           capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
@@ -21,42 +27,44 @@ def assert_one_line_error(err):
     assert len(lines) == 1 and lines[0].startswith("nodemngr: "), err
 
 
-def test_client_subcommands(daemon):
+def test_client_subcommands(daemon, run_cli):
     env = daemon.env
-    code, out, err = cli("ping", env=env)
+    code, out, err = cli("ping", env=env)       # the script's entry point, in a process of its own
     assert (code, out.startswith("NodeMngr at "), err) == (0, True, "")
-    code, out, _ = cli("new", "web frontend", env=env)
+    code, out, err = run_cli("ping", env=env)           # the rest in this process
+    assert (code, out.startswith("NodeMngr at "), err) == (0, True, "")
+    code, out, _ = run_cli("new", "web frontend", env=env)
     assert code == 0 and int(out) == daemon.first
-    code, out, _ = cli("new", "with owner", "--pid", os.getpid(), env=env)
+    code, out, _ = run_cli("new", "with owner", "--pid", os.getpid(), env=env)
     assert code == 0 and int(out) == daemon.first + 1
-    code, out, _ = cli("list", env=env)
+    code, out, _ = run_cli("list", env=env)
     lines = out.splitlines()
     assert code == 0 and lines[0].split() == ["PORT", "PID", "AGE", "INFO"]
     port, pid, age, info = lines[1].split(None, 3)
     assert (port, pid, age[-1], info) == (str(daemon.first), "0", "s", "web frontend")
     assert lines[2].split(None, 3)[:2] == [str(daemon.first + 1), str(os.getpid())]
     assert lines[1].index("web") == lines[0].index("INFO"), "columns are aligned"
-    code, out, _ = cli("status", env=env)
+    code, out, _ = run_cli("status", env=env)
     assert code == 0 and "registered 2" in " ".join(out.split())
-    code, out, err = cli("del", daemon.first, env=env)
+    code, out, err = run_cli("del", daemon.first, env=env)
     assert (code, out, err) == (0, "", "")
-    code, out, err = cli("del", daemon.first, env=env)
+    code, out, err = run_cli("del", daemon.first, env=env)
     assert code == 1 and err.strip() == "nodemngr: Node manager: Unknown port: %d" % daemon.first
-    code, out, _ = cli("stop", env=env)
+    code, out, _ = run_cli("stop", env=env)
     assert code == 0 and "stopping" in out
     assert daemon.proc.wait(15) == 0
 
 
-def test_flags_win_over_environment(any_daemon):
+def test_flags_win_over_environment(any_daemon, run_cli):
     daemon = any_daemon
     env = clean_env(NODEMNGR_PORT=free_port(), NODEMNGR_AUTOSTART=0)
-    code, out, _ = cli("ping", "--port", daemon.port, env=env)
+    code, out, _ = run_cli("ping", "--port", daemon.port, env=env)
     assert code == 0 and out.startswith("NodeMngr at ")
 
 
 def test_errors_are_one_line_with_status_1():
     env = clean_env(NODEMNGR_PORT=free_port())
-    code, out, err = cli("ping", env=env)
+    code, out, err = cli("ping", env=env)       # a process: nothing else on its stderr, even at exit
     assert code == 1
     assert_one_line_error(err)
     assert "no node manager answers" in err
@@ -65,10 +73,10 @@ def test_errors_are_one_line_with_status_1():
     assert_one_line_error(err)
 
 
-def test_usage_errors_are_status_2():
-    assert cli("frobnicate")[0] == 2
-    assert cli("del", "not-a-number")[0] == 2
-    code, out, _ = cli("--help")
+def test_usage_errors_are_status_2(run_cli):
+    assert run_cli("frobnicate")[0] == 2
+    assert run_cli("del", "not-a-number")[0] == 2
+    code, out, _ = run_cli("--help")
     assert code == 0 and "serve" in out and "Exit status" in " ".join(out.split())
 
 

@@ -58,7 +58,7 @@ def test_token_is_required_and_checked(daemon_factory, token_file):
     assert raw_status(d, basic(b"s3cret/with:odd@chars", user=b"anyone")).startswith(b"HTTP/1.1 200 ")
 
 
-def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file):
+def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file, run_cli):
     d = daemon_factory(extra_args=["--token-file", str(token_file)])
     with pytest.raises(nodemngr.NodeMngrException) as info:
         d.proxy().ping()
@@ -67,13 +67,14 @@ def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file):
     port = nm.newPort("with token")
     assert nm.listPorts()[0]["port"] == port
     env = dict(d.env, NODEMNGR_TOKEN_FILE=str(token_file))
-    r = subprocess.run([sys.executable, NODEMNGR, "list"], env=env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 0 and "with token" in r.stdout
+    code, out, _ = run_cli("list", env=env)
+    assert code == 0 and "with token" in out
+    # the module's nm, in a Python of its own, takes the token file from the environment it inherits
     script = "import sys; sys.path.insert(0, %r); from nodemngr import nm; print(nm.ping())" % ROOT
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.startswith("NodeMngr at "), r.stderr
-    r = subprocess.run([sys.executable, NODEMNGR, "list"], env=d.env, capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "NODEMNGR_TOKEN_FILE" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_cli("list", env=d.env)
+    assert code == 1 and "NODEMNGR_TOKEN_FILE" in err and "Traceback" not in err
 
 
 def test_a_token_file_readable_by_others_is_refused(token_file):

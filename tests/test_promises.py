@@ -328,7 +328,8 @@ def test_the_daemon_skips_a_port_bound_without_listening(daemon_factory):
 
 # -- 7. owners taken on trust -------------------------------------------------------------------
 
-def test_a_thread_id_is_not_an_owner(daemon):
+def test_a_thread_id_is_not_an_owner(any_daemon):
+    daemon = any_daemon
     script = textwrap.dedent("""
         import sys, threading
         ready, done = threading.Event(), threading.Event()
@@ -348,6 +349,8 @@ def test_a_thread_id_is_not_an_owner(daemon):
         assert info.value.faultCode == 3 and "thread" in info.value.faultString
         assert daemon.rpc().newPort("process", proc.pid) == daemon.first
     finally:
+        for entry in daemon.rpc().listPorts():  # given back before its owner ends: the shared
+            daemon.rpc().delPort(entry["port"])  # daemon reaps nothing (its reaped count stays 0)
         proc.stdin.close()
         proc.wait(10)
 
@@ -437,17 +440,29 @@ def test_a_daemon_waits_briefly_for_a_state_file_being_released(daemon_factory):
 # -- 9. errors in one sentence ------------------------------------------------------------------
 
 def _cli(*args, env=None):
+    """``python3 nodemngr.py ARGS`` as a process (for serve, which binds and runs a loop)."""
     return subprocess.run([sys.executable, NODEMNGR] + list(args), capture_output=True, text=True,
                           timeout=30, env=env or clean_env(NODEMNGR_PORT=free_port()))
 
 
-def test_cli_errors_are_one_line(tmp_path, any_daemon):
+@pytest.fixture
+def in_cli(run_cli):
+    """The command line in this process (conftest's run_cli), returning what subprocess.run would:
+    .returncode, .stdout, .stderr; the environment by default names a port nothing serves."""
+    def run(*args, env=None):
+        code, out, err = run_cli(*args, env=env or clean_env(NODEMNGR_PORT=free_port()))
+        return subprocess.CompletedProcess(["nodemngr"] + list(args), code, out, err)
+    return run
+
+
+def test_cli_errors_are_one_line(tmp_path, any_daemon, in_cli):
     daemon = any_daemon
     for args, code in ((["new", "x", "--pid", "3000000000"], 2), (["del", "3000000000"], 2),
                        (["serve", "--port", "70000"], 2), (["del", "0"], 2),
                        (["serve", "--state", "none", "--port", str(free_port()),
                          "--log-file", "/nonexistent/x.log"], 1)):
-        r = _cli(*args, env=daemon.env)
+        run = _cli if code == 1 else in_cli     # usage errors in this process; serve's own as one
+        r = run(*args, env=daemon.env)
         assert r.returncode == code, (args, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     listener = socket.socket()
@@ -465,7 +480,7 @@ def test_cli_errors_are_one_line(tmp_path, any_daemon):
             conn.close()
     threading.Thread(target=speak_ssh, daemon=True).start()
     try:
-        r = _cli("ping", env=clean_env(NODEMNGR_PORT=listener.getsockname()[1]))
+        r = in_cli("ping", env=clean_env(NODEMNGR_PORT=listener.getsockname()[1]))
     finally:
         stop.set()
         listener.close()
@@ -493,7 +508,7 @@ def test_nodemngr_alone_imports_whole(tmp_path):
 
 # -- 10. text in and out ------------------------------------------------------------------------
 
-def test_carriage_returns_round_trip_and_listings_escape_control_characters(any_daemon):
+def test_carriage_returns_round_trip_and_listings_escape_control_characters(any_daemon, in_cli):
     daemon = any_daemon
     nm = daemon.proxy()
     tricky = "a\rb\r\nc"
@@ -501,7 +516,7 @@ def test_carriage_returns_round_trip_and_listings_escape_control_characters(any_
     forged = "real\r\n%d  0    0s   forged\x9b2J" % (port + 1)
     nm.newPort(forged, 0)
     assert [e["info"] for e in nm.listPorts()] == [tricky, forged]
-    r = _cli("list", env=daemon.env)
+    r = in_cli("list", env=daemon.env)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert len(lines) == 3, lines
@@ -660,12 +675,12 @@ def test_a_state_file_swapped_for_a_link_while_opening_is_refused(tmp_path):
     assert victim.read_bytes() == b""
 
 
-def test_more_errors_in_one_line(any_daemon):
+def test_more_errors_in_one_line(any_daemon, in_cli):
     daemon = any_daemon
     for args, env in ((["ping", "--host", "127.0.0.1:5"], None),
                       (["stop"], clean_env(NODEMNGR_HOST="[::1")),
                       (["new", "a\x1bb"], daemon.env)):
-        r = _cli(*args, env=env)
+        r = in_cli(*args, env=env)
         assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
     assert "U+001B" in r.stderr
     with pytest.raises(nodemngr.BadArgumentError) as info:
