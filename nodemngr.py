@@ -1427,7 +1427,7 @@ class _Channel(asyncio.BufferedProtocol):
             if self.pending or server.released or (self.state is not READING and self.state is not DRAINING):
                 return
             try:
-                request = self._take_request()
+                request = self._take_request() if self.inbuf else None
                 if request is None:
                     if self.state is DRAINING or (server.stopping and self.head is None and not self.inbuf
                                                   and not _has_unread(self.sock)):
@@ -1450,11 +1450,11 @@ class _Channel(asyncio.BufferedProtocol):
         if not head.keep_alive:
             self.state = CLOSING
         http_head = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive)
-        if len(reply) > _CHUNK:     # a listing, which clients share: send it as it is, not a copy
+        if len(reply) <= _CHUNK and not self.outbuf and not self.pending:
+            self.transport.write(http_head + reply)     # (the common case of _send)
+        else:   # a listing, which clients share, is sent as it is, not copied
             self._send(http_head)
             self._send(reply)
-        else:
-            self._send(http_head + reply)
         if not self.pending:
             self._sent_all()
 
