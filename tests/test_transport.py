@@ -35,11 +35,12 @@ def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(
 
 
 def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
-    # Each multicall below answers one listing of about 4 MB. The client asks for 40 of them in one
-    # go and reads nothing, then the daemon is told to stop: it answers what it received, but once
-    # max_pending_bytes of replies wait, the large ones get 503 instead of 160 MB of replies.
-    d = daemon_factory(size=1000, settings={"NodeMngrServer.max_pending_bytes": 8 << 20})
-    fill_registry(d, 1000)
+    # Each multicall below answers one listing of about 1.2 MB. The client asks for 40 of them in
+    # one go and reads nothing, then the daemon is told to stop: it answers what it received, but
+    # once max_pending_bytes of replies wait, the large ones get 503 instead of 48 MB of replies.
+    d = daemon_factory(size=300, settings={"NodeMngrServer.max_pending_bytes": 3 << 20,
+                                           "NodeMngrServer.stop_grace": 0.2})
+    fill_registry(d, 300)
     request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
     base = _status_kib(d.proc.pid, "VmRSS")
     client = socket.socket()
@@ -60,7 +61,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
     finally:
         client.close()
     assert d.proc.wait(10) == 0
-    assert peak - base < 40 * 1024, "replies owed at the stop grew the daemon by %d KiB" % (peak - base)
+    assert peak - base < 20 * 1024, "replies owed at the stop grew the daemon by %d KiB" % (peak - base)
 
 
 def test_blank_lines_do_not_keep_a_connection_open(daemon_factory):
@@ -149,7 +150,8 @@ def test_a_recheck_whose_probe_fails_keeps_the_port():
 def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_factory):
     # A listing of about 250 KB goes to the transport in one piece; 300 of them asked for in one go
     # and never read must still wait within max_pending_bytes when the stop answers them.
-    d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20})
+    d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20,
+                                          "NodeMngrServer.stop_grace": 0.2})
     fill_registry(d, 60)
     base = _status_kib(d.proc.pid, "VmRSS")
     client = socket.socket()
