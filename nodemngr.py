@@ -1910,9 +1910,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         return False
 
     def _turn_away(self, sock):
-        """Answer 503 and close.  Read what the client sent first, and keep the socket a moment
-        half-closed (a few at most): closing with unread bytes would reset the connection, and
-        the client would see a broken pipe instead of the 503."""
+        """Answer 503 and close, after reading what the client sent and keeping the socket half-closed
+        a moment (a few at most): a reset would show the client a broken pipe, not the 503."""
         try:
             _drain(sock).send(_text_response(503, "too many connections; try again shortly"), socket.MSG_DONTWAIT)
             sock.shutdown(socket.SHUT_WR)
@@ -1939,6 +1938,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
     def _begin_stop(self):
         """Take no new request: answer what was received (connections the kernel accepted for us
         included), close the idle connections and the listening socket."""
+        if self.stopping:       # (asked twice before the loop ran: a signal, then serve_forever)
+            return
         self._accept(self.connection_limit)
         self.stopping = True
         if self._listening:
