@@ -121,7 +121,7 @@ NOT_WELL_FORMED, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERR
 
 _INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
 _STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
-_STORE_SCHEMA = 1
+_STORE_SCHEMA = 2       # 1: 1.0's, ports only (migrated in place); 2: names' last ports too
 
 # ---------------------------------------------------------------------------------------------
 # Exceptions
@@ -514,86 +514,161 @@ Registration.__doc__ = """One held port: its info, owner (pid 0 = none, start ti
 seconds) and blob (info marshalled, as the state file keeps it)."""
 
 
-class PortAllocator:
-    """The ports of ``[first, last]``: which are held, by whom, and which is the lowest free one.
+def name_of(info):
+    """The name of a registration whose info is *info*: the info itself when it is a string, else
+    the ``name`` member of a struct info when that is a string, else None (README, "Names")."""
+    if type(info) is str:
+        return info
+    if type(info) is dict and type(info.get("name")) is str:
+        return info["name"]
+    return None
 
-    Free ports sit in a heap, so taking the lowest and giving one back are O(log n).  Ports that
-    the host check refused are set aside for busy_retry seconds rather than probed on every call.
-    Not thread-safe: NodeMngr serialises calls.
+
+def explicit_name(info):
+    """The name of a struct info's string ``name`` member (a name whose port is sticky), else None."""
+    return info["name"] if type(info) is dict and type(info.get("name")) is str else None
+
+
+class PortAllocator:
+    """The ports of ``[first, last]``: which are held, by whom, under what name, which port each
+    explicit name had last, and which is the lowest free one.
+
+    Free ports sit in two heaps, those that no name remembers and those that one does (taken
+    only when the first heap is empty), so taking the lowest and giving one back are O(log n).
+    A sticky port is taken out of its heap's middle: heap entries whose port is no longer free,
+    or has changed heaps, are skipped when they come up.  Ports that the host check refused are
+    set aside for busy_retry seconds rather than probed on every call.  Not thread-safe:
+    NodeMngr serialises calls.
     """
 
     recheck_rate = 2000     # set-aside ports probed again per second, at most,
     recheck_burst = 32      # and at once
 
-    def __init__(self, first, last, registrations=(), clock=time.monotonic, busy_retry=BUSY_RETRY):
+    def __init__(self, first, last, registrations=(), remembered=None, clock=time.monotonic,
+                 busy_retry=BUSY_RETRY):
         if not 1 <= first <= last <= 65535:
             raise BadArgumentError("the port range %s-%s is not within 1-65535 with first <= last" % (first, last))
         self.first, self.last = first, last
         self.held = {}          # port -> Registration
         self.owners = {}        # (pid, start) -> set of ports
+        self.names = {}         # name -> set of held ports: lookup's index
         self.changes = 0        # counts changes to held: a listing made at the same count is current
         self.in_range = 0       # held ports within [first, last] (a saved state may hold others)
+        self.remembered = {n: p for n, p in (remembered or {}).items() if first <= p <= last}
+        self._remembered_by = {p: n for n, p in self.remembered.items()}
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._rechecks, self._rechecked_at = 0.0, clock()   # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
             self.hold(reg)
-        self._free = [p for p in range(first, last + 1) if p not in self.held]   # sorted: a heap
+        self._is_free = set(range(first, last + 1)).difference(self.held)
+        self._rebuild_heaps()
 
     def __len__(self):
         return len(self.held)
 
     @property
     def free_count(self):
-        return len(self._free) + len(self._busy)
+        return len(self._is_free) + len(self._busy)
 
-    def take(self, usable):
-        """Remove and return the lowest free port that ``usable(port)`` accepts, or None.  The
-        set-aside ports due for another probe come back at recheck_rate a second at most: a
-        thousand found busy together must not be probed again within one call (or multicall)."""
+    def lookup(self, name):
+        """The Registrations named *name*, sorted by port."""
+        return sorted(self.held[p] for p in self.names.get(name, ()))
+
+    def take(self, usable, name=None):
+        """Remove and return a free port that ``usable(port)`` accepts, or None: the port that
+        explicit name *name* had last when it is free, else the lowest free port no name
+        remembers, else the lowest that one does.  The set-aside ports due for another probe come
+        back at recheck_rate a second at most: a thousand found busy together must not be probed
+        again within one call (or multicall)."""
         now = self._clock()
         self._rechecks = min(self.recheck_burst, self._rechecks + (now - self._rechecked_at) * self.recheck_rate)
         self._rechecked_at = now
         while self._rechecks >= 1 and self._busy and self._busy[0][0] <= now:
-            heapq.heappush(self._free, heapq.heappop(self._busy)[1])
+            self._make_free(heapq.heappop(self._busy)[1])
             self._rechecks -= 1
-        while self._free:
-            port = heapq.heappop(self._free)
-            try:
-                if usable(port):
+        port = self.remembered.get(name)
+        if port in self._is_free and self._try(usable, port, now):
+            return port
+        for heap, kept in ((self._free, False), (self._kept, True)):
+            while heap:
+                port = heapq.heappop(heap)
+                if port in self._is_free and (port in self._remembered_by) is kept and self._try(usable, port, now):
                     return port
-            except BaseException:   # the check failed, not the port: it stays free
-                heapq.heappush(self._free, port)
-                raise
-            heapq.heappush(self._busy, (now + self._retry_after(port), port))
         return None
+
+    def _try(self, usable, port, now):
+        self._is_free.discard(port)
+        try:
+            if usable(port):
+                return True
+        except BaseException:   # the check failed, not the port: it stays free
+            self._make_free(port)
+            raise
+        heapq.heappush(self._busy, (now + self._retry_after(port), port))
+        return False
 
     def untake(self, port):
         """Give back a port from take() that could not be registered after all."""
-        heapq.heappush(self._free, port)
+        self._make_free(port)
+
+    def memory_change(self, port, info):
+        """What holding *port* for *info* changes in the names' memory: (the explicit name that
+        remembers *port* from now on, or None; whether the name that remembered it forgets it).
+        A name moves to a new port only when the port it remembers is not held under its name
+        (several holders of one name keep the first one's port)."""
+        name, other = explicit_name(info), self._remembered_by.get(port)
+        if name == other:
+            return None, False
+        kept = self.held.get(self.remembered.get(name))
+        if kept is not None and explicit_name(kept.info) == name:
+            name = None
+        return name, other is not None
 
     def release(self, port):
         """Forget a held port and make it free again; return its Registration."""
         reg = self.held.pop(port)
         self.changes += 1
         self.in_range -= self.first <= port <= self.last
-        key = (reg.pid, reg.start)
         if reg.pid:
-            ports = self.owners[key]
-            ports.discard(port)
-            if not ports:
-                del self.owners[key]
+            self._discard(self.owners, (reg.pid, reg.start), port)
+        name = name_of(reg.info)
+        if name is not None:
+            self._discard(self.names, name, port)
         if self.first <= port <= self.last:
-            heapq.heappush(self._free, port)
+            self._make_free(port)
         return reg
 
-    def hold(self, reg):
-        """Record a port taken with take() (or one a saved state holds)."""
+    def hold(self, reg, memory=(None, False)):
+        """Record a port taken with take() (or one a saved state holds), with the memory_change
+        the caller saved."""
         self.held[reg.port] = reg
         self.changes += 1
         self.in_range += self.first <= reg.port <= self.last
         if reg.pid:
             self.owners.setdefault((reg.pid, reg.start), set()).add(reg.port)
+        name = name_of(reg.info)
+        if name is not None:
+            self.names.setdefault(name, set()).add(reg.port)
+        remember, forget = memory
+        if forget:
+            del self.remembered[self._remembered_by.pop(reg.port)]
+        if remember is not None:
+            self._forget(remember)
+            self.remembered[remember], self._remembered_by[reg.port] = reg.port, remember
+
+    def remember_held(self):
+        """Let each explicit name of a held port that remembers none remember its lowest such
+        port (a state file from 1.0, which had no memory); return the (name, port) pairs added."""
+        added = {}
+        for port in sorted(self.held):
+            name = explicit_name(self.held[port].info)
+            if (name is not None and name not in self.remembered and name not in added
+                    and port not in self._remembered_by and self.first <= port <= self.last):
+                added[name] = port
+        for name, port in added.items():
+            self.remembered[name], self._remembered_by[port] = port, name
+        return list(added.items())
 
     def recheck_due(self, usable, limit=32):
         """Probe up to *limit* set-aside ports that are due again; the usable ones become free.
@@ -609,10 +684,34 @@ class PortAllocator:
                 free = usable(port)
             finally:    # (if the check failed, not the port, the port stays set aside)
                 if free:
-                    heapq.heappush(self._free, port)
+                    self._make_free(port)
                 else:
                     heapq.heappush(self._busy, (now + self._retry_after(port), port))
         return bool(self._busy) and self._busy[0][0] <= now
+
+    def _forget(self, name):
+        port = self.remembered.pop(name, None)
+        if port is not None:
+            del self._remembered_by[port]
+            if port in self._is_free:   # it moves to the heap of ports nobody remembers
+                heapq.heappush(self._free, port)
+
+    def _make_free(self, port):
+        self._is_free.add(port)
+        heapq.heappush(self._kept if port in self._remembered_by else self._free, port)
+        if len(self._free) + len(self._kept) > 2 * len(self._is_free) + 64:    # mostly skipped entries
+            self._rebuild_heaps()
+
+    def _rebuild_heaps(self):
+        self._free = sorted(p for p in self._is_free if p not in self._remembered_by)
+        self._kept = sorted(p for p in self._is_free if p in self._remembered_by)
+
+    @staticmethod
+    def _discard(index, key, port):
+        ports = index[key]
+        ports.discard(port)
+        if not ports:
+            del index[key]
 
     def _retry_after(self, port):
         # each port comes back after its own share of busy_retry (half to all of it), so that
@@ -687,6 +786,11 @@ def _create_regular_file(path):
                             "(or none)" % (path, kind))
 
 
+_INSERT_PORT = "INSERT INTO ports(port, info, pid, start, since) VALUES (?, ?, ?, ?, ?)"
+_REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
+_CREATE_NAMES = "CREATE TABLE names(name TEXT PRIMARY KEY, port INTEGER NOT NULL UNIQUE);"
+
+
 class StateStore:
     """The held ports, saved in a sqlite3 file so that they survive a crash of the daemon.
 
@@ -708,38 +812,49 @@ class StateStore:
             self._db = self._open_or_move_aside(path)
 
     def load(self):
-        """Every saved Registration."""
+        """Every saved Registration, and {explicit name: the port it had last}."""
         if self._db is None:
-            return []
+            return [], {}
         rows = self._db.execute("SELECT port, info, pid, start, since FROM ports").fetchall()
-        return [Registration(port, unmarshal_info(blob), pid, start, since, blob)
-                for port, blob, pid, start, since in rows]
+        return ([Registration(port, unmarshal_info(blob), pid, start, since, blob)
+                 for port, blob, pid, start, since in rows],
+                dict(self._db.execute("SELECT name, port FROM names")))
 
-    def add(self, reg):
-        self._write("INSERT INTO ports(port, info, pid, start, since) VALUES (?, ?, ?, ?, ?)",
-                    (reg.port, reg.blob, reg.pid, reg.start, reg.since))
+    def add(self, reg, memory=(None, False)):
+        """Save *reg* with a PortAllocator.memory_change, in one transaction."""
+        row = (reg.port, reg.blob, reg.pid, reg.start, reg.since)
+        remember, forget = memory
+        if remember is None and not forget:     # (nearly every call: one statement)
+            self._write([(_INSERT_PORT, row)])
+        elif remember is None:
+            self._write([(_INSERT_PORT, row), ("DELETE FROM names WHERE port = ?", (reg.port,))])
+        else:   # (the REPLACE deletes the rows of the name's old port and of the port's old name)
+            self._write([(_INSERT_PORT, row), (_REMEMBER, (remember, reg.port))])
+
+    def remember(self, pairs):
+        """Save (name, port) pairs for names' memory."""
+        self._write([(_REMEMBER, pair) for pair in pairs])
 
     def remove(self, ports):
-        if len(ports) == 1:
-            self._write("DELETE FROM ports WHERE port = ?", (ports[0],))
-        else:
-            self._write("DELETE FROM ports WHERE port = ?", [(p,) for p in ports], many=True)
+        self._write([("DELETE FROM ports WHERE port = ?", (p,)) for p in ports])
 
     def close(self):
         if self._db is not None:
             self._db.close()
             self._db = None
 
-    def _write(self, sql, args, many=False):
-        if self._db is None:
+    def _write(self, statements):
+        """Run [(sql, args)] as one transaction: all or nothing."""
+        if self._db is None or not statements:
             return
         try:
-            if many:    # one transaction: all or nothing (autocommit mode would do each alone)
+            if len(statements) == 1:
+                self._db.execute(*statements[0])
+            else:   # (autocommit mode would commit each alone)
                 self._db.execute("BEGIN")
-                self._db.executemany(sql, args)
+                for sql, args in statements:
+                    self._db.execute(sql, args)
                 self._db.execute("COMMIT")
-            else:
-                self._db.execute(sql, args)
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.rollback()
@@ -796,14 +911,14 @@ class StateStore:
             if app_id == 0 and tables == 0:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(
-                    "PRAGMA application_id=%d; PRAGMA user_version=%d;"
+                    "BEGIN; PRAGMA application_id=%d; PRAGMA user_version=%d;"
                     "CREATE TABLE ports(port INTEGER PRIMARY KEY, info TEXT NOT NULL,"
-                    " pid INTEGER NOT NULL, start INTEGER NOT NULL, since REAL NOT NULL);"
-                    % (_STORE_APP_ID, _STORE_SCHEMA))
+                    " pid INTEGER NOT NULL, start INTEGER NOT NULL, since REAL NOT NULL);%s COMMIT;"
+                    % (_STORE_APP_ID, _STORE_SCHEMA, _CREATE_NAMES))
             elif app_id != _STORE_APP_ID:
                 raise _NotOurs("application id %#x, not nodemngr's" % app_id)
-            elif db.execute("PRAGMA user_version").fetchone()[0] != _STORE_SCHEMA:
-                raise _NotOurs("schema version is not %d" % _STORE_SCHEMA)
+            else:
+                self._migrate(db, path)
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise _NotOurs("integrity check: %s" % check)
@@ -815,6 +930,15 @@ class StateStore:
         except BaseException:
             db.close()
             raise
+
+    @staticmethod
+    def _migrate(db, path):
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 1:    # 1.0's file: its registrations stay, the names' memory starts empty
+            db.executescript("BEGIN; %s PRAGMA user_version=%d; COMMIT;" % (_CREATE_NAMES, _STORE_SCHEMA))
+            log.info("state file %s: migrated from the schema of nodemngr 1.0", path)
+        elif version != _STORE_SCHEMA:
+            raise _NotOurs("schema version %d is not one this nodemngr knows (1 or %d)" % (version, _STORE_SCHEMA))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,6 +962,11 @@ def _rpc(*signatures, name=None, local_only=False):
     return mark
 
 
+def _listed(regs):
+    return [{"port": r.port, "name": name_of(r.info) or "", "info": r.info, "pid": r.pid,
+             "since": _utc(r.since)} for r in regs]
+
+
 def _utc(epoch):
     """A naive UTC datetime, as XML-RPC's dateTime.iso8601 carries no zone."""
     return datetime.fromtimestamp(int(epoch), timezone.utc).replace(tzinfo=None)
@@ -857,7 +986,9 @@ class NodeMngr:
         with a reason when terminate asks to stop; reap_interval: the least time between two
         sweeps over the owners that failing calls make (the server paces its own)."""
         self.store = store if store is not None else StateStore(None)
-        self.allocator = PortAllocator(first, last, self.store.load(), busy_retry=busy_retry)
+        registrations, remembered = self.store.load()
+        self.allocator = PortAllocator(first, last, registrations, remembered, busy_retry=busy_retry)
+        self.store.remember(self.allocator.remember_held())
         self.host_check = host_check
         self.hostname = hostname or socket.gethostname()
         self.started = time.time()
@@ -881,10 +1012,14 @@ class NodeMngr:
         """Register and return a port (int) that nobody else on this host holds.
 
         info: any XML-RPC value saying what the port is for (at most 4 KiB marshalled, 16 levels
-        deep); it is kept and returned by listPorts as given.  pid: optional, the process that
-        holds the port; when it is non-zero the port is freed automatically once that process has
-        ended.  Returns the lowest free port of the range.  Faults: 2 when no port is free,
-        3 for a bad info or a pid with no live process.
+        deep); it is kept and returned by listPorts as given.  A string info is the port's name
+        for lookup; so is the string member "name" of a struct info, and such an explicit name
+        gets the same port back whenever it is free ({"name": "db", ...} is sticky across
+        delPort, the owner's death and restarts).  pid: optional, the process that holds the
+        port; when it is non-zero the port is freed automatically once that process has ended.
+        Returns the explicit name's last port if free, else the lowest free port of the range
+        that no other explicit name had last (those are handed out only when nothing else is
+        free).  Faults: 2 when no port is free, 3 for a bad info or a pid with no live process.
         """
         if info is None:
             info = ""           # a top-level nil means "no info": replies never carry nil
@@ -916,12 +1051,23 @@ class NodeMngr:
     @_rpc(["array"])
     def listPorts(self):
         """Return every registered port as an array of structs, sorted by port:
-        {port: int, info: as given to newPort, pid: int (0 = none), since: dateTime.iso8601 UTC}.
+        {port: int, name: string ("" when none), info: as given to newPort, pid: int (0 = none),
+        since: dateTime.iso8601 UTC}.
         """
         with self._lock:
-            regs = sorted(self.allocator.held.values())
-        return [{"port": r.port, "info": r.info, "pid": r.pid,
-                 "since": _utc(r.since)} for r in regs]
+            return _listed(sorted(self.allocator.held.values()))
+
+    @_rpc(["array", "string"])
+    def lookup(self, name):
+        """Return the registered ports named *name* (string), as listPorts does: an array of
+        structs {port, name, info, pid, since}, sorted by port; an empty array when there are
+        none.  A port's name is its info when newPort was given a string, or the string member
+        "name" of a struct info.  Fault 3 when name is not a string.
+        """
+        if type(name) is not str:
+            raise BadArgumentError("name must be a string, not %s" % describe(name))
+        with self._lock:
+            return _listed(self.allocator.lookup(name))
 
     @_rpc(["struct"])
     def status(self):
@@ -967,25 +1113,27 @@ class NodeMngr:
         return start
 
     def _hold_port(self, info, blob, pid, start):
+        name = explicit_name(info)
         with self._lock:
             try:
-                port = self.allocator.take(self.host_check)
+                port = self.allocator.take(self.host_check, name)
                 if port is None:
-                    port = self._take_after_reaping()
+                    port = self._take_after_reaping(name)
             except OSError as exc:
                 raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
                                         "registered, try again" % (exc.strerror or exc))
             reg = Registration(port, info, pid, start, time.time(), blob)
+            memory = self.allocator.memory_change(port, info)
             try:
-                self.store.add(reg)
+                self.store.add(reg, memory)
             except StoreError:
                 self.allocator.untake(port)
                 raise
-            self.allocator.hold(reg)
+            self.allocator.hold(reg, memory)
         log.debug("gave port %d to pid %d (%s)", port, pid, _loggable(info))
         return port
 
-    def _take_after_reaping(self):
+    def _take_after_reaping(self, name):
         """Called with the lock held when take() found nothing: reap the ended owners first.
         Failing calls advance the pass over the owners that the server makes every reap
         interval, a slice each, and start no new pass sooner: a stream of them must not read
@@ -997,7 +1145,7 @@ class NodeMngr:
             if done:
                 self._next_sweep = now + self.reap_interval
                 log.debug("no port free: swept the owners")
-            port = self.allocator.take(self.host_check) if reaped else None
+            port = self.allocator.take(self.host_check, name) if reaped else None
             if port is not None:
                 return port
         a = self.allocator
@@ -2307,6 +2455,10 @@ def _parser():
     n = sub.add_parser("new", parents=[common], help="register a port and print it")
     n.add_argument("info", help="what the port is for")
     n.add_argument("--pid", type=_pid_arg, default=0, help="free the port when this process ends (e.g. $$)")
+    n.add_argument("--name", help="register {name: NAME, info: INFO}: NAME gets the same port back whenever "
+                   "it is free (sticky)")
+    k = sub.add_parser("lookup", parents=[common], help="list the ports registered under a name: port, pid, age, info")
+    k.add_argument("name", help="a string info, or the name given to new --name")
     d = sub.add_parser("del", parents=[common], help="give a port back")
     d.add_argument("del_port", metavar="PORT", type=_port_arg, help="the port newPort gave")
     sub.add_parser("stop", parents=[common], help="stop the node manager")
@@ -2350,7 +2502,13 @@ def _run_client_command(args):
         elif args.command == "list":
             print(format_table(proxy.listPorts()))
         elif args.command == "new":
-            print(proxy.newPort(args.info, args.pid))
+            info = args.info if args.name is None else {"name": args.name, "info": args.info}
+            print(proxy.newPort(info, args.pid))
+        elif args.command == "lookup":
+            entries = proxy.lookup(args.name)
+            if not entries:
+                raise NodeMngrException("no port is registered under the name %s" % describe(args.name))
+            print(format_table(entries, header=False))
         elif args.command == "del":
             proxy.delPort(args.del_port)
         elif args.command == "stop":
@@ -2361,17 +2519,17 @@ def _run_client_command(args):
     return 0
 
 
-def format_table(entries, now=None):
+def format_table(entries, now=None, header=True):
     """listPorts entries as an aligned text table: PORT PID AGE INFO."""
     now = _utc(time.time()) if now is None else now
-    rows = [("PORT", "PID", "AGE", "INFO")]
+    rows = [("PORT", "PID", "AGE", "INFO")] if header else []
     for e in entries:
         since = e["since"]
         if not isinstance(since, datetime):
             since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
         info = _printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
         rows.append((str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
 
 

@@ -103,8 +103,13 @@ class NodeMngrProxy:
         return self.call("delPort", port)
 
     def listPorts(self):
-        """Every registered port: a list of {port, info, pid, since} dicts, sorted by port."""
+        """Every registered port: a list of {port, name, info, pid, since} dicts, sorted by port."""
         return self.call("listPorts")
+
+    def lookup(self, name):
+        """The ports registered under *name* (a string info, or a struct info's "name"), as
+        listPorts lists them; [] when none."""
+        return self.call("lookup", name)
 
     def status(self):
         """The daemon's status: a dict (version, pid, host, port, range, counts, uptime, state)."""

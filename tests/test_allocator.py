@@ -82,3 +82,80 @@ def test_random_operations_agree_with_a_model():
                 model.add(port)
         assert set(a.held) == model
         assert a.free_count == 64 - len(model)
+
+
+def named(port, info):
+    return Registration(port, info, 0, 0, 0.0, "")
+
+
+def take_named(alloc, info, usable=lambda p: True):
+    from nodemngr import explicit_name
+    port = alloc.take(usable, explicit_name(info))
+    if port is not None:
+        alloc.hold(named(port, info), alloc.memory_change(port, info))
+    return port
+
+
+def test_names_operations_agree_with_a_model():
+    """Explicit names get their last port back when it is free; everything else takes the lowest
+    free port no name remembers, and a remembered one only when nothing else is free (its name
+    then forgets it); several holders of one name keep the first one's port."""
+    rnd = random.Random(2)
+    first, last = 1000, 1015
+    a = PortAllocator(first, last)
+    held, remembered = {}, {}
+    infos = ["plain", "other"] + [{"name": n} for n in ("db", "web", "cache", "queue", "log")] + [{"x": 1}]
+    for step in range(4000):
+        if held and rnd.random() < 0.45:
+            port = rnd.choice(sorted(held))
+            a.release(port)
+            del held[port]
+        else:
+            info = rnd.choice(infos)
+            name = info.get("name") if isinstance(info, dict) else None
+            free = set(range(first, last + 1)) - set(held)
+            kept = remembered.get(name)
+            if kept in free:
+                expected = kept
+            else:
+                nobody = free - set(remembered.values())
+                expected = min(nobody or free) if free else None
+            port = take_named(a, info)
+            assert port == expected, (step, info, remembered)
+            if port is None:
+                continue
+            other = next((n for n, p in remembered.items() if p == port), None)
+            if other != name:
+                if other is not None:
+                    del remembered[other]
+                kept = remembered.get(name)
+                if name is not None and not (kept in held and held[kept] == info):
+                    remembered[name] = port
+            held[port] = info
+        assert set(a.held) == set(held)
+        assert a.remembered == remembered
+        assert len(set(remembered.values())) == len(remembered), "one name per remembered port"
+        assert a.free_count == last - first + 1 - len(held)
+    assert len(a._free) + len(a._kept) <= 2 * a.free_count + 64, "skipped heap entries are bounded"
+
+
+def test_lookup_is_an_index_of_names():
+    a = PortAllocator(1, 10)
+    for port, info in ((1, "web"), (2, {"name": "web", "n": 2}), (3, {"name": 3}), (4, "db"), (5, ["web"])):
+        a.hold(named(port, info))
+    assert [r.port for r in a.lookup("web")] == [1, 2]
+    assert [r.port for r in a.lookup("db")] == [4]
+    assert a.lookup("nobody") == [] and a.lookup(3) == []
+    a.release(1)
+    a.release(4)
+    assert [r.port for r in a.lookup("web")] == [2]
+    assert a.lookup("db") == [] and "db" not in a.names, "an empty entry is dropped, not kept"
+
+
+def test_remembered_ports_outside_the_range_are_dropped_and_a_1_0_state_seeds_them():
+    regs = [named(5, {"name": "db"}), named(6, {"name": "db"}), named(7, "plain"), named(50, {"name": "far"})]
+    a = PortAllocator(1, 10, regs, remembered={"old": 40, "web": 3})
+    assert a.remembered == {"web": 3}
+    assert a.remember_held() == [("db", 5)], "the lowest holder's port; none for a port out of range"
+    assert a.remembered == {"web": 3, "db": 5}
+    assert take_named(a, "x") == 1 and take_named(a, "y") == 2 and take_named(a, "z") == 4, "3 is kept for web"

@@ -1011,7 +1011,8 @@ def _ping_ok(d):
 # ---------------------------------------------------------------------------------------------
 
 MUTATORS = {"newPort", "delPort", "terminate", "system.multicall"}
-READ_ONLY = ["ping", "listPorts", "status", "system.listMethods", "system.methodHelp", "system.methodSignature"]
+READ_ONLY = ["ping", "listPorts", "lookup", "status", "system.listMethods", "system.methodHelp",
+             "system.methodSignature"]
 ALL_METHODS = sorted(READ_ONLY + ["newPort", "delPort", "terminate", "system.multicall"])
 ATTACK_NAMES = ["_dispatch", "__init__", "system._methods", "ping.__call__", "system.listMethods.__self__",
                 "nodemngr.ping", "os.system", "", "system."]
@@ -1134,8 +1135,12 @@ def check_call(d, method, params, value):
         check_fault(value, {-32601})
     elif method in ("ping", "listPorts", "status", "system.listMethods") and n != 0:
         check_fault(value, {-32602})
-    elif method in ("system.methodHelp", "system.methodSignature") and n != 1:
+    elif method in ("system.methodHelp", "system.methodSignature", "lookup") and n != 1:
         check_fault(value, {-32602})
+    elif method == "lookup" and not isinstance(params[0], str):
+        check_fault(value, {3})
+    elif method == "lookup":
+        check_model(d, value, only=params[0])
     elif method == "ping":
         assert isinstance(value, str) and value.startswith("NodeMngr at "), value
     elif method == "listPorts":
@@ -1153,13 +1158,23 @@ def check_call(d, method, params, value):
             assert value.faultCode == 3
 
 
-def check_model(d, entries):
+def model_name(info):
+    """The contract's name of a registration with *info* (None: it has none)."""
+    if isinstance(info, dict):
+        info = info.get("name")
+    return info if isinstance(info, str) else None
+
+
+def check_model(d, entries, only=None):
+    """*entries* list the model's registrations (only those named *only* when it is given)."""
     assert isinstance(entries, list), entries
     ports = [e["port"] for e in entries]
-    assert ports == sorted(d.model), "listPorts %s, the test registered %s" % (ports, sorted(d.model))
+    wanted = sorted(p for p, (info, _) in d.model.items() if only is None or model_name(info) == only)
+    assert ports == wanted, "listed %s, the test registered %s" % (ports, wanted)
     for e in entries:
         info, pid = d.model[e["port"]]
         assert same(e["info"], info), (e, info)
+        assert e["name"] == (model_name(info) or ""), (e, info)
         assert e["pid"] == pid and isinstance(e["since"], datetime), e
 
 

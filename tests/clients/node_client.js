@@ -50,7 +50,7 @@ async function main() {
     fail('port ' + p2 + ' info is ' + JSON.stringify(e2.info) + ', not {service: echo, n: 3}');
   }
   for (const e of [e1, e2].filter(Boolean)) {
-    for (const k of ['port', 'info', 'pid', 'since']) {
+    for (const k of ['port', 'name', 'info', 'pid', 'since']) {
       if (!(k in e)) fail('listPorts entry for ' + e.port + " has no '" + k + "'");
     }
     if (!Number.isInteger(e.pid)) fail('pid of ' + e.port + ' is ' + JSON.stringify(e.pid) + ', not an int');
@@ -59,6 +59,22 @@ async function main() {
   const ports = list.map((e) => e.port);
   const sorted = ports.slice().sort((a, b) => a - b);
   if (ports.join(',') !== sorted.join(',')) fail('listPorts is not sorted by port: ' + ports.join(','));
+  if (e2 && e2.name !== '') fail('listPorts entry for ' + p2 + ' has name ' + JSON.stringify(e2.name) + ', not ""');
+
+  // 3b. lookup by name: the string info is the name; an unknown name is an empty array
+  const found = await call('lookup', ['node client']);
+  if (!Array.isArray(found) || found.length !== 1 || found[0].port !== p1 || found[0].name !== 'node client') {
+    fail("lookup('node client') is " + JSON.stringify(found) + ', not one entry for port ' + p1);
+  }
+  const none = await call('lookup', ['no such node name']);
+  if (!Array.isArray(none) || none.length !== 0) fail('lookup of an unknown name is ' + JSON.stringify(none) + ', not []');
+  try {
+    await call('lookup', [7]);
+    fail('lookup(7) did not fault');
+  } catch (err) {
+    if (err.faultCode === undefined) throw err;
+    if (err.faultCode !== 3) fail('lookup(7) fault code is ' + JSON.stringify(err.faultCode) + ', not 3');
+  }
 
   // 4. delPort of a port not registered: fault code 1
   try {

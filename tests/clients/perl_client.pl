@@ -63,12 +63,25 @@ my $ok = eval {
         fail("port $p2 info is not {service: echo, n: 3}");
     }
     for my $e (grep { defined } $e1, $e2) {
-        for my $k (qw(port info pid since)) {
+        for my $k (qw(port name info pid since)) {
             fail("listPorts entry for $e->{port} has no '$k'") unless exists $e->{$k};
         }
     }
     my @ports = map { $_->{port} } @$list;
     fail("listPorts is not sorted by port") unless join(',', @ports) eq join(',', sort { $a <=> $b } @ports);
+    fail("listPorts entry for $p2 has name '" . ($e2->{name} // 'none') . "', not ''")
+        if $e2 && (!defined $e2->{name} || $e2->{name} ne '');
+
+    # 3b. lookup by name: the string info is the name; an unknown name is an empty array
+    my $found = call_ok('lookup', RPC::XML::string->new('perl client'))->value;
+    if (ref $found ne 'ARRAY' || @$found != 1) { fail("lookup('perl client') is not one entry") }
+    elsif ($found->[0]{port} != $p1 || ($found->[0]{name} // '') ne 'perl client') {
+        fail("lookup('perl client') found port $found->[0]{port} named '" . ($found->[0]{name} // '') . "'");
+    }
+    my $none = call_ok('lookup', RPC::XML::string->new('no such perl name'))->value;
+    fail("lookup of an unknown name is not an empty array") unless ref $none eq 'ARRAY' && !@$none;
+    my $bad = call('lookup', RPC::XML::int->new(7));
+    fail("lookup(7) did not fault with code 3") unless $bad->is_fault && $bad->code == 3;
 
     # 4. delPort of a port not registered: fault code 1
     my $f = call('delPort', RPC::XML::int->new(1));

@@ -47,13 +47,28 @@ begin
     fail!("port #{p2} info is #{e2['info'].inspect}, not {service: echo, n: 3}")
   end
   [e1, e2].compact.each do |e|
-    %w[port info pid since].each do |k|
+    %w[port name info pid since].each do |k|
       fail!("listPorts entry for #{e['port']} has no '#{k}'") unless e.key?(k)
     end
     fail!("pid of #{e['port']} is #{e['pid'].inspect}, not an Integer") unless e['pid'].is_a?(Integer)
   end
   ports = list.map { |e| e['port'] }
   fail!("listPorts is not sorted by port: #{ports.inspect}") unless ports == ports.sort
+  fail!("listPorts entry for #{p2} has name #{e2['name'].inspect}, not \"\"") if e2 && e2['name'] != ''
+
+  # 3b. lookup by name: the string info is the name; an unknown name is an empty array
+  found = client.call('lookup', 'ruby client')
+  if !found.is_a?(Array) || found.size != 1 || found[0]['port'] != p1 || found[0]['name'] != 'ruby client'
+    fail!("lookup('ruby client') is #{found.inspect}, not one entry for port #{p1}")
+  end
+  none = client.call('lookup', 'no such ruby name')
+  fail!("lookup of an unknown name is #{none.inspect}, not []") unless none == []
+  begin
+    client.call('lookup', 7)
+    fail!('lookup(7) did not fault')
+  rescue XMLRPC::FaultException => e
+    fail!("lookup(7) fault code is #{e.faultCode.inspect}, not 3") unless e.faultCode == 3
+  end
 
   # 4. delPort of a port not registered: fault code 1
   begin

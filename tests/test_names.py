@@ -1,0 +1,203 @@
+"""Names (README, "Names"): lookup, and sticky ports for explicit names, on real daemons.
+
+A registration's name is its info when that is a string, or the string ``name`` member of a struct
+info.  Explicit names (the struct kind) get their last port back whenever it is free: across
+delPort, the owner's death, a restart and a kill -9; other registrations take such a port only
+when nothing else is free.
+"""
+import os
+import sqlite3
+import subprocess
+import sys
+import xmlrpc.client
+
+import pytest
+
+from conftest import FAST_REAP, ROOT, wait_until
+
+OLD_RELEASE = os.path.join(ROOT, "tests", "data", "nodemngr-1.0.0.py")   # 482246a's, unchanged
+
+
+def ports(entries):
+    return [e["port"] for e in entries]
+
+
+def names_table(path):
+    """{name: port} as the state file of a stopped daemon keeps them."""
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT name, port FROM names"))
+    finally:
+        db.close()
+
+
+def test_lookup_finds_string_and_struct_names(daemon_factory, run_cli):
+    d = daemon_factory(size=10, state="none")
+    rpc = d.rpc()
+    web1 = rpc.newPort("web")
+    unnamed = rpc.newPort({"info": "no name here"})
+    web2 = rpc.newPort({"name": "web", "tls": True})
+    number = rpc.newPort(7)
+    db = rpc.newPort({"name": "db"})
+    found = rpc.lookup("web")
+    assert ports(found) == [web1, web2]
+    assert [(e["name"], e["info"], e["pid"]) for e in found] == [("web", "web", 0), ("web", {"name": "web", "tls": True}, 0)]
+    assert ports(rpc.lookup("db")) == [db]
+    assert rpc.lookup("nobody") == [] and rpc.lookup("") == []
+    listed = {e["port"]: e["name"] for e in rpc.listPorts()}
+    assert listed == {web1: "web", unnamed: "", web2: "web", number: "", db: "db"}
+    for bad in (7, ["web"], {"name": "web"}):
+        with pytest.raises(xmlrpc.client.Fault) as fault:
+            rpc.lookup(bad)
+        assert fault.value.faultCode == 3 and "name must be a string" in fault.value.faultString
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        rpc.lookup()
+    assert fault.value.faultCode == -32602
+    help_text = rpc.system.methodHelp("lookup")
+    assert "name" in help_text and "listPorts" in help_text and "Fault 3" in help_text
+    assert ["array", "string"] in rpc.system.methodSignature("lookup")
+
+    # the proxy and the command line
+    assert ports(d.proxy().lookup("web")) == [web1, web2]
+    code, out, err = run_cli("lookup", "web", env=d.env)
+    lines = out.splitlines()
+    assert code == 0 and err == "" and len(lines) == 2, (code, out, err)
+    assert lines[0].split()[:3] == [str(web1), "0", lines[0].split()[2]] and lines[0].split()[3] == "web"
+    assert lines[1].split()[0] == str(web2) and "tls" in lines[1]
+    code, out, err = run_cli("lookup", "nobody", env=d.env)
+    assert (code, out) == (1, "") and err.count("\n") == 1 and "no port is registered under the name 'nobody'" in err
+    rpc.delPort(db)
+    code, out, err = run_cli("new", "postgres on the test box", "--name", "db", env=d.env)
+    assert code == 0 and int(out) == db, "the explicit name got its port back"
+    assert rpc.lookup("db")[0]["info"] == {"name": "db", "info": "postgres on the test box"}
+
+
+def test_string_infos_keep_the_legacy_lowest_free_rule(daemon_factory):
+    d = daemon_factory(size=8, state="none")
+    rpc = d.rpc()
+    first = d.first
+    given = [rpc.newPort("legacy %d" % i) for i in range(5)]
+    assert given == list(range(first, first + 5))
+    rpc.delPort(first + 3)
+    rpc.delPort(first + 1)
+    assert [rpc.newPort("again"), rpc.newPort("again")] == [first + 1, first + 3], "freed ports, lowest first"
+    assert ports(rpc.lookup("again")) == [first + 1, first + 3]
+
+
+def test_a_sticky_port_comes_back_after_delport_reaping_restart_and_kill_9(daemon_factory, tmp_path):
+    d = daemon_factory(size=20, settings=FAST_REAP)
+    rpc = d.rpc()
+    fillers = [rpc.newPort("filler %d" % i) for i in range(3)]
+    db = rpc.newPort({"name": "db", "v": 1})
+    assert db == d.first + 3
+    for port in fillers:
+        rpc.delPort(port)
+    rpc.delPort(db)
+    assert rpc.newPort("plain") == d.first, "lowest-free for a string info"
+
+    # delPort
+    assert rpc.newPort({"name": "db", "v": 2}) == db, "not the lowest free port: its own"
+    # the owner died and was reaped
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        rpc.delPort(db)
+        assert rpc.newPort({"name": "db"}, owner.pid) == db
+    finally:
+        owner.kill()
+        owner.wait()
+    assert wait_until(lambda: rpc.lookup("db") == [], timeout=10), "the dead owner's port was not reaped"
+    assert rpc.newPort("after the reaping") == d.first + 1, "another registration leaves the remembered port alone"
+    assert rpc.newPort({"name": "db"}) == db
+    # a clean restart
+    rpc.delPort(db)
+    assert d.terminate() == 0
+    assert names_table(d.state) == {"db": db}
+    d.start()
+    rpc = d.rpc()
+    assert rpc.newPort({"name": "db"}) == db, "not the lower free port %d" % (d.first + 2)
+    assert rpc.newPort("after the restart") == d.first + 2
+    # kill -9 while the name holds it, then while it is free
+    d.kill()
+    d.start()
+    rpc = d.rpc()
+    assert ports(rpc.lookup("db")) == [db]
+    rpc.delPort(db)
+    rpc.delPort(d.first)
+    d.kill()
+    d.start()
+    rpc = d.rpc()
+    assert rpc.newPort({"name": "db"}) == db
+
+
+def test_remembered_ports_go_to_others_only_when_nothing_else_is_free(daemon_factory):
+    d = daemon_factory(size=4)
+    rpc = d.rpc()
+    p0, p1, p2, p3 = range(d.first, d.first + 4)
+    assert rpc.newPort({"name": "a"}) == p0 and rpc.newPort({"name": "b"}) == p1
+    rpc.delPort(p0)
+    rpc.delPort(p1)
+    assert [rpc.newPort("x"), rpc.newPort({"name": "c"})] == [p2, p3], "a's and b's ports are skipped"
+    assert rpc.newPort("y") == p0, "the range is otherwise full: a's port goes, and a forgets it"
+    assert rpc.newPort({"name": "a"}) == p1, "a takes b's, and b forgets it"
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        rpc.newPort({"name": "b"})
+    assert fault.value.faultCode == 2
+    rpc.delPort(p2)
+    assert rpc.newPort({"name": "b"}) == p2
+    for port in (p0, p1, p2, p3):
+        rpc.delPort(port)
+    assert [rpc.newPort("z"), rpc.newPort({"name": "c"})] == [p0, p3]
+    assert d.terminate() == 0
+    assert names_table(d.state) == {"a": p1, "b": p2, "c": p3}, "one port per name; forgotten names are gone"
+
+
+def test_several_holders_of_one_name_keep_the_first_ones_port(daemon_factory):
+    d = daemon_factory(size=6, state="none")
+    rpc = d.rpc()
+    first = rpc.newPort({"name": "worker"})
+    second = rpc.newPort({"name": "worker"})
+    assert second == first + 1 and ports(rpc.lookup("worker")) == [first, second]
+    rpc.delPort(first)
+    rpc.delPort(second)
+    assert rpc.newPort("plain") == first + 1, "the second holder's port is not remembered"
+    assert rpc.newPort({"name": "worker"}) == first
+
+
+def test_a_1_0_state_file_is_migrated_in_place(daemon_factory, tmp_path):
+    state = tmp_path / "old.sqlite3"
+    old = daemon_factory(size=10, state=state, script=OLD_RELEASE, name="nodemngr-1.0.0")
+    assert old.rpc().status()["version"] == "1.0.0"
+    rpc = old.rpc()
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        legacy = rpc.newPort("legacy")
+        db = rpc.newPort({"name": "db", "path": "/srv/db"})
+        owned = rpc.newPort({"name": "owned"}, owner.pid)
+        rpc.delPort(rpc.newPort("gap"))
+        since = {e["port"]: e["since"] for e in rpc.listPorts()}
+        old.kill()      # kill -9: what 1.0.0 left in its file and WAL is what we migrate
+        new = daemon_factory(first=old.first, last=old.last, state=state, settings=FAST_REAP)
+        rpc = new.rpc()
+        listed = rpc.listPorts()
+        assert [(e["port"], e["name"], e["info"], e["since"]) for e in listed] == [
+            (legacy, "legacy", "legacy", since[legacy]), (db, "db", {"name": "db", "path": "/srv/db"}, since[db]),
+            (owned, "owned", {"name": "owned"}, since[owned])]
+        assert [e["pid"] for e in listed] == [0, 0, owner.pid]
+        assert "migrated from the schema of nodemngr 1.0" in new.read_log()
+        rpc.delPort(db)
+        assert rpc.newPort("plain") == db + 2, "db's port is remembered from the migrated registration"
+        assert rpc.newPort({"name": "db"}) == db
+    finally:
+        owner.kill()
+        owner.wait()
+    assert wait_until(lambda: rpc.lookup("owned") == [], timeout=15), "the 1.0 owner is still reaped"
+    assert new.terminate() == 0
+    assert not [p for p in os.listdir(str(tmp_path)) if ".bad-" in p], "nothing was moved aside"
+    db_file = sqlite3.connect(str(state))
+    try:
+        assert db_file.execute("PRAGMA user_version").fetchone()[0] == 2
+    finally:
+        db_file.close()
+    assert names_table(str(state)) == {"db": db, "owned": owned}
+    new.start()
+    assert new.rpc().newPort({"name": "owned"}) == owned, "the migrated file serves again as it is"
