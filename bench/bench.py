@@ -288,10 +288,11 @@ def multicall_rate(proxy, duration, min_batches=3):
     return done / timed
 
 
-def _mc_new(proxy, n, info="bench"):
+def _mc_new(proxy, n, info="bench", start=0):
+    """newPort n times in one multicall; *info* may be a function of the call's number."""
     mc = xmlrpc.client.MultiCall(proxy)
-    for _ in range(n):
-        mc.newPort(info)
+    for i in range(start, start + n):
+        mc.newPort(info(i) if callable(info) else info)
     return list(mc())                                   # iterating raises on any fault
 
 
@@ -304,12 +305,16 @@ def _mc_del(proxy, ports):
             raise BenchError("delPort in multicall returned %r" % (r,))
 
 
-def pair_samples(proxies, duration, chunk=20):
-    """Per-pair seconds of newPort+delPort on each proxy, alternating chunks of *chunk* pairs so
-    that machine drift hits every proxy alike; returns one list of samples per proxy."""
+def new_del_pair(proxy, info="bench"):
+    proxy.delPort(proxy.newPort(info))
+
+
+def pair_samples(proxies, duration, chunk=20, op=new_del_pair):
+    """Seconds per op(proxy) (a newPort+delPort pair by default) on each proxy, alternating chunks
+    of *chunk* so that machine drift hits every proxy alike; returns one list of samples per proxy."""
     for proxy in proxies:
         for _ in range(5):
-            proxy.delPort(proxy.newPort("bench"))
+            op(proxy)
     samples = [[] for _ in proxies]
     perf = time.perf_counter
     end = perf() + duration
@@ -317,7 +322,7 @@ def pair_samples(proxies, duration, chunk=20):
         for proxy, out in zip(proxies, samples):
             for _ in range(chunk):
                 t0 = perf()
-                proxy.delPort(proxy.newPort("bench"))
+                op(proxy)
                 out.append(perf() - t0)
     return samples
 
@@ -348,15 +353,17 @@ def run_common(server, durations, results, label, proxy_factory=None):
 def run_flat(few_srv, many_srv, durations, results, label="ours"):
     """Scenario 4 (ours only): pair cost on a daemon holding 10 ports vs one holding FLAT_MANY.
 
-    Both daemons run at once with the same wide range; pairs alternate between them in small chunks."""
+    Both daemons run at once with the same wide range; pairs alternate between them in small chunks.
+    Every port held has a name of its own ({"name": "svc-N"}: explicit, so each is remembered too);
+    4n times pairs for an explicit name (its sticky port), 4l lookup of one name (1.1 and later)."""
     few = xmlrpc.client.ServerProxy(few_srv.url)
     many = xmlrpc.client.ServerProxy(many_srv.url)
-    _mc_new(few, 10, "held")
+    _mc_new(few, 10, held_info)
     registered = 0
     t0 = time.perf_counter()
     while registered < FLAT_MANY:
-        n = min(BATCH, FLAT_MANY - registered)
-        _mc_new(many, n, "held")
+        n = min(100, FLAT_MANY - registered)     # (250 struct infos would pass the 64 KiB body limit)
+        _mc_new(many, n, held_info, registered)
         registered += n
         if time.perf_counter() - t0 > durations["fill_limit"]:
             raise BenchError("registering %d ports took over %.0f s (%d done)"
@@ -371,6 +378,22 @@ def run_flat(few_srv, many_srv, durations, results, label="ours"):
     results.add("flat_many", label, m_many)
     results.add("flat_ratio", label, m_many / m_few)
     results.add("fill", label, FLAT_MANY / fill)
+    ops = [("named", lambda proxy: new_del_pair(proxy, {"name": "bench-sticky"}))]
+    try:
+        many.lookup("svc-7")
+        ops.append(("lookup", lambda proxy: proxy.lookup("svc-7")))
+    except xmlrpc.client.Fault:     # (a baseline from before names)
+        pass
+    for key, op in ops:
+        s_few, s_many = pair_samples([few, many], durations["flat"], op=op)
+        results.add(key + "_few", label, statistics.median(s_few) * 1e6)
+        results.add(key + "_many", label, statistics.median(s_many) * 1e6)
+    few_srv.check_alive()
+    many_srv.check_alive()
+
+
+def held_info(i):
+    return {"name": "svc-%d" % i}
 
 
 # ----------------------------------------------------------------------------- scenario 6: stalls
@@ -896,24 +919,30 @@ def render(res, floor, args, cmdline, elapsed, load):
         "" if o is None else ("yes" if o >= 10000 else "**no**"),
         rounds("multi", "stdlib"), rounds("multi", B), rounds("multi", "ours"))
 
-    def flat(label):
-        few, many = res.median("flat_few", label), res.median("flat_many", label)
+    def flat(label, key="flat"):
+        few, many = res.median(key + "_few", label), res.median(key + "_many", label)
         per = " / ".join("%s→%s" % (fmt_num(a), fmt_num(c)) for a, c in
-                         zip(res.data.get(("flat_few", label), []), res.data.get(("flat_many", label), [])))
+                         zip(res.data.get((key + "_few", label), []), res.data.get((key + "_many", label), [])))
         if few is None:
             value = "ERROR (see below)" if res.errors.get(("flat", label)) else "n/a"
         else:
             value = "%s → %s" % (fmt_num(few), fmt_num(many))
-        return value, per, res.median("flat_ratio", label), many
+        ratio = res.median("flat_ratio", label) if key == "flat" else (many / few if few else None)
+        return value, per, ratio, many
 
     labels = ("ours", B) if base else ("ours",)
-    if any(res.data.get(("flat_few", x)) or res.errors.get(("flat", x)) for x in labels):
-        o_value, o_per, fr, o_many = flat("ours")
-        b_value, b_per, b_fr, b_many = flat(B)
+    flat_rows = (("4", "flat", "pair cost"), ("4n", "named", "pair cost for an explicit name (sticky)"),
+                 ("4l", "lookup", "lookup of one name"))
+    for num, key, what in flat_rows:
+        if not any(res.data.get((key + "_few", x)) or res.errors.get(("flat", x)) for x in labels):
+            continue
+        o_value, o_per, fr, o_many = flat("ours", key)
+        b_value, b_per, b_fr, b_many = flat(B, key)
         if b_fr is not None:
             b_value += " (%.2fx)" % b_fr
-        row(4, "flat cost, %s: pair cost with 10 → %s registered"
-            % ("daemons only" if base else "ours only", "{:,}".format(FLAT_MANY)), "µs/pair", "–",
+        row(num, "flat cost, %s: %s with 10 → %s named ports registered"
+            % ("daemons only" if base else "ours only", what, "{:,}".format(FLAT_MANY)),
+            "µs/call" if key == "lookup" else "µs/pair", "–",
             b_value, o_value, "n/a" if fr is None else "%.2fx (25k/10)" % fr,
             fmt_ratio(o_many, b_many, " (at 25k)"), "<= 1.3x",
             "" if fr is None else ("yes" if fr <= 1.3 else "**no**"), "", b_per, o_per)
