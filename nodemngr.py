@@ -1469,7 +1469,7 @@ def _decode_body(body, encoding):
 # The transport: one asyncio protocol per connection
 # ---------------------------------------------------------------------------------------------
 
-_LARGE_REPLIES = ("listPorts", "system.multicall")    # the calls whose reply can be megabytes
+_LARGE_REPLIES = ("listPorts", "lookup", "system.multicall")  # the calls whose reply can be megabytes
 _INBUF_LIMIT = MAX_HEAD + MAX_BODY     # taken at a stop: at most one request of the largest size
 _TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
 _CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
@@ -1916,11 +1916,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
     def system_multicall(self, calls, *, peer=None):
         """Run several calls in one request.  calls: an array of structs {methodName, params};
         returns an array whose items are [result] or a fault struct {faultCode, faultString}.
+        listPorts may appear once; lookups may list as many entries together as are registered.
         """
         if not isinstance(calls, list):
             raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
         results = []
-        listings = 0
+        listings = listed = 0
         for call in calls:
             try:
                 if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
@@ -1932,7 +1933,13 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     listings += 1
                     if listings > 1:
                         raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
-                results.append([self._dispatch(call["methodName"], call.get("params", []), peer)])
+                result = self._dispatch(call["methodName"], call.get("params", []), peer)
+                if call["methodName"] in ("listPorts", "lookup"):
+                    listed += len(result)
+                    if listed > len(self.node.allocator):   # (distinct names never get here)
+                        raise Fault(BAD_ARGUMENT, "the lookups and listPorts of one system.multicall may "
+                                    "list %d entries at most, as many as are registered" % len(self.node.allocator))
+                results.append([result])
             except Fault as fault:
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
         return results

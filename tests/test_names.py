@@ -201,3 +201,16 @@ def test_a_1_0_state_file_is_migrated_in_place(daemon_factory, tmp_path):
     assert names_table(str(state)) == {"db": db, "owned": owned}
     new.start()
     assert new.rpc().newPort({"name": "owned"}) == owned, "the migrated file serves again as it is"
+
+
+def test_lookups_in_one_multicall_list_one_registry_at_most(any_daemon):
+    rpc = any_daemon.rpc()
+    crowd = [rpc.newPort("crowd") for _ in range(3)]
+    solo = rpc.newPort("solo")
+    calls = [("lookup", ["crowd"]), ("lookup", ["solo"]), ("lookup", ["nobody"]),
+             ("lookup", ["crowd"]),     # a second time: 7 entries, with 4 registered
+             ("ping", [])]
+    results = rpc.system.multicall([{"methodName": m, "params": p} for m, p in calls])
+    assert [ports(r[0]) for r in results[:3]] == [crowd, [solo], []], "distinct names always fit"
+    assert results[3]["faultCode"] == 3 and "4 entries at most" in results[3]["faultString"], results[3]
+    assert results[4][0].startswith("NodeMngr at "), "the calls after it still run"
