@@ -988,7 +988,10 @@ class NodeMngr:
         self.store = store if store is not None else StateStore(None)
         registrations, remembered = self.store.load()
         self.allocator = PortAllocator(first, last, registrations, remembered, busy_retry=busy_retry)
-        self.store.remember(self.allocator.remember_held())
+        try:
+            self.store.remember(self.allocator.remember_held())
+        except StoreError as exc:   # (the names are remembered here all the same, until a restart)
+            log.warning("could not save the ports of the names found in the state file: %s", exc)
         self.host_check = host_check
         self.hostname = hostname or socket.gethostname()
         self.started = time.time()
