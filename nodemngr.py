@@ -60,6 +60,7 @@ import math
 import os
 import re
 import reprlib
+import shlex
 import signal
 import socket
 import sqlite3
@@ -239,6 +240,24 @@ def _status_field(pid, name):
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return int(match.group(1)) if match else None
+
+
+def pid_of_local_peer(sent, peer_pid):
+    """The pid, as this daemon sees it, of the process that a client of the local socket named
+    *sent* (in its own pid namespace); peer_pid: the client's own pid as the kernel gave it here
+    (SO_PEERCRED), None if unknown.  None when *sent* cannot be translated: a client in another
+    pid namespace may name only itself."""
+    if peer_pid is None or sent == peer_pid:
+        return sent
+    try:
+        with open("/proc/%d/status" % peer_pid, "rb") as f:
+            match = re.search(rb"\nNSpid:\s*([\d\s]+?)\n", f.read())
+    except OSError:
+        return sent
+    levels = match.group(1).split() if match else []
+    if len(levels) > 1:         # the client lives in a pid namespace below ours
+        return peer_pid if int(levels[-1]) == sent else None
+    return sent
 
 
 def _pid_exists(pid):
@@ -612,6 +631,11 @@ class PortAllocator:
         """Give back a port from take() that could not be registered after all."""
         self._make_free(port)
 
+    def set_aside(self, port):
+        """A free port found busy after all (a bind failed): probe it again after busy_retry."""
+        self._is_free.discard(port)
+        heapq.heappush(self._busy, (self._clock() + self._retry_after(port), port))
+
     def memory_change(self, port, info):
         """What holding *port* for *info* changes in the names' memory: (the explicit name that
         remembers *port* from now on, or None; whether the name that remembered it forgets it).
@@ -949,7 +973,8 @@ def _rpc(*signatures, name=None, local_only=False):
     """Mark a method as a wire method, with its XML-RPC signatures; NodeMngrServer.attach serves
     every method so marked.  name: the wire name (default: the method's).  local_only: the server
     answers fault 4 to a caller that is not on this host.  A method that wants the caller's
-    address declares a keyword-only parameter ``peer``; the others do not see it."""
+    address declares a keyword-only parameter ``peer``; one that hands over a socket declares
+    ``handoff``, a list to put (port, socket) in (None where no socket can be passed)."""
     def mark(func):
         params = list(inspect.signature(func).parameters.values())[1:]     # (after self)
         positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -957,9 +982,39 @@ def _rpc(*signatures, name=None, local_only=False):
         func.rpc_signatures = [list(s) for s in signatures]
         func.rpc_arity = (sum(1 for p in positional if p.default is p.empty), len(positional))
         func.rpc_peer = any(p.name == "peer" and p.kind is p.KEYWORD_ONLY for p in params)
+        func.rpc_handoff = any(p.name == "handoff" and p.kind is p.KEYWORD_ONLY for p in params)
         func.rpc_local_only = local_only
         return func
     return mark
+
+
+def _socket_kind(kind, host):
+    """(family, type) of a socket of *kind* ("tcp" or "udp") bound to *host*; BadArgumentError."""
+    if kind not in ("tcp", "udp"):
+        raise BadArgumentError('kind must be "tcp" or "udp", not %s' % describe(kind))
+    try:
+        version = ipaddress.ip_address(host).version if type(host) is str else None
+    except ValueError:
+        version = None
+    if version is None:
+        raise BadArgumentError("host must be an IP address of this host (127.0.0.1, 0.0.0.0, ::1, :: ...), "
+                               "not %s" % describe(host))
+    return (socket.AF_INET6 if version == 6 else socket.AF_INET), (
+        socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM)
+
+
+def _bound_socket(family, type_, host, port):
+    sock = socket.socket(family, type_)
+    try:
+        if type_ == socket.SOCK_STREAM:     # as servers do: a restart need not wait for TIME_WAIT
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        if type_ == socket.SOCK_STREAM:
+            sock.listen(128)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _listed(regs):
@@ -1024,15 +1079,27 @@ class NodeMngr:
         that no other explicit name had last (those are handed out only when nothing else is
         free).  Faults: 2 when no port is free, 3 for a bad info or a pid with no live process.
         """
-        if info is None:
-            info = ""           # a top-level nil means "no info": replies never carry nil
-        blob = marshal_info(info)
-        if pid is None:
-            pid = 0
-        if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
-            raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
-        start = self._owner_start(pid) if pid else 0
-        return self._hold_port(info, blob, pid, start)
+        return self._hold_port(*self._checked(info, pid))
+
+    def new_socket(self, info, kind="tcp", host="127.0.0.1", pid=0):
+        """Register a port as newPort does and bind it on *host* (TCP: listening too), for the
+        server to hand the socket over: (port, socket).  Between the check that nobody holds the
+        port and the bind, no process can take it without the bind failing; then the port is set
+        aside and another tried.  kind: "tcp" or "udp"; host: an IP address of this host."""
+        family, type_ = _socket_kind(kind, host)
+        checked = self._checked(info, pid)
+        for _ in range(8):
+            port = self._hold_port(*checked)
+            try:
+                return port, _bound_socket(family, type_, host, port)
+            except OSError as exc:
+                self.delPort(port)
+                if exc.errno != errno.EADDRINUSE:
+                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                with self._lock:
+                    self.allocator.set_aside(port)
+                log.info("port %d was taken between its check and the bind; trying another", port)
+        raise NodeMngrException("every port tried was taken between its check and the bind; try again")
 
     @_rpc(["int", "int"])
     def delPort(self, port):
@@ -1096,6 +1163,17 @@ class NodeMngr:
         return True
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _checked(self, info, pid):
+        """(info, blob, pid, start) for _hold_port, from a caller's info and pid."""
+        if info is None:
+            info = ""           # a top-level nil means "no info": replies never carry nil
+        blob = marshal_info(info)
+        if pid is None:
+            pid = 0
+        if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
+            raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
+        return info, blob, pid, self._owner_start(pid) if pid else 0
 
     def _owner_start(self, pid):
         """The start time to record for owner *pid*; BadArgumentError unless it is a live process."""
@@ -1476,6 +1554,8 @@ _LARGE_REPLIES = ("listPorts", "lookup", "system.multicall")  # the calls whose 
 _INBUF_LIMIT = MAX_HEAD + MAX_BODY     # taken at a stop: at most one request of the largest size
 _TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
 _CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
+_PORTSERVER_MAX = 20                    # bytes of a portserver request (a pid, and a newline)
+_PORTSERVER_FIRST = frozenset(b"%d" % i for i in range(10)) | {b"-"}     # how one begins
 _READ_BUFFER = bytearray(65536)         # every connection reads into it (_Channel.get_buffer)
 _READ_VIEW = memoryview(_READ_BUFFER)
 _BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or bare LF lines)
@@ -1498,11 +1578,13 @@ class _Channel(asyncio.BufferedProtocol):
     allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
     """
 
-    __slots__ = ("server", "sock", "peer", "transport", "state", "deadline", "inbuf", "pos", "head",
+    __slots__ = ("server", "sock", "peer", "local", "transport", "state", "deadline", "inbuf", "pos", "head",
                  "outbuf", "pending", "between", "served", "owed")
 
-    def __init__(self, server, sock, peer):
-        self.server, self.sock, self.peer = server, sock, peer
+    def __init__(self, server, sock, peer, local=False):
+        """local: a connection to the local (Unix) socket: no token, newSocket, and portpicker's
+        portserver protocol."""
+        self.server, self.sock, self.peer, self.local = server, sock, peer, local
         self.transport = None           # until connection_made
         self.state = READING
         self.deadline = time.monotonic() + server.stall_timeout
@@ -1578,6 +1660,9 @@ class _Channel(asyncio.BufferedProtocol):
             if self.pending or server.released or (self.state is not READING and self.state is not DRAINING):
                 return
             try:
+                if self.local and not self.served and self.inbuf[self.pos:self.pos + 1] in _PORTSERVER_FIRST:
+                    self._answer_portserver()
+                    return
                 request = self._take_request() if self.inbuf else None
                 if request is None:
                     if self.state is DRAINING or (server.stopping and self.head is None and not self.inbuf
@@ -1596,18 +1681,67 @@ class _Channel(asyncio.BufferedProtocol):
 
     def _answer(self, head, body):
         server = self.server
-        reply = server.dispatch_body(body, self.peer[0], server.pending_bytes > server.max_pending_bytes)
+        handoff = [] if self.local else None
+        reply = server.dispatch_body(body, None if self.local else self.peer[0],
+                                     server.pending_bytes > server.max_pending_bytes, handoff)
         self.served += 1
         if not head.keep_alive:
             self.state = CLOSING
         http_head = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive)
-        if len(reply) <= _CHUNK and not self.outbuf and not self.pending:
+        if handoff:
+            self._hand_over(http_head + reply, *handoff[0])
+        elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
             self.transport.write(http_head + reply)     # (the common case of _send)
         else:   # a listing, which clients share, is sent as it is, not copied
             self._send(http_head)
             self._send(reply)
         if not self.pending:
             self._sent_all()
+
+    def _hand_over(self, data, port, sock):
+        """Send a reply with *sock* attached (SCM_RIGHTS), then close our copy of it.  Nothing
+        waits to be sent before it (no request is read while a reply waits), so the bytes go
+        straight to the socket, around the transport."""
+        try:
+            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sock.fileno()))])
+        except OSError as exc:      # the client went away: nobody got the socket
+            log.debug("could not pass the socket of port %d: %s", port, exc)
+            try:
+                self.server.node.delPort(port)
+            except NodeMngrException:
+                pass
+            self.close()
+            return
+        finally:
+            sock.close()
+        if sent < len(data):
+            self._send(data[sent:])
+
+    def _answer_portserver(self):
+        """portpicker's portserver protocol: a pid in decimal (a newline optional, 20 bytes at
+        most) gets "PORT\n" for a port registered to it; any failure closes the connection without
+        a reply, which is that protocol's way to say no.  A client in another pid namespace may
+        name only itself (its pid there is translated with the kernel's SO_PEERCRED)."""
+        data = self.inbuf[self.pos:]
+        line, newline, rest = data.partition(b"\n")
+        if not newline and self.state is READING and len(data) <= _PORTSERVER_MAX and line.isdigit():
+            self.transport.resume_reading()     # the rest of the pid, or the end, is to come
+            return
+        self.served += 1
+        self.inbuf, self.pos, self.state = b"", 0, CLOSING
+        try:
+            if len(data) > _PORTSERVER_MAX or rest or not line.isdigit() or int(line) < 2:
+                raise BadArgumentError("not a pid above 1 in at most %d bytes" % _PORTSERVER_MAX)
+            owner = pid_of_local_peer(int(line), _peer_pid(self.sock))
+            if owner is None:
+                raise BadArgumentError("pid %s is in another pid namespace" % int(line))
+            port = self.server.node.newPort("portserver", owner)
+        except NodeMngrException as exc:
+            log.debug("portserver request %s refused: %s", _loggable(data), exc)
+            self.close()
+            return
+        self.transport.write(b"%d\n" % port)
+        self._sent_all()
 
     def answer_the_rest(self, grace):
         """Stopping, just before the state file closes: answer every complete request received,
@@ -1657,7 +1791,7 @@ class _Channel(asyncio.BufferedProtocol):
                 return None
             end, after = blank.span()
             head = read_head(buf[pos:end])
-            if self.server.token is not None:
+            if self.server.token is not None and not self.local:
                 self.server.check_auth(head.authorization)
             self.head = head
             pos = self.pos = after
@@ -1745,6 +1879,15 @@ class _Channel(asyncio.BufferedProtocol):
     connection_lost = close
 
 
+def _peer_pid(sock):
+    """The pid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+    try:
+        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+    except (AttributeError, OSError):
+        return None
+    return pid or None
+
+
 def _has_unread(sock):
     """Whether the peer has sent bytes that were not read yet."""
     try:
@@ -1782,6 +1925,58 @@ def _loop_error(loop, context):
 # The daemon: SimpleXMLRPCServer's socket and method table, served on an asyncio loop
 # ---------------------------------------------------------------------------------------------
 
+def local_sockaddr(address):
+    """The socket address of a local socket: "@name" is Linux's abstract namespace."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+def _listen_local(address):
+    """(a listening Unix stream socket at *address*, the inode of its file or None).  A path
+    is made 0666 (the local socket is for every local user, as the TCP port is); a socket file
+    left by a daemon that died is replaced, anything else there is refused."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not address.startswith("@"):
+            _clear_stale_socket(address)
+        try:
+            sock.bind(local_sockaddr(address))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise NodeMngrException("the local socket %s is in use by another program; give --unix "
+                                        "another address, or none" % address)
+            raise NodeMngrException("cannot make the local socket %s: %s" % (address, exc.strerror or exc))
+        inode = None
+        if not address.startswith("@"):
+            os.chmod(address, 0o666)
+            inode = os.stat(address).st_ino
+        sock.listen(256)
+        sock.setblocking(False)
+        return sock, inode
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _clear_stale_socket(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise NodeMngrException("%s is not a socket; give --unix the path of a socket (or none)" % path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # nobody listens there: left by a daemon that died
+            os.unlink(path)
+            return
+        except OSError:
+            pass
+    raise NodeMngrException("the local socket %s is in use by another program; give --unix another "
+                            "path, or none" % path)
+
+
 class NodeMngrServer(SimpleXMLRPCServer):
     """The XML-RPC daemon: one thread serves every connection from an asyncio loop (README,
     "Performance", says why not a thread each).
@@ -1809,8 +2004,10 @@ class NodeMngrServer(SimpleXMLRPCServer):
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
     tick = 0.25                     # seconds between two sweeps for deadlines and due rechecks
 
-    def __init__(self, host="127.0.0.1", port=nmPort, token=None):
-        """Bind and listen at once: the bound port is what keeps a second daemon out."""
+    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None):
+        """Bind and listen at once: the bound port is what keeps a second daemon out.  local: the
+        address of the local (Unix) socket to serve too ("@name": Linux's abstract namespace;
+        else a path), or None."""
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.host, self.token = host, token
         self.node = self.loop = None
@@ -1826,6 +2023,13 @@ class NodeMngrServer(SimpleXMLRPCServer):
         SimpleXMLRPCServer.__init__(self, (host, port), logRequests=False, allow_none=False,
                                     encoding="utf-8", bind_and_activate=True)
         self.port = self.server_address[1]
+        self.local_address, self.local = local, None
+        if local is not None:
+            try:
+                self.local, self._local_inode = _listen_local(local)
+            except BaseException:
+                self.socket.close()
+                raise
 
     def attach(self, node):
         """Serve the wire methods (those marked @_rpc) of *node*, a NodeMngr, and of this server."""
@@ -1838,17 +2042,18 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def dispatch_body(self, body, peer=None, short_of_memory=False):
+    def dispatch_body(self, body, peer=None, short_of_memory=False, handoff=None):
         """The XML reply (bytes) to one request body from *peer* (the caller's address; None: this
         host).  short_of_memory: replies already wait beyond max_pending_bytes, so a call whose
-        reply can be megabytes gets 503 (_HTTPError) before it runs; small ones are served."""
+        reply can be megabytes gets 503 (_HTTPError) before it runs; small ones are served.
+        handoff: on the local socket, a list that newSocket puts (port, socket) in."""
         try:
             params, method = parse_call(body)
             if short_of_memory and method in _LARGE_REPLIES:
                 raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
             if method == "listPorts" and not params:
                 return self._listing()
-            result = self._dispatch(method, params, peer)
+            result = self._dispatch(method, params, peer, handoff)
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             response = (result,)
@@ -1871,7 +2076,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                                                   allow_none=False).encode("utf-8"))
         return self._listing_cache[1]
 
-    def _dispatch(self, method, params, peer=None):
+    def _dispatch(self, method, params, peer=None, handoff=None):
         func = self.funcs.get(method)
         if func is None:
             raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
@@ -1884,6 +2089,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if func.rpc_local_only and peer is not None and not is_this_host(peer):
             raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, peer))
         try:
+            if func.rpc_handoff:
+                return func(*params, handoff=handoff)
             return func(*params, peer=peer) if func.rpc_peer else func(*params)
         except NodeMngrException as exc:
             raise Fault(exc.faultCode, str(exc))
@@ -1893,6 +2100,26 @@ class NodeMngrServer(SimpleXMLRPCServer):
             log.exception("internal error in %s", method)
             raise Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the "
                         "details" % (method, type(exc).__name__))
+
+    @_rpc(["int", "string"], ["int", "string", "string"], ["int", "string", "string", "string"],
+          ["int", "string", "string", "string", "int"])
+    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=0, *, handoff=None):
+        """Register a port as newPort does, bind it inside the node manager, and pass the bound
+        socket to the caller with the reply (SCM_RIGHTS ancillary data): no other process can
+        take the port between its allocation and the bind.  Only on the node manager's local
+        (Unix) socket, one call per request (not in system.multicall).
+
+        info, pid: as for newPort (pid: the owner, whose end frees the port).  kind: "tcp" (the
+        socket is also listening) or "udp".  host: the IP address to bind, e.g. "127.0.0.1",
+        "0.0.0.0", "::1" or "::".  Returns the port (int).  Faults: as newPort; 3 over TCP, in a
+        multicall, or for a bad kind or host.
+        """
+        if handoff is None:
+            raise BadArgumentError("newSocket passes a socket, which only the node manager's local socket "
+                                   "can carry, one call per request (not over TCP, not in system.multicall)")
+        port, sock = self.node.new_socket(info, kind, host, pid)
+        handoff.append((port, sock))
+        return port
 
     @_rpc(["array"], name="system.listMethods")
     def system_listMethods(self):
@@ -2028,16 +2255,21 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.loop.call_later(self.reap_interval if done else 0, self._reap_step)
 
     def _listen(self):
-        self.loop.add_reader(self.socket, self._accept)
+        for listener in self._listeners():
+            self.loop.add_reader(listener, self._accept, listener)
         self._listening = True
 
-    def _accept(self, limit=64):
+    def _listeners(self):
+        return (self.socket,) if self.local is None else (self.socket, self.local)
+
+    def _accept(self, listener, limit=64):
         """Take the connections waiting, a new _Channel each.  Beyond connection_limit a newcomer
         is answered 503.  (loop.create_server would accept a burst beyond the limit and hold, for
         a few turns, the descriptors kept for the calls in progress.)"""
+        local = listener is self.local
         for _ in range(limit):
             try:
-                sock, peer = self.socket.accept()
+                sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:      # out of descriptors, say: pause until the next tick
@@ -2045,16 +2277,31 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 if now - self._accept_warned > 60:
                     self._accept_warned = now
                     log.warning("cannot accept connections for now: %s", exc.strerror or exc)
-                if self._listening:
-                    self.loop.remove_reader(self.socket)
-                    self._listening = False
+                self._unlisten()
                 return
             if len(self.channels) >= self.connection_limit and not self._evict_idlest():
                 self._turn_away(sock)
                 continue
-            channel = _Channel(self, sock, peer)
+            channel = _Channel(self, sock, ("the local socket", 0) if local else peer, local)
             self.channels.add(channel)
             self.loop.create_task(self.loop.connect_accepted_socket(lambda channel=channel: channel, sock))
+
+    def _unlisten(self):
+        if self._listening:
+            for listener in self._listeners():
+                self.loop.remove_reader(listener)
+            self._listening = False
+
+    def _close_listeners(self):
+        self.socket.close()
+        if self.local is not None:
+            self.local.close()
+            if not self.local_address.startswith("@"):
+                try:        # (unless another daemon has put its own there since)
+                    if os.stat(self.local_address).st_ino == self._local_inode:
+                        os.unlink(self.local_address)
+                except OSError:
+                    pass
 
     def _evict_idlest(self):
         """Make room by closing the keep-alive connection idle the longest, if one has served a
@@ -2098,12 +2345,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
         included), close the idle connections and the listening socket."""
         if self.stopping:       # (asked twice before the loop ran: a signal, then serve_forever)
             return
-        self._accept(self.connection_limit)
+        for listener in self._listeners():
+            self._accept(listener, self.connection_limit)
         self.stopping = True
-        if self._listening:
-            self.loop.remove_reader(self.socket)
-            self._listening = False
-        self.socket.close()
+        self._unlisten()
+        self._close_listeners()
         for channel in list(self.channels):
             if channel.idle and not _has_unread(channel.sock):
                 channel.close()
@@ -2140,7 +2386,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
             channel.close()
         while self._refused:
             self._refused.popleft()[1].close()
-        SimpleXMLRPCServer.server_close(self)
+        self._close_listeners()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2171,6 +2417,22 @@ def env_port(value=None, var="NODEMNGR_PORT", default=nmPort):
     if not 1 <= port <= 65535:
         raise NodeMngrException("%s=%d is not within 1-65535" % (var, port))
     return port
+
+
+def env_unix(value=None, port=nmPort, state=None):
+    """The local socket's address: *value*, else NODEMNGR_UNIX, else @nodemngr-PORT (Linux's
+    abstract namespace; elsewhere PORT.sock beside the state file *state*); None for "none"."""
+    text = value or os.environ.get("NODEMNGR_UNIX") or ""
+    if text.lower() == "none":
+        return None
+    if not text:
+        if sys.platform.startswith("linux"):
+            return "@nodemngr-%d" % port
+        return os.path.join(os.path.dirname(state or default_state_path(port)), "%d.sock" % port)
+    if "\0" in text or text == "@" or len(text.encode("utf-8", "surrogateescape")) > 107:
+        raise NodeMngrException("%s is not a local socket address (@NAME, or a path of at most 107 bytes)"
+                                % describe(text, 80))
+    return text
 
 
 def read_token(path=None):
@@ -2231,6 +2493,43 @@ def who_answers(host, port, token=None, timeout=2.0):
     return "nodemngr" if isinstance(text, str) and text.startswith("NodeMngr at ") else "other"
 
 
+def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0):
+    """Ask the node manager at local socket *address* (default: env_unix()) for a port and the
+    socket it bound to it: (port, socket.socket).  pid: the owner (default: this process).
+    Fault, or OSError when nothing listens there."""
+    body = dumps((info, kind, host, os.getpid() if pid is None else pid), methodname="newSocket",
+                 allow_none=False).encode("utf-8")
+    request = (b"POST /RPC2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
+               b"Connection: close\r\n\r\n%s" % (len(body), body))
+    fds, reply = [], b""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(local_sockaddr(address or env_unix()))
+        conn.sendall(request)
+        while len(reply) < MAX_HEAD + MAX_BODY:
+            data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+            for level, kind_, cdata in ancillary:
+                if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
+                    fds.extend(struct.unpack("%di" % (len(cdata) // 4), cdata[:len(cdata) // 4 * 4]))
+            if not data:
+                break
+            reply += data
+    try:
+        head, _, body = reply.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1:2]
+        if status != [b"200"]:
+            raise xmlrpc.client.ProtocolError("local socket %s" % address, int(status[0]) if status and status[0].isdigit()
+                                              else 0, describe(body.decode("utf-8", "replace")), {})
+        port = xmlrpc.client.loads(body, use_builtin_types=True)[0][0]
+        if len(fds) != 1 or type(port) is not int:
+            raise xmlrpc.client.ResponseError("the reply to newSocket carried %d sockets and %s" % (len(fds), describe(port)))
+        sock = socket.socket(fileno=fds.pop())
+        return port, sock
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 class _TimeoutTransport(xmlrpc.client.Transport):
     def __init__(self, timeout):
         super().__init__(use_builtin_types=True)
@@ -2281,14 +2580,14 @@ _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
 
 
-def run_daemon(host, port, first, last, state, token=None):
+def run_daemon(host, port, first, last, state, token=None, local=None):
     """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
     if not is_loopback(host) and token is None:
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
                                 "take and free ports; give --token-file, or use a loopback address" % host)
     node = None
     try:
-        server = NodeMngrServer(host, port, token)
+        server = NodeMngrServer(host, port, token, local)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
@@ -2307,8 +2606,8 @@ def run_daemon(host, port, first, last, state, token=None):
             raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
         server.attach(node)
         _raise_descriptor_limit()
-        log.info("node manager %s serving on %s:%d, ports %d-%d, state %s, pid %d", __version__,
-                 host, server.port, first, last, state or "none", os.getpid())
+        log.info("node manager %s serving on %s:%d and %s, ports %d-%d, state %s, pid %d", __version__,
+                 host, server.port, local or "no local socket", first, last, state or "none", os.getpid())
         server.serve_forever()
         log.info("node manager stopped (%s)", server.stop_reason)
         return 0
@@ -2392,7 +2691,7 @@ def _daemon_config(args):
     elif not state:
         state = default_state_path(port)
         ensure_private_folder(os.path.dirname(state))
-    return host, port, first, last, state, read_token(args.token_file)
+    return host, port, first, last, state, read_token(args.token_file), env_unix(args.unix, port, state)
 
 
 def _setup_logging(args):
@@ -2459,6 +2758,8 @@ def _parser():
                    "default $XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3 or TMPDIR/nodemngr-UID/PORT.sqlite3)")
     s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env NODEMNGR_LOG_LEVEL, default INFO)")
     s.add_argument("--log-file", metavar="PATH", help="log here instead of stderr (env NODEMNGR_LOG_FILE)")
+    s.add_argument("--unix", metavar="ADDR", help="the local socket: @NAME (abstract) or a path, or none "
+                   "(env NODEMNGR_UNIX, default @nodemngr-PORT)")
     sub.add_parser("ping", parents=[common], help="say whether a node manager answers")
     sub.add_parser("status", parents=[common], help="show the node manager's status")
     sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
@@ -2472,6 +2773,18 @@ def _parser():
     d = sub.add_parser("del", parents=[common], help="give a port back")
     d.add_argument("del_port", metavar="PORT", type=_port_arg, help="the port newPort gave")
     sub.add_parser("stop", parents=[common], help="stop the node manager")
+    r = sub.add_parser("run", help="run a command on a port of its own: it gets the port in PORT and in place "
+                       "of {port} in its arguments, and owns it (freed when it ends)",
+                       usage="nodemngr run [--name NAME] [--socket] [--udp] [--host H] -- CMD ARG...")
+    r.add_argument("--name", help="register {name: NAME, cmd: ...}: the port is sticky")
+    r.add_argument("--socket", action="store_true", help="pass the socket the node manager bound as fd 3 "
+                   "(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES: systemd's socket activation)")
+    r.add_argument("--udp", action="store_true", help="a UDP socket (with --socket)")
+    r.add_argument("--host", default="127.0.0.1", help="the address the socket is bound to (with --socket; "
+                   "default 127.0.0.1)")
+    r.add_argument("--port", type=_port_arg, help="the node manager's port (env NODEMNGR_PORT, default %d)" % nmPort)
+    r.add_argument("--token-file", metavar="PATH", help="file holding the token (env NODEMNGR_TOKEN_FILE)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command and its arguments")
     return parser
 
 
@@ -2489,6 +2802,8 @@ def main(argv=None):
         if args.command == "serve":
             _setup_logging(args)
             return run_daemon(*_daemon_config(args))
+        if args.command == "run":
+            return _run_command(parser, args)
         return _run_client_command(args)
     except NodeMngrException as exc:
         print("nodemngr: %s" % exc, file=sys.stderr)
@@ -2527,6 +2842,42 @@ def _run_client_command(args):
     except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
         raise NodeMngrException(describe_call_error(exc, host, port))
     return 0
+
+
+def _run_command(parser, args):
+    """nodemngr run: register a port to this process, then exec the command, which keeps the pid
+    and so owns the port."""
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.error("run needs a command: nodemngr run [--name NAME] -- CMD ARG...")
+    line = " ".join(shlex.quote(a) for a in cmd)
+    info = line if args.name is None else {"name": args.name, "cmd": line}
+    host, port = env_host(None), env_port(args.port)
+    env = dict(os.environ)
+    try:
+        if args.socket:
+            given, sock = request_socket(info, "udp" if args.udp else "tcp", args.host,
+                                         address=env_unix(None, port), timeout=10.0)
+            os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
+            sock.close()
+            env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=args.name or "nodemngr")
+        else:
+            given = make_proxy(host, port, read_token(args.token_file)).newPort(info, os.getpid())
+    except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
+        raise NodeMngrException(describe_call_error(exc, host, port))
+    env["PORT"] = str(given)
+    argv = [a.replace("{port}", str(given)) for a in cmd]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as exc:
+        print("nodemngr: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
+        try:
+            make_proxy(host, port, read_token(args.token_file)).delPort(given)
+        except (OSError, xmlrpc.client.Error):
+            pass
+        return 127
 
 
 def format_table(entries, now=None, header=True):
