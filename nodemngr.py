@@ -2020,10 +2020,10 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
         self._accept_warned = 0.0
         self._stopped = threading.Event()
+        self.local_address, self.local = local, None    # (server_close may run inside the next line)
         SimpleXMLRPCServer.__init__(self, (host, port), logRequests=False, allow_none=False,
                                     encoding="utf-8", bind_and_activate=True)
         self.port = self.server_address[1]
-        self.local_address, self.local = local, None
         if local is not None:
             try:
                 self.local, self._local_inode = _listen_local(local)

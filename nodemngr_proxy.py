@@ -102,6 +102,29 @@ class NodeMngrProxy:
         """Give *port* back; 0.  UnknownPortError (an IndexError) if it is not registered."""
         return self.call("delPort", port)
 
+    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=None):
+        """A socket.socket that the node manager bound (TCP: also listening) to a port nobody else
+        holds, passed over its local socket; the port is registered with *info* as newPort does
+        (freed once *pid*, by default this process, has ended, or by delPort).  No other process
+        can take the port between its allocation and the bind.  kind: "tcp" or "udp"; host: the
+        address to bind ("127.0.0.1", "0.0.0.0", "::1", "::")."""
+        address = nodemngr.env_unix(None, self.port)
+        if address is None:
+            raise NodeMngrException("newSocket needs the node manager's local socket, and NODEMNGR_UNIX is none")
+        for attempt in (0, 1):
+            try:
+                return nodemngr.request_socket(info, kind, host, pid, address, self.timeout)[1]
+            except xmlrpc.client.Fault as fault:
+                raise exception_from_fault(fault) from None
+            except OSError as exc:
+                if attempt or not self._should_start(exc, None):
+                    raise NodeMngrException("no node manager answers on the local socket %s: %s" % (
+                        address, exc.strerror or exc)) from None
+                start_daemon(self.host, self.port, nodemngr.SPAWN_TIMEOUT, self.token_file)
+            except _REPLY_ERRORS as exc:
+                raise NodeMngrException("the local socket %s did not answer like a node manager: %s" % (
+                    address, nodemngr.describe(exc))) from None
+
     def listPorts(self):
         """Every registered port: a list of {port, name, info, pid, since} dicts, sorted by port."""
         return self.call("listPorts")

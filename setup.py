@@ -1,4 +1,5 @@
-"""Packaging for nodemngr: two standard-library modules and the `nodemngr` console script."""
+"""Packaging for nodemngr: two standard-library modules, the `nodemngr` console script, and the
+pytest plugin pytest_nodemngr (entry point pytest11)."""
 import os
 import re
 
@@ -31,11 +32,13 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     license="MIT",
-    py_modules=["nodemngr", "nodemngr_proxy"],
+    py_modules=["nodemngr", "nodemngr_proxy", "pytest_nodemngr"],
     python_requires=">=3.8",
     install_requires=[],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis"]},
-    entry_points={"console_scripts": ["nodemngr = nodemngr:main"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "portpicker"]},
+    # pytest finds the fixtures of pytest_nodemngr.py through pytest11 (the module imports pytest,
+    # which nodemngr and nodemngr_proxy never do: they stay standard library only)
+    entry_points={"console_scripts": ["nodemngr = nodemngr:main"], "pytest11": ["nodemngr = pytest_nodemngr"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",

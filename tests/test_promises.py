@@ -498,7 +498,8 @@ def test_nodemngr_alone_imports_whole(tmp_path):
         except NodeMngrException as exc:
             print(str(exc))
     """)
-    r = subprocess.run([sys.executable, "-I", "-c", script], cwd=str(tmp_path), capture_output=True,
+    # -S too: no site-packages, where an installed nodemngr (tox installs it) has its proxy
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=str(tmp_path), capture_output=True,
                        text=True, timeout=30, env=clean_env())
     assert r.returncode == 0, r.stderr
     flags, message = r.stdout.splitlines()

@@ -1,0 +1,73 @@
+"""pytest_nodemngr -- pytest fixtures for ports that never collide, across processes and xdist workers.
+
+Installed with nodemngr, this plugin is found by pytest through its ``pytest11`` entry point (or
+load it by hand: ``pytest -p pytest_nodemngr``).  Its fixtures ask the node manager at
+NODEMNGR_HOST:NODEMNGR_PORT (starting one if none answers, as the proxy does)::
+
+    def test_server(nodemngr_port):             # an int port, registered to this test process
+        server = start_my_server(port=nodemngr_port)
+
+    def test_cluster(nodemngr_port_factory):    # as many as needed
+        a, b = nodemngr_port_factory(), nodemngr_port_factory("replica")
+
+    def test_listen(nodemngr_socket):           # a listening TCP socket on 127.0.0.1, bound for you
+        port = nodemngr_socket.getsockname()[1]
+
+Every port is freed at the test's teardown, and by the node manager itself if the test process
+dies first.  Each port's info is the test's node id, so ``nodemngr list`` shows who holds what.
+"""
+
+import pytest
+
+from nodemngr import UnknownPortError
+from nodemngr_proxy import NodeMngrProxy
+
+__all__ = ["nodemngr_port", "nodemngr_port_factory", "nodemngr_socket"]
+
+
+@pytest.fixture(scope="session")
+def nodemngr_proxy():
+    """The NodeMngrProxy the fixtures share (one per test process)."""
+    proxy = NodeMngrProxy()
+    yield proxy
+    proxy.close()
+
+
+def _give_back(proxy, port):
+    try:
+        proxy.delPort(port)
+    except UnknownPortError:    # freed already (by the test itself, say)
+        pass
+
+
+@pytest.fixture
+def nodemngr_port_factory(nodemngr_proxy, request):
+    """A function returning a new port each call (its info: the test's node id, or what it is
+    given); every one of them is freed at teardown."""
+    ports = []
+
+    def new_port(info=None):
+        port = nodemngr_proxy.newPort(request.node.nodeid if info is None else info)
+        ports.append(port)
+        return port
+
+    yield new_port
+    for port in ports:
+        _give_back(nodemngr_proxy, port)
+
+
+@pytest.fixture
+def nodemngr_port(nodemngr_port_factory):
+    """A port (int) nobody else holds, registered to this test process, freed at teardown."""
+    return nodemngr_port_factory()
+
+
+@pytest.fixture
+def nodemngr_socket(nodemngr_proxy, request):
+    """A listening TCP socket on 127.0.0.1 that the node manager bound (no other process can take
+    its port between allocation and bind); closed and its port freed at teardown."""
+    sock = nodemngr_proxy.newSocket(request.node.nodeid)
+    port = sock.getsockname()[1]
+    yield sock
+    sock.close()
+    _give_back(nodemngr_proxy, port)

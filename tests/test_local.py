@@ -1,0 +1,374 @@
+"""The local socket (README, "For test suites" and "Handing over a bound socket"): portpicker's
+portserver protocol, newSocket's race-free handoff, nodemngr run, and the pytest plugin, on real
+daemons, real portpicker clients and real pytest-xdist workers."""
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import xmlrpc.client
+
+import pytest
+
+from conftest import FAST_REAP, NODEMNGR, ROOT, clean_env, pid_alive, stop_pid, wait_until
+
+import nodemngr
+
+SHORT_STALL = dict(FAST_REAP, **{"NodeMngrServer.stall_timeout": 0.5})
+
+
+def local_address(d):
+    return "@nodemngr-%d" % d.port
+
+
+def portserver_ask(d, data, shut=False):
+    """Send *data* on d's local socket; return all it answers before closing (b"" for nothing)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect("\0" + local_address(d)[1:])
+        s.sendall(data)
+        if shut:
+            s.shutdown(socket.SHUT_WR)
+        reply = b""
+        while True:
+            chunk = s.recv(100)
+            if not chunk:
+                return reply
+            reply += chunk
+
+
+def holders(d):
+    return {e["port"]: e["pid"] for e in d.rpc().listPorts()}
+
+
+# --- portpicker's portserver protocol ------------------------------------------------------------
+
+PICKER = ("import portpicker, sys\n"
+          "print(portpicker.pick_unused_port(), flush=True)\n"
+          "sys.stdin.read()\n")
+
+
+def test_portpicker_clients_get_our_ports_and_give_them_back_when_they_end(daemon_factory):
+    portpicker = pytest.importorskip("portpicker", reason="portpicker is a test dependency (tox.ini installs it)")
+    assert portpicker
+    d = daemon_factory(size=80, state="none", settings=FAST_REAP)
+    env = clean_env(PORTSERVER_ADDRESS=local_address(d))
+    procs = [subprocess.Popen([sys.executable, "-c", PICKER], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, universal_newlines=True) for _ in range(50)]
+    try:
+        got = {p.pid: int(p.stdout.readline()) for p in procs}
+        assert len(set(got.values())) == 50, "50 processes at once, 50 distinct ports"
+        assert all(d.first <= port <= d.last for port in got.values()), "every port came from the node manager"
+        assert holders(d) == {port: pid for pid, port in got.items()}, "each registered to the process that asked"
+    finally:
+        for p in procs:
+            p.stdin.close()
+        for p in procs:
+            p.wait(20)
+    assert wait_until(lambda: not holders(d), timeout=10), "the ports of the ended processes were not freed"
+
+
+@pytest.mark.parametrize("request_bytes", [b"1" * 21, b"12345678901234567890\n", b"0\n", b"1\n", b"-5\n",
+                                           b"12a\n", b"7\n7\n", b"%d\n" % 2 ** 40, b"2\r\n"],
+                         ids=["21 bytes", "21 with newline", "pid 0", "pid 1", "negative", "not digits",
+                              "two lines", "huge", "CRLF"])
+def test_a_bad_portserver_request_is_closed_without_a_reply(any_daemon, request_bytes):
+    assert portserver_ask(any_daemon, request_bytes, shut=True) == b""
+    assert portserver_ask(any_daemon, request_bytes) == b"", "without the end of input too"
+    assert holders(any_daemon) == {}
+
+
+def test_portserver_requests_good_dead_stalled_and_unread(daemon_factory, reap_pids):
+    d = daemon_factory(size=20, state="none", settings=SHORT_STALL)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert portserver_ask(d, b"%d\n" % dead.pid) == b"", "a pid that has ended gets nothing"
+    port = int(portserver_ask(d, b"%d\n" % os.getpid()))
+    assert holders(d) == {port: os.getpid()}
+    port2 = int(portserver_ask(d, b"%d" % os.getpid(), shut=True))     # no newline: the end of input will do
+    assert port2 != port and holders(d) == {port: os.getpid(), port2: os.getpid()}
+    # "garbage" on the local socket is not the portserver's: it is HTTP's, and gets HTTP's 400
+    assert portserver_ask(d, b"garbage\r\n\r\n", shut=True).startswith(b"HTTP/1.1 400 ")
+    # a client that sends part of a pid and stalls is cut off at the stall limit, others are served
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unread = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stalled.connect("\0" + local_address(d)[1:])
+        stalled.sendall(b"123")
+        unread.connect("\0" + local_address(d)[1:])
+        unread.sendall(b"%d\n" % os.getpid())     # and never reads its reply
+        assert d.rpc().ping().startswith("NodeMngr at ")
+        stalled.settimeout(5)
+        t0 = time.monotonic()
+        assert stalled.recv(10) == b"" and time.monotonic() - t0 < 4, "the stalled request was not cut off"
+        assert len(holders(d)) == 3, "the client that does not read holds its port all the same"
+    finally:
+        stalled.close()
+        unread.close()
+    # on TCP a pid is just a bad HTTP request
+    with socket.create_connection((d.host, d.port), timeout=5) as s:
+        s.sendall(b"%d\n\n" % os.getpid())
+        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    assert len(holders(d)) == 3
+
+
+def test_a_client_in_another_pid_namespace_may_name_itself(daemon):
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare (util-linux) and root to make a pid namespace; .ci/run runs as root")
+    script = ("import os, socket, sys\n"
+              "sys.argv[1] = '\\0' + sys.argv[1][1:]\n"
+              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'%d\\n' % os.getpid())\n"
+              "print(os.getpid(), s.recv(100).decode().strip() or 'refused', flush=True)\n"
+              "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'%d\\n' % (os.getpid() + 1))\n"
+              "print(s.recv(100).decode().strip() or 'refused', flush=True)\n"
+              "sys.stdin.read()\n")
+    # (under a shell, so that the client is not the namespace's pid 1, which the protocol refuses)
+    proc = subprocess.Popen([unshare, "--pid", "--fork", "--kill-child", "sh", "-c", '"$0" -c "$1" "$2"; true',
+                             sys.executable, script, local_address(daemon)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            universal_newlines=True)
+    try:
+        inner_pid, port = proc.stdout.readline().split()
+        assert proc.stdout.readline().strip() == "refused", "another pid of its namespace cannot be translated"
+        assert int(inner_pid) < 10, "the client runs in a fresh pid namespace"
+        owner = holders(daemon)[int(port)]
+        assert owner != int(inner_pid) and pid_alive(owner), "registered to the client's pid as this host sees it"
+        with open("/proc/%d/status" % owner) as f:
+            assert [line.split()[-1] for line in f if line.startswith("NSpid:")] == [inner_pid]
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+# --- newSocket: a bound socket handed over ---------------------------------------------------------
+
+def test_new_socket_hands_over_a_bound_socket(daemon):
+    nm = daemon.proxy()
+    sock = nm.newSocket("web")
+    try:
+        port = sock.getsockname()[1]
+        assert sock.type == socket.SOCK_STREAM and daemon.first <= port <= daemon.last
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            conn, _ = sock.accept()
+            conn.sendall(b"hello")
+            assert client.recv(5) == b"hello"
+            conn.close()
+        assert holders(daemon) == {port: os.getpid()}
+        assert daemon.rpc().lookup("web")[0]["port"] == port
+        udp = nm.newSocket("dns", kind="udp", host="::1")
+        try:
+            assert (udp.family, udp.type) == (socket.AF_INET6, socket.SOCK_DGRAM)
+            assert udp.getsockname()[0] == "::1"
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as client:
+                client.sendto(b"ping", ("::1", udp.getsockname()[1]))
+                udp.settimeout(5)
+                assert udp.recvfrom(10)[0] == b"ping"
+        finally:
+            udp.close()
+        for kind, host in (("sctp", "127.0.0.1"), ("tcp", "localhost"), ("tcp", "192.0.2.1")):
+            with pytest.raises(nodemngr.BadArgumentError) as exc:
+                nm.newSocket("bad", kind=kind, host=host)
+            assert "kind" in str(exc.value) or "host" in str(exc.value) or "192.0.2.1" in str(exc.value)
+    finally:
+        sock.close()
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        daemon.rpc().newSocket("over tcp")
+    assert fault.value.faultCode == 3 and "local socket" in fault.value.faultString
+    assert len(holders(daemon)) == 2, "refused calls registered nothing"
+
+
+def test_a_flood_of_new_socket_and_new_port_never_gives_a_port_twice(daemon_factory):
+    d = daemon_factory(size=400, state="none")
+    nm = d.proxy()
+    held, errors, lock = [], [], threading.Lock()
+
+    def client(n):
+        try:
+            for i in range(25):
+                if (i + n) % 2:
+                    s = nm.newSocket("flood")
+                else:
+                    s = socket.socket()
+                    s.bind(("127.0.0.1", nm.newPort("flood")))      # bindable, or the test fails
+                with lock:
+                    held.append(s)
+        except Exception as exc:    # reported below, with the others
+            errors.append(exc)
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[:3]
+        ports = [s.getsockname()[1] for s in held]
+        assert len(ports) == 200 and len(set(ports)) == 200
+        assert set(holders(d)) == set(ports)
+    finally:
+        for s in held:
+            s.close()
+
+
+# --- nodemngr run ---------------------------------------------------------------------------------
+
+def run_cli_process(d, *args, **kw):
+    return subprocess.Popen([sys.executable, NODEMNGR, "run"] + list(args), env=d.env, **kw)
+
+
+def test_run_gives_a_server_its_port_and_the_port_is_freed_when_it_ends(daemon_factory, reap_pids):
+    d = daemon_factory(size=20, state="none", settings=FAST_REAP)
+    proc = run_cli_process(d, "--", sys.executable, "-m", "http.server", "{port}", "--bind", "127.0.0.1",
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reap_pids.append(proc.pid)
+    assert wait_until(lambda: proc.pid in holders(d).values(), timeout=10), "nothing registered to the command"
+    port = next(p for p, pid in holders(d).items() if pid == proc.pid)
+    entry = d.rpc().listPorts()[0]
+    assert entry["info"].endswith("-m http.server '{port}' --bind 127.0.0.1"), "the command line, as written"
+
+    def serves():
+        try:
+            return urllib.request.urlopen("http://127.0.0.1:%d/" % port, timeout=2).status == 200
+        except OSError:
+            return False
+    assert wait_until(serves, timeout=10), "http.server does not answer on its port"
+    stop_pid(proc.pid)
+    assert wait_until(lambda: not holders(d), timeout=10), "the port outlived its command"
+
+
+FD3_SERVER = ("import os, socket\n"
+              "s = socket.socket(fileno=3)\n"
+              "assert os.environ['LISTEN_FDS'] == '1' and os.environ['LISTEN_PID'] == str(os.getpid())\n"
+              "conn, _ = s.accept()\n"
+              "conn.sendall(('%s %s %s' % (os.environ['PORT'], os.environ['LISTEN_FDNAMES'],\n"
+              "              s.getsockname()[1])).encode())\n"
+              "conn.close()\n")
+
+
+def test_run_with_socket_passes_a_bound_socket_as_fd_3(daemon_factory, reap_pids):
+    d = daemon_factory(size=20, settings=FAST_REAP)
+    d.rpc().newPort("below")
+    ports = []
+    for _ in range(2):      # twice: with --name the port is sticky
+        proc = run_cli_process(d, "--name", "echo", "--socket", "--", sys.executable, "-c", FD3_SERVER)
+        reap_pids.append(proc.pid)
+        assert wait_until(lambda: d.rpc().lookup("echo"), timeout=10)
+        port = d.rpc().lookup("echo")[0]["port"]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            assert c.recv(100).decode() == "%d echo %d" % (port, port)
+        assert proc.wait(10) == 0, "run's exit status is the command's"
+        assert wait_until(lambda: not d.rpc().lookup("echo"), timeout=10)
+        ports.append(port)
+        d.rpc().delPort(d.first)
+        d.rpc().newPort("below again")
+    assert ports[0] == ports[1] and ports[0] != d.first
+
+
+def test_run_exit_status_and_errors(daemon_factory, tmp_path):
+    d = daemon_factory(size=1, state="none")
+    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", "sh", "-c", "exit 7"], env=d.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert out.returncode == 7, out
+    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", str(tmp_path / "no-such-program")], env=d.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert out.returncode == 127 and out.stderr.count("\n") == 1 and "cannot run" in out.stderr, out
+    assert holders(d) == {}, "the port of a command that could not run is given back"
+    d.rpc().newPort("the only port")
+    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", "true"], env=d.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no free port" in out.stderr, out
+
+
+# --- the local socket's address -------------------------------------------------------------------
+
+def test_a_path_local_socket_is_made_0666_replaced_when_stale_and_removed_at_stop(daemon_factory, tmp_path):
+    path = str(tmp_path / "nm.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()       # a socket file nobody listens on, as a daemon killed with -9 leaves
+    d = daemon_factory(size=10, state="none", extra_args=["--unix", path])
+    assert os.stat(path).st_mode & 0o777 == 0o666
+    port, sock = nodemngr.request_socket("over a path", address=path)
+    sock.close()
+    assert holders(d) == {port: os.getpid()}
+    assert d.terminate() == 0
+    assert not os.path.exists(path)
+    with open(path, "w") as f:
+        f.write("not a socket")
+    e = daemon_factory(size=10, state="none", extra_args=["--unix", path], start=False)
+    e.start(wait=False)
+    assert e.proc.wait(15) == 1
+    assert "is not a socket" in e.read_log()
+    off = daemon_factory(size=10, state="none", extra_args=["--unix", "none"])
+    with pytest.raises(OSError) as exc:
+        portserver_ask(off, b"%d\n" % os.getpid())
+    assert exc.value.errno == errno.ECONNREFUSED
+
+
+# --- the pytest plugin ----------------------------------------------------------------------------
+
+PLUGIN_TESTS = '''
+import json, os, socket, time
+import pytest
+
+@pytest.mark.parametrize("n", range(%(count)d))
+def test_port(nodemngr_port, nodemngr_port_factory, nodemngr_socket, n):
+    extra = nodemngr_port_factory("extra")
+    held = []
+    for port in (nodemngr_port, extra):
+        s = socket.socket()
+        s.bind(("127.0.0.1", port))             # nobody else has it, or this fails
+        s.listen(1)
+        held.append(s)
+    ports = [nodemngr_port, extra, nodemngr_socket.getsockname()[1]]
+    start = time.monotonic()
+    time.sleep(0.002)
+    with open(os.environ["RECORD"], "a") as f:
+        f.write(json.dumps([os.environ.get("PYTEST_XDIST_WORKER"), ports, start, time.monotonic()]) + "\\n")
+    for s in held:
+        s.close()
+'''
+
+
+def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_factory, tmp_path):
+    d = daemon_factory(size=200, state="none")
+    (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 50})
+    record = tmp_path / "record.jsonl"
+    env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record)
+    argv = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", "-p", "no:randomly",
+            str(tmp_path / "test_many.py")]
+    if not _plugin_installed():
+        env["PYTHONPATH"] = ROOT
+        argv[3:3] = ["-p", "pytest_nodemngr"]
+    out = subprocess.run(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=120)
+    assert out.returncode == 0 and "50 passed" in out.stdout, out.stdout[-3000:]
+    import json
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 50 and len({w for w, _, _, _ in rows}) == 4, "50 tests on 4 workers"
+    spans = sorted((port, start, end) for _, ports, start, end in rows for port in ports)
+    for (p1, _, e1), (p2, s2, _) in zip(spans, spans[1:]):
+        assert p1 != p2 or e1 <= s2, "port %d held by two tests at once" % p1
+    assert holders(d) == {}, "every port was freed at its test's teardown"
+
+
+def _plugin_installed():
+    try:
+        from importlib.metadata import entry_points
+    except ImportError:
+        return False
+    eps = entry_points()
+    group = eps.select(group="pytest11") if hasattr(eps, "select") else eps.get("pytest11", [])
+    return any(ep.value == "pytest_nodemngr" for ep in group)
+
+
+def test_the_plugin_is_registered_through_pytest11(tmp_path):
+    if not _plugin_installed():
+        pytest.skip("nodemngr is not installed in this Python (tox installs it, which registers pytest11)")
+    out = subprocess.run([sys.executable, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
+                         cwd=str(tmp_path))
+    assert "nodemngr_port_factory" in out.stdout and "nodemngr_socket" in out.stdout, out.stdout[-2000:]
