@@ -334,8 +334,8 @@ def test_port(nodemngr_port, nodemngr_port_factory, nodemngr_socket, n):
 
 
 def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_factory, tmp_path):
-    d = daemon_factory(size=200, state="none")
-    (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 50})
+    d = daemon_factory(size=300, state="none")
+    (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 200})     # 4 workers x 50
     record = tmp_path / "record.jsonl"
     env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record)
     argv = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", "-p", "no:randomly",
@@ -345,10 +345,10 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
         argv[3:3] = ["-p", "pytest_nodemngr"]
     out = subprocess.run(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          universal_newlines=True, timeout=120)
-    assert out.returncode == 0 and "50 passed" in out.stdout, out.stdout[-3000:]
+    assert out.returncode == 0 and "200 passed" in out.stdout, out.stdout[-3000:]
     import json
     rows = [json.loads(line) for line in record.read_text().splitlines()]
-    assert len(rows) == 50 and len({w for w, _, _, _ in rows}) == 4, "50 tests on 4 workers"
+    assert len(rows) == 200 and len({w for w, _, _, _ in rows}) == 4, "200 tests on 4 workers"
     spans = sorted((port, start, end) for _, ports, start, end in rows for port in ports)
     for (p1, _, e1), (p2, s2, _) in zip(spans, spans[1:]):
         assert p1 != p2 or e1 <= s2, "port %d held by two tests at once" % p1
