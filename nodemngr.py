@@ -1441,18 +1441,23 @@ def _text_response(status, message, extra=""):
 _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
-def _xml_head(length, close, echo_keep_alive=False):
+def _xml_head(length, close, echo_keep_alive=False, ok_head=_OK_HEAD):
     """The head of a reply of *length* bytes of XML, on the per-call path.  An HTTP/1.0
     client that asked for keep-alive is told it got it (1.0 closes by default)."""
     connection = (b"Connection: close\r\n" if close else
                   b"Connection: keep-alive\r\n" if echo_keep_alive else b"")
-    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n" % (_OK_HEAD, _http_date().encode("ascii"), length, connection)
+    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n" % (ok_head, _http_date().encode("ascii"), length, connection)
 
 
-RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization")
+_METRICS_HEAD = _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8")
+
+
+RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization "
+                                        "metrics")
 RequestHead.__doc__ = """What a request's head says: keep the connection open after the reply?
 the body's length and Content-Encoding, whether the client waits for 100 Continue, whether to
-echo keep-alive (an HTTP/1.0 client asked for it), and the Authorization header (or None)."""
+echo keep-alive (an HTTP/1.0 client asked for it), the Authorization header (or None), and
+whether it is GET /metrics rather than an XML-RPC call."""
 
 
 @functools.lru_cache(maxsize=64)
@@ -1477,18 +1482,21 @@ def read_head(head):
         headers = {name.lower(): value.strip(b" \t") for name, value in pairs}
         if len(headers) < len(pairs):
             headers = _join_repeated(pairs)
-    if method != b"POST":
-        raise _HTTPError(405, "only POST is served; send XML-RPC calls to / or /RPC2", "Allow: POST\r\n")
     if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"    # absolute-form
-    if target not in (b"/", b"/RPC2"):
+    metrics = method == b"GET" and target == b"/metrics"
+    if method != b"POST" and not metrics:
+        raise _HTTPError(405, "only POST is served (and GET /metrics); send XML-RPC calls to / or /RPC2",
+                         "Allow: POST\r\n")
+    if target not in (b"/", b"/RPC2") and not metrics:
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
     connection = headers.get(b"connection", b"").lower()
     http10 = version == b"HTTP/1.0"
     keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
-    length, encoding = _framing(headers)
+    length, encoding = _framing(headers) if not metrics or b"content-length" in headers or (
+        b"transfer-encoding" in headers) else (0, b"identity")
     return RequestHead(keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue",
-                       keep_alive and http10, headers.get(b"authorization"))
+                       keep_alive and http10, headers.get(b"authorization"), metrics)
 
 
 def _framing(headers):
@@ -1682,12 +1690,16 @@ class _Channel(asyncio.BufferedProtocol):
     def _answer(self, head, body):
         server = self.server
         handoff = [] if self.local else None
-        reply = server.dispatch_body(body, None if self.local else self.peer[0],
-                                     server.pending_bytes > server.max_pending_bytes, handoff)
+        if head.metrics:
+            reply = server.metrics().encode("utf-8")
+        else:
+            reply = server.dispatch_body(body, None if self.local else self.peer[0],
+                                         server.pending_bytes > server.max_pending_bytes, handoff)
         self.served += 1
         if not head.keep_alive:
             self.state = CLOSING
-        http_head = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive)
+        http_head = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive,
+                              _METRICS_HEAD if head.metrics else _OK_HEAD)
         if handoff:
             self._hand_over(http_head + reply, *handoff[0])
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
@@ -2004,10 +2016,14 @@ class NodeMngrServer(SimpleXMLRPCServer):
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
     tick = 0.25                     # seconds between two sweeps for deadlines and due rechecks
 
-    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None):
+    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None, activated=(None, None)):
         """Bind and listen at once: the bound port is what keeps a second daemon out.  local: the
         address of the local (Unix) socket to serve too ("@name": Linux's abstract namespace;
-        else a path), or None."""
+        else a path), or None.  activated: (inet, unix) listening sockets a service manager
+        passed (activated_sockets()), served instead of binding host:port and local."""
+        inet, unix = activated
+        if inet is not None:
+            host, port = inet.getsockname()[:2]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.host, self.token = host, token
         self.node = self.loop = None
@@ -2018,13 +2034,26 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self._listening = self._rechecking = False
         self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
+        self.requests = collections.Counter()   # XML-RPC calls by method ("unknown": not offered)
+        self.faults = collections.Counter()     # faults answered, by code
+        self.notify = None          # sd_notify(*lines) for a service manager, or None
+        self._told = None           # the last STATUS= line sent
         self._accept_warned = 0.0
         self._stopped = threading.Event()
         self.local_address, self.local = local, None    # (server_close may run inside the next line)
         SimpleXMLRPCServer.__init__(self, (host, port), logRequests=False, allow_none=False,
-                                    encoding="utf-8", bind_and_activate=True)
+                                    encoding="utf-8", bind_and_activate=inet is None)
+        if inet is not None:
+            self.socket.close()
+            self.socket, self.server_address = inet, inet.getsockname()
         self.port = self.server_address[1]
-        if local is not None:
+        if unix is not None:
+            unix.setblocking(False)
+            self.local, self._local_inode = unix, None      # (the service manager's: never unlinked)
+            name = unix.getsockname()
+            self.local_address = "@" + name[1:].decode("utf-8", "replace") if isinstance(name, bytes) else (
+                "@" + name[1:] if name.startswith("\0") else name)
+        elif local is not None:
             try:
                 self.local, self._local_inode = _listen_local(local)
             except BaseException:
@@ -2058,6 +2087,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 return (_INT_REPLY % result).encode("ascii")
             response = (result,)
         except Fault as fault:
+            self.faults[fault.faultCode] += 1
             response = fault
         try:
             return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
@@ -2078,6 +2108,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     def _dispatch(self, method, params, peer=None, handoff=None):
         func = self.funcs.get(method)
+        self.requests[method if func is not None else "unknown"] += 1
         if func is None:
             raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
                         "those that are" % describe(method, 80))
@@ -2171,6 +2202,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                                     "list %d entries at most, as many as are registered" % len(self.node.allocator))
                 results.append([result])
             except Fault as fault:
+                self.faults[fault.faultCode] += 1
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
         return results
 
@@ -2188,6 +2220,30 @@ class NodeMngrServer(SimpleXMLRPCServer):
             raise _HTTPError(401, "this node manager needs HTTP Basic auth with its token as password",
                              'WWW-Authenticate: Basic realm="nodemngr"\r\n')
 
+    def metrics(self):
+        """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
+        status = self.node.status()
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.extend(("# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)))
+            lines.extend("%s%s %s" % (name, labels, value) for labels, value in samples)
+        family("nodemngr_ports_registered", "gauge", "Ports registered now.", [("", status["registered"])])
+        family("nodemngr_ports_free", "gauge", "Ports of the range free now (not registered, not found bound).",
+               [("", status["free"])])
+        family("nodemngr_ports_reaped_total", "counter", "Ports freed because their owner process ended.",
+               [("", status["reaped"])])
+        family("nodemngr_names_remembered", "gauge", "Explicit names with a port remembered (sticky ports).",
+               [("", len(self.node.allocator.remembered))])
+        family("nodemngr_requests_total", "counter", "XML-RPC calls by method (inside system.multicall too).",
+               [('{method="%s"}' % m, n) for m, n in sorted(self.requests.items())])
+        family("nodemngr_faults_total", "counter", "Faults answered, by fault code.",
+               [('{code="%d"}' % c, n) for c, n in sorted(self.faults.items())])
+        family("nodemngr_connections", "gauge", "Client connections open now.", [("", len(self.channels))])
+        family("nodemngr_uptime_seconds", "gauge", "Seconds since the node manager started.",
+               [("", "%.3f" % status["uptime"])])
+        return "\n".join(lines) + "\n"
+
     # -- the loop --------------------------------------------------------------------------------
 
     def serve_forever(self, poll_interval=None):
@@ -2200,6 +2256,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         try:
             self.socket.setblocking(False)
             self._listen()
+            if self.notify is not None:
+                loop.call_soon(self._tell, "READY=1")
             if self.stop_reason is not None:    # asked before the loop ran
                 loop.call_soon(self._begin_stop)
             loop.call_later(self.tick, self._sweep)
@@ -2231,11 +2289,22 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 log.debug("closing %s connection from %s", "idle" if channel.idle else "stalled", channel.peer)
             channel.close()
         if not self.stopping:
+            if self.notify is not None:
+                self._tell()
             if not self._listening:
                 self._listen()
             if not self._rechecking and self.node is not None:
                 self._recheck()
         self.loop.call_later(self.tick, self._sweep)
+
+    def _tell(self, *lines):
+        """Send the service manager *lines* and, when it has changed, a STATUS= line."""
+        a = self.node.allocator
+        status = "STATUS=serving on %s:%d and %s, ports %d-%d, %d registered" % (
+            self.server_address[0], self.port, self.local_address or "no local socket", a.first, a.last, len(a))
+        if lines or status != self._told:
+            self._told = status
+            self.notify(*lines + (status,))
 
     def _recheck(self):
         """A few busy ports due again per turn of the loop, until none is due."""
@@ -2345,6 +2414,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         included), close the idle connections and the listening socket."""
         if self.stopping:       # (asked twice before the loop ran: a signal, then serve_forever)
             return
+        if self.notify is not None:
+            self.notify("STOPPING=1", "STATUS=stopping (%s)" % self.stop_reason)
         for listener in self._listeners():
             self._accept(listener, self.connection_limit)
         self.stopping = True
@@ -2580,14 +2651,14 @@ _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
 
 
-def run_daemon(host, port, first, last, state, token=None, local=None):
+def run_daemon(host, port, first, last, state, token=None, local=None, activated=(None, None)):
     """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
     if not is_loopback(host) and token is None:
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
                                 "take and free ports; give --token-file, or use a loopback address" % host)
     node = None
     try:
-        server = NodeMngrServer(host, port, token, local)
+        server = NodeMngrServer(host, port, token, local, activated)
     except OSError as exc:
         if exc.errno != errno.EADDRINUSE:
             raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
@@ -2605,9 +2676,11 @@ def run_daemon(host, port, first, last, state, token=None, local=None):
         except (OSError, sqlite3.Error) as exc:
             raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
         server.attach(node)
+        server.notify = sd_notifier()
         _raise_descriptor_limit()
         log.info("node manager %s serving on %s:%d and %s, ports %d-%d, state %s, pid %d", __version__,
-                 host, server.port, local or "no local socket", first, last, state or "none", os.getpid())
+                 server.server_address[0], server.port, server.local_address or "no local socket", first, last,
+                 state or "none", os.getpid())
         server.serve_forever()
         log.info("node manager stopped (%s)", server.stop_reason)
         return 0
@@ -2617,6 +2690,55 @@ def run_daemon(host, port, first, last, state, token=None, local=None):
             node.close()
         for sig in _SIGNALS:    # exiting: Python's own exit would put the default (fatal) ones back
             signal.signal(sig, signal.SIG_IGN)
+
+
+def activated_sockets():
+    """(inet, unix): the listening stream sockets a service manager passed to this process
+    (systemd's LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES; fds 3 on), each None when absent.  An
+    inet socket is the XML-RPC listener and a Unix one the local socket, unless LISTEN_FDNAMES
+    calls them "http" and "local".  The variables are then removed, so that no child sees them."""
+    try:
+        count, pid = int(os.environ.get("LISTEN_FDS", "")), int(os.environ.get("LISTEN_PID", ""))
+    except ValueError:
+        return None, None
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if pid != os.getpid():
+        return None, None
+    found = {}
+    for i in range(max(0, min(count, 64))):
+        try:
+            sock = socket.socket(fileno=3 + i)
+        except OSError as exc:
+            raise NodeMngrException("fd %d of LISTEN_FDS is not a socket: %s" % (3 + i, exc.strerror or exc))
+        os.set_inheritable(sock.fileno(), False)
+        name = names[i] if i < len(names) and names[i] in ("http", "local") else (
+            "local" if sock.family == getattr(socket, "AF_UNIX", None) else "http")
+        if sock.type != socket.SOCK_STREAM or name in found:
+            log.warning("ignoring passed socket fd %d (%s): not a stream socket, or a second %s one",
+                        3 + i, name, name)
+            sock.close()
+            continue
+        found[name] = sock
+    return found.get("http"), found.get("local")
+
+
+def sd_notifier():
+    """A function sending sd_notify lines ("READY=1", "STATUS=...", "STOPPING=1") to the
+    service manager at NOTIFY_SOCKET ("@name" is abstract), or None when it is not set."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or not hasattr(socket, "AF_UNIX"):
+        return None
+    address = local_sockaddr(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def notify(*lines):
+        try:
+            sock.sendto("\n".join(lines).encode("utf-8"), address)
+        except OSError as exc:
+            log.debug("could not notify the service manager at %s: %s", address, exc)
+    return notify
 
 
 def _catch_signals(server):
@@ -2678,9 +2800,11 @@ def _spare_descriptors():
     return soft - used
 
 
-def _daemon_config(args):
+def _daemon_config(args, activated=(None, None)):
     host = env_host(args.host)
     port = env_port(args.port)
+    if activated[0] is not None:    # the service manager's socket says where it serves
+        host, port = activated[0].getsockname()[:2]
     first = env_port(args.first_port, "NODEMNGR_FIRST_PORT", firstPort)
     last = env_port(args.last_port, "NODEMNGR_LAST_PORT", lastPort)
     if first > last:
@@ -2801,7 +2925,8 @@ def main(argv=None):
     try:
         if args.command == "serve":
             _setup_logging(args)
-            return run_daemon(*_daemon_config(args))
+            activated = activated_sockets()
+            return run_daemon(*_daemon_config(args, activated), activated=activated)
         if args.command == "run":
             return _run_command(parser, args)
         return _run_client_command(args)

@@ -35,7 +35,7 @@ setup(
     py_modules=["nodemngr", "nodemngr_proxy", "pytest_nodemngr"],
     python_requires=">=3.8",
     install_requires=[],
-    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "portpicker"]},
+    extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "portpicker", "prometheus_client"]},
     # pytest finds the fixtures of pytest_nodemngr.py through pytest11 (the module imports pytest,
     # which nodemngr and nodemngr_proxy never do: they stay standard library only)
     entry_points={"console_scripts": ["nodemngr = nodemngr:main"], "pytest11": ["nodemngr = pytest_nodemngr"]},
