@@ -55,6 +55,7 @@ import hmac
 import http.client
 import inspect
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -64,12 +65,14 @@ import shlex
 import signal
 import socket
 import sqlite3
+import ssl
 import stat
 import struct
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import xmlrpc.client
 import zlib
 import collections
@@ -88,7 +91,7 @@ except ImportError:     # not on Windows
 
 __all__ = [
     "nmPort", "firstPort", "lastPort", "NodeMngrException", "UnknownPortError", "NoFreePortError",
-    "BadArgumentError", "ForbiddenError", "StoreError", "PortAllocator", "StateStore", "NodeMngr",
+    "BadArgumentError", "ForbiddenError", "StoreError", "ClusterError", "PortAllocator", "StateStore", "NodeMngr",
     "NodeMngrServer", "nm", "main",
 ]
 __version__ = "1.0.0"
@@ -116,7 +119,7 @@ BUSY_RETRY = 1.0        # a port another program holds is not probed again for t
 SPAWN_TIMEOUT = 10.0    # how long a client waits for a daemon it started
 
 # Fault codes of the wire protocol (README, "Methods").
-UNKNOWN_PORT, NO_FREE_PORT, BAD_ARGUMENT, FORBIDDEN = 1, 2, 3, 4
+UNKNOWN_PORT, NO_FREE_PORT, BAD_ARGUMENT, FORBIDDEN, CLUSTER_UNAVAILABLE = 1, 2, 3, 4, 5
 NOT_WELL_FORMED, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
     -32700, -32600, -32601, -32602, -32603)
 
@@ -180,8 +183,14 @@ class StoreError(NodeMngrException):
     faultCode = INTERNAL_ERROR
 
 
+class ClusterError(NodeMngrException):
+    """No cluster view is configured, or etcd cannot be reached (fault 5)."""
+
+    faultCode = CLUSTER_UNAVAILABLE
+
+
 _FAULT_CLASSES = {UNKNOWN_PORT: UnknownPortError, NO_FREE_PORT: NoFreePortError,
-                  BAD_ARGUMENT: BadArgumentError, FORBIDDEN: ForbiddenError}
+                  BAD_ARGUMENT: BadArgumentError, FORBIDDEN: ForbiddenError, CLUSTER_UNAVAILABLE: ClusterError}
 
 
 def exception_from_fault(fault):
@@ -969,10 +978,11 @@ class StateStore:
 # The node manager: the service behind the wire methods
 # ---------------------------------------------------------------------------------------------
 
-def _rpc(*signatures, name=None, local_only=False):
+def _rpc(*signatures, name=None, local_only=False, slow=False):
     """Mark a method as a wire method, with its XML-RPC signatures; NodeMngrServer.attach serves
     every method so marked.  name: the wire name (default: the method's).  local_only: the server
-    answers fault 4 to a caller that is not on this host.  A method that wants the caller's
+    answers fault 4 to a caller that is not on this host.  slow: it waits for another server
+    (etcd), so the server runs it in a thread, and never inside system.multicall.  A method that wants the caller's
     address declares a keyword-only parameter ``peer``; one that hands over a socket declares
     ``handoff``, a list to put (port, socket) in (None where no socket can be passed)."""
     def mark(func):
@@ -984,6 +994,7 @@ def _rpc(*signatures, name=None, local_only=False):
         func.rpc_peer = any(p.name == "peer" and p.kind is p.KEYWORD_ONLY for p in params)
         func.rpc_handoff = any(p.name == "handoff" and p.kind is p.KEYWORD_ONLY for p in params)
         func.rpc_local_only = local_only
+        func.rpc_slow = slow
         return func
     return mark
 
@@ -1055,6 +1066,7 @@ class NodeMngr:
         self._processes = set()     # (pid, start) found to be a process, not a thread
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.address, self.on_terminate, self.reap_interval = address, on_terminate, reap_interval
+        self.cluster = None     # a ClusterView: told of every change, read by locate
         self._lock = threading.Lock()
         self.reap_step(budget=None)     # owners that ended while no daemon ran
 
@@ -1115,6 +1127,8 @@ class NodeMngr:
                 raise UnknownPortError(port)
             self.store.remove([port])
             self.allocator.release(port)
+            if self.cluster is not None:
+                self.cluster.changed((port,))
         log.debug("freed port %d (%s)", port, _loggable(reg.info))
         return 0
 
@@ -1143,7 +1157,8 @@ class NodeMngr:
     def status(self):
         """Return a struct describing the node manager: version, pid, host, port, firstPort,
         lastPort, registered, free, reaped (ports of dead owners freed since start),
-        uptime (seconds, double) and state (the state file's path, or "" when none).
+        uptime (seconds, double), state (the state file's path, or "" when none) and cluster
+        ("" when no cluster view is configured, "ok", or a sentence saying what is wrong).
         """
         with self._lock:
             registered, free = len(self.allocator), self.allocator.free_count
@@ -1151,7 +1166,35 @@ class NodeMngr:
                 "port": self.address[1], "firstPort": self.allocator.first,
                 "lastPort": self.allocator.last, "registered": registered, "free": free,
                 "reaped": self.reaped, "uptime": time.time() - self.started,
-                "state": self.store.path or ""}
+                "state": self.store.path or "", "cluster": self.cluster.status() if self.cluster else ""}
+
+    @_rpc(["array", "string"], slow=True)
+    def locate(self, name):
+        """Return the registrations named *name* (string) on every host of the cluster, as
+        published in etcd: an array of structs {host, port, name, info, pid, since}, sorted by host
+        then port (info as JSON carries it: dateTime as text, base64 as {base64: text}).  Fault 5
+        when no cluster view is configured or etcd cannot be reached, 3 when name is not a string.
+        """
+        if type(name) is not str:
+            raise BadArgumentError("name must be a string, not %s" % describe(name))
+        return self._cluster().locate(name)
+
+    @_rpc(["array"], slow=True)
+    def listCluster(self):
+        """Return every registration of every host of the cluster, as locate does for one name.
+        Fault 5 when no cluster view is configured or etcd cannot be reached."""
+        return self._cluster().locate()
+
+    def _cluster(self):
+        if self.cluster is None:
+            raise ClusterError("no cluster view is configured on this node manager (serve --cluster URL)")
+        return self.cluster
+
+    def registrations(self, ports=None):
+        """The Registrations held now (of *ports* only, when given), read in one go."""
+        with self._lock:
+            held = self.allocator.held
+            return list(held.values()) if ports is None else [held[p] for p in ports if p in held]
 
     @_rpc(["boolean"], local_only=True)
     def terminate(self):
@@ -1211,6 +1254,8 @@ class NodeMngr:
                 self.allocator.untake(port)
                 raise
             self.allocator.hold(reg, memory)
+            if self.cluster is not None:
+                self.cluster.changed((port,))
         log.debug("gave port %d to pid %d (%s)", port, pid, _loggable(info))
         return port
 
@@ -1263,6 +1308,8 @@ class NodeMngr:
         except StoreError as exc:
             log.warning("could not free the ports of ended owners yet: %s", exc)
             return 0
+        if self.cluster is not None:
+            self.cluster.changed(ports)
         for port in ports:
             reg = self.allocator.release(port)
             log.info("reaped port %d: owner pid %d has ended (%s)", port, reg.pid, _loggable(reg.info))
@@ -1280,6 +1327,292 @@ class NodeMngr:
     def close(self):
         with self._lock:
             self.store.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The cluster view: every host's registry published to etcd, and read back (README, "Many hosts")
+# ---------------------------------------------------------------------------------------------
+
+CLUSTER_PREFIX = "nodemngr/v1/ports/"
+
+
+def _b64(text):
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _json_value(value):
+    """An info as JSON: dateTime as ISO 8601 text, base64 as {"base64": "..."}."""
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, xmlrpc.client.DateTime):
+        return datetime.strptime(value.value, "%Y%m%dT%H:%M:%S").isoformat()
+    return value
+
+
+def published_entry(host, reg):
+    """The etcd key and JSON value that publish Registration *reg* of *host*."""
+    return "%s%s/%d" % (CLUSTER_PREFIX, host, reg.port), json.dumps(
+        {"host": host, "port": reg.port, "name": name_of(reg.info) or "", "info": _json_value(reg.info),
+         "pid": reg.pid, "since": datetime.fromtimestamp(int(reg.since), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
+        sort_keys=True, separators=(",", ":"))
+
+
+class EtcdClient:
+    """The few calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
+    gateway, with the standard library.  Each call tries the endpoints in turn; ClusterError (one
+    sentence) when none answers.  user_file: a file holding "USER:PASSWORD" (never a flag)."""
+
+    timeout = 2.0
+
+    def __init__(self, urls, ca_file=None, cert_file=None, key_file=None, user_file=None):
+        self.endpoints = []
+        for url in urls:
+            parts = urllib.parse.urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise NodeMngrException("cluster endpoint %s is not an http:// or https:// URL" % describe(url, 80))
+            self.endpoints.append((parts.scheme, parts.hostname, parts.port or 2379))
+        self._tls = None
+        if any(scheme == "https" for scheme, _, _ in self.endpoints):
+            self._tls = ssl.create_default_context(cafile=ca_file)
+            if cert_file:
+                self._tls.load_cert_chain(cert_file, key_file)
+        self._user = _read_user_file(user_file) if user_file else None
+        self._token = None
+        self._lock = threading.Lock()   # (the publisher's thread and locate's share it)
+
+    def call(self, path, body):
+        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError."""
+        with self._lock:
+            if self._user is not None and self._token is None:
+                self._token = self._post("auth/authenticate", {"name": self._user[0], "password": self._user[1]},
+                                         None).get("token")
+            try:
+                return self._post(path, body, self._token)
+            except ClusterError as exc:
+                if self._user is None or "auth" not in str(exc):
+                    raise
+                self._token = None      # expired: authenticate again, once
+        return self.call(path, body)
+
+    def _post(self, path, body, token):
+        data = json.dumps(body).encode("utf-8")
+        reasons = []
+        for scheme, host, port in self.endpoints:
+            conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls) if scheme == "https"
+                    else http.client.HTTPConnection(host, port, timeout=self.timeout))
+            try:
+                conn.request("POST", "/v3/" + path, data, dict({"Content-Type": "application/json"},
+                                                               **({"Authorization": token} if token else {})))
+                reply = conn.getresponse()
+                answer = json.loads(reply.read() or b"{}")
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or describe(exc)))
+                continue
+            finally:
+                conn.close()
+            if reply.status != 200 or "error" in answer:
+                raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, describe(
+                    answer.get("message") or answer.get("error") or reply.reason, 120)))
+            return answer
+        raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
+
+    def grant(self, ttl):
+        return self.call("lease/grant", {"TTL": ttl})["ID"]
+
+    def keepalive(self, lease):
+        """The lease's TTL left after renewing it; 0 when etcd no longer knows it."""
+        return int(self.call("lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", 0))
+
+    def revoke(self, lease):
+        self.call("lease/revoke", {"ID": lease})
+
+    def range(self, prefix):
+        """{key: (value, lease)} of the keys under *prefix*."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return {base64.b64decode(kv["key"]).decode("utf-8"): (base64.b64decode(kv.get("value", "")).decode("utf-8"),
+                                                              int(kv.get("lease", 0)))
+                for kv in reply.get("kvs", [])}
+
+    def txn(self, puts, deletes, lease):
+        """Put {key: value} with *lease* and delete *deletes*, in one transaction."""
+        ops = [{"requestDeleteRange": {"key": _b64(key)}} for key in deletes]
+        ops += [{"requestPut": {"key": _b64(key), "value": _b64(value), "lease": lease}} for key, value in puts.items()]
+        self.call("kv/txn", {"success": ops})
+
+
+def _read_user_file(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            user, sep, password = f.readline().rstrip("\r\n").partition(":")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NodeMngrException("cannot read the etcd user file %s: %s" % (path, getattr(exc, "strerror", None) or exc))
+    if not sep or not user:
+        raise NodeMngrException("the etcd user file %s must hold USER:PASSWORD on its first line" % path)
+    return user, password
+
+
+class ClusterView:
+    """Publishes a NodeMngr's registry under nodemngr/v1/ports/HOST/ in etcd, from a thread of
+    its own: a local call never waits for etcd.  Changes are coalesced (a burst of calls is a few
+    transactions), all keys hang on one lease kept alive every ttl/3 seconds, and at start, after
+    a lost lease and when etcd answers again after an outage, the HOST prefix is rewritten to
+    match the registry exactly.  An outage is logged once; status() says what is wrong."""
+
+    coalesce = 0.02     # seconds to gather changes into one transaction
+    retry = 0.5         # seconds between two tries while etcd cannot be reached (doubling to 4)
+    txn_ops = 128       # operations per transaction: etcd's default --max-txn-ops
+
+    def __init__(self, client, host, ttl, node):
+        self.client, self.host, self.ttl, self.node = client, host, ttl, node
+        self.prefix = "%s%s/" % (CLUSTER_PREFIX, host)
+        self.state = "connecting to etcd"
+        self.transactions = 0
+        self._lease = None
+        self._published = {}        # key -> value as etcd holds it, as far as we know
+        self._dirty = set()         # ports changed since the last flush
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._next_keepalive = 0.0
+        self._thread = threading.Thread(target=self._run, name="nodemngr-cluster", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def changed(self, ports):
+        """The registrations of *ports* changed (the node calls this with its lock held)."""
+        with self._wake:
+            self._dirty.update(ports)
+            self._wake.notify()
+
+    def status(self):
+        return self.state
+
+    def stop(self, timeout=2.0):
+        """Stop publishing and drop the lease: this host's keys go at once (a restart puts them back)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        if self._lease is not None:
+            try:
+                self.client.revoke(self._lease)
+            except ClusterError:
+                pass
+
+    def locate(self, name=None):
+        """Every host's published registrations (those named *name* when given), sorted by host then
+        port, as structs {host, port, name, info, pid, since}; ClusterError when etcd cannot say."""
+        found = []
+        for key, (value, _) in self.client.range(CLUSTER_PREFIX).items():
+            try:
+                entry = json.loads(value)
+                if name is None or entry.get("name") == name:
+                    entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
+                    found.append(entry)
+            except (ValueError, KeyError, TypeError):
+                log.debug("skipping unreadable cluster entry %s", key)
+        return sorted(found, key=lambda e: (str(e.get("host")), e.get("port", 0)))
+
+    # -- the publisher's thread ------------------------------------------------------------------
+
+    def _run(self):
+        delay, outage = self.retry, None
+        while not self._stopping:
+            try:
+                if self._lease is None:
+                    self._lease = self.client.grant(self.ttl)
+                    self._resync()
+                self._flush()
+                if outage is not None:
+                    log.warning("etcd answers again after %.0f s; published this host's registry anew",
+                                time.monotonic() - outage)
+                outage, delay, self.state = None, self.retry, "ok"
+                self._wait_for_changes()
+                if not self._stopping and self._keepalive_due() and self.client.keepalive(self._lease) <= 0:
+                    log.warning("etcd lost this host's lease; publishing the registry again")
+                    self._lease = None
+            except ClusterError as exc:
+                if outage is None:      # once per outage, not per call
+                    outage = time.monotonic()
+                    log.warning("cluster view unavailable: %s; serving on, and trying again", exc)
+                self.state = str(exc)
+                self._lease = None if "lease" in str(exc) else self._lease
+                self._published = None      # unknown now: the next success rewrites the prefix
+                with self._wake:
+                    self._wake.wait(delay)
+                delay = min(delay * 2, 4.0)
+            except Exception:       # a bug must not end publishing for good
+                log.exception("cluster view failed")
+                self._published = None
+                with self._wake:
+                    self._wake.wait(self.retry)
+
+    def _wait_for_changes(self):
+        with self._wake:
+            if not self._dirty and not self._stopping:
+                self._wake.wait(max(0.0, self._next_keepalive - time.monotonic()))
+        if self._dirty:
+            time.sleep(self.coalesce)   # let a burst gather
+
+    def _keepalive_due(self):
+        if time.monotonic() < self._next_keepalive:
+            return False
+        self._next_keepalive = time.monotonic() + self.ttl / 3.0
+        return True
+
+    def _desired(self, ports=None):
+        """{key: value} of the registry (of *ports* only, when given), read under the node's lock."""
+        return dict(published_entry(self.host, reg) for reg in self.node.registrations(ports))
+
+    def _resync(self):
+        """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
+        the current lease (a key of an earlier lease would expire with it)."""
+        self._next_keepalive = time.monotonic() + self.ttl / 3.0
+        with self._wake:
+            self._dirty.clear()
+        actual = self.client.range(self.prefix)
+        desired = self._desired()
+        puts = {k: v for k, v in desired.items() if actual.get(k) != (v, self._lease)}
+        self._write(puts, [k for k in actual if k not in desired])
+        self._published = desired
+
+    def _flush(self):
+        if self._published is None:
+            self._resync()
+            return
+        with self._wake:
+            ports, self._dirty = self._dirty, set()
+        if not ports:
+            return
+        desired = self._desired(ports)
+        keys = {"%s%d" % (self.prefix, p) for p in ports}
+        puts = {k: v for k, v in desired.items() if self._published.get(k) != v}
+        deletes = [k for k in keys if k not in desired and k in self._published]
+        try:
+            self._write(puts, deletes)
+        except ClusterError:
+            with self._wake:
+                self._dirty.update(ports)
+            raise
+        for k in deletes:
+            del self._published[k]
+        self._published.update(puts)
+
+    def _write(self, puts, deletes):
+        """In transactions of txn_ops operations at most (one, when the change is that small)."""
+        ops = [("delete", k, None) for k in deletes] + [("put", k, v) for k, v in puts.items()]
+        for i in range(0, len(ops), self.txn_ops):
+            chunk = ops[i:i + self.txn_ops]
+            self.client.txn({k: v for op, k, v in chunk if op == "put"}, [k for op, k, _ in chunk if op == "delete"],
+                            self._lease)
+            self.transactions += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1587,7 +1920,7 @@ class _Channel(asyncio.BufferedProtocol):
     """
 
     __slots__ = ("server", "sock", "peer", "local", "transport", "state", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "between", "served", "owed")
+                 "outbuf", "pending", "between", "served", "owed", "awaiting")
 
     def __init__(self, server, sock, peer, local=False):
         """local: a connection to the local (Unix) socket: no token, newSocket, and portpicker's
@@ -1603,11 +1936,12 @@ class _Channel(asyncio.BufferedProtocol):
         self.between = True             # between requests: no byte of the next one yet
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
+        self.awaiting = None            # the head of a slow call running in a thread
 
     @property
     def idle(self):
         """Between requests, with nothing received and nothing to send."""
-        return self.state is READING and not (self.inbuf or self.head or self.pending)
+        return self.state is READING and not (self.inbuf or self.head or self.pending or self.awaiting)
 
     # -- asyncio's calls -------------------------------------------------------------------------
 
@@ -1665,7 +1999,8 @@ class _Channel(asyncio.BufferedProtocol):
         per turn, so that one connection's pipeline cannot hold up the others."""
         server = self.server
         for _ in range(_TURN_REQUESTS):
-            if self.pending or server.released or (self.state is not READING and self.state is not DRAINING):
+            if (self.pending or self.awaiting or server.released
+                    or (self.state is not READING and self.state is not DRAINING)):
                 return
             try:
                 if self.local and not self.served and self.inbuf[self.pos:self.pos + 1] in _PORTSERVER_FIRST:
@@ -1689,12 +2024,29 @@ class _Channel(asyncio.BufferedProtocol):
 
     def _answer(self, head, body):
         server = self.server
-        handoff = [] if self.local else None
+        handoff, defer = [] if self.local else None, []
         if head.metrics:
             reply = server.metrics().encode("utf-8")
         else:
             reply = server.dispatch_body(body, None if self.local else self.peer[0],
-                                         server.pending_bytes > server.max_pending_bytes, handoff)
+                                         server.pending_bytes > server.max_pending_bytes, handoff, defer)
+        if defer:   # it waits for another server: answered when its thread is done
+            self.awaiting = head
+            self.transport.pause_reading()
+            method, func = defer[0]
+            server.loop.run_in_executor(None, func).add_done_callback(
+                lambda future: self._slow_done(method, future))
+            return
+        self._reply(head, reply, handoff)
+
+    def _slow_done(self, method, future):
+        head, self.awaiting = self.awaiting, None
+        if self.state is CLOSED or head is None:
+            return
+        self._reply(head, self.server.finish_slow(method, future), None)
+        self.answer_received()
+
+    def _reply(self, head, reply, handoff):
         self.served += 1
         if not head.keep_alive:
             self.state = CLOSING
@@ -1759,6 +2111,9 @@ class _Channel(asyncio.BufferedProtocol):
         """Stopping, just before the state file closes: answer every complete request received,
         even those behind a reply not yet taken, drop what is incomplete, and close once the
         replies are taken (lingering: a reset would lose what the kernel has not sent)."""
+        if self.awaiting is not None:   # its slow call's reply comes; what follows it is dropped
+            self.inbuf, self.pos, self.head = b"", 0, None
+            return
         if self.state is READING:
             try:
                 self.inbuf = self.inbuf[self.pos:] + self.sock.recv(
@@ -2071,18 +2426,22 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def dispatch_body(self, body, peer=None, short_of_memory=False, handoff=None):
+    def dispatch_body(self, body, peer=None, short_of_memory=False, handoff=None, defer=None):
         """The XML reply (bytes) to one request body from *peer* (the caller's address; None: this
         host).  short_of_memory: replies already wait beyond max_pending_bytes, so a call whose
         reply can be megabytes gets 503 (_HTTPError) before it runs; small ones are served.
-        handoff: on the local socket, a list that newSocket puts (port, socket) in."""
+        handoff: on the local socket, a list that newSocket puts (port, socket) in.  defer: a list
+        that a slow method (locate) puts (name, function) in, returning None: finish_slow() makes
+        the reply once the function has run in a thread."""
         try:
             params, method = parse_call(body)
             if short_of_memory and method in _LARGE_REPLIES:
                 raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
             if method == "listPorts" and not params:
                 return self._listing()
-            result = self._dispatch(method, params, peer, handoff)
+            result = self._dispatch(method, params, peer, handoff, defer)
+            if defer:
+                return None
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             response = (result,)
@@ -2097,6 +2456,20 @@ class NodeMngrServer(SimpleXMLRPCServer):
                                              "marshalled; see the node manager's log"),
                                        methodresponse=True).encode("utf-8")
 
+    def finish_slow(self, method, future):
+        """The XML reply to a slow call whose function ran in a thread as *future*."""
+        try:
+            response = (future.result(),)
+        except NodeMngrException as exc:
+            response = Fault(exc.faultCode, str(exc))
+        except Exception as exc:
+            log.exception("internal error in %s", method)
+            response = Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the details"
+                             % (method, type(exc).__name__))
+        if isinstance(response, Fault):
+            self.faults[response.faultCode] += 1
+        return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+
     def _listing(self):
         """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
         many clients asking at once must not each pay for marshalling it."""
@@ -2106,7 +2479,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                                                   allow_none=False).encode("utf-8"))
         return self._listing_cache[1]
 
-    def _dispatch(self, method, params, peer=None, handoff=None):
+    def _dispatch(self, method, params, peer=None, handoff=None, defer=None):
         func = self.funcs.get(method)
         self.requests[method if func is not None else "unknown"] += 1
         if func is None:
@@ -2119,6 +2492,12 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 method, wanted, "" if wanted == "1" else "s", len(params)))
         if func.rpc_local_only and peer is not None and not is_this_host(peer):
             raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, peer))
+        if func.rpc_slow:
+            if defer is None:
+                raise Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
+                            "alone" % method)
+            defer.append((method, functools.partial(func, *params)))
+            return None
         try:
             if func.rpc_handoff:
                 return func(*params, handoff=handoff)
@@ -2651,7 +3030,7 @@ _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
 
 
-def run_daemon(host, port, first, last, state, token=None, local=None, activated=(None, None)):
+def run_daemon(host, port, first, last, state, token=None, local=None, activated=(None, None), cluster=None):
     """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
     if not is_loopback(host) and token is None:
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
@@ -2675,6 +3054,10 @@ def run_daemon(host, port, first, last, state, token=None, local=None, activated
                             busy_retry=server.busy_retry)
         except (OSError, sqlite3.Error) as exc:
             raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
+        if cluster is not None:
+            client, advertise, ttl = cluster
+            node.cluster = ClusterView(client, advertise, ttl, node)
+            node.cluster.start()
         server.attach(node)
         server.notify = sd_notifier()
         _raise_descriptor_limit()
@@ -2687,6 +3070,8 @@ def run_daemon(host, port, first, last, state, token=None, local=None, activated
     finally:
         server.server_close()
         if node is not None:
+            if node.cluster is not None:
+                node.cluster.stop()
             node.close()
         for sig in _SIGNALS:    # exiting: Python's own exit would put the default (fatal) ones back
             signal.signal(sig, signal.SIG_IGN)
@@ -2818,6 +3203,29 @@ def _daemon_config(args, activated=(None, None)):
     return host, port, first, last, state, read_token(args.token_file), env_unix(args.unix, port, state)
 
 
+def _cluster_config(args):
+    """(EtcdClient, advertised host, TTL) from the flags and environment, or None when off."""
+    urls = args.cluster or os.environ.get("NODEMNGR_CLUSTER") or ""
+    if not urls.strip():
+        return None
+
+    def setting(flag, var):
+        return flag or os.environ.get(var) or None
+    ttl = args.cluster_ttl or 10
+    if not args.cluster_ttl and os.environ.get("NODEMNGR_CLUSTER_TTL"):
+        try:
+            ttl = _bounded_int(2, 3600, "NODEMNGR_CLUSTER_TTL")(os.environ["NODEMNGR_CLUSTER_TTL"])
+        except argparse.ArgumentTypeError as exc:
+            raise NodeMngrException(str(exc))
+    client = EtcdClient(urls.split(","), setting(args.cluster_ca, "NODEMNGR_CLUSTER_CA"),
+                        setting(args.cluster_cert, "NODEMNGR_CLUSTER_CERT"), setting(args.cluster_key, "NODEMNGR_CLUSTER_KEY"),
+                        setting(args.cluster_user_file, "NODEMNGR_CLUSTER_USER_FILE"))
+    advertise = setting(args.advertise_host, "NODEMNGR_ADVERTISE_HOST") or socket.getfqdn()
+    if not advertise or "/" in advertise:
+        raise NodeMngrException("%s cannot name this host in the cluster (give --advertise-host)" % describe(advertise))
+    return client, advertise, ttl
+
+
 def _setup_logging(args):
     level = (args.log_level or os.environ.get("NODEMNGR_LOG_LEVEL") or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -2882,11 +3290,25 @@ def _parser():
                    "default $XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3 or TMPDIR/nodemngr-UID/PORT.sqlite3)")
     s.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR (env NODEMNGR_LOG_LEVEL, default INFO)")
     s.add_argument("--log-file", metavar="PATH", help="log here instead of stderr (env NODEMNGR_LOG_FILE)")
+    s.add_argument("--cluster", metavar="URL[,URL...]", help="publish the registry to etcd at these v3 "
+                   "endpoints (env NODEMNGR_CLUSTER; default: off)")
+    s.add_argument("--advertise-host", metavar="HOST", help="this host's name in the cluster (env "
+                   "NODEMNGR_ADVERTISE_HOST, default the FQDN)")
+    s.add_argument("--cluster-ttl", type=_bounded_int(2, 3600, "seconds"), metavar="SECONDS",
+                   help="lease of this host's keys (env NODEMNGR_CLUSTER_TTL, default 10)")
+    s.add_argument("--cluster-ca", metavar="FILE", help="CA certificates for https:// endpoints (env NODEMNGR_CLUSTER_CA)")
+    s.add_argument("--cluster-cert", metavar="FILE", help="client certificate for etcd (env NODEMNGR_CLUSTER_CERT)")
+    s.add_argument("--cluster-key", metavar="FILE", help="its key (env NODEMNGR_CLUSTER_KEY)")
+    s.add_argument("--cluster-user-file", metavar="FILE", help="file holding USER:PASSWORD for etcd's auth "
+                   "(env NODEMNGR_CLUSTER_USER_FILE)")
     s.add_argument("--unix", metavar="ADDR", help="the local socket: @NAME (abstract) or a path, or none "
                    "(env NODEMNGR_UNIX, default @nodemngr-PORT)")
     sub.add_parser("ping", parents=[common], help="say whether a node manager answers")
     sub.add_parser("status", parents=[common], help="show the node manager's status")
-    sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
+    li = sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
+    li.add_argument("--cluster", action="store_true", help="every host's, from the cluster view: host, port, pid, age, info")
+    lo = sub.add_parser("locate", parents=[common], help="list the ports named NAME on every host of the cluster")
+    lo.add_argument("name", help="a string info, or a struct info's name")
     n = sub.add_parser("new", parents=[common], help="register a port and print it")
     n.add_argument("info", help="what the port is for")
     n.add_argument("--pid", type=_pid_arg, default=0, help="free the port when this process ends (e.g. $$)")
@@ -2926,7 +3348,7 @@ def main(argv=None):
         if args.command == "serve":
             _setup_logging(args)
             activated = activated_sockets()
-            return run_daemon(*_daemon_config(args, activated), activated=activated)
+            return run_daemon(*_daemon_config(args, activated), activated=activated, cluster=_cluster_config(args))
         if args.command == "run":
             return _run_command(parser, args)
         return _run_client_command(args)
@@ -2950,7 +3372,12 @@ def _run_client_command(args):
             for key, value in sorted(proxy.status().items()):
                 print("%-10s %s" % (key, round(value, 1) if isinstance(value, float) else value))
         elif args.command == "list":
-            print(format_table(proxy.listPorts()))
+            print(format_table(proxy.listCluster(), with_host=True) if args.cluster else format_table(proxy.listPorts()))
+        elif args.command == "locate":
+            entries = proxy.locate(args.name)
+            if not entries:
+                raise NodeMngrException("no host of the cluster has a port named %s" % describe(args.name))
+            print(format_table(entries, header=False, with_host=True))
         elif args.command == "new":
             info = args.info if args.name is None else {"name": args.name, "info": args.info}
             print(proxy.newPort(info, args.pid))
@@ -3005,18 +3432,20 @@ def _run_command(parser, args):
         return 127
 
 
-def format_table(entries, now=None, header=True):
-    """listPorts entries as an aligned text table: PORT PID AGE INFO."""
+def format_table(entries, now=None, header=True, with_host=False):
+    """listPorts entries as an aligned text table: PORT PID AGE INFO (HOST first, with_host)."""
     now = _utc(time.time()) if now is None else now
-    rows = [("PORT", "PID", "AGE", "INFO")] if header else []
+    rows = [("HOST",) * with_host + ("PORT", "PID", "AGE", "INFO")] if header else []
     for e in entries:
         since = e["since"]
         if not isinstance(since, datetime):
             since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
         info = _printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
-        rows.append((str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
-    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
-    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows)
+        rows.append((_printable(str(e.get("host"))),) * with_host + (
+            str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
+    columns = len(rows[0]) - 1 if rows else 0
+    widths = [max(len(r[i]) for r in rows) for i in range(columns)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(columns)) + "  " + r[-1] for r in rows)
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")

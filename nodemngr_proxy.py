@@ -134,6 +134,16 @@ class NodeMngrProxy:
         listPorts lists them; [] when none."""
         return self.call("lookup", name)
 
+    def locate(self, name):
+        """The ports named *name* on every host of the cluster (etcd): a list of {host, port, name,
+        info, pid, since} dicts, sorted by host then port.  ClusterError when there is no cluster
+        view or etcd cannot be reached."""
+        return self.call("locate", name)
+
+    def listCluster(self):
+        """Every host's registrations, from the cluster view, as locate lists them."""
+        return self.call("listCluster")
+
     def status(self):
         """The daemon's status: a dict (version, pid, host, port, range, counts, uptime, state)."""
         return self.call("status")
