@@ -1,0 +1,151 @@
+"""Many hosts (README, "Many hosts"): two daemons, as two hosts would be, publishing to one real
+etcd (started here on free ports with a temporary data folder), located from either, surviving a
+kill -9, an etcd outage and its restart, and a burst of 1,000 registrations."""
+import datetime
+import os
+import subprocess
+import xmlrpc.client
+
+import pytest
+
+from conftest import FAST_REAP, wait_until
+from etcd_support import Etcd, etcd_binary, wait_for
+
+TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    if etcd_binary() is None:
+        pytest.skip("etcd (Debian's etcd-server) is not installed; .ci/run installs it")
+    server = Etcd(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def host_daemon(daemon_factory, etcd, host, **kw):
+    kw.setdefault("state", etcd.data + "-%s.sqlite3" % host)    # (a state file each)
+    return daemon_factory(extra_args=["--cluster", etcd.url, "--advertise-host", host, "--cluster-ttl", str(TTL)],
+                          name=host, **kw)
+
+
+def published(etcd, host=None):
+    """{(host, port): value} under nodemngr/v1/ports/ (HOST/ only, when given)."""
+    prefix = "nodemngr/v1/ports/" + ("%s/" % host if host else "")
+    return {(v["host"], v["port"]): v for v in etcd.get_prefix(prefix).values()}
+
+
+def registry(d, host):
+    """What d's registry should look like in etcd."""
+    return {(host, e["port"]): e for e in d.rpc().listPorts()}
+
+
+def matches(etcd, d, host):
+    got, want = published(etcd, host), registry(d, host)
+    return set(got) == set(want) and all(got[k]["pid"] == want[k]["pid"] for k in want)
+
+
+def test_two_hosts_publish_and_each_locates_both(daemon_factory, etcd, run_cli):
+    a = host_daemon(daemon_factory, etcd, "host-a", size=20)
+    b = host_daemon(daemon_factory, etcd, "host-b", size=20)
+    when = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
+    pa = a.rpc().newPort({"name": "db", "shard": 1, "blob": xmlrpc.client.Binary(b"\x00\x01"),
+                          "at": xmlrpc.client.DateTime(datetime.datetime(2026, 1, 2, 3, 4, 5))})
+    pb = b.rpc().newPort({"name": "db", "shard": 2}, os.getpid())
+    b.rpc().newPort("web")
+    assert wait_until(lambda: len(published(etcd)) == 3, timeout=5), published(etcd)
+    for d in (a, b):
+        found = d.rpc().locate("db")
+        assert [(e["host"], e["port"]) for e in found] == [("host-a", pa), ("host-b", pb)]
+        assert found[1]["pid"] == os.getpid() and found[1]["info"] == {"name": "db", "shard": 2}
+        assert d.rpc().locate("nobody") == []
+        assert d.rpc().status()["cluster"] == "ok"
+    # keys and values exactly as the contract says
+    value = etcd.get_prefix("nodemngr/v1/ports/host-a/%d" % pa)["nodemngr/v1/ports/host-a/%d" % pa]
+    since = value.pop("since")
+    assert value == {"host": "host-a", "port": pa, "name": "db", "pid": 0,
+                     "info": {"name": "db", "shard": 1, "blob": {"base64": "AAE="}, "at": "2026-01-02T03:04:05"}}
+    assert abs(datetime.datetime.strptime(since, "%Y-%m-%dT%H:%M:%SZ") - when) < datetime.timedelta(seconds=5)
+    assert set(etcd.get_prefix("nodemngr/")) == {"nodemngr/v1/ports/host-a/%d" % pa,
+                                                  "nodemngr/v1/ports/host-b/%d" % pb,
+                                                  "nodemngr/v1/ports/host-b/%d" % (pb + 1)}
+    # the command line and the proxy
+    code, out, err = run_cli("locate", "db", env=a.env)
+    assert code == 0 and [line.split()[:2] for line in out.splitlines()] == [["host-a", str(pa)], ["host-b", str(pb)]]
+    code, out, err = run_cli("list", "--cluster", env=b.env)
+    assert code == 0 and out.splitlines()[0].split() == ["HOST", "PORT", "PID", "AGE", "INFO"] and len(out.splitlines()) == 4
+    code, out, err = run_cli("locate", "nobody", env=a.env)
+    assert code == 1 and "no host of the cluster has a port named 'nobody'" in err
+    assert [e["host"] for e in a.proxy().locate("db")] == ["host-a", "host-b"]
+    # a delPort is published too
+    b.rpc().delPort(pb + 1)
+    assert wait_until(lambda: matches(etcd, b, "host-b"), timeout=5)
+
+
+def test_a_killed_host_loses_its_keys_within_the_ttl(daemon_factory, etcd):
+    a = host_daemon(daemon_factory, etcd, "host-a", size=10)
+    b = host_daemon(daemon_factory, etcd, "host-b", size=10)
+    for d in (a, b):
+        d.rpc().newPort("kept")
+    assert wait_until(lambda: len(published(etcd)) == 2, timeout=5)
+    b.kill()
+    took = wait_for(lambda: not published(etcd, "host-b"), timeout=TTL + 2)
+    assert took is not None, "host-b's keys outlived its lease"
+    assert matches(etcd, a, "host-a"), "the other host's keys remain"
+    assert a.rpc().locate("kept")[0]["host"] == "host-a"
+
+
+def test_an_etcd_outage_costs_nothing_locally_and_the_view_comes_back(daemon_factory, etcd):
+    a = host_daemon(daemon_factory, etcd, "host-a", size=20, settings=FAST_REAP)
+    b = host_daemon(daemon_factory, etcd, "host-b", size=20)
+    before = [a.rpc().newPort("before %d" % i) for i in range(3)] + [b.rpc().newPort("before")]
+    assert wait_until(lambda: len(published(etcd)) == 4, timeout=5)
+    etcd.stop()
+    rpc = a.rpc()
+    during = [rpc.newPort("during %d" % i) for i in range(3)]      # answered, etcd or not
+    rpc.delPort(before[0])
+    rpc.delPort(during[0])
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        b.rpc().newPort("owned during", owner.pid)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert wait_until(lambda: "etcd cannot be reached" in rpc.status()["cluster"], timeout=5), rpc.status()["cluster"]
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        rpc.locate("before 1")
+    assert fault.value.faultCode == 5 and "etcd cannot be reached" in fault.value.faultString
+    log = a.read_log()
+    assert log.count("cluster view unavailable") == 1, "logged once per outage, not per call"
+    etcd.start()
+    for d, host in ((a, "host-a"), (b, "host-b")):
+        assert wait_until(lambda: matches(etcd, d, host), timeout=8), (published(etcd, host), registry(d, host))
+    assert rpc.status()["cluster"] == "ok"
+    assert "etcd answers again" in a.read_log()
+    assert sorted(p for _, p in published(etcd, "host-a")) == sorted(before[1:3] + during[1:])
+
+
+def test_a_burst_of_1000_reaches_etcd_in_a_few_transactions(daemon_factory, etcd):
+    d = host_daemon(daemon_factory, etcd, "host-a", size=1000, state="none")
+    rpc = d.rpc()
+    assert wait_until(lambda: rpc.status()["cluster"] == "ok", timeout=5)
+    txns = etcd.transactions()
+    for i in range(4):
+        rpc.system.multicall([{"methodName": "newPort", "params": ["burst %d" % n]} for n in range(i * 250, i * 250 + 250)])
+    took = wait_for(lambda: len(published(etcd, "host-a")) == 1000, timeout=10)
+    assert took is not None and took < 2.0, took
+    count = etcd.transactions() - txns
+    assert count <= 16, "%d transactions for 1,000 registrations" % count
+    print("1,000 registrations reached etcd in %.2f s, %d transactions" % (took, count))
+    assert matches(etcd, d, "host-a")
+
+
+def test_without_a_cluster_locate_is_fault_5(any_daemon):
+    rpc = any_daemon.rpc()
+    for call in (lambda: rpc.locate("x"), rpc.listCluster):
+        with pytest.raises(xmlrpc.client.Fault) as fault:
+            call()
+        assert fault.value.faultCode == 5 and "no cluster view" in fault.value.faultString
+    assert rpc.status()["cluster"] == ""
+    result = rpc.system.multicall([{"methodName": "locate", "params": ["x"]}])
+    assert result[0]["faultCode"] == 3 and "alone" in result[0]["faultString"]
