@@ -1479,6 +1479,7 @@ class ClusterView:
         self._dirty = set()         # ports changed since the last flush
         self._wake = threading.Condition()
         self._stopping = False
+        self._stopped = threading.Event()
         self._next_keepalive = 0.0
         self._thread = threading.Thread(target=self._run, name="nodemngr-cluster", daemon=True)
 
@@ -1498,6 +1499,7 @@ class ClusterView:
         """Stop publishing and drop the lease: this host's keys go at once (a restart puts them back)."""
         with self._wake:
             self._stopping = True
+            self._stopped.set()
             self._wake.notify()
         self._thread.join(timeout)
         if self._lease is not None:
@@ -1545,14 +1547,12 @@ class ClusterView:
                 self.state = str(exc)
                 self._lease = None if "lease" in str(exc) else self._lease
                 self._published = None      # unknown now: the next success rewrites the prefix
-                with self._wake:
-                    self._wake.wait(delay)
+                self._stopped.wait(delay)   # (changes meanwhile only gather: calls must not wake it)
                 delay = min(delay * 2, 4.0)
             except Exception:       # a bug must not end publishing for good
                 log.exception("cluster view failed")
                 self._published = None
-                with self._wake:
-                    self._wake.wait(self.retry)
+                self._stopped.wait(self.retry)
 
     def _wait_for_changes(self):
         with self._wake:

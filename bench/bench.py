@@ -47,6 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from support import (NODEMNGR, RESERVED_PORT, Daemon, ServerError, ServerProcess,  # noqa: E402
                      clean_env, port_is_free, scan_free_range)
+from etcd_support import Etcd, etcd_binary  # noqa: E402
 
 PROXY_MODULE = os.path.join(ROOT, "nodemngr_proxy.py")
 BATCH = 250                     # newPort calls per system.multicall batch
@@ -394,6 +395,38 @@ def run_flat(few_srv, many_srv, durations, results, label="ours"):
 
 def held_info(i):
     return {"name": "svc-%d" % i}
+
+
+# ----------------------------------------------------------------------------- scenario 7: etcd
+
+def run_cluster(picker, tmp, first, last, durations, results, rnd):
+    """Scenario 7 (ours only): pair cost on a daemon publishing to etcd, with etcd up (7a) and
+    stopped (7b), against a daemon without --cluster, pairs alternating between the two."""
+    etcd = Etcd(tempfile.mkdtemp(prefix="etcd-r%d-" % rnd, dir=tmp)).start()
+    plain = clustered = None
+    try:
+        plain = start_ours(picker, tmp, first, (first + last) // 2, "plain%d" % rnd)
+        state_dir = tempfile.mkdtemp(prefix="state-cluster-%d-" % rnd, dir=tmp)
+        clustered = Daemon(state_dir, (first + last) // 2 + 1, last, port=picker.take(), log_level="WARNING",
+                           name="cluster", cwd=ROOT, extra_args=["--cluster", etcd.url, "--advertise-host", "bench"]
+                           ).start()
+        plain.wait_ready(15.0)
+        proxies = [xmlrpc.client.ServerProxy(plain.url), xmlrpc.client.ServerProxy(clustered.url)]
+        for key in ("etcd_up", "etcd_down"):
+            if key == "etcd_down":
+                etcd.stop()
+                deadline = time.monotonic() + 10
+                while "cannot be reached" not in proxies[1].status()["cluster"] and time.monotonic() < deadline:
+                    proxies[1].delPort(proxies[1].newPort("bench"))     # (the daemon finds out)
+            s_plain, s_cluster = pair_samples(proxies, durations["flat"])
+            results.add(key + "_plain", "ours", statistics.median(s_plain) * 1e6)
+            results.add(key + "_cluster", "ours", statistics.median(s_cluster) * 1e6)
+        clustered.check_alive()
+    finally:
+        for srv in (plain, clustered):
+            if srv is not None:
+                srv.stop()
+        etcd.stop()
 
 
 # ----------------------------------------------------------------------------- scenario 6: stalls
@@ -951,6 +984,15 @@ def render(res, floor, args, cmdline, elapsed, load):
         row("1p", "ours via NodeMngrProxy, one client", "calls/s", cell(res, "one", "stdlib"),
             cell(res, "proxy", B, err_key="one"), cell(res, "proxy", "ours"), fmt_ratio(p, s),
             fmt_ratio(p, pb), "", "", "", rounds("proxy", B), rounds("proxy", "ours"))
+    for num, key, what in (("7a", "etcd_up", "etcd up"), ("7b", "etcd_down", "etcd stopped")):
+        p, c = res.median(key + "_plain", "ours"), res.median(key + "_cluster", "ours")
+        if p is None and not res.errors.get(("cluster", "ours")):
+            continue
+        per = " / ".join("%s→%s" % (fmt_num(a), fmt_num(b)) for a, b in zip(
+            res.data.get((key + "_plain", "ours"), []), res.data.get((key + "_cluster", "ours"), [])))
+        row(num, "ours, newPort/delPort pair: no --cluster → --cluster, %s" % what, "µs/pair", "–", "",
+            "ERROR (see below)" if p is None else "%s → %s" % (fmt_num(p), fmt_num(c)),
+            "n/a" if p is None else "%.2fx" % (c / p), "", "within noise", "", "", "", per)
     if floor:
         rtt, req_len, resp_len, bind = floor
         row("5a", "floor: loopback TCP round trip, %d B request / %d B reply (echo thread)"
@@ -1046,6 +1088,7 @@ def parse_args(argv):
                     "/tmp/nodemngr-1.0.0.py`): every scenario of ours also runs against it")
     ap.add_argument("--no-stall", action="store_true",
                     help="skip scenario 6 (starts %d sleep processes)" % STALL_OWNERS)
+    ap.add_argument("--no-cluster", action="store_true", help="skip scenario 7 (starts etcd, if installed)")
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -1192,6 +1235,11 @@ def main(argv=None):
                     srv.stop()
                     servers.remove(srv)
         sleepers.stop()
+        for rnd in range(args.rounds if have_ours and etcd_binary() and not args.no_cluster else 0):
+            try:
+                run_cluster(picker, tmp, first, last, d, res, rnd)
+            except ERRORS as exc:
+                res.error("cluster", "ours", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
         rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
         floor = (rtt, req_len, resp_len, bind_close_us())
     except Watchdog as exc:
