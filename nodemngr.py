@@ -94,7 +94,7 @@ __all__ = [
     "BadArgumentError", "ForbiddenError", "StoreError", "ClusterError", "PortAllocator", "StateStore", "NodeMngr",
     "NodeMngrServer", "nm", "main",
 ]
-__version__ = "1.0.0"
+__version__ = "1.2.0"
 
 log = logging.getLogger("nodemngr")
 
@@ -982,17 +982,15 @@ def _rpc(*signatures, name=None, local_only=False, slow=False):
     """Mark a method as a wire method, with its XML-RPC signatures; NodeMngrServer.attach serves
     every method so marked.  name: the wire name (default: the method's).  local_only: the server
     answers fault 4 to a caller that is not on this host.  slow: it waits for another server
-    (etcd), so the server runs it in a thread, and never inside system.multicall.  A method that wants the caller's
-    address declares a keyword-only parameter ``peer``; one that hands over a socket declares
-    ``handoff``, a list to put (port, socket) in (None where no socket can be passed)."""
+    (etcd), so the server runs it in a thread, and never inside system.multicall.  A method that
+    wants to know its caller (a Caller) declares a keyword-only parameter ``caller``."""
     def mark(func):
         params = list(inspect.signature(func).parameters.values())[1:]     # (after self)
         positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
         func.rpc_name = name or func.__name__
         func.rpc_signatures = [list(s) for s in signatures]
         func.rpc_arity = (sum(1 for p in positional if p.default is p.empty), len(positional))
-        func.rpc_peer = any(p.name == "peer" and p.kind is p.KEYWORD_ONLY for p in params)
-        func.rpc_handoff = any(p.name == "handoff" and p.kind is p.KEYWORD_ONLY for p in params)
+        func.rpc_caller = any(p.name == "caller" and p.kind is p.KEYWORD_ONLY for p in params)
         func.rpc_local_only = local_only
         func.rpc_slow = slow
         return func
@@ -1031,6 +1029,14 @@ def _bound_socket(family, type_, host, port):
 def _listed(regs):
     return [{"port": r.port, "name": name_of(r.info) or "", "info": r.info, "pid": r.pid,
              "since": _utc(r.since)} for r in regs]
+
+
+Caller = namedtuple("Caller", "address pid handoff defer")
+Caller.__doc__ = """Who makes a call, as far as the transport can tell: address (the peer's IP
+address; None for this host's local socket), pid (the local socket's peer process, from
+SO_PEERCRED; None otherwise), handoff (a list newSocket puts (port, socket) in; None where no
+socket can be passed) and defer (a list a slow call puts its work in; None inside a multicall)."""
+_NOBODY = Caller(None, None, None, None)
 
 
 def _utc(epoch):
@@ -1078,7 +1084,7 @@ class NodeMngr:
         return "NodeMngr at %s is alive" % self.hostname
 
     @_rpc(["int", "string"], ["int", "string", "int"])
-    def newPort(self, info, pid=0):
+    def newPort(self, info, pid=0, *, caller=_NOBODY):
         """Register and return a port (int) that nobody else on this host holds.
 
         info: any XML-RPC value saying what the port is for (at most 4 KiB marshalled, 16 levels
@@ -1091,15 +1097,15 @@ class NodeMngr:
         that no other explicit name had last (those are handed out only when nothing else is
         free).  Faults: 2 when no port is free, 3 for a bad info or a pid with no live process.
         """
-        return self._hold_port(*self._checked(info, pid))
+        return self._hold_port(*self._checked(info, pid, caller))
 
-    def new_socket(self, info, kind="tcp", host="127.0.0.1", pid=0):
+    def new_socket(self, info, kind="tcp", host="127.0.0.1", pid=0, caller=_NOBODY):
         """Register a port as newPort does and bind it on *host* (TCP: listening too), for the
         server to hand the socket over: (port, socket).  Between the check that nobody holds the
         port and the bind, no process can take it without the bind failing; then the port is set
         aside and another tried.  kind: "tcp" or "udp"; host: an IP address of this host."""
         family, type_ = _socket_kind(kind, host)
-        checked = self._checked(info, pid)
+        checked = self._checked(info, pid, caller)
         for _ in range(8):
             port = self._hold_port(*checked)
             try:
@@ -1207,8 +1213,10 @@ class NodeMngr:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _checked(self, info, pid):
-        """(info, blob, pid, start) for _hold_port, from a caller's info and pid."""
+    def _checked(self, info, pid, caller=_NOBODY):
+        """(info, blob, pid, start) for _hold_port, from a caller's info and pid.  A pid from the
+        local socket is the caller's view of it: translated when the caller lives in another pid
+        namespace (pid_of_local_peer)."""
         if info is None:
             info = ""           # a top-level nil means "no info": replies never carry nil
         blob = marshal_info(info)
@@ -1216,6 +1224,12 @@ class NodeMngr:
             pid = 0
         if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
             raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
+        if pid and caller.pid is not None:
+            seen = pid_of_local_peer(pid, caller.pid)
+            if seen is None:
+                raise BadArgumentError("pid %d is in another pid namespace than this node manager; give your own "
+                                       "pid (or 0)" % pid)
+            pid = seen
         return info, blob, pid, self._owner_start(pid) if pid else 0
 
     def _owner_start(self, pid):
@@ -1817,10 +1831,12 @@ def read_head(head):
             headers = _join_repeated(pairs)
     if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
         target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"    # absolute-form
+    if target.startswith(b"/metrics?"):    # (a scraper's parameters: nothing here reads them)
+        target = b"/metrics"
     metrics = method == b"GET" and target == b"/metrics"
     if method != b"POST" and not metrics:
         raise _HTTPError(405, "only POST is served (and GET /metrics); send XML-RPC calls to / or /RPC2",
-                         "Allow: POST\r\n")
+                         "Allow: GET\r\n" if target == b"/metrics" else "Allow: POST\r\n")
     if target not in (b"/", b"/RPC2") and not metrics:
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
     connection = headers.get(b"connection", b"").lower()
@@ -1896,7 +1912,7 @@ _INBUF_LIMIT = MAX_HEAD + MAX_BODY     # taken at a stop: at most one request of
 _TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
 _CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
 _PORTSERVER_MAX = 20                    # bytes of a portserver request (a pid, and a newline)
-_PORTSERVER_FIRST = frozenset(b"%d" % i for i in range(10)) | {b"-"}     # how one begins
+_PORTSERVER_FIRST = frozenset(b"%d" % i for i in range(10)) | {b"-", b"+"}  # how one begins
 _READ_BUFFER = bytearray(65536)         # every connection reads into it (_Channel.get_buffer)
 _READ_VIEW = memoryview(_READ_BUFFER)
 _BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or bare LF lines)
@@ -1919,13 +1935,14 @@ class _Channel(asyncio.BufferedProtocol):
     allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
     """
 
-    __slots__ = ("server", "sock", "peer", "local", "transport", "state", "deadline", "inbuf", "pos", "head",
+    __slots__ = ("server", "sock", "peer", "local", "trusted", "transport", "state", "deadline", "inbuf", "pos", "head",
                  "outbuf", "pending", "between", "served", "owed", "awaiting")
 
     def __init__(self, server, sock, peer, local=False):
-        """local: a connection to the local (Unix) socket: no token, newSocket, and portpicker's
-        portserver protocol."""
+        """local: a connection to the local (Unix) socket: newSocket, portpicker's portserver
+        protocol, and no token asked of processes of the daemon's own user (or root)."""
         self.server, self.sock, self.peer, self.local = server, sock, peer, local
+        self.trusted = local and _peer_cred(sock)[1] in (0, os.getuid())
         self.transport = None           # until connection_made
         self.state = READING
         self.deadline = time.monotonic() + server.stall_timeout
@@ -2024,20 +2041,19 @@ class _Channel(asyncio.BufferedProtocol):
 
     def _answer(self, head, body):
         server = self.server
-        handoff, defer = [] if self.local else None, []
+        caller = (Caller(None, _peer_cred(self.sock)[0], [], []) if self.local else Caller(self.peer[0], None, None, []))
         if head.metrics:
             reply = server.metrics().encode("utf-8")
         else:
-            reply = server.dispatch_body(body, None if self.local else self.peer[0],
-                                         server.pending_bytes > server.max_pending_bytes, handoff, defer)
-        if defer:   # it waits for another server: answered when its thread is done
+            reply = server.dispatch_body(body, caller, server.pending_bytes > server.max_pending_bytes)
+        if caller.defer:   # it waits for another server: answered when its thread is done
             self.awaiting = head
             self.transport.pause_reading()
-            method, func = defer[0]
+            method, func = caller.defer[0]
             server.loop.run_in_executor(None, func).add_done_callback(
                 lambda future: self._slow_done(method, future))
             return
-        self._reply(head, reply, handoff)
+        self._reply(head, reply, caller.handoff)
 
     def _slow_done(self, method, future):
         head, self.awaiting = self.awaiting, None
@@ -2050,36 +2066,50 @@ class _Channel(asyncio.BufferedProtocol):
         self.served += 1
         if not head.keep_alive:
             self.state = CLOSING
-        http_head = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive,
-                              _METRICS_HEAD if head.metrics else _OK_HEAD)
         if handoff:
-            self._hand_over(http_head + reply, *handoff[0])
+            reply = self._hand_over(head, reply, *handoff[0])     # (a fault, if it could not)
+        if reply is None:
+            pass
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
-            self.transport.write(http_head + reply)     # (the common case of _send)
+            self.transport.write(_xml_head(len(reply), not head.keep_alive, head.echo_keep_alive,
+                                           _METRICS_HEAD if head.metrics else _OK_HEAD) + reply)
         else:   # a listing, which clients share, is sent as it is, not copied
-            self._send(http_head)
+            self._send(_xml_head(len(reply), not head.keep_alive, head.echo_keep_alive))
             self._send(reply)
         if not self.pending:
             self._sent_all()
 
-    def _hand_over(self, data, port, sock):
-        """Send a reply with *sock* attached (SCM_RIGHTS), then close our copy of it.  Nothing
-        waits to be sent before it (no request is read while a reply waits), so the bytes go
-        straight to the socket, around the transport."""
+    def _hand_over(self, head, reply, port, sock):
+        """Send *reply* with *sock* attached (SCM_RIGHTS), then close our copy of it; return what
+        is left to send the usual way (None: nothing, or the connection is gone).  The bytes go
+        straight to the socket, around the transport, which holds nothing then (no request is
+        read while a reply waits).  One socket in flight per connection: while the client has
+        not read the previous reply, or the kernel will not take the socket, the port is given
+        back and the reply is a fault, so that a client that does not read cannot pile up the
+        node manager's descriptors in its socket."""
+        data = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive) + reply
         try:
+            if _unsent_bytes(self.sock):
+                raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
             sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sock.fileno()))])
-        except OSError as exc:      # the client went away: nobody got the socket
+        except OSError as exc:
+            gone = isinstance(exc, (BrokenPipeError, ConnectionResetError))
             log.debug("could not pass the socket of port %d: %s", port, exc)
             try:
                 self.server.node.delPort(port)
             except NodeMngrException:
                 pass
-            self.close()
-            return
+            if gone:
+                self.close()
+                return None
+            return dumps(Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %d now (%s); "
+                               "the port was given back, try again" % (port, exc.strerror or exc)),
+                         methodresponse=True).encode("utf-8")
         finally:
             sock.close()
         if sent < len(data):
             self._send(data[sent:])
+        return None
 
     def _answer_portserver(self):
         """portpicker's portserver protocol: a pid in decimal (a newline optional, 20 bytes at
@@ -2093,10 +2123,14 @@ class _Channel(asyncio.BufferedProtocol):
             return
         self.served += 1
         self.inbuf, self.pos, self.state = b"", 0, CLOSING
+        line = line[:-1] if line.endswith(b"\r") else line
+        self.server.requests["portserver"] += 1
         try:
+            if self.server.token is not None and not self.trusted:
+                raise ForbiddenError("a token is set, and the client is not of the node manager's user")
             if len(data) > _PORTSERVER_MAX or rest or not line.isdigit() or int(line) < 2:
                 raise BadArgumentError("not a pid above 1 in at most %d bytes" % _PORTSERVER_MAX)
-            owner = pid_of_local_peer(int(line), _peer_pid(self.sock))
+            owner = pid_of_local_peer(int(line), _peer_cred(self.sock)[0])
             if owner is None:
                 raise BadArgumentError("pid %s is in another pid namespace" % int(line))
             port = self.server.node.newPort("portserver", owner)
@@ -2158,7 +2192,7 @@ class _Channel(asyncio.BufferedProtocol):
                 return None
             end, after = blank.span()
             head = read_head(buf[pos:end])
-            if self.server.token is not None and not self.local:
+            if self.server.token is not None and not self.trusted:
                 self.server.check_auth(head.authorization)
             self.head = head
             pos = self.pos = after
@@ -2246,13 +2280,13 @@ class _Channel(asyncio.BufferedProtocol):
     connection_lost = close
 
 
-def _peer_pid(sock):
-    """The pid of the process at the other end of a Unix socket (SO_PEERCRED), or None."""
+def _peer_cred(sock):
+    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED), or (None, None)."""
     try:
-        pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     except (AttributeError, OSError):
-        return None
-    return pid or None
+        return None, None
+    return pid or None, uid
 
 
 def _has_unread(sock):
@@ -2371,12 +2405,13 @@ class NodeMngrServer(SimpleXMLRPCServer):
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
     tick = 0.25                     # seconds between two sweeps for deadlines and due rechecks
 
-    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None, activated=(None, None)):
+    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None, activated=([], None)):
         """Bind and listen at once: the bound port is what keeps a second daemon out.  local: the
         address of the local (Unix) socket to serve too ("@name": Linux's abstract namespace;
         else a path), or None.  activated: (inet, unix) listening sockets a service manager
         passed (activated_sockets()), served instead of binding host:port and local."""
         inet, unix = activated
+        inet, self.more_sockets = (inet[0], inet[1:]) if inet else (None, [])
         if inet is not None:
             host, port = inet.getsockname()[:2]
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -2411,6 +2446,9 @@ class NodeMngrServer(SimpleXMLRPCServer):
         elif local is not None:
             try:
                 self.local, self._local_inode = _listen_local(local)
+            except NodeMngrException as exc:    # (a squatter must not keep the daemon from serving TCP)
+                log.warning("%s; serving without a local socket", exc)
+                self.local_address = None
             except BaseException:
                 self.socket.close()
                 raise
@@ -2426,21 +2464,20 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def dispatch_body(self, body, peer=None, short_of_memory=False, handoff=None, defer=None):
-        """The XML reply (bytes) to one request body from *peer* (the caller's address; None: this
-        host).  short_of_memory: replies already wait beyond max_pending_bytes, so a call whose
-        reply can be megabytes gets 503 (_HTTPError) before it runs; small ones are served.
-        handoff: on the local socket, a list that newSocket puts (port, socket) in.  defer: a list
-        that a slow method (locate) puts (name, function) in, returning None: finish_slow() makes
-        the reply once the function has run in a thread."""
+    def dispatch_body(self, body, caller=_NOBODY, short_of_memory=False):
+        """The XML reply (bytes) to one request body from *caller* (a Caller).  short_of_memory:
+        replies already wait beyond max_pending_bytes, so a call whose reply can be megabytes gets
+        503 (_HTTPError) before it runs; small ones are served.  None when a slow method (locate)
+        put (name, function) in caller.defer: finish_slow() makes the reply once it has run."""
         try:
             params, method = parse_call(body)
             if short_of_memory and method in _LARGE_REPLIES:
                 raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
             if method == "listPorts" and not params:
+                self.requests["listPorts"] += 1
                 return self._listing()
-            result = self._dispatch(method, params, peer, handoff, defer)
-            if defer:
+            result = self._dispatch(method, params, caller)
+            if caller.defer:
                 return None
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
@@ -2475,11 +2512,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
         many clients asking at once must not each pay for marshalling it."""
         changes = self.node.allocator.changes
         if self._listing_cache[0] != changes:
-            self._listing_cache = (changes, dumps((self._dispatch("listPorts", ()),), methodresponse=True,
+            self._listing_cache = (changes, dumps((self.node.listPorts(),), methodresponse=True,
                                                   allow_none=False).encode("utf-8"))
         return self._listing_cache[1]
 
-    def _dispatch(self, method, params, peer=None, handoff=None, defer=None):
+    def _dispatch(self, method, params, caller=_NOBODY):
         func = self.funcs.get(method)
         self.requests[method if func is not None else "unknown"] += 1
         if func is None:
@@ -2490,18 +2527,16 @@ class NodeMngrServer(SimpleXMLRPCServer):
             wanted = str(least) if least == most else "%d to %d" % (least, most)
             raise Fault(INVALID_PARAMS, "%s takes %s parameter%s, not %d" % (
                 method, wanted, "" if wanted == "1" else "s", len(params)))
-        if func.rpc_local_only and peer is not None and not is_this_host(peer):
-            raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, peer))
+        if func.rpc_local_only and caller.address is not None and not is_this_host(caller.address):
+            raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, caller.address))
         if func.rpc_slow:
-            if defer is None:
+            if caller.defer is None:
                 raise Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
                             "alone" % method)
-            defer.append((method, functools.partial(func, *params)))
+            caller.defer.append((method, functools.partial(func, *params)))
             return None
         try:
-            if func.rpc_handoff:
-                return func(*params, handoff=handoff)
-            return func(*params, peer=peer) if func.rpc_peer else func(*params)
+            return func(*params, caller=caller) if func.rpc_caller else func(*params)
         except NodeMngrException as exc:
             raise Fault(exc.faultCode, str(exc))
         except Fault:
@@ -2513,22 +2548,24 @@ class NodeMngrServer(SimpleXMLRPCServer):
 
     @_rpc(["int", "string"], ["int", "string", "string"], ["int", "string", "string", "string"],
           ["int", "string", "string", "string", "int"])
-    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=0, *, handoff=None):
+    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=None, *, caller=_NOBODY):
         """Register a port as newPort does, bind it inside the node manager, and pass the bound
         socket to the caller with the reply (SCM_RIGHTS ancillary data): no other process can
         take the port between its allocation and the bind.  Only on the node manager's local
         (Unix) socket, one call per request (not in system.multicall).
 
-        info, pid: as for newPort (pid: the owner, whose end frees the port).  kind: "tcp" (the
-        socket is also listening) or "udp".  host: the IP address to bind, e.g. "127.0.0.1",
-        "0.0.0.0", "::1" or "::".  Returns the port (int).  Faults: as newPort; 3 over TCP, in a
-        multicall, or for a bad kind or host.
+        info: as for newPort.  pid: the owner, whose end frees the port; by default the calling
+        process (0: no owner).  kind: "tcp" (the socket is also listening) or "udp".  host: the IP
+        address to bind, e.g. "127.0.0.1", "0.0.0.0", "::1" or "::".  Returns the port (int).
+        Faults: as newPort; 3 over TCP, in a multicall, or for a bad kind or host.
         """
-        if handoff is None:
+        if caller.handoff is None:
             raise BadArgumentError("newSocket passes a socket, which only the node manager's local socket "
                                    "can carry, one call per request (not over TCP, not in system.multicall)")
-        port, sock = self.node.new_socket(info, kind, host, pid)
-        handoff.append((port, sock))
+        if pid is None:
+            pid = caller.pid or 0
+        port, sock = self.node.new_socket(info, kind, host, pid, caller=caller)
+        caller.handoff.append((port, sock))
         return port
 
     @_rpc(["array"], name="system.listMethods")
@@ -2553,7 +2590,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         return func
 
     @_rpc(["array", "array"], name="system.multicall")
-    def system_multicall(self, calls, *, peer=None):
+    def system_multicall(self, calls, *, caller=_NOBODY):
         """Run several calls in one request.  calls: an array of structs {methodName, params};
         returns an array whose items are [result] or a fault struct {faultCode, faultString}.
         listPorts may appear once; lookups may list as many entries together as are registered.
@@ -2573,7 +2610,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     listings += 1
                     if listings > 1:
                         raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
-                result = self._dispatch(call["methodName"], call.get("params", []), peer)
+                result = self._dispatch(call["methodName"], call.get("params", []),
+                                        caller._replace(handoff=None, defer=None))
                 if call["methodName"] in ("listPorts", "lookup"):
                     listed += len(result)
                     if listed > len(self.node.allocator):   # (distinct names never get here)
@@ -2633,7 +2671,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         self._done = loop.create_future()
         try:
-            self.socket.setblocking(False)
+            for sock in [self.socket] + self.more_sockets:
+                sock.setblocking(False)
             self._listen()
             if self.notify is not None:
                 loop.call_soon(self._tell, "READY=1")
@@ -2695,12 +2734,13 @@ class NodeMngrServer(SimpleXMLRPCServer):
         """One slice of the owner check per turn of the loop, until the pass is complete."""
         if self.stopping:
             return
+        done = True
         try:
             done = self.node.reap_step()[0]
         except Exception:
             log.exception("reaping failed")
-            done = True
-        self.loop.call_later(self.reap_interval if done else 0, self._reap_step)
+        finally:    # (whatever failed, even the log, the owner check goes on)
+            self.loop.call_later(self.reap_interval if done else 0, self._reap_step)
 
     def _listen(self):
         for listener in self._listeners():
@@ -2708,7 +2748,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._listening = True
 
     def _listeners(self):
-        return (self.socket,) if self.local is None else (self.socket, self.local)
+        return [self.socket] + self.more_sockets + ([] if self.local is None else [self.local])
 
     def _accept(self, listener, limit=64):
         """Take the connections waiting, a new _Channel each.  Beyond connection_limit a newcomer
@@ -2741,7 +2781,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
             self._listening = False
 
     def _close_listeners(self):
-        self.socket.close()
+        for sock in [self.socket] + self.more_sockets:
+            sock.close()
         if self.local is not None:
             self.local.close()
             if not self.local_address.startswith("@"):
@@ -2946,7 +2987,9 @@ def who_answers(host, port, token=None, timeout=2.0):
 def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0):
     """Ask the node manager at local socket *address* (default: env_unix()) for a port and the
     socket it bound to it: (port, socket.socket).  pid: the owner (default: this process).
-    Fault, or OSError when nothing listens there."""
+    Fault, or OSError when nothing listens there.  The server must run as this user or root
+    (SO_PEERCRED: anyone can bind an abstract name), and what it passes must be a socket bound
+    to the port it names (TCP: listening), or NodeMngrException."""
     body = dumps((info, kind, host, os.getpid() if pid is None else pid), methodname="newSocket",
                  allow_none=False).encode("utf-8")
     request = (b"POST /RPC2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
@@ -2955,6 +2998,10 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(local_sockaddr(address or env_unix()))
+        uid = _peer_cred(conn)[1]
+        if uid is not None and uid not in (0, os.getuid()):
+            raise NodeMngrException("the local socket %s is served by uid %d, neither you nor root: not a node "
+                                    "manager to trust with your ports; refusing it" % (address or env_unix(), uid))
         conn.sendall(request)
         while len(reply) < MAX_HEAD + MAX_BODY:
             data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -2974,6 +3021,15 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
         if len(fds) != 1 or type(port) is not int:
             raise xmlrpc.client.ResponseError("the reply to newSocket carried %d sockets and %s" % (len(fds), describe(port)))
         sock = socket.socket(fileno=fds.pop())
+        try:
+            wanted = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+            if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != wanted
+                    or sock.getsockname()[1] != port
+                    or (kind == "tcp" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))):
+                raise xmlrpc.client.ResponseError("the socket passed is not a %s socket bound to port %d" % (kind, port))
+        except BaseException:
+            sock.close()
+            raise
         return port, sock
     finally:
         for fd in fds:
@@ -3030,7 +3086,7 @@ _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
 
 
-def run_daemon(host, port, first, last, state, token=None, local=None, activated=(None, None), cluster=None):
+def run_daemon(host, port, first, last, state, token=None, local=None, activated=([], None), cluster=None):
     """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
     if not is_loopback(host) and token is None:
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
@@ -3078,35 +3134,47 @@ def run_daemon(host, port, first, last, state, token=None, local=None, activated
 
 
 def activated_sockets():
-    """(inet, unix): the listening stream sockets a service manager passed to this process
-    (systemd's LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES; fds 3 on), each None when absent.  An
-    inet socket is the XML-RPC listener and a Unix one the local socket, unless LISTEN_FDNAMES
-    calls them "http" and "local".  The variables are then removed, so that no child sees them."""
+    """([inet, ...], unix): the listening stream sockets a service manager passed to this process
+    (systemd's LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES; fds 3 on); ([], None) when none.  Inet
+    sockets (IPv4 and IPv6, say) are XML-RPC listeners and a Unix one the local socket; names
+    "http" and "local" in LISTEN_FDNAMES must agree.  A socket bound but not listening is made to
+    listen.  The variables are then removed, so that no child sees them."""
     try:
         count, pid = int(os.environ.get("LISTEN_FDS", "")), int(os.environ.get("LISTEN_PID", ""))
     except ValueError:
-        return None, None
+        return [], None
     names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for var in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(var, None)
     if pid != os.getpid():
-        return None, None
-    found = {}
+        return [], None
+    inet, unix = [], None
     for i in range(max(0, min(count, 64))):
+        fd = 3 + i
         try:
-            sock = socket.socket(fileno=3 + i)
+            sock = socket.socket(fileno=fd)
         except OSError as exc:
-            raise NodeMngrException("fd %d of LISTEN_FDS is not a socket: %s" % (3 + i, exc.strerror or exc))
-        os.set_inheritable(sock.fileno(), False)
-        name = names[i] if i < len(names) and names[i] in ("http", "local") else (
-            "local" if sock.family == getattr(socket, "AF_UNIX", None) else "http")
-        if sock.type != socket.SOCK_STREAM or name in found:
-            log.warning("ignoring passed socket fd %d (%s): not a stream socket, or a second %s one",
-                        3 + i, name, name)
+            raise NodeMngrException("fd %d of LISTEN_FDS is not a socket: %s" % (fd, exc.strerror or exc))
+        os.set_inheritable(fd, False)
+        kind = "local" if sock.family == getattr(socket, "AF_UNIX", None) else "http"
+        named = names[i] if i < len(names) else ""
+        if named in ("http", "local") and named != kind:
+            raise NodeMngrException("the socket passed as fd %d is named %s but is %s" % (
+                fd, named, "a Unix socket" if kind == "local" else "an inet socket"))
+        if sock.type != socket.SOCK_STREAM or (kind == "local" and unix is not None):
+            log.warning("ignoring the socket passed as fd %d: not a stream socket, or a second Unix one", fd)
             sock.close()
             continue
-        found[name] = sock
-    return found.get("http"), found.get("local")
+        address = sock.getsockname()
+        if not address or (kind == "http" and address[1] == 0):
+            raise NodeMngrException("the socket passed as fd %d is not bound to an address" % fd)
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            sock.listen(256)
+        if kind == "http":
+            inet.append(sock)
+        else:
+            unix = sock
+    return inet, unix
 
 
 def sd_notifier():
@@ -3122,7 +3190,7 @@ def sd_notifier():
         try:
             sock.sendto("\n".join(lines).encode("utf-8"), address)
         except OSError as exc:
-            log.debug("could not notify the service manager at %s: %s", address, exc)
+            log.debug("could not notify the service manager at %r: %s", address, exc)
     return notify
 
 
@@ -3147,12 +3215,14 @@ def reopen_log_files():
         if isinstance(handler, logging.FileHandler):
             handler.acquire()
             try:
+                stream = handler._open()
+            except OSError as exc:      # the old file stays in use: a record must never fail
+                sys.stderr.write("nodemngr: cannot reopen the log file %s: %s\n" % (handler.baseFilename, exc.strerror))
+                continue
+            else:
                 if handler.stream is not None:
                     handler.stream.close()
-                handler.stream = handler._open()
-            except OSError as exc:
-                handler.stream = None   # the next record tries again
-                sys.stderr.write("nodemngr: cannot reopen the log file %s: %s\n" % (handler.baseFilename, exc.strerror))
+                handler.stream = stream
             finally:
                 handler.release()
     log.info("reopened the log file (SIGHUP)")
@@ -3185,11 +3255,11 @@ def _spare_descriptors():
     return soft - used
 
 
-def _daemon_config(args, activated=(None, None)):
+def _daemon_config(args, activated=([], None)):
     host = env_host(args.host)
     port = env_port(args.port)
-    if activated[0] is not None:    # the service manager's socket says where it serves
-        host, port = activated[0].getsockname()[:2]
+    if activated[0]:    # the service manager's socket says where it serves
+        host, port = activated[0][0].getsockname()[:2]
     first = env_port(args.first_port, "NODEMNGR_FIRST_PORT", firstPort)
     last = env_port(args.last_port, "NODEMNGR_LAST_PORT", lastPort)
     if first > last:
@@ -3402,25 +3472,38 @@ def _run_command(parser, args):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("run needs a command: nodemngr run [--name NAME] -- CMD ARG...")
+    if not args.socket and (args.udp or args.host != "127.0.0.1"):
+        parser.error("--udp and --host say how to bind the socket that --socket passes; give --socket too")
     line = " ".join(shlex.quote(a) for a in cmd)
     info = line if args.name is None else {"name": args.name, "cmd": line}
     host, port = env_host(None), env_port(args.port)
     env = dict(os.environ)
     try:
         if args.socket:
-            given, sock = request_socket(info, "udp" if args.udp else "tcp", args.host,
-                                         address=env_unix(None, port), timeout=10.0)
-            os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
-            sock.close()
-            env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=args.name or "nodemngr")
+            address = env_unix(None, port)
+            if address is None:
+                raise NodeMngrException("run --socket needs the node manager's local socket, and NODEMNGR_UNIX is none")
+            try:
+                given, sock = request_socket(info, "udp" if args.udp else "tcp", args.host, address=address)
+            except OSError as exc:
+                raise NodeMngrException("no node manager answers on the local socket %s: %s"
+                                        % (address, exc.strerror or exc))
+            if sock.fileno() == 3:      # (stdin was closed, so the socket came in as fd 3)
+                os.set_inheritable(sock.detach(), True)
+            else:
+                os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
+                sock.close()
+            env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
+                       LISTEN_FDNAMES=re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255])
         else:
             given = make_proxy(host, port, read_token(args.token_file)).newPort(info, os.getpid())
     except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
         raise NodeMngrException(describe_call_error(exc, host, port))
     env["PORT"] = str(given)
     argv = [a.replace("{port}", str(given)) for a in cmd]
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:      # (None when the caller closed it)
+            stream.flush()
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as exc:

@@ -336,7 +336,8 @@ def _last_words(log_path):
 
 def _daemon_argv(host, port, log_path, token_file):
     """The daemon's command line.  It runs in "/", so every path it is given is absolute,
-    including the relative ones the environment holds (NODEMNGR_STATE, NODEMNGR_TOKEN_FILE)."""
+    including the relative ones the environment holds (NODEMNGR_STATE, NODEMNGR_TOKEN_FILE,
+    NODEMNGR_UNIX)."""
     argv = [os.path.abspath(sys.executable), os.path.abspath(nodemngr.__file__), "serve",
             "--host", host, "--port", str(port), "--log-file", log_path]
     state = os.environ.get("NODEMNGR_STATE", "")
@@ -345,6 +346,9 @@ def _daemon_argv(host, port, log_path, token_file):
     token_file = token_file or os.environ.get("NODEMNGR_TOKEN_FILE")
     if token_file:
         argv += ["--token-file", os.path.abspath(token_file)]
+    local = os.environ.get("NODEMNGR_UNIX", "")
+    if local and local.lower() != "none" and not local.startswith("@"):
+        argv += ["--unix", os.path.abspath(local)]
     return argv
 
 

@@ -1013,7 +1013,8 @@ def _ping_ok(d):
 MUTATORS = {"newPort", "newSocket", "delPort", "terminate", "system.multicall"}
 READ_ONLY = ["ping", "listPorts", "lookup", "status", "system.listMethods", "system.methodHelp",
              "system.methodSignature"]
-ALL_METHODS = sorted(READ_ONLY + ["newPort", "newSocket", "delPort", "terminate", "system.multicall"])
+ALL_METHODS = sorted(READ_ONLY + ["newPort", "newSocket", "delPort", "terminate", "system.multicall", "locate",
+                             "listCluster"])
 ATTACK_NAMES = ["_dispatch", "__init__", "system._methods", "ping.__call__", "system.listMethods.__self__",
                 "nodemngr.ping", "os.system", "", "system."]
 ALLOWED_FAULTS = {1, 2, 3, -32700, -32600, -32601, -32602}

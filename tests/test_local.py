@@ -73,9 +73,9 @@ def test_portpicker_clients_get_our_ports_and_give_them_back_when_they_end(daemo
 
 
 @pytest.mark.parametrize("request_bytes", [b"1" * 21, b"12345678901234567890\n", b"0\n", b"1\n", b"-5\n",
-                                           b"12a\n", b"7\n7\n", b"%d\n" % 2 ** 40, b"2\r\n"],
+                                           b"12a\n", b"7\n7\n", b"%d\n" % 2 ** 40, b"1\r\n", b"+5\n"],
                          ids=["21 bytes", "21 with newline", "pid 0", "pid 1", "negative", "not digits",
-                              "two lines", "huge", "CRLF"])
+                              "two lines", "huge", "pid 1 CRLF", "plus"])
 def test_a_bad_portserver_request_is_closed_without_a_reply(any_daemon, request_bytes):
     assert portserver_ask(any_daemon, request_bytes, shut=True) == b""
     assert portserver_ask(any_daemon, request_bytes) == b"", "without the end of input too"
@@ -90,7 +90,9 @@ def test_portserver_requests_good_dead_stalled_and_unread(daemon_factory, reap_p
     port = int(portserver_ask(d, b"%d\n" % os.getpid()))
     assert holders(d) == {port: os.getpid()}
     port2 = int(portserver_ask(d, b"%d" % os.getpid(), shut=True))     # no newline: the end of input will do
-    assert port2 != port and holders(d) == {port: os.getpid(), port2: os.getpid()}
+    port3 = int(portserver_ask(d, b"%d\r\n" % os.getpid()))              # CRLF will do too
+    assert holders(d) == {port: os.getpid(), port2: os.getpid(), port3: os.getpid()}
+    d.rpc().delPort(port3)
     # "garbage" on the local socket is not the portserver's: it is HTTP's, and gets HTTP's 400
     assert portserver_ask(d, b"garbage\r\n\r\n", shut=True).startswith(b"HTTP/1.1 400 ")
     # a client that sends part of a pid and stalls is cut off at the stall limit, others are served
@@ -298,10 +300,10 @@ def test_a_path_local_socket_is_made_0666_replaced_when_stale_and_removed_at_sto
     assert not os.path.exists(path)
     with open(path, "w") as f:
         f.write("not a socket")
-    e = daemon_factory(size=10, state="none", extra_args=["--unix", path], start=False)
-    e.start(wait=False)
-    assert e.proc.wait(15) == 1
-    assert "is not a socket" in e.read_log()
+    e = daemon_factory(size=10, state="none", extra_args=["--unix", path])
+    assert "is not a socket" in e.read_log() and "serving without a local socket" in e.read_log()
+    assert open(path).read() == "not a socket", "what is there is left alone"
+    assert e.rpc().ping().startswith("NodeMngr at "), "TCP is served all the same"
     off = daemon_factory(size=10, state="none", extra_args=["--unix", "none"])
     with pytest.raises(OSError) as exc:
         portserver_ask(off, b"%d\n" % os.getpid())
@@ -372,3 +374,164 @@ def test_the_plugin_is_registered_through_pytest11(tmp_path):
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
                          cwd=str(tmp_path))
     assert "nodemngr_port_factory" in out.stdout and "nodemngr_socket" in out.stdout, out.stdout[-2000:]
+
+
+# --- what an adversarial run found (each failed before its fix) ------------------------------------
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"]   # (a Python
+# any user may run: the one running the tests may sit in root's home)
+
+
+def can_be_nobody():
+    if shutil.which("setpriv") is None or os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("needs setpriv (util-linux), /usr/bin/python3 and root to act as another user; .ci/run runs as root")
+
+
+def as_nobody(code, *args):
+    can_be_nobody()
+    return subprocess.run(NOBODY + ["-c", code] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=30, cwd="/")
+
+
+RAW_CALL = ("import socket, sys, xmlrpc.client\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect('\\0' + sys.argv[1][1:])\n"
+            "body = xmlrpc.client.dumps(tuple(eval(sys.argv[3])), sys.argv[2]).encode()\n"
+            "s.sendall(b'POST /RPC2 HTTP/1.1\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(body) + body)\n"
+            "print(s.makefile('rb').readline().decode().strip())\n")
+
+
+def test_with_a_token_other_users_need_it_on_the_local_socket_too(daemon_factory, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret")
+    token.chmod(0o600)
+    d = daemon_factory(size=10, state="none", extra_args=["--token-file", str(token)])
+    port = nodemngr.request_socket("mine", address=local_address(d))[0]     # the daemon's own user: no token
+    for method, params in (("listPorts", "[]"), ("delPort", "[%d]" % port), ("terminate", "[]")):
+        out = as_nobody(RAW_CALL, local_address(d), method, params)
+        assert out.stdout.startswith("HTTP/1.1 401 "), (method, out.stdout)
+    out = as_nobody(PICKER.replace("import portpicker, sys", "import socket, sys\ns = socket.socket(socket.AF_UNIX)")
+                    .replace("print(portpicker.pick_unused_port(), flush=True)",
+                             "s.connect('\\0' + sys.argv[1][1:]); s.sendall(b'%d\\n' % __import__('os').getpid());"
+                             " print(repr(s.recv(100)), flush=True)").replace("sys.stdin.read()\n", ""),
+                    local_address(d))
+    assert out.stdout.strip() == "b''", "the portserver protocol is closed to other users when a token is set"
+    assert d.proc.poll() is None and list(holders_with_token(d, b"s3cret")) == [port]
+
+
+def holders_with_token(d, token):
+    rpc = xmlrpc.client.ServerProxy("http://x:%s@%s:%d/RPC2" % (token.decode(), d.host, d.port))
+    return {e["port"]: e["pid"] for e in rpc.listPorts()}
+
+
+SQUAT = ("import socket, sys, time\n"
+         "s = socket.socket(socket.AF_UNIX); s.bind('\\0' + sys.argv[1][1:]); s.listen(5)\n"
+         "print('bound', flush=True)\n"
+         "c, _ = s.accept(); c.recv(65536); time.sleep(2)\n")
+
+
+def test_a_squatter_on_the_local_address_is_refused_by_clients_and_costs_the_daemon_only_it(daemon_factory):
+    can_be_nobody()
+    d = daemon_factory(size=10, state="none", start=False)
+    squatter = subprocess.Popen(NOBODY + ["-c", SQUAT, local_address(d)], stdout=subprocess.PIPE,
+                                universal_newlines=True, cwd="/")
+    try:
+        assert squatter.stdout.readline().strip() == "bound"
+        d.start()
+        assert "in use by another program" in d.read_log() and "serving without a local socket" in d.read_log()
+        assert d.rpc().newPort("tcp still works") == d.first
+        with pytest.raises(nodemngr.NodeMngrException) as exc:
+            nodemngr.request_socket("victim", address=local_address(d))
+        assert "served by uid 65534" in str(exc.value)
+    finally:
+        stop_pid(squatter.pid)
+        squatter.wait(10)
+
+
+NS_CLIENT = ("import os, sys\n"
+             "sys.path.insert(0, sys.argv[2])\n"
+             "import nodemngr\n"
+             "port, sock = nodemngr.request_socket('ns-socket', address=sys.argv[1])\n"
+             "print(os.getpid(), port, flush=True)\n"
+             "sys.stdin.read()\n")
+
+
+def test_a_new_socket_from_another_pid_namespace_is_owned_by_the_caller(daemon_factory):
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare (util-linux) and root to make a pid namespace; .ci/run runs as root")
+    d = daemon_factory(size=10, state="none", settings=FAST_REAP)
+    proc = subprocess.Popen([unshare, "--pid", "--fork", "--kill-child", "sh", "-c", '"$0" -c "$1" "$2" "$3"; true',
+                             sys.executable, NS_CLIENT, local_address(d), ROOT], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        inner, port = (int(x) for x in proc.stdout.readline().split())
+        owner = holders(d)[port]
+        assert owner != inner and owner not in (0, 1) and pid_alive(owner), "not the pid the client sees"
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+    assert wait_until(lambda: port not in holders(d), timeout=10), "freed once the caller ended"
+
+
+def test_new_socket_without_a_pid_is_owned_by_its_caller_and_one_is_in_flight_per_connection(daemon):
+    body = xmlrpc.client.dumps(("no pid given",), "newSocket").encode()
+    request = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect("\0" + local_address(daemon)[1:])
+        s.sendall(request * 20)         # pipelined, none of the replies read yet
+        time.sleep(0.3)
+        data, fds = b"", []
+        while data.count(b"</methodResponse>") < 20:
+            chunk, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 16))
+            assert chunk, "the connection was dropped with replies owed"
+            data += chunk
+            fds += [fd for _, _, c in anc for fd in __import__("struct").unpack("%di" % (len(c) // 4), c)]
+    for fd in fds:
+        os.close(fd)
+    replies = data.split(b"HTTP/1.1 200 OK")[1:]
+    passed = [r for r in replies if b"<int>" in r and b"faultCode" not in r]
+    assert len(passed) == len(fds) >= 1 and len(replies) == 20
+    assert all(b"not read its previous reply" in r for r in replies if b"faultCode" in r)
+    assert sorted(holders(daemon).values()) == [os.getpid()] * len(fds), "owned by the caller, the others given back"
+
+
+def test_run_passes_fd_3_with_stdin_and_stdout_closed(daemon, tmp_path):
+    out = tmp_path / "out"
+    script = "import socket; s = socket.socket(fileno=3); open(%r, 'w').write(str(s.getsockname()[1]))" % str(out)
+    code = subprocess.run(["sh", "-c", 'exec 0<&- 1>&-; exec "$0" "$1" run --socket -- "$0" -c "$2"', sys.executable,
+                           NODEMNGR, script], env=daemon.env, timeout=30).returncode
+    assert code == 0 and int(out.read_text()) >= daemon.first
+
+
+def test_run_usage_errors_and_names(daemon_factory, tmp_path):
+    d = daemon_factory(size=10, state="none", extra_args=["--unix", "none"])
+    for args, code, text in ((["--udp", "--", "true"], 2, "give --socket too"),
+                             (["--socket", "--", "true"], 1, "no node manager answers on the local socket")):
+        out = subprocess.run([sys.executable, NODEMNGR, "run"] + args, env=d.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        assert out.returncode == code and text in out.stderr and out.stderr.count("\n") <= 2, out.stderr
+    e = daemon_factory(size=10, state="none")
+    out = subprocess.run([sys.executable, NODEMNGR, "run", "--socket", "--name", "a:b c", "--", "sh", "-c",
+                          "echo $LISTEN_FDNAMES"], env=e.env, stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    assert out.stdout.strip() == "a_b_c", "':' separates names in LISTEN_FDNAMES"
+
+
+def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_path, reap_pids):
+    port, (first, last) = nodemngr_port_and_range()
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=str(tmp_path / "state.sqlite3"), NODEMNGR_UNIX="rel.sock")
+    code = ("import os, sys; sys.path.insert(0, %r); os.chdir(%r)\n"
+            "from nodemngr_proxy import NodeMngrProxy\n"
+            "nm = NodeMngrProxy(); print(nm.status()['pid']); nm.newSocket('rel').close()\n" % (ROOT, str(tmp_path)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         universal_newlines=True, timeout=60)
+    if out.stdout.split()[:1] and out.stdout.split()[0].isdigit():
+        reap_pids.append(int(out.stdout.split()[0]))
+    assert out.returncode == 0, out.stdout
+    assert os.path.exists(str(tmp_path / "rel.sock"))
+
+
+def nodemngr_port_and_range():
+    from conftest import free_port, free_range
+    return free_port(), free_range(10)

@@ -170,3 +170,96 @@ def test_metrics_need_the_token_when_there_is_one(daemon_factory, tmp_path):
         with pytest.raises(urllib.error.HTTPError) as exc:
             urllib.request.urlopen(request, timeout=10)
         assert exc.value.code == code, (method, path)
+
+
+# --- what an adversarial run found (each failed before its fix) ------------------------------------
+
+def serve_with_fds(tmp_path, socks, names=None, extra=()):
+    """The daemon started as a service manager would: *socks* as fds 3.., LISTEN_PID its own pid."""
+    first, last = free_range(10)
+    env = dict(os.environ, LISTEN_FDS=str(len(socks)), **({"LISTEN_FDNAMES": names} if names else {}))
+    env.pop("NODEMNGR_PORT", None)
+
+    def to_3():
+        for i, s in enumerate(socks):
+            os.dup2(s.fileno(), 3 + i)
+    argv = ["sh", "-c", 'LISTEN_PID=$$ exec "$@"', "sh", sys.executable, "-c", launcher(), "serve", "--first-port",
+            str(first), "--last-port", str(last), "--state", "none", "--unix", "none"] + list(extra)
+    log = open(str(tmp_path / "fds.log"), "ab")
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=to_3, pass_fds=range(3, 3 + len(socks)))
+    log.close()
+    return proc
+
+
+def test_activation_serves_every_inet_socket_and_refuses_a_misnamed_one(tmp_path, reap_pids):
+    port = free_port()
+    v4, v6, bound_only = socket.socket(), socket.socket(socket.AF_INET6), socket.socket()
+    try:
+        v4.bind(("127.0.0.1", port))
+        v4.listen(5)
+        v6.bind(("::1", port))
+        v6.listen(5)
+        bound_only.bind(("127.0.0.1", free_port()))
+        proc = serve_with_fds(tmp_path, [v4, v6])
+        reap_pids.append(proc.pid)
+        for host in ("127.0.0.1", "[::1]"):
+            rpc = xmlrpc.client.ServerProxy("http://%s:%d/RPC2" % (host, port))
+            assert wait_until(lambda: _pings(rpc), timeout=10), "%s is not served" % host
+        proc.terminate()
+        assert proc.wait(15) == 0
+        proc = serve_with_fds(tmp_path, [bound_only])
+        reap_pids.append(proc.pid)
+        rpc = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % bound_only.getsockname()[1])
+        assert wait_until(lambda: _pings(rpc), timeout=10), "a bound socket that did not listen is made to"
+        proc.terminate()
+        proc.wait(15)
+        proc = serve_with_fds(tmp_path, [v4], names="local")
+        assert proc.wait(15) == 1
+        log = (tmp_path / "fds.log").read_text()
+        assert "the socket passed as fd 3 is named local but is an inet socket" in log and "Traceback" not in log
+    finally:
+        for s in (v4, v6, bound_only):
+            s.close()
+
+
+def _pings(rpc):
+    try:
+        return rpc.ping().startswith("NodeMngr at ")
+    except OSError:
+        return False
+
+
+def test_metrics_count_every_listing_and_portserver_request_and_take_query_strings(daemon):
+    rpc = daemon.rpc()
+    for _ in range(5):
+        rpc.listPorts()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect("\0nodemngr-%d" % daemon.port)
+        s.sendall(b"%d\n" % os.getpid())
+        assert int(s.recv(100))
+    request = urllib.request.Request("http://%s:%d/metrics?name=nodemngr" % (daemon.host, daemon.port))
+    values = parse(urllib.request.urlopen(request, timeout=10).read().decode())
+    assert values[("nodemngr_requests_total", (("method", "listPorts"),))] == 5
+    assert values[("nodemngr_requests_total", (("method", "portserver"),))] == 1
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(urllib.request.Request(request.full_url, method="HEAD"), timeout=10)
+    assert exc.value.code == 405 and exc.value.headers["Allow"] == "GET"
+
+
+def test_a_log_that_cannot_be_reopened_stops_neither_reaping_nor_a_clean_exit(daemon_factory, tmp_path):
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    d = daemon_factory(size=10, state="none", settings=FAST_REAP, extra_args=["--log-file", str(folder / "n.log")])
+    shutil.rmtree(str(folder))
+    d.proc.send_signal(__import__("signal").SIGHUP)
+    owners = [subprocess.Popen(["sleep", "60"]) for _ in range(3)]
+    try:
+        for owner in owners:
+            d.rpc().newPort("owned", owner.pid)
+    finally:
+        for owner in owners:
+            owner.kill()
+            owner.wait()
+    assert wait_until(lambda: d.rpc().listPorts() == [], timeout=10), "the owner check stopped"
+    assert d.terminate() == 0
