@@ -1431,8 +1431,8 @@ class EtcdClient:
             finally:
                 conn.close()
             if reply.status != 200 or "error" in answer:
-                raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, describe(
-                    answer.get("message") or answer.get("error") or reply.reason, 120)))
+                reason = " ".join(str(answer.get("message") or answer.get("error") or reply.reason).split())
+                raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
             return answer
         raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
 

@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -20,15 +21,17 @@ def etcd_binary():
 class Etcd:
     """One etcd member serving on 127.0.0.1 on free ports, its data in *folder*/etcd."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, tls=None):
+        """tls: (ca, cert, key) files to serve https:// and ask clients for a certificate the CA signed."""
         self.data = os.path.join(str(folder), "etcd")
         self.log = os.path.join(str(folder), "etcd.log")
         self.client_port, self.peer_port = free_port(), free_port()
+        self.tls = tls
         self.proc = None
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.client_port
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.client_port)
 
     def start(self, timeout=15.0):
         peer = "http://127.0.0.1:%d" % self.peer_port
@@ -36,6 +39,9 @@ class Etcd:
                 "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
                 "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
                 "--initial-cluster", "nodemngr-test=" + peer, "--log-level", "warn"]
+        if self.tls:
+            argv += ["--trusted-ca-file", self.tls[0], "--cert-file", self.tls[1], "--key-file", self.tls[2],
+                     "--client-cert-auth"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         if not wait_until(self.answers, timeout=timeout, interval=0.05):
@@ -60,7 +66,11 @@ class Etcd:
 
     def call(self, path, body):
         request = urllib.request.Request(self.url + "/v3/" + path, json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=5) as reply:
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls[0])
+            context.load_cert_chain(self.tls[1], self.tls[2])
+        with urllib.request.urlopen(request, timeout=5, context=context) as reply:
             return json.loads(reply.read())
 
     def get_prefix(self, prefix):
@@ -86,3 +96,26 @@ def wait_for(predicate, timeout):
     """wait_until, returning the seconds it took (or None if it never held)."""
     start = time.monotonic()
     return time.monotonic() - start if wait_until(predicate, timeout=timeout, interval=0.02) else None
+
+
+def make_certificates(folder):
+    """(ca, cert, key): a CA, and a certificate it signed for 127.0.0.1 that serves and is a client
+    too, made with the openssl command (None when it is missing)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        return None
+    folder = str(folder)
+    ca, ca_key = os.path.join(folder, "ca.pem"), os.path.join(folder, "ca.key")
+    cert, key, csr = (os.path.join(folder, n) for n in ("cert.pem", "cert.key", "cert.csr"))
+    ext = os.path.join(folder, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"
+                "keyUsage=digitalSignature,keyEncipherment\nauthorityKeyIdentifier=keyid,issuer\n"
+                "subjectKeyIdentifier=hash\n")     # (Python 3.13 checks certificates strictly)
+    for argv in ([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+                  "-days", "2", "-subj", "/CN=nodemngr test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+                 [openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+                 [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert,
+                  "-days", "2", "-extfile", ext]):
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=60)
+    return ca, cert, key

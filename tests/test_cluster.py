@@ -9,7 +9,7 @@ import xmlrpc.client
 import pytest
 
 from conftest import FAST_REAP, wait_until
-from etcd_support import Etcd, etcd_binary, wait_for
+from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
 
@@ -23,10 +23,10 @@ def etcd(tmp_path):
     server.stop()
 
 
-def host_daemon(daemon_factory, etcd, host, **kw):
+def host_daemon(daemon_factory, etcd, host, extra_args_more=(), **kw):
     kw.setdefault("state", etcd.data + "-%s.sqlite3" % host)    # (a state file each)
-    return daemon_factory(extra_args=["--cluster", etcd.url, "--advertise-host", host, "--cluster-ttl", str(TTL)],
-                          name=host, **kw)
+    return daemon_factory(extra_args=["--cluster", etcd.url, "--advertise-host", host, "--cluster-ttl", str(TTL)]
+                          + list(extra_args_more), name=host, **kw)
 
 
 def published(etcd, host=None):
@@ -149,3 +149,40 @@ def test_without_a_cluster_locate_is_fault_5(any_daemon):
     assert rpc.status()["cluster"] == ""
     result = rpc.system.multicall([{"methodName": "locate", "params": ["x"]}])
     assert result[0]["faultCode"] == 3 and "alone" in result[0]["faultString"]
+
+
+def test_an_etcd_user_from_a_file_is_what_publishes(daemon_factory, etcd, tmp_path):
+    for path, body in (("auth/role/add", {"name": "root"}), ("auth/user/add", {"name": "root", "password": "rootpw"}),
+                       ("auth/user/grant", {"user": "root", "role": "root"}), ("auth/enable", {})):
+        etcd.call(path, body)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("root:rootpw\n")
+    bad.write_text("root:wrong\n")
+    a = host_daemon(daemon_factory, etcd, "host-a", size=10, extra_args_more=["--cluster-user-file", str(good)])
+    b = host_daemon(daemon_factory, etcd, "host-b", size=10, extra_args_more=["--cluster-user-file", str(bad)])
+    port = a.rpc().newPort({"name": "db"})
+    assert wait_until(lambda: a.rpc().status()["cluster"] == "ok", timeout=5), a.rpc().status()["cluster"]
+    assert wait_until(lambda: "authentication failed" in b.rpc().status()["cluster"], timeout=5), \
+        b.rpc().status()["cluster"]
+    assert [(e["host"], e["port"]) for e in a.rpc().locate("db")] == [("host-a", port)]
+    assert "rootpw" not in " ".join(open("/proc/%d/cmdline" % a.proc.pid).read().split("\0")), "never on a command line"
+
+
+def test_https_with_a_ca_and_a_client_certificate(daemon_factory, tmp_path):
+    if etcd_binary() is None:
+        pytest.skip("etcd (Debian's etcd-server) is not installed; .ci/run installs it")
+    tls = make_certificates(tmp_path)
+    if tls is None:
+        pytest.skip("the openssl command is not installed (Debian: openssl); .ci/run installs it")
+    ca, cert, key = tls
+    server = Etcd(tmp_path, tls=tls).start()
+    try:
+        a = host_daemon(daemon_factory, server, "host-a", size=10,
+                        extra_args_more=["--cluster-ca", ca, "--cluster-cert", cert, "--cluster-key", key])
+        b = host_daemon(daemon_factory, server, "host-b", size=10, extra_args_more=["--cluster-ca", ca])
+        port = a.rpc().newPort({"name": "db"})
+        assert wait_until(lambda: [e["port"] for e in a.rpc().locate("db")] == [port], timeout=5)
+        assert wait_until(lambda: "etcd cannot be reached" in b.rpc().status()["cluster"], timeout=5), \
+            "no client certificate, no etcd: " + b.rpc().status()["cluster"]
+    finally:
+        server.stop()
