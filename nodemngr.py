@@ -585,6 +585,7 @@ class PortAllocator:
         self.remembered = {n: p for n, p in (remembered or {}).items() if first <= p <= last}
         self._remembered_by = {p: n for n, p in self.remembered.items()}
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
+        self._busy_ports = set()    # the ports in it
         self._rechecks, self._rechecked_at = 0.0, clock()   # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
@@ -634,6 +635,7 @@ class PortAllocator:
             self._make_free(port)
             raise
         heapq.heappush(self._busy, (now + self._retry_after(port), port))
+        self._busy_ports.add(port)
         return False
 
     def untake(self, port):
@@ -644,17 +646,20 @@ class PortAllocator:
         """A free port found busy after all (a bind failed): probe it again after busy_retry."""
         self._is_free.discard(port)
         heapq.heappush(self._busy, (self._clock() + self._retry_after(port), port))
+        self._busy_ports.add(port)
 
     def memory_change(self, port, info):
         """What holding *port* for *info* changes in the names' memory: (the explicit name that
         remembers *port* from now on, or None; whether the name that remembered it forgets it).
-        A name moves to a new port only when the port it remembers is not held under its name
-        (several holders of one name keep the first one's port)."""
+        A name moves to a new port only when the port it remembers is neither held under its name
+        (several holders of one name keep the first one's port) nor just found busy (another
+        program holds it for a moment: the name gets it back once it is free)."""
         name, other = explicit_name(info), self._remembered_by.get(port)
         if name == other:
             return None, False
-        kept = self.held.get(self.remembered.get(name))
-        if kept is not None and explicit_name(kept.info) == name:
+        kept_port = self.remembered.get(name)
+        kept = self.held.get(kept_port)
+        if (kept is not None and explicit_name(kept.info) == name) or kept_port in self._busy_ports:
             name = None
         return name, other is not None
 
@@ -720,6 +725,7 @@ class PortAllocator:
                     self._make_free(port)
                 else:
                     heapq.heappush(self._busy, (now + self._retry_after(port), port))
+                    self._busy_ports.add(port)
         return bool(self._busy) and self._busy[0][0] <= now
 
     def _forget(self, name):
@@ -730,6 +736,7 @@ class PortAllocator:
                 heapq.heappush(self._free, port)
 
     def _make_free(self, port):
+        self._busy_ports.discard(port)
         self._is_free.add(port)
         heapq.heappush(self._kept if port in self._remembered_by else self._free, port)
         if len(self._free) + len(self._kept) > 2 * len(self._is_free) + 64:    # mostly skipped entries
@@ -821,7 +828,7 @@ def _create_regular_file(path):
 
 _INSERT_PORT = "INSERT INTO ports(port, info, pid, start, since) VALUES (?, ?, ?, ?, ?)"
 _REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
-_CREATE_NAMES = "CREATE TABLE names(name TEXT PRIMARY KEY, port INTEGER NOT NULL UNIQUE);"
+_CREATE_NAMES = "CREATE TABLE names(name TEXT NOT NULL PRIMARY KEY, port INTEGER NOT NULL UNIQUE);"
 
 
 class StateStore:
@@ -911,6 +918,8 @@ class StateStore:
         _create_regular_file(path)
         try:
             return self._open(path)
+        except sqlite3.OperationalError as exc:     # a full disk, a lock, I/O: not the file's fault
+            raise NodeMngrException("cannot open the state file %s: %s; it was left as it is" % (path, exc))
         except (sqlite3.DatabaseError, _NotOurs, ValueError, xmlrpc.client.Error, expat.ExpatError) as exc:
             aside = "%s.bad-%s" % (path, time.strftime("%Y%m%dT%H%M%S"))
             for suffix in ("", "-wal", "-shm"):
@@ -968,10 +977,31 @@ class StateStore:
     def _migrate(db, path):
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 1:    # 1.0's file: its registrations stay, the names' memory starts empty
-            db.executescript("BEGIN; %s PRAGMA user_version=%d; COMMIT;" % (_CREATE_NAMES, _STORE_SCHEMA))
+            try:
+                db.executescript("BEGIN; %s PRAGMA user_version=%d; COMMIT;" % (_CREATE_NAMES, _STORE_SCHEMA))
+            except sqlite3.OperationalError as exc:     # (a full disk: the 1.0 file stays as it is)
+                if db.in_transaction:
+                    db.rollback()
+                raise NodeMngrException("cannot migrate the state file %s from nodemngr 1.0 (%s); it was left as "
+                                        "it is" % (path, exc))
             log.info("state file %s: migrated from the schema of nodemngr 1.0", path)
+            return
         elif version != _STORE_SCHEMA:
             raise _NotOurs("schema version %d is not one this nodemngr knows (1 or %d)" % (version, _STORE_SCHEMA))
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'names'").fetchone()
+        if kind is None:    # (lost by hand: the registrations stay, the names' memory starts empty)
+            db.executescript("BEGIN; %s COMMIT;" % _CREATE_NAMES)
+            kind = ("table",)
+        columns = [(row[1], row[2].upper()) for row in db.execute("PRAGMA table_info(names)")]
+        if kind != ("table",) or columns != [("name", "TEXT"), ("port", "INTEGER")]:
+            raise _NotOurs("its names table is not nodemngr's")
+        bad = db.execute("SELECT count(*) FROM names WHERE typeof(name) != 'text' OR typeof(port) != 'integer' "
+                         "OR port < 1 OR port > 65535 OR port IN (SELECT port FROM names GROUP BY port "
+                         "HAVING count(*) > 1)").fetchone()[0]
+        if bad:     # (edited by hand: the names' memory is a convenience, the registrations are not)
+            db.execute("DELETE FROM names WHERE typeof(name) != 'text' OR typeof(port) != 'integer' OR port < 1 "
+                       "OR port > 65535 OR port IN (SELECT port FROM names GROUP BY port HAVING count(*) > 1)")
+            log.warning("state file %s: forgot %d remembered ports that were not valid", path, bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1195,6 +1225,10 @@ class NodeMngr:
         if self.cluster is None:
             raise ClusterError("no cluster view is configured on this node manager (serve --cluster URL)")
         return self.cluster
+
+    def count_named(self, name):
+        """How many registrations are named *name* now."""
+        return len(self.allocator.names.get(name, ()))
 
     def registrations(self, ports=None):
         """The Registrations held now (of *ports* only, when given), read in one go."""
@@ -2424,6 +2458,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self._listening = self._rechecking = False
         self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
+        self._lookup_cache = (None, None)   # (allocator.changes, {name: lookup reply})
         self.requests = collections.Counter()   # XML-RPC calls by method ("unknown": not offered)
         self.faults = collections.Counter()     # faults answered, by code
         self.notify = None          # sd_notify(*lines) for a service manager, or None
@@ -2476,6 +2511,9 @@ class NodeMngrServer(SimpleXMLRPCServer):
             if method == "listPorts" and not params:
                 self.requests["listPorts"] += 1
                 return self._listing()
+            if method == "lookup" and len(params) == 1 and type(params[0]) is str:
+                self.requests["lookup"] += 1
+                return self._looked_up(params[0])
             result = self._dispatch(method, params, caller)
             if caller.defer:
                 return None
@@ -2506,6 +2544,21 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if isinstance(response, Fault):
             self.faults[response.faultCode] += 1
         return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+
+    def _looked_up(self, name):
+        """lookup's reply, marshalled once per name and state of the registry (the 64 names asked
+        last): one name can have thousands of holders."""
+        changes = self.node.allocator.changes
+        if self._lookup_cache[0] != changes:
+            self._lookup_cache = (changes, collections.OrderedDict())
+        replies = self._lookup_cache[1]
+        reply = replies.pop(name, None)
+        if reply is None:
+            reply = dumps((self.node.lookup(name),), methodresponse=True, allow_none=False).encode("utf-8")
+            if len(replies) >= 64:
+                replies.popitem(last=False)
+        replies[name] = reply
+        return reply
 
     def _listing(self):
         """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
@@ -2598,7 +2651,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         if not isinstance(calls, list):
             raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
         results = []
-        listings = listed = 0
+        listings = looked = 0
         for call in calls:
             try:
                 if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
@@ -2606,18 +2659,18 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     raise Fault(INVALID_REQUEST, "each call must be a struct {methodName: string, params: array}")
                 if call["methodName"] == "system.multicall":
                     raise Fault(INVALID_REQUEST, "system.multicall cannot be nested")
+                params = call.get("params", [])
                 if call["methodName"] == "listPorts":   # each is the whole registry: bound the reply
                     listings += 1
                     if listings > 1:
                         raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
-                result = self._dispatch(call["methodName"], call.get("params", []),
-                                        caller._replace(handoff=None, defer=None))
-                if call["methodName"] in ("listPorts", "lookup"):
-                    listed += len(result)
-                    if listed > len(self.node.allocator):   # (distinct names never get here)
-                        raise Fault(BAD_ARGUMENT, "the lookups and listPorts of one system.multicall may "
-                                    "list %d entries at most, as many as are registered" % len(self.node.allocator))
-                results.append([result])
+                elif call["methodName"] == "lookup" and len(params) == 1 and type(params[0]) is str:
+                    looked += self.node.count_named(params[0])     # (counted before any is built)
+                    if looked > len(self.node.allocator):   # (distinct names never get here)
+                        looked -= self.node.count_named(params[0])
+                        raise Fault(BAD_ARGUMENT, "the lookups of one system.multicall may list %d entries at "
+                                    "most, as many as are registered" % len(self.node.allocator))
+                results.append([self._dispatch(call["methodName"], params, caller._replace(handoff=None, defer=None))])
             except Fault as fault:
                 self.faults[fault.faultCode] += 1
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})

@@ -214,3 +214,92 @@ def test_lookups_in_one_multicall_list_one_registry_at_most(any_daemon):
     assert [ports(r[0]) for r in results[:3]] == [crowd, [solo], []], "distinct names always fit"
     assert results[3]["faultCode"] == 3 and "4 entries at most" in results[3]["faultString"], results[3]
     assert results[4][0].startswith("NodeMngr at "), "the calls after it still run"
+
+
+# --- what an adversarial run found (each failed before its fix) ------------------------------------
+
+def test_a_1_0_file_that_cannot_be_migrated_now_is_left_as_it_is(daemon_factory, tmp_path):
+    import resource
+    state = tmp_path / "old.sqlite3"
+    old = daemon_factory(size=10, state=state, script=OLD_RELEASE, name="nodemngr-1.0.0")
+    held = [old.rpc().newPort("legacy %d" % i) for i in range(3)]
+    assert old.terminate() == 0
+    size = os.path.getsize(str(state))
+
+    def small_files():      # a full disk: no file may grow past its size now
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    full = daemon_factory(first=old.first, last=old.last, state=state, preexec_fn=small_files, start=False)
+    full.start(wait=False)
+    assert full.proc.wait(15) == 1
+    assert "cannot migrate the state file" in full.read_log() and "left as it is" in full.read_log()
+    assert not [p for p in os.listdir(str(tmp_path)) if ".bad-" in p], "a good file was moved aside"
+    new = daemon_factory(first=old.first, last=old.last, state=state)
+    assert ports(new.rpc().listPorts()) == held, "the registrations of 1.0 survived"
+
+
+def test_crowded_names_in_a_multicall_are_refused_before_they_are_built(any_daemon):
+    rpc = any_daemon.rpc()
+    crowd = [rpc.newPort("crowd") for _ in range(5)]
+    solo, db = rpc.newPort("solo"), rpc.newPort("db")
+    calls = [("listPorts", []), ("lookup", ["crowd"]), ("lookup", ["crowd"]), ("lookup", ["nothing"]),
+             ("lookup", ["solo"]), ("lookup", ["db"])]
+    results = rpc.system.multicall([{"methodName": m, "params": p} for m, p in calls])
+    assert len(results[0][0]) == 7 and ports(results[1][0]) == crowd, "listPorts has a budget of its own"
+    assert results[2]["faultCode"] == 3 and "7 entries at most" in results[2]["faultString"]
+    assert [ports(r[0]) for r in results[3:]] == [[], [solo], [db]], "what fits still fits after a refusal"
+    assert ports(rpc.lookup("crowd")) == crowd and ports(rpc.lookup("crowd")) == crowd, "a cached reply is the same"
+    rpc.delPort(crowd[0])
+    assert ports(rpc.lookup("crowd")) == crowd[1:], "the cache follows every change"
+
+
+def test_a_names_table_edited_by_hand_is_checked_at_start(daemon_factory, tmp_path):
+    state = str(tmp_path / "edited.sqlite3")
+    d = daemon_factory(size=10, state=state)
+    kept = d.rpc().newPort({"name": "kept"})
+    plain = d.rpc().newPort("plain")
+    d.rpc().delPort(kept)
+    assert d.terminate() == 0
+    db = sqlite3.connect(state)
+    db.executescript("CREATE TABLE n2(name TEXT, port INTEGER); INSERT INTO n2 SELECT * FROM names;"
+                     "DROP TABLE names; ALTER TABLE n2 RENAME TO names;"
+                     "INSERT INTO names VALUES ('x', 'abc'); INSERT INTO names VALUES (NULL, %d);"
+                     "INSERT INTO names VALUES ('y', 70000); INSERT INTO names VALUES ('twin1', %d);"
+                     "INSERT INTO names VALUES ('twin2', %d);" % (d.first + 3, d.first + 5, d.first + 5))
+    db.close()
+    d.start()
+    assert "forgot 5 remembered ports that were not valid" in d.read_log()
+    rpc = d.rpc()
+    assert ports(rpc.listPorts()) == [plain], "the registrations stay"
+    assert rpc.newPort("string") == d.first + 2, "the lowest free port no name remembers (kept's is still kept)"
+    assert rpc.newPort({"name": "y"}) == d.first + 3
+    assert d.terminate() == 0
+    db = sqlite3.connect(state)
+    db.executescript("DROP TABLE names")
+    db.close()
+    d.start()
+    assert sorted(ports(d.rpc().listPorts())) == sorted([plain, d.first + 2, d.first + 3]), "no names table: kept"
+
+
+def test_a_name_keeps_its_port_while_another_program_holds_it_for_a_moment(daemon_factory):
+    d = daemon_factory(size=10, state="none", settings={"NodeMngrServer.busy_retry": 0.2})
+    rpc = d.rpc()
+    rpc.newPort("below")
+    db = rpc.newPort({"name": "db"})
+    rpc.delPort(db)
+    squatter = __import__("socket").socket()
+    squatter.bind(("127.0.0.1", db))
+    try:
+        meanwhile = rpc.newPort({"name": "db"})
+        assert meanwhile != db
+    finally:
+        squatter.close()
+    rpc.delPort(meanwhile)
+    assert wait_until(lambda: _sticky_again(rpc, db), timeout=5), "the name moved to the port it got meanwhile"
+
+
+def _sticky_again(rpc, port):
+    got = rpc.newPort({"name": "db"})
+    if got == port:
+        return True
+    rpc.delPort(got)
+    return False
