@@ -10,12 +10,21 @@ import pytest
 
 from support import (NODEMNGR, PRODUCT_VARS, ROOT, Daemon, ServerError, clean_env,  # noqa: F401
                      free_port, free_range, launcher, pid_alive, port_is_free, reserve_range, stop_pid,
-                     wait_until)
+                     stop_fork_server, use_fork_server, wait_until)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.path.insert(0, ROOT)
+
+# About a hundred daemons per run: each forked from a process that has imported nodemngr.py
+# already (support.ForkServer), not exec'd, where that is the same program; TESTS_EXEC_DAEMONS=1
+# execs them all.
+use_fork_server()
+
+
+def pytest_sessionfinish(session):
+    stop_fork_server()      # (an xdist worker may end without running atexit)
 
 # Settings whose names the transport rewrite may change: tests name them only through these, so
 # that a rename is one edit here (the launcher refuses a setting the daemon does not have).
