@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from support import (NODEMNGR, PRODUCT_VARS, ROOT, Daemon, ServerError, clean_env,  # noqa: F401
-                     free_port, free_range, launcher, pid_alive, port_is_free, reserve_range, stop_pid,
-                     stop_fork_server, use_fork_server, wait_until)
+                     free_port, free_range, launcher, nodemngr_argv, pid_alive, popen_python, port_is_free,
+                     reserve_range, run_python, stop_fork_server, stop_pid, use_fork_server, wait_until)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.

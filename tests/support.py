@@ -184,6 +184,12 @@ def launcher(script=NODEMNGR, settings=None):
     return LAUNCHER % {"script": os.path.abspath(script), "settings": dict(settings or {})}
 
 
+def nodemngr_argv(*args, **launcher_kw):
+    """``["-c", LAUNCHER, ARGS...]``: ``python3 nodemngr.py ARGS`` for popen_python() and
+    run_python(), run as Daemon runs it (forked, where the fork server may)."""
+    return ["-c", launcher(**launcher_kw)] + [str(a) for a in args]
+
+
 def stop_process(proc, timeout=10.0):
     """stop_pid() for a process this one started (a Popen, or a ForkedProcess): SIGTERM then
     SIGKILL by its pid, waiting for its exit status rather than polling /proc."""

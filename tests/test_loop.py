@@ -3,8 +3,6 @@ import os
 import resource
 import select
 import socket
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -12,7 +10,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, clean_env, free_port, wait_until
+from conftest import ROOT, clean_env, free_port, run_python, wait_until
 
 PING = xmlrpc.client.dumps((), "ping").encode()
 PING_REQUEST = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(PING), PING)
@@ -245,7 +243,7 @@ def test_proxy_passes_its_token_file_to_the_daemon_it_starts(tmp_path, reap_pids
         nm = NodeMngrProxy(token_file=%r)
         print(nm.status()["pid"])
     """ % (ROOT, str(token)))
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    r = run_python(["-c", script], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     reap_pids.append(int(r.stdout))
     with pytest.raises(xmlrpc.client.ProtocolError) as info:

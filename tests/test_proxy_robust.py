@@ -19,7 +19,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, stop_pid, wait_until
+from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, run_python, stop_pid, wait_until
 
 import nodemngr
 import nodemngr_proxy
@@ -206,8 +206,8 @@ def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, 
                         NODEMNGR_STATE=old.state, NODEMNGR_AUTOSTART=1)
         assert old.rpc().terminate() is True
         began = time.monotonic()
-        proc = subprocess.run([sys.executable, "-c", NEWPORT_CLIENT % {"root": ROOT}], env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = run_python(["-c", NEWPORT_CLIENT % {"root": ROOT}], env=env, capture_output=True, text=True,
+                          timeout=60)
         elapsed = time.monotonic() - began
     finally:
         stalled.close()
