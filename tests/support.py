@@ -206,27 +206,31 @@ def stop_process(proc, timeout=10.0):
 #
 # A Python that imports nodemngr.py costs about 0.3 s of CPU on the slow 2-core test machine, nearly
 # all of it importing the standard library (asyncio, xmlrpc.server, sqlite3, http.client...): the
-# module itself takes 5 ms.  A run starts a few hundred such Pythons (daemons, clients, racers).
+# module itself takes 5 ms.  A run starts over a hundred such Pythons (daemons, clients, racers).
 # The fork server is a Python started once per test process, exactly as those would be (this
 # interpreter, no flags, clean_env(), inherited rlimits and signal dispositions and mask), that
 # imports the standard modules nodemngr.py and nodemngr_proxy.py import -- not these two -- and
 # then, for each ``python -c PROGRAM ARGS`` asked of it, forks a monitor that forks the program.
 # The program's process sets itself up as Popen's child would be (its stdin, stdout and stderr,
 # no other descriptor, cwd, umask, rlimits, environment, sys.argv == ["-c", ARGS...], a fresh
-# __main__) and runs PROGRAM at the top level of the interpreter, so that its exit is the
-# interpreter's own (atexit, flushing, SystemExit("text") printed with status 1, an uncaught
-# exception's traceback and status 1, death by signal).  The monitor tells the test process the
-# pid, then the exit status; it reaps the process only once the test process has that status (the
-# test process closes its end then), so a pid is not reused before it is known dead, as with Popen.
+# __main__) and runs PROGRAM; its end is the interpreter's (SystemExit("text") printed and status
+# 1, an uncaught exception's traceback and status 1, KeyboardInterrupt's death by SIGINT,
+# non-daemon threads joined, atexit functions, stdout and stderr flushed, status 120 if that
+# fails), then os._exit: see _run.  The monitor tells the test process the pid, then the exit
+# status; it reaps the process only once the test process has that status (the test process
+# closes its end then), so a pid is not reused before it is known dead, as with Popen.  A program
+# costs about 15 ms of CPU this way (a daemon 40 ms, serving its readiness pings and stopping).
 #
 # It serves only what is the same program: sys.executable -c, no preexec_fn or other Popen
 # option, and the fork server's own environment but for variables nothing reads before the
 # program runs (the product's NODEMNGR_*, PYTEST_CURRENT_TEST: see _startup_env).  Otherwise, with
 # TESTS_EXEC_DAEMONS=1, and without use_fork_server() (the benchmark), it is exec'd.  What still
-# differs from an exec: those standard modules are in sys.modules before the program runs, the
-# hash seed is the fork server's, /proc/PID/cmdline and /proc/PID/environ are the fork server's,
-# the parent is the monitor, and the glibc-internal signals 32 and 33 are not ignored (Popen from
-# a threaded process leaves them ignored, which nothing can send or set).
+# differs from an exec: those standard modules are in sys.modules before the program runs (and
+# frozen for the collector), the hash seed is the fork server's, /proc/PID/cmdline and
+# /proc/PID/environ are the fork server's, the parent is the monitor, the glibc-internal signals
+# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored, which nothing can
+# send or set), and at exit the modules are not torn down: an object still referenced then is not
+# finalized (what the program closed, flushed or collected is).  test_daemon compares the two.
 
 ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it
 import os, sys
@@ -236,7 +240,9 @@ import os, sys
 def _serve(ctl_fd):
     # A monitor per request; returns None when the test process hangs up, and in the program's
     # process, the program.
-    import marshal, select, socket, struct
+    import gc, marshal, select, socket, struct
+    gc.collect()
+    gc.freeze()     # what is here now stays: no collection in a child copies its pages
     ctl = socket.socket(fileno=ctl_fd)
     while True:
         while True:             # monitors that are done
@@ -331,37 +337,70 @@ def _become(stdio, request):
     return request["program"]
 
 
-def _fresh_main(program, sys=sys):
-    # The program's code, with its source where tracebacks look (python -c registers it), and
-    # the fork server's frames left out of an uncaught exception's traceback; __main__ emptied.
-    ours, previous = {sys._getframe().f_code, sys._getframe(1).f_code}, sys.excepthook
-
-    def excepthook(kind, value, tb):
-        sys.excepthook = previous
-        while tb is not None and tb.tb_frame.f_code in ours:
-            tb = tb.tb_next
-        if isinstance(value, BaseException):
-            value.__traceback__ = tb    # (what some Pythons print)
-        previous(kind, value, tb)
-    sys.excepthook = excepthook
-    code = compile(program, "<string>", "exec")
-    linecache = sys.modules.get("linecache")
-    for key in list(linecache.cache) if linecache is not None else ():
-        if key == "<string>":
-            linecache.cache[key] = (len(program), None, [line + "\n" for line in program.splitlines()], key)
-        elif getattr(key, "co_filename", None) == "<string>":
-            del linecache.cache[key]
-            linecache._register_code(code, program, "<string>")
-    fresh, g = sys.__dict__.pop("_fork_main"), globals()
+def _run(program, sys=sys, os=os):
+    # python -c PROGRAM, in this process: __main__ emptied as python -c makes it, the program's
+    # source where tracebacks look for it, uncaught exceptions and SystemExit handled as the
+    # interpreter does, then its exit as Py_FinalizeEx makes it -- non-daemon threads joined,
+    # atexit functions, stdout and stderr flushed (status 120 if that fails), a last collection
+    # -- but for the teardown of every module, which would copy the fork server's memory page by
+    # page (0.07 s of CPU a process): objects still referenced then are not finalized.
+    ours, g = {sys._getframe().f_code, sys._getframe(1).f_code}, globals()
+    fresh = sys.__dict__.pop("_fork_main")
     g.clear()
     g.update(fresh, __annotations__={})
-    return code
+    interrupted = False
+    try:
+        code = compile(program, "<string>", "exec")
+        linecache = sys.modules.get("linecache")
+        for key in list(linecache.cache) if linecache is not None else ():
+            if key == "<string>":
+                linecache.cache[key] = (len(program), None, [line + "\n" for line in program.splitlines()], key)
+            elif getattr(key, "co_filename", None) == "<string>":
+                del linecache.cache[key]
+                linecache._register_code(code, program, "<string>")
+        del linecache
+        exec(code, g)
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+        if status is None:
+            status = 0
+        elif not isinstance(status, int):
+            if sys.stderr is not None:
+                sys.stderr.write("%%s\n" %% (status,))
+            status = 1
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code in ours:
+            tb = tb.tb_next
+        exc.__traceback__ = tb
+        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+        sys.excepthook(type(exc), exc, tb)
+        interrupted, status = isinstance(exc, KeyboardInterrupt), 1
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    try:
+        __import__("atexit")._run_exitfuncs()     # (it prints what they raise; 3.8 raises it again)
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            status = 120
+    __import__("gc").collect()
+    if interrupted:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status)
 
 
 _program = _serve(int(sys.argv[1]))
 if _program is None:
     sys.exit(0)
-exec(_fresh_main(_program), globals())
+_run(_program)
 """
 
 

@@ -220,6 +220,7 @@ print(json.dumps({
     "stdio": [(f.encoding, f.errors, f.line_buffering) for f in (sys.stdin, sys.stdout, sys.stderr)],
 }))
 sys.stderr.write("to stderr\n")
+__import__("atexit").register(sys.stderr.write, "at exit\n")
 sys.exit(7)
 """
 
@@ -235,7 +236,7 @@ def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_
     how = dict(cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=30)
     forked = run_python(["-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
     execd = subprocess.run([sys.executable, "-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
-    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\n")
+    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\nat exit\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
 
     a = daemon_factory(exec_only=True, state=str(tmp_path / "a.sqlite3"))
