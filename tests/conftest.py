@@ -28,8 +28,10 @@ def pytest_sessionfinish(session):
 
 # Settings whose names the transport rewrite may change: tests name them only through these, so
 # that a rename is one edit here (the launcher refuses a setting the daemon does not have).
-#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).
-REAP_INTERVAL = 0.5
+#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).  Tests that
+#: check a port is *kept* wait a few of these, so it sets their length: a pass over a few owners
+#: takes microseconds, and 0.2 s leaves the loop idle nearly all the time.
+REAP_INTERVAL = 0.2
 #: Short limits for tests that wait for the owner check.
 FAST_REAP = {"NodeMngrServer.reap_interval": REAP_INTERVAL}
 #: How long a daemon waits for a state file another daemon holds.

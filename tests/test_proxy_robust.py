@@ -195,7 +195,9 @@ NEWPORT_CLIENT = textwrap.dedent("""
 
 
 def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, stop_at_ports):
-    old = daemon_factory(size=10)
+    # (the old daemon holds its state file for stop_grace, 1 s by default, while the stalled request
+    # may still complete; the next one waits for it: 0.3 s here, the same path)
+    old = daemon_factory(size=10, settings={"NodeMngrServer.stop_grace": 0.3})
     kept = old.rpc().newPort("kept", 0)
     stop_at_ports.append(old.port)      # the daemon the client starts, should the test fail midway
     stalled = socket.create_connection((old.host, old.port))
