@@ -9,18 +9,29 @@ import sys
 import pytest
 
 from support import (NODEMNGR, PRODUCT_VARS, ROOT, Daemon, ServerError, clean_env,  # noqa: F401
-                     free_port, free_range, launcher, pid_alive, port_is_free, reserve_range, stop_pid,
-                     wait_until)
+                     free_port, free_range, launcher, nodemngr_argv, pid_alive, popen_python, port_is_free,
+                     reserve_range, run_python, stop_fork_server, stop_pid, use_fork_server, wait_until)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.path.insert(0, ROOT)
 
+# About a hundred daemons per run: each forked from a process that has imported nodemngr.py
+# already (support.ForkServer), not exec'd, where that is the same program; TESTS_EXEC_DAEMONS=1
+# execs them all.
+use_fork_server()
+
+
+def pytest_sessionfinish(session):
+    stop_fork_server()      # (an xdist worker may end without running atexit)
+
 # Settings whose names the transport rewrite may change: tests name them only through these, so
 # that a rename is one edit here (the launcher refuses a setting the daemon does not have).
-#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).
-REAP_INTERVAL = 0.5
+#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).  Tests that
+#: check a port is *kept* wait a few of these, so it sets their length: a pass over a few owners
+#: takes microseconds, and 0.2 s leaves the loop idle nearly all the time.
+REAP_INTERVAL = 0.2
 #: Short limits for tests that wait for the owner check.
 FAST_REAP = {"NodeMngrServer.reap_interval": REAP_INTERVAL}
 #: How long a daemon waits for a state file another daemon holds.

@@ -4,12 +4,19 @@ product's environment, processes stopped by pid, and a real daemon in a subproce
 Standard library only, and no pytest: bench/bench.py imports this module with the tests folder put
 on sys.path.
 """
+import atexit
+import io
+import marshal
 import os
 import random
+import resource
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import xmlrpc.client
 
@@ -177,12 +184,511 @@ def launcher(script=NODEMNGR, settings=None):
     return LAUNCHER % {"script": os.path.abspath(script), "settings": dict(settings or {})}
 
 
+def nodemngr_argv(*args, **launcher_kw):
+    """``["-c", LAUNCHER, ARGS...]``: ``python3 nodemngr.py ARGS`` for popen_python() and
+    run_python(), run as Daemon runs it (forked, where the fork server may)."""
+    return ["-c", launcher(**launcher_kw)] + [str(a) for a in args]
+
+
+def stop_process(proc, timeout=10.0):
+    """stop_pid() for a process this one started (a Popen, or a ForkedProcess): SIGTERM then
+    SIGKILL by its pid, waiting for its exit status rather than polling /proc."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    return proc.wait(timeout)
+
+
+# ----------------------------------------------------------------------------- the fork server
+#
+# A Python that imports nodemngr.py costs about 0.3 s of CPU on the slow 2-core test machine, nearly
+# all of it importing the standard library (asyncio, xmlrpc.server, sqlite3, http.client...): the
+# module itself takes 5 ms.  A run starts over a hundred such Pythons (daemons, clients, racers).
+# The fork server is a Python started once per test process, exactly as those would be (this
+# interpreter, no flags, clean_env(), inherited rlimits and signal dispositions and mask), that
+# imports the standard modules nodemngr.py and nodemngr_proxy.py import -- not these two -- and
+# then, for each ``python -c PROGRAM ARGS`` asked of it, forks a monitor that forks the program.
+# The program's process sets itself up as Popen's child would be (its stdin, stdout and stderr,
+# no other descriptor, cwd, umask, rlimits, environment, sys.argv == ["-c", ARGS...], a fresh
+# __main__) and runs PROGRAM; its end is the interpreter's (SystemExit("text") printed and status
+# 1, an uncaught exception's traceback and status 1, KeyboardInterrupt's death by SIGINT,
+# non-daemon threads joined, atexit functions, stdout and stderr flushed, status 120 if that
+# fails), then os._exit: see _run.  The monitor tells the test process the pid, then the exit
+# status; it reaps the process only once the test process has that status (the test process
+# closes its end then), so a pid is not reused before it is known dead, as with Popen.  A program
+# costs about 15 ms of CPU this way (a daemon 40 ms, serving its readiness pings and stopping).
+#
+# It serves only what is the same program: sys.executable -c, no preexec_fn or other Popen
+# option, and the fork server's own environment but for variables nothing reads before the
+# program runs (the product's NODEMNGR_*, PYTEST_CURRENT_TEST: see _startup_env).  Otherwise, with
+# TESTS_EXEC_DAEMONS=1, and without use_fork_server() (the benchmark), it is exec'd.  What still
+# differs from an exec: those standard modules are in sys.modules before the program runs (and
+# frozen for the collector), the hash seed is the fork server's, /proc/PID/cmdline and
+# /proc/PID/environ are the fork server's, the parent is the monitor, the glibc-internal signals
+# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored, which nothing can
+# send or set), and at exit the modules are not torn down: an object still referenced then is not
+# finalized (what the program closed, flushed or collected is).  test_daemon compares the two.
+
+ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it
+import os, sys
+%(preload)s
+
+
+def _serve(ctl_fd):
+    # A monitor per request; returns None when the test process hangs up, and in the program's
+    # process, the program.
+    import gc, marshal, select, socket, struct
+    gc.collect()
+    gc.freeze()     # what is here now stays: no collection in a child copies its pages
+    ctl = socket.socket(fileno=ctl_fd)
+    while True:
+        while True:             # monitors that are done
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        try:
+            if not select.select([ctl], [], [], 1.0)[0]:
+                continue
+            msg, anc, _, _ = ctl.recvmsg(1 << 20, socket.CMSG_SPACE(4 * struct.calcsize("i")))
+        except KeyboardInterrupt:
+            msg = b""
+        if not msg:             # the test process closed its end: wait for the monitors, then exit
+            while True:
+                try:
+                    os.waitpid(-1, 0)
+                except ChildProcessError:
+                    return None
+        fds = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                n = len(data) // struct.calcsize("i")
+                fds.extend(struct.unpack("%%di" %% n, data[:n * struct.calcsize("i")]))
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:
+            try:
+                os.close(ctl.detach())
+                conn, stdio = fds[0], fds[1:4]
+                request = marshal.loads(msg)
+            except BaseException:
+                os._exit(1)
+            return _monitor(conn, stdio, request)   # (only the program's process returns)
+        for fd in fds:          # the monitor has them (or the test process hears EOF)
+            os.close(fd)
+
+
+def _monitor(conn, stdio, request):
+    import marshal, signal
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        try:
+            os.write(conn, marshal.dumps(("error", "fork: %%s" %% exc)))
+        finally:
+            os._exit(1)
+    if pid == 0:
+        os.close(conn)
+        return _become(stdio, request)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)    # a ^C is for the program and the tests
+        for fd in stdio:
+            os.close(fd)
+        os.write(conn, marshal.dumps(("pid", pid)))
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)     # (a zombie still)
+        status = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+        try:
+            os.write(conn, marshal.dumps(("exit", status)))
+            os.read(conn, 1)    # returns when the test process closes its end: it has the status
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+    finally:
+        os._exit(0)
+
+
+def _become(stdio, request):
+    # What Popen([sys.executable, "-c", PROGRAM] + ARGS, stdin=, stdout=, stderr=, cwd=, env=)
+    # would have given the program's process; returns the program.
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) > 2:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass
+    if request["cwd"] is not None:
+        os.chdir(request["cwd"])
+    os.umask(request["umask"])
+    import resource
+    for which, limits in request["rlimits"]:
+        if resource.getrlimit(which) != limits:
+            resource.setrlimit(which, limits)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv[:] = ["-c"] + request["args"]
+    return request["program"]
+
+
+def _run(program, sys=sys, os=os):
+    # python -c PROGRAM, in this process: __main__ emptied as python -c makes it, the program's
+    # source where tracebacks look for it, uncaught exceptions and SystemExit handled as the
+    # interpreter does, then its exit as Py_FinalizeEx makes it -- non-daemon threads joined,
+    # atexit functions, stdout and stderr flushed (status 120 if that fails), a last collection
+    # -- but for the teardown of every module, which would copy the fork server's memory page by
+    # page (0.07 s of CPU a process): objects still referenced then are not finalized.
+    ours, g = {sys._getframe().f_code, sys._getframe(1).f_code}, globals()
+    fresh = sys.__dict__.pop("_fork_main")
+    g.clear()
+    g.update(fresh, __annotations__={})
+    interrupted = False
+    try:
+        code = compile(program, "<string>", "exec")
+        linecache = sys.modules.get("linecache")
+        for key in list(linecache.cache) if linecache is not None else ():
+            if key == "<string>":
+                linecache.cache[key] = (len(program), None, [line + "\n" for line in program.splitlines()], key)
+            elif getattr(key, "co_filename", None) == "<string>":
+                del linecache.cache[key]
+                linecache._register_code(code, program, "<string>")
+        del linecache
+        exec(code, g)
+        status = 0
+    except SystemExit as exc:
+        status = exc.code
+        if status is None:
+            status = 0
+        elif not isinstance(status, int):
+            if sys.stderr is not None:
+                sys.stderr.write("%%s\n" %% (status,))
+            status = 1
+    except BaseException as exc:
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code in ours:
+            tb = tb.tb_next
+        exc.__traceback__ = tb
+        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
+        sys.excepthook(type(exc), exc, tb)
+        interrupted, status = isinstance(exc, KeyboardInterrupt), 1
+    if "threading" in sys.modules:
+        sys.modules["threading"]._shutdown()
+    try:
+        __import__("atexit")._run_exitfuncs()     # (it prints what they raise; 3.8 raises it again)
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:
+            status = 120
+    __import__("gc").collect()
+    if interrupted:
+        import signal
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit(status)
+
+
+_program = _serve(int(sys.argv[1]))
+if _program is None:
+    sys.exit(0)
+_run(_program)
+"""
+
+
+def _preload_source():
+    """``import`` lines for the standard modules nodemngr.py and nodemngr_proxy.py import at their
+    top level (read from their source, so that a change of theirs is followed)."""
+    import ast
+    names = []
+    for path in (NODEMNGR, os.path.join(ROOT, "nodemngr_proxy.py")):
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) or isinstance(node, ast.ClassDef):
+                continue
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found = [node.module]
+            else:
+                continue
+            names += [n for n in found if n.split(".")[0] not in ("nodemngr", "nodemngr_proxy") and n not in names]
+    # (ast.walk also enters functions: what they import lazily is imported here too; harmless, and
+    # cheaper in the programs that use it)
+    return "\n".join("try:\n    import %s\nexcept ImportError:\n    pass" % n for n in names)
+
+
+_RLIMITS = [getattr(resource, name) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")]
+
+
+def _startup_env(env):
+    """*env* without what nothing reads before a program runs: the product's variables (nodemngr.py
+    reads them in main()) and the name of the test pytest runs now."""
+    return {k: v for k, v in env.items() if not k.startswith("NODEMNGR_") and k != "PYTEST_CURRENT_TEST"}
+
+
+class ForkedProcess:
+    """A program the fork server started, with what tests use of a Popen: args, pid, returncode,
+    stdin/stdout/stderr (file objects for PIPE), poll(), wait(timeout) (TimeoutExpired),
+    communicate(input, timeout), send_signal(), terminate(), kill(), a with block.  The exit
+    status is the real one (negative: the signal that killed it)."""
+
+    def __init__(self, args, pid, conn, stdin=None, stdout=None, stderr=None):
+        self.args, self.pid, self.returncode = args, pid, None
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self._conn, self._lock, self._pumps = conn, threading.Lock(), None
+
+    def _collect(self, timeout):
+        with self._lock:
+            if self.returncode is None:
+                if not select.select([self._conn], [], [], timeout)[0]:
+                    return False
+                msg = self._conn.recv(4096)
+                self._conn.close()      # the monitor now reaps the process and exits
+                _forked.discard(self)
+                if not msg:
+                    raise ServerError("the monitor of process %d ended without its exit status" % self.pid)
+                self.returncode = marshal.loads(msg)[1]
+            return True
+
+    def poll(self):
+        self._collect(0)
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self._collect(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, input=None, timeout=None):
+        """Popen.communicate: write *input* and close stdin, read stdout and stderr to their ends
+        (after what readline() took), wait; TimeoutExpired leaves it running, to be called again."""
+        if self._pumps is None:
+            self._pumps, self._outputs = [], {}
+
+            def feed():
+                try:
+                    if input:
+                        self.stdin.write(input)
+                    self.stdin.close()
+                except BrokenPipeError:
+                    pass
+
+            def drain(name, f):
+                try:
+                    self._outputs[name] = f.read()
+                finally:
+                    f.close()
+            if self.stdin is not None:
+                self._pumps.append(threading.Thread(target=feed, daemon=True))
+            for name in ("stdout", "stderr"):
+                if getattr(self, name) is not None:
+                    self._pumps.append(threading.Thread(target=drain, args=(name, getattr(self, name)), daemon=True))
+            for t in self._pumps:
+                t.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._pumps:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return self._outputs.get("stdout"), self._outputs.get("stderr")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        self.wait()
+
+    def __repr__(self):
+        return "<ForkedProcess pid=%d returncode=%s>" % (self.pid, self.returncode)
+
+
+class ForkServer:
+    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program."""
+
+    def __init__(self, env):
+        self.env, self.forked = env, 0
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE % {"preload": _preload_source()},
+                                          str(theirs.fileno())], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         pass_fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self.sock, self._lock = ours, threading.Lock()
+
+    def serves(self, env):
+        """Whether a program with environment *env* is the same program forked from here: the same
+        environment but for what nothing reads before the program runs (it gets *env* whole)."""
+        return _startup_env(env) == _startup_env(self.env)
+
+    def spawn(self, argv, env, cwd=None, stdin=None, stdout=None, stderr=None, text=False):
+        """Popen([sys.executable] + *argv*, ...) for argv = ["-c", PROGRAM, ARGS...]."""
+        umask = os.umask(0o22)
+        os.umask(umask)
+        request = marshal.dumps({"program": argv[1], "args": [str(a) for a in argv[2:]], "env": dict(env),
+                                 "cwd": None if cwd is None else str(cwd), "umask": umask,
+                                 "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS]})
+        theirs, ours, to_close = [], [None, None, None], []
+        try:
+            for i, spec in enumerate((stdin, stdout, stderr)):
+                if spec is None:
+                    theirs.append(i)                    # inherited, as Popen does
+                elif spec == subprocess.DEVNULL:
+                    theirs.append(os.open(os.devnull, os.O_RDWR))
+                    to_close.append(theirs[-1])
+                elif spec == subprocess.PIPE:
+                    r, w = os.pipe()
+                    mine, child = (w, r) if i == 0 else (r, w)
+                    f = io.open(mine, "wb" if i == 0 else "rb", -1)
+                    if text:
+                        f = io.TextIOWrapper(f, write_through=True) if i == 0 else io.TextIOWrapper(f)
+                    ours[i] = f
+                    theirs.append(child)
+                    to_close.append(child)
+                elif spec == subprocess.STDOUT and i == 2:
+                    theirs.append(theirs[1])
+                else:
+                    theirs.append(spec if isinstance(spec, int) else spec.fileno())
+            conn, conn_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            to_close.append(conn_theirs.detach())
+            with self._lock:
+                try:
+                    self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   struct.pack("4i", to_close[-1], *theirs))])
+                except OSError as exc:
+                    raise ServerError("the fork server (pid %d) is gone (%s; status %s)"
+                                      % (self.proc.pid, exc, self.proc.poll()))
+        except BaseException:
+            for f in ours:
+                if f is not None:
+                    f.close()
+            raise
+        finally:
+            for fd in to_close:
+                os.close(fd)
+        if not select.select([conn], [], [], 60)[0]:
+            conn.close()
+            raise ServerError("the fork server (pid %d) started nothing within 60 s" % self.proc.pid)
+        msg = conn.recv(4096)
+        kind, value = marshal.loads(msg) if msg else ("error", "it ended (status %s)" % self.proc.poll())
+        if kind != "pid":
+            conn.close()
+            raise ServerError("the fork server could not start a process: %s" % value)
+        proc = ForkedProcess([sys.executable] + list(argv), value, conn, *ours)
+        _forked.add(proc)
+        self.forked += 1
+        return proc
+
+    def close(self):
+        """Stop what it started that still runs (a test should have, by pid), then it."""
+        for proc in list(_forked):
+            if proc.poll() is None:
+                sys.stderr.write("support: process %d (%s) was still running: stopped\n"
+                                 % (proc.pid, " ".join(proc.args[2:])[:60]))
+                stop_process(proc)
+        self.sock.close()       # the fork server waits for its monitors, then exits
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop_pid(self.proc.pid)
+            self.proc.wait(10)
+
+
+_forked = set()                 # ForkedProcess whose exit status is not known yet
+_fork_server = [None, None]     # the environment it runs with (None: exec everything), the ForkServer
+_fork_server_lock = threading.Lock()
+
+
+def use_fork_server(enabled=True):
+    """Start ``python -c`` programs (daemons among them) through a fork server from now on (the
+    tests; the benchmark execs every daemon), one that runs with clean_env() as it is now.  With
+    TESTS_EXEC_DAEMONS=1 (any value but 0) in the environment, every process is exec'd."""
+    enabled = enabled and os.environ.get("TESTS_EXEC_DAEMONS", "") in ("", "0")
+    _fork_server[0] = clean_env() if enabled else None
+
+
+def fork_server():
+    """This process's ForkServer, started on first use; None when every process is exec'd."""
+    with _fork_server_lock:
+        if _fork_server[0] is None:
+            return None
+        if _fork_server[1] is None:
+            _fork_server[1] = ForkServer(_fork_server[0])
+        return _fork_server[1]
+
+
+@atexit.register
+def stop_fork_server():
+    """Stop the fork server (by pid, and what it started first); the next program starts another."""
+    with _fork_server_lock:
+        server, _fork_server[1] = _fork_server[1], None
+    if server is not None:
+        server.close()
+
+
+def popen_python(argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None, text=False, **popen_kw):
+    """subprocess.Popen([sys.executable] + *argv*, ...): for ``["-c", PROGRAM, ARGS...]`` with no
+    other option, a ForkedProcess from the fork server when it is the same program."""
+    text = text or popen_kw.pop("universal_newlines", False)
+    server = fork_server() if not popen_kw and len(argv) >= 2 and argv[0] == "-c" else None
+    if server is not None and server.serves(os.environ if env is None else env):
+        return server.spawn(argv, dict(os.environ if env is None else env), cwd, stdin, stdout, stderr, text)
+    return subprocess.Popen([sys.executable] + list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env,
+                            cwd=cwd, text=text, **popen_kw)
+
+
+def run_python(argv, input=None, capture_output=False, timeout=None, check=False, **kw):
+    """subprocess.run([sys.executable] + *argv*, ...) through popen_python()."""
+    if capture_output:
+        kw["stdout"] = kw["stderr"] = subprocess.PIPE
+    if input is not None:
+        kw["stdin"] = subprocess.PIPE
+    with popen_python(argv, **kw) as proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        result.check_returncode()
+    return result
+
+
 class ServerProcess:
     """A server in a subprocess, its output in a log file; stop() ends it by pid."""
 
-    def __init__(self, name, argv, port, log, host="127.0.0.1", env=None, cwd=None, preexec_fn=None):
+    def __init__(self, name, argv, port, log, host="127.0.0.1", env=None, cwd=None, preexec_fn=None,
+                 exec_only=False):
         self.name, self.host, self.port, self.log = name, host, port, log
         self._argv, self.env, self.cwd, self.preexec_fn = argv, env, cwd, preexec_fn
+        self.exec_only = exec_only
         self.proc = self._logf = None
 
     @property
@@ -194,12 +700,17 @@ class ServerProcess:
 
     def start(self, wait=True):
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv(), env=self.env if self.env is not None else clean_env(),
-                                     cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, preexec_fn=self.preexec_fn)
+        self.proc = self._spawn(self.env if self.env is not None else clean_env())
         if wait:
             self.wait_ready()
         return self
+
+    def _spawn(self, env):
+        argv, how = self.argv(), dict(env=env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=self._logf,
+                                      stderr=subprocess.STDOUT)
+        if argv[0] == sys.executable and self.preexec_fn is None and not self.exec_only:
+            return popen_python(argv[1:], **how)    # forked when that is the same (see ZYGOTE)
+        return subprocess.Popen(argv, preexec_fn=self.preexec_fn, **how)
 
     def answers(self):
         """Whether the server answers a ping now (one that wants a token counts): the product's
@@ -234,8 +745,7 @@ class ServerProcess:
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
-            stop_pid(self.proc.pid)
-            self.proc.wait(10)
+            stop_process(self.proc)
         if self._logf:
             self._logf.close()
             self._logf = None
@@ -249,18 +759,19 @@ class Daemon(ServerProcess):
     settings: {"Class.attribute": value} set in the daemon before it serves, e.g.
     {"NodeMngrServer.stall_timeout": 1.0}.  script: the nodemngr.py to run (the benchmark's
     --baseline runs an older copy).  preexec_fn: run in the child before it starts (rlimits).
-    cwd: its working folder (default: this process's).
+    cwd: its working folder (default: this process's).  exec_only: exec it even where the fork
+    server could start it (see ZYGOTE).
     """
 
     def __init__(self, folder, first=None, last=None, size=50, state=None, host="127.0.0.1",
                  port=None, extra_args=(), env=None, python=None, settings=None, script=NODEMNGR,
-                 log_level="DEBUG", name="daemon", preexec_fn=None, cwd=None):
+                 log_level="DEBUG", name="daemon", preexec_fn=None, cwd=None, exec_only=False):
         if first is None:
             first, last = free_range(size)
         port_given = port
         port = port or free_port()
         super().__init__(name, None, port, os.path.join(str(folder), "%s-%d.log" % (name, port)), host=host,
-                         cwd=cwd, preexec_fn=preexec_fn)
+                         cwd=cwd, preexec_fn=preexec_fn, exec_only=exec_only)
         self._own_port = port_given is None     # a port we picked may be taken before the daemon binds it
         self.first, self.last = first, last
         self.state = os.path.join(str(folder), "state.sqlite3") if state is None else str(state)
@@ -271,10 +782,13 @@ class Daemon(ServerProcess):
         self.env = clean_env(NODEMNGR_HOST=self.host, NODEMNGR_PORT=self.port, NODEMNGR_AUTOSTART=0,
                              **(env or {}))
 
+    def args(self):
+        """The command line's arguments (what follows ``nodemngr.py``)."""
+        return ["serve", "--host", self.host, "--port", str(self.port), "--first-port", str(self.first),
+                "--last-port", str(self.last), "--state", self.state, "--log-level", self.log_level] + self.extra_args
+
     def argv(self):
-        return [self.python, "-c", launcher(self.script, self.settings), "serve", "--host", self.host,
-                "--port", str(self.port), "--first-port", str(self.first), "--last-port", str(self.last),
-                "--state", self.state, "--log-level", self.log_level] + self.extra_args
+        return [self.python, "-c", launcher(self.script, self.settings)] + self.args()
 
     def start(self, wait=True):
         for attempt in range(3):

@@ -192,3 +192,78 @@ def test_the_proxy_keeps_one_connection_alive_across_calls(any_daemon):
     assert open_sockets() - before == 1, "50 calls, one connection"
     nm.close()
     assert open_sockets() == before
+
+
+# -- the tests' own fork server ------------------------------------------------------------------
+# support.py starts most daemons and helper programs (``python -c PROGRAM``) by forking them from
+# a fork server that has imported the standard library already, not by exec (support.ZYGOTE):
+# tests of how a process behaves are only worth what that process is worth.  A program forked so
+# must see what an exec'd one sees, and a forked daemon look like an exec'd one from outside.
+
+SEEN_FROM_INSIDE = r"""
+import json, os, resource, signal, sys
+def fd_kind(fd):
+    try:
+        target = os.readlink("/proc/self/fd/%d" % fd)
+    except OSError:
+        return None
+    return target.split(":")[0] if ":[" in target else target
+print(json.dumps({
+    "argv": sys.argv, "main": sorted(globals()), "path0": sys.path[0], "cwd": os.getcwd(),
+    "env": dict(os.environ), "umask": os.umask(0o22), "flags": repr(sys.flags),
+    "limits": [resource.getrlimit(getattr(resource, n)) for n in sorted(dir(resource)) if n.startswith("RLIMIT_")],
+    "signals": [str(signal.getsignal(s)) for s in range(1, signal.NSIG) if s not in (32, 33)
+                and s < signal.SIGRTMIN],
+    "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+    "fds": [fd_kind(int(fd)) for fd in sorted(os.listdir("/proc/self/fd"), key=int)[:3]],
+    "more_fds": len(os.listdir("/proc/self/fd")),
+    "stdio": [(f.encoding, f.errors, f.line_buffering) for f in (sys.stdin, sys.stdout, sys.stderr)],
+}))
+sys.stderr.write("to stderr\n")
+__import__("atexit").register(sys.stderr.write, "at exit\n")
+sys.exit(7)
+"""
+
+
+def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_factory):
+    import subprocess
+    import sys
+    from support import ForkedProcess, clean_env, fork_server, run_python
+    if fork_server() is None:
+        pytest.skip("TESTS_EXEC_DAEMONS is set: every process is exec'd")
+    env = clean_env(NODEMNGR_PORT=1, EXTRA="x")     # (not the fork server's: the product's variables differ)
+    env.pop("EXTRA")
+    how = dict(cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=30)
+    forked = run_python(["-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
+    execd = subprocess.run([sys.executable, "-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
+    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\nat exit\n")
+    assert json_of(forked.stdout) == json_of(execd.stdout)
+
+    a = daemon_factory(exec_only=True, state=str(tmp_path / "a.sqlite3"))
+    b = daemon_factory(state=str(tmp_path / "b.sqlite3"))
+    assert isinstance(b.proc, ForkedProcess) and not isinstance(a.proc, ForkedProcess)
+    seen = [seen_from_outside(d) for d in (a, b)]
+    assert seen[0] == seen[1]
+    assert b.terminate() == a.terminate() == 0
+
+
+def json_of(text):
+    import json
+    return json.loads(text)
+
+
+def seen_from_outside(d):
+    """What /proc shows of daemon *d* that a test could depend on, its own names made alike."""
+    pid = d.proc.pid
+    with open("/proc/%d/status" % pid) as f:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    seen = {k: status[k].strip() for k in ("SigBlk", "SigCgt", "Umask", "Threads", "NoNewPrivs")}
+    seen["SigIgn"] = int(status["SigIgn"], 16) & 0x7FFFFFFF    # signals 1-31 (32, 33: glibc's own)
+    with open("/proc/%d/limits" % pid) as f:
+        seen["limits"] = f.read()
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        seen["pgrp, session"] = f.read().rsplit(b")", 1)[1].split()[2:4]
+    seen["cwd"] = os.readlink("/proc/%d/cwd" % pid)
+    seen["stdio"] = [os.readlink("/proc/%d/fd/%d" % (pid, fd)).replace(d.log, "LOG") for fd in (0, 1, 2)]
+    seen["exe"] = os.readlink("/proc/%d/exe" % pid)
+    return seen

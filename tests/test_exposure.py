@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port
+from conftest import ROOT, clean_env, free_port, nodemngr_argv, run_python
 
 import nodemngr
 
@@ -71,7 +71,7 @@ def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file, run_cli):
     assert code == 0 and "with token" in out
     # the module's nm, in a Python of its own, takes the token file from the environment it inherits
     script = "import sys; sys.path.insert(0, %r); from nodemngr import nm; print(nm.ping())" % ROOT
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    r = run_python(["-c", script], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stdout.startswith("NodeMngr at "), r.stderr
     code, _, err = run_cli("list", env=d.env)
     assert code == 1 and "NODEMNGR_TOKEN_FILE" in err and "Traceback" not in err
@@ -79,17 +79,16 @@ def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file, run_cli):
 
 def test_a_token_file_readable_by_others_is_refused(token_file):
     token_file.chmod(0o644)
-    r = subprocess.run([sys.executable, NODEMNGR, "serve", "--port", str(free_port()), "--state", "none",
-                        "--token-file", str(token_file)], env=clean_env(), capture_output=True, text=True,
-                       timeout=30)
+    r = run_python(nodemngr_argv("serve", "--port", free_port(), "--state", "none", "--token-file", token_file),
+                   env=clean_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "readable by others" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_non_loopback_without_token_is_refused_at_start(host):
-    r = subprocess.run([sys.executable, NODEMNGR, "serve", "--host", host, "--port", str(free_port()),
-                        "--state", "none"], env=clean_env(), capture_output=True, text=True, timeout=30)
+    r = run_python(nodemngr_argv("serve", "--host", host, "--port", free_port(), "--state", "none"),
+                   env=clean_env(), capture_output=True, text=True, timeout=30)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "without a token" in r.stderr and "Traceback" not in r.stderr
 

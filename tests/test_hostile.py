@@ -842,7 +842,7 @@ def timed_ping(d):
     return time.monotonic() - t0
 
 
-STALL = 1.0     # the daemon's stall limit in the test below (10 s by default: the same code path)
+STALL = 0.5     # the daemon's stall limit in the test below (10 s by default: the same code path)
 
 
 def test_stalled_and_idle_clients(daemon_factory):

@@ -4,9 +4,9 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, port_is_free, stop_pid, wait_until
+from conftest import (NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, port_is_free,
+                      run_python, stop_pid, wait_until)
 
 LEGACY_SCRIPT = textwrap.dedent("""
     import json, socket, sys
@@ -48,8 +48,7 @@ def test_legacy_usage_unchanged_with_autostart(tmp_path, reap_pids):
     first, last = free_range(20)
     env = autostart_env(tmp_path, port, first, last)
     script = LEGACY_SCRIPT % {"root": ROOT, "port": port}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=60)
+    proc = run_python(["-c", script], env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     reap_pids.append(out["daemon_pid"])
@@ -91,12 +90,11 @@ def test_import_and_proxy_creation_open_no_socket(tmp_path):
 
 
 RACER = textwrap.dedent("""
-    import json, sys, time
+    import json, sys
     sys.path.insert(0, %(root)r)
     from nodemngr_proxy import NodeMngrProxy
-    start_at = %(start_at)r
-    while time.time() < start_at:
-        pass
+    print("ready", flush=True)
+    sys.stdin.readline()    # the test answers every racer at once, when all are ready
     nm = NodeMngrProxy()
     port = nm.newPort("racer", 0)
     print(json.dumps({"port": port, "daemon": nm.status()["pid"]}))
@@ -123,11 +121,16 @@ def test_eight_racing_processes_end_with_one_daemon(tmp_path, reap_pids):
     port = free_port()
     first, last = free_range(20)
     env = autostart_env(tmp_path, port, first, last)
-    script = RACER % {"root": ROOT, "start_at": time.time() + 1.5}
-    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    script = RACER % {"root": ROOT}
+    procs = [popen_python(["-c", script], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) for _ in range(8)]
     results = []
     try:
+        for p in procs:
+            assert p.stdout.readline() == "ready\n", p.communicate(timeout=60)[1]
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
         for p in procs:
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0, err

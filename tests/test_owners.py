@@ -6,14 +6,13 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import textwrap
 import time
 import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, wait_until
+from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, popen_python, wait_until
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -27,7 +26,7 @@ HOLDER = textwrap.dedent("""
 
 def start_holder(daemon):
     """A child process that takes a port with its own pid and then sleeps; (Popen, port)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER], env=daemon.env, stdout=subprocess.PIPE, text=True)
+    proc = popen_python(["-c", HOLDER], env=daemon.env, stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
@@ -91,7 +90,7 @@ def test_a_reused_pid_does_not_keep_a_port(daemon):
 
 def test_new_port_with_a_dead_pid_is_fault_3(any_daemon):
     daemon = any_daemon
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc = popen_python(["-c", "pass"])
     proc.wait(10)
     with pytest.raises(xmlrpc.client.Fault) as info:
         daemon.rpc().newPort("x", proc.pid)
@@ -116,7 +115,7 @@ LOADER = textwrap.dedent("""
 @pytest.mark.parametrize("delay", [0.05, 0.2, 0.45, 0.8])
 def test_kill_9_under_load_loses_nothing_acknowledged(daemon_factory, delay):
     d = daemon_factory(size=12000)
-    loader = subprocess.Popen([sys.executable, "-c", LOADER, d.url], stdout=subprocess.PIPE, text=True)
+    loader = popen_python(["-c", LOADER, d.url], stdout=subprocess.PIPE, text=True)
     try:
         acknowledged = [int(loader.stdout.readline())]   # the load is running
         time.sleep(delay * random.uniform(0.8, 1.2))     # a different instant each time

@@ -19,7 +19,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, stop_pid, wait_until
+from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, run_python, stop_pid, wait_until
 
 import nodemngr
 import nodemngr_proxy
@@ -195,7 +195,9 @@ NEWPORT_CLIENT = textwrap.dedent("""
 
 
 def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, stop_at_ports):
-    old = daemon_factory(size=10)
+    # (the old daemon holds its state file for stop_grace, 1 s by default, while the stalled request
+    # may still complete; the next one waits for it: 0.3 s here, the same path)
+    old = daemon_factory(size=10, settings={"NodeMngrServer.stop_grace": 0.3})
     kept = old.rpc().newPort("kept", 0)
     stop_at_ports.append(old.port)      # the daemon the client starts, should the test fail midway
     stalled = socket.create_connection((old.host, old.port))
@@ -206,8 +208,8 @@ def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, 
                         NODEMNGR_STATE=old.state, NODEMNGR_AUTOSTART=1)
         assert old.rpc().terminate() is True
         began = time.monotonic()
-        proc = subprocess.run([sys.executable, "-c", NEWPORT_CLIENT % {"root": ROOT}], env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = run_python(["-c", NEWPORT_CLIENT % {"root": ROOT}], env=env, capture_output=True, text=True,
+                          timeout=60)
         elapsed = time.monotonic() - began
     finally:
         stalled.close()

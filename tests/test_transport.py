@@ -73,10 +73,10 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
 
 def test_blank_lines_do_not_keep_a_connection_open(daemon_factory):
     # Blank lines may come before a request line; they are part of that request, which has
-    # stall_timeout to arrive whole: sending some every 0.3 s must not hold the connection.
-    d = daemon_factory(settings={"NodeMngrServer.stall_timeout": 1.0, "NodeMngrServer.idle_timeout": 5.0})
+    # stall_timeout to arrive whole: sending some every 0.15 s must not hold the connection.
+    d = daemon_factory(settings={"NodeMngrServer.stall_timeout": 0.5, "NodeMngrServer.idle_timeout": 5.0})
     with socket.create_connection((d.host, d.port)) as s:
-        s.settimeout(0.3)
+        s.settimeout(0.15)
         deadline = time.monotonic() + 5
         closed = False
         while not closed and time.monotonic() < deadline:
