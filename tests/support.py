@@ -30,7 +30,10 @@ RESERVED_PORT = 11800           # nmPort, the default port: never used by a test
 #: Environment variables of the product that a test or the benchmark must never inherit from the machine.
 PRODUCT_VARS = ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_FIRST_PORT", "NODEMNGR_LAST_PORT",
                 "NODEMNGR_STATE", "NODEMNGR_TOKEN_FILE", "NODEMNGR_LOG_LEVEL", "NODEMNGR_LOG_FILE",
-                "NODEMNGR_AUTOSTART")
+                "NODEMNGR_AUTOSTART", "NODEMNGR_UNIX", "NODEMNGR_CLUSTER", "NODEMNGR_ADVERTISE_HOST",
+                "NODEMNGR_CLUSTER_TTL", "NODEMNGR_CLUSTER_CA", "NODEMNGR_CLUSTER_CERT", "NODEMNGR_CLUSTER_KEY",
+                "NODEMNGR_CLUSTER_USER_FILE", "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+                "PORTSERVER_ADDRESS")
 
 
 class ServerError(RuntimeError):
