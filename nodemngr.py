@@ -76,6 +76,7 @@ import urllib.parse
 import xmlrpc.client
 import zlib
 import collections
+import concurrent.futures
 from collections import namedtuple
 from datetime import datetime, timezone
 from xml.parsers import expat
@@ -1403,64 +1404,131 @@ def _json_value(value):
     return value
 
 
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _cluster_entry(value):
+    """The struct a published value stands for, or None when it is not one nodemngr would write
+    (another program, or a hand, may have put anything there)."""
+    try:
+        entry = json.loads(value)
+        if not (isinstance(entry, dict) and type(entry.get("host")) is str and type(entry.get("name")) is str
+                and type(entry.get("port")) is int and 1 <= entry["port"] <= 65535
+                and type(entry.get("pid")) is int and 0 <= entry["pid"] <= _INT32_MAX):
+            return None
+        entry = {k: entry[k] for k in ("host", "port", "name", "info", "pid", "since")}
+        entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
+        if _XML_UNSAFE.search(marshal_info(entry["info"]) + entry["host"] + entry["name"]):
+            return None
+        return entry
+    except (ValueError, KeyError, TypeError, NodeMngrException):
+        return None
+
+
 def published_entry(host, reg):
     """The etcd key and JSON value that publish Registration *reg* of *host*."""
     return "%s%s/%d" % (CLUSTER_PREFIX, host, reg.port), json.dumps(
         {"host": host, "port": reg.port, "name": name_of(reg.info) or "", "info": _json_value(reg.info),
          "pid": reg.pid, "since": datetime.fromtimestamp(int(reg.since), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
-        sort_keys=True, separators=(",", ":"))
+        sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _read_within(conn, reply, deadline, limit):
+    """A reply's body, read by pieces until *deadline* (a trickle must not hold a call forever)
+    and *limit* bytes (nor fill the memory)."""
+    body = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("etcd's reply took too long")
+        if conn.sock is not None:
+            conn.sock.settimeout(left)
+        piece = reply.read1(65536) if hasattr(reply, "read1") else reply.read(65536)
+        if not piece:
+            return body
+        body += piece
+        if len(body) > limit:
+            raise ValueError("etcd's reply is over %d bytes" % limit)
 
 
 class EtcdClient:
     """The few calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
-    gateway, with the standard library.  Each call tries the endpoints in turn; ClusterError (one
-    sentence) when none answers.  user_file: a file holding "USER:PASSWORD" (never a flag)."""
+    gateway, with the standard library.  Each call tries the endpoints in turn, within
+    2 x timeout in all; ClusterError (one sentence) when none answers.  user_file: a file holding
+    "USER:PASSWORD" (never a flag)."""
 
     timeout = 2.0
+    max_reply = 64 * 1024 * 1024
 
     def __init__(self, urls, ca_file=None, cert_file=None, key_file=None, user_file=None):
         self.endpoints = []
         for url in urls:
-            parts = urllib.parse.urlsplit(url.strip())
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise NodeMngrException("cluster endpoint %s is not an http:// or https:// URL" % describe(url, 80))
-            self.endpoints.append((parts.scheme, parts.hostname, parts.port or 2379))
+            try:
+                parts = urllib.parse.urlsplit(url.strip())
+                endpoint = (parts.scheme, parts.hostname, parts.port or 2379)
+            except ValueError as exc:
+                endpoint = ("", None, str(exc))
+            if endpoint[0] not in ("http", "https") or not endpoint[1]:
+                raise NodeMngrException("cluster endpoint %s is not an http:// or https:// URL with a valid "
+                                        "port" % describe(url, 80))
+            self.endpoints.append(endpoint)
+        self.config = (ca_file, cert_file, key_file, user_file)
         self._tls = None
-        if any(scheme == "https" for scheme, _, _ in self.endpoints):
-            self._tls = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                self._tls.load_cert_chain(cert_file, key_file)
+        try:
+            if any(scheme == "https" for scheme, _, _ in self.endpoints):
+                self._tls = ssl.create_default_context(cafile=ca_file)
+                if cert_file:
+                    self._tls.load_cert_chain(cert_file, key_file)
+        except (OSError, ValueError) as exc:    # (ssl.SSLError is an OSError)
+            raise NodeMngrException("cannot use the cluster's TLS files (%s): %s" % (
+                ", ".join(f for f in (ca_file, cert_file, key_file) if f), getattr(exc, "strerror", None) or exc))
         self._user = _read_user_file(user_file) if user_file else None
         self._token = None
-        self._lock = threading.Lock()   # (the publisher's thread and locate's share it)
+        self._lock = threading.Lock()   # (for the token)
 
     def call(self, path, body):
-        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError."""
+        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError.  Calls run
+        side by side; only getting a token is done one at a time."""
+        try:
+            return self._post(path, body, self._auth_token())
+        except ClusterError as exc:
+            if self._user is None or "invalid auth token" not in str(exc):
+                raise
+            with self._lock:
+                self._token = None      # expired: authenticate again, once
+        return self._post(path, body, self._auth_token())
+
+    def _auth_token(self):
+        if self._user is None:
+            return None
         with self._lock:
-            if self._user is not None and self._token is None:
+            if self._token is None:
                 self._token = self._post("auth/authenticate", {"name": self._user[0], "password": self._user[1]},
                                          None).get("token")
-            try:
-                return self._post(path, body, self._token)
-            except ClusterError as exc:
-                if self._user is None or "auth" not in str(exc):
-                    raise
-                self._token = None      # expired: authenticate again, once
-        return self.call(path, body)
+            return self._token
 
     def _post(self, path, body, token):
         data = json.dumps(body).encode("utf-8")
         reasons = []
+        deadline = time.monotonic() + 2 * self.timeout     # the whole call, whatever the endpoints do
         for scheme, host, port in self.endpoints:
-            conn = (http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls) if scheme == "https"
-                    else http.client.HTTPConnection(host, port, timeout=self.timeout))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                reasons.append("%s:%d: no time left" % (host, port))
+                continue
+            conn = (http.client.HTTPSConnection(host, port, timeout=min(left, self.timeout), context=self._tls)
+                    if scheme == "https" else http.client.HTTPConnection(host, port, timeout=min(left, self.timeout)))
             try:
                 conn.request("POST", "/v3/" + path, data, dict({"Content-Type": "application/json"},
                                                                **({"Authorization": token} if token else {})))
                 reply = conn.getresponse()
-                answer = json.loads(reply.read() or b"{}")
+                answer = json.loads(_read_within(conn, reply, deadline, self.max_reply) or b"{}")
+                if not isinstance(answer, dict):
+                    raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or describe(exc)))
+                status = getattr(locals().get("reply"), "status", None)
+                reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or (
+                    "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))))
                 continue
             finally:
                 conn.close()
@@ -1470,8 +1538,16 @@ class EtcdClient:
             return answer
         raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
 
+    def copy(self):
+        """Another client to the same etcd, with a connection and lock of its own."""
+        return EtcdClient(["%s://%s:%d" % (scheme, "[%s]" % host if ":" in host else host, port)
+                           for scheme, host, port in self.endpoints], *self.config)
+
     def grant(self, ttl):
-        return self.call("lease/grant", {"TTL": ttl})["ID"]
+        lease = self.call("lease/grant", {"TTL": ttl}).get("ID")
+        if lease is None:
+            raise ClusterError("etcd answered a lease grant without a lease: not etcd's v3 API?")
+        return lease
 
     def keepalive(self, lease):
         """The lease's TTL left after renewing it; 0 when etcd no longer knows it."""
@@ -1484,9 +1560,12 @@ class EtcdClient:
         """{key: (value, lease)} of the keys under *prefix*."""
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
-        return {base64.b64decode(kv["key"]).decode("utf-8"): (base64.b64decode(kv.get("value", "")).decode("utf-8"),
-                                                              int(kv.get("lease", 0)))
+        try:
+            return {base64.b64decode(kv["key"]).decode("utf-8"): (
+                base64.b64decode(kv.get("value", "")).decode("utf-8", "replace"), int(kv.get("lease", 0)))
                 for kv in reply.get("kvs", [])}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ClusterError("etcd answered a range with something that is not etcd's v3 JSON")
 
     def txn(self, puts, deletes, lease):
         """Put {key: value} with *lease* and delete *deletes*, in one transaction."""
@@ -1516,6 +1595,8 @@ class ClusterView:
     coalesce = 0.02     # seconds to gather changes into one transaction
     retry = 0.5         # seconds between two tries while etcd cannot be reached (doubling to 4)
     txn_ops = 128       # operations per transaction: etcd's default --max-txn-ops
+    txn_bytes = 1 << 20     # and bytes (etcd's default --max-request-bytes is 1.5 MiB)
+    recheck = 30.0      # seconds between two comparisons of the published prefix with the registry
 
     def __init__(self, client, host, ttl, node):
         self.client, self.host, self.ttl, self.node = client, host, ttl, node
@@ -1528,7 +1609,8 @@ class ClusterView:
         self._wake = threading.Condition()
         self._stopping = False
         self._stopped = threading.Event()
-        self._next_keepalive = 0.0
+        self._next_keepalive = self._next_check = 0.0
+        self.reader = client.copy()     # locate's: it must not hold up the writes and keepalives
         self._thread = threading.Thread(target=self._run, name="nodemngr-cluster", daemon=True)
 
     def start(self):
@@ -1550,24 +1632,24 @@ class ClusterView:
             self._stopped.set()
             self._wake.notify()
         self._thread.join(timeout)
-        if self._lease is not None:
+        if self._lease is not None:     # (a client of its own: the thread may hold the other's lock)
+            revoker = self.client.copy()
+            revoker.timeout = 0.5
             try:
-                self.client.revoke(self._lease)
-            except ClusterError:
+                revoker.revoke(self._lease)
+            except (ClusterError, NodeMngrException):
                 pass
 
     def locate(self, name=None):
         """Every host's published registrations (those named *name* when given), sorted by host then
         port, as structs {host, port, name, info, pid, since}; ClusterError when etcd cannot say."""
         found = []
-        for key, (value, _) in self.client.range(CLUSTER_PREFIX).items():
-            try:
-                entry = json.loads(value)
-                if name is None or entry.get("name") == name:
-                    entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
-                    found.append(entry)
-            except (ValueError, KeyError, TypeError):
-                log.debug("skipping unreadable cluster entry %s", key)
+        for key, (value, _) in self.reader.range(CLUSTER_PREFIX).items():
+            entry = _cluster_entry(value)
+            if entry is None:
+                log.debug("skipping a cluster entry that is not nodemngr's: %s", _loggable(key))
+            elif name is None or entry["name"] == name:
+                found.append(entry)
         return sorted(found, key=lambda e: (str(e.get("host")), e.get("port", 0)))
 
     # -- the publisher's thread ------------------------------------------------------------------
@@ -1576,18 +1658,20 @@ class ClusterView:
         delay, outage = self.retry, None
         while not self._stopping:
             try:
+                if self._lease is not None and self._keepalive_due() and self.client.keepalive(self._lease) <= 0:
+                    log.warning("etcd lost this host's lease; publishing the registry again")
+                    self._lease = None      # (renewed before any write: a write etcd refuses must not cost it)
                 if self._lease is None:
                     self._lease = self.client.grant(self.ttl)
                     self._resync()
+                if time.monotonic() >= self._next_check:    # a restored backup, an operator's del
+                    self._published = None
                 self._flush()
                 if outage is not None:
                     log.warning("etcd answers again after %.0f s; published this host's registry anew",
                                 time.monotonic() - outage)
                 outage, delay, self.state = None, self.retry, "ok"
                 self._wait_for_changes()
-                if not self._stopping and self._keepalive_due() and self.client.keepalive(self._lease) <= 0:
-                    log.warning("etcd lost this host's lease; publishing the registry again")
-                    self._lease = None
             except ClusterError as exc:
                 if outage is None:      # once per outage, not per call
                     outage = time.monotonic()
@@ -1597,15 +1681,19 @@ class ClusterView:
                 self._published = None      # unknown now: the next success rewrites the prefix
                 self._stopped.wait(delay)   # (changes meanwhile only gather: calls must not wake it)
                 delay = min(delay * 2, 4.0)
-            except Exception:       # a bug must not end publishing for good
-                log.exception("cluster view failed")
+            except Exception:       # a bug must not end publishing for good (logged once)
+                if outage is None:
+                    outage = time.monotonic()
+                    log.exception("cluster view failed")
+                self.state = "the cluster view failed; the node manager's log has the details"
                 self._published = None
-                self._stopped.wait(self.retry)
+                self._stopped.wait(delay)
+                delay = min(delay * 2, 4.0)
 
     def _wait_for_changes(self):
         with self._wake:
             if not self._dirty and not self._stopping:
-                self._wake.wait(max(0.0, self._next_keepalive - time.monotonic()))
+                self._wake.wait(max(0.0, min(self._next_keepalive, self._next_check) - time.monotonic()))
         if self._dirty:
             time.sleep(self.coalesce)   # let a burst gather
 
@@ -1621,8 +1709,9 @@ class ClusterView:
 
     def _resync(self):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
-        the current lease (a key of an earlier lease would expire with it)."""
-        self._next_keepalive = time.monotonic() + self.ttl / 3.0
+        the current lease (a key of an earlier lease would expire with it).  Done again every
+        recheck seconds, so that a restored backup of etcd or a key deleted by hand is repaired."""
+        self._next_check = time.monotonic() + self.recheck
         with self._wake:
             self._dirty.clear()
         actual = self.client.range(self.prefix)
@@ -1654,13 +1743,20 @@ class ClusterView:
         self._published.update(puts)
 
     def _write(self, puts, deletes):
-        """In transactions of txn_ops operations at most (one, when the change is that small)."""
+        """In transactions of txn_ops operations and txn_bytes at most (one, when the change is
+        that small)."""
         ops = [("delete", k, None) for k in deletes] + [("put", k, v) for k, v in puts.items()]
-        for i in range(0, len(ops), self.txn_ops):
-            chunk = ops[i:i + self.txn_ops]
-            self.client.txn({k: v for op, k, v in chunk if op == "put"}, [k for op, k, _ in chunk if op == "delete"],
-                            self._lease)
-            self.transactions += 1
+        chunk, size = [], 0
+        for op in ops + [None]:
+            cost = 0 if op is None else (len(op[1]) + len((op[2] or "").encode("utf-8"))) * 4 // 3 + 64
+            if chunk and (op is None or len(chunk) >= self.txn_ops or size + cost > self.txn_bytes):
+                self.client.txn({k: v for o, k, v in chunk if o == "put"}, [k for o, k, _ in chunk if o == "delete"],
+                                self._lease)
+                self.transactions += 1
+                chunk, size = [], 0
+            if op is not None:
+                chunk.append(op)
+                size += cost
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2081,17 +2177,26 @@ class _Channel(asyncio.BufferedProtocol):
         else:
             reply = server.dispatch_body(body, caller, server.pending_bytes > server.max_pending_bytes)
         if caller.defer:   # it waits for another server: answered when its thread is done
-            self.awaiting = head
-            self.transport.pause_reading()
             method, func = caller.defer[0]
-            server.loop.run_in_executor(None, func).add_done_callback(
-                lambda future: self._slow_done(method, future))
-            return
+            if server.slow_calls >= server.max_slow_calls:
+                server.faults[CLUSTER_UNAVAILABLE] += 1
+                reply = dumps(Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try again "
+                                    "shortly" % server.slow_calls), methodresponse=True).encode("utf-8")
+            else:
+                server.slow_calls += 1
+                self.awaiting = head
+                self.transport.pause_reading()
+                server.loop.run_in_executor(server.executor, func).add_done_callback(
+                    lambda future: self._slow_done(method, future))
+                return
         self._reply(head, reply, caller.handoff)
 
     def _slow_done(self, method, future):
+        self.server.slow_calls -= 1
         head, self.awaiting = self.awaiting, None
         if self.state is CLOSED or head is None:
+            if not future.cancelled():
+                future.exception()      # (retrieved: nobody is left to tell)
             return
         self._reply(head, self.server.finish_slow(method, future), None)
         self.answer_received()
@@ -2438,6 +2543,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
     reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
     tick = 0.25                     # seconds between two sweeps for deadlines and due rechecks
+    max_slow_calls = 8              # calls waiting for etcd at once (locate); beyond, fault 5 at once
 
     def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None, activated=([], None)):
         """Bind and listen at once: the bound port is what keeps a second daemon out.  local: the
@@ -2462,6 +2568,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
         self.requests = collections.Counter()   # XML-RPC calls by method ("unknown": not offered)
         self.faults = collections.Counter()     # faults answered, by code
         self.notify = None          # sd_notify(*lines) for a service manager, or None
+        self.slow_calls = 0         # calls running in the executor (locate, waiting for etcd)
+        self.executor = None        # their threads, made when the loop starts
         self._told = None           # the last STATUS= line sent
         self._accept_warned = 0.0
         self._stopped = threading.Event()
@@ -2541,9 +2649,16 @@ class NodeMngrServer(SimpleXMLRPCServer):
             log.exception("internal error in %s", method)
             response = Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the details"
                              % (method, type(exc).__name__))
+        try:
+            reply = dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+        except Exception:
+            log.exception("could not marshal the reply to %s", method)
+            response = Fault(INTERNAL_ERROR, "internal error: the reply to %s could not be marshalled; see the "
+                             "node manager's log" % method)
+            reply = dumps(response, methodresponse=True).encode("utf-8")
         if isinstance(response, Fault):
             self.faults[response.faultCode] += 1
-        return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
+        return reply
 
     def _looked_up(self, name):
         """lookup's reply, marshalled once per name and state of the registry (the 64 names asked
@@ -2721,6 +2836,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         and return."""
         self.loop = loop = asyncio.new_event_loop()
         loop.set_exception_handler(_loop_error)
+        self.executor = concurrent.futures.ThreadPoolExecutor(self.max_slow_calls, "nodemngr-slow")
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
         self._done = loop.create_future()
         try:
@@ -2743,6 +2859,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 loop.run_until_complete(asyncio.sleep(0))
         finally:
             loop.close()
+            self.executor.shutdown(wait=False)     # (each call is bounded by etcd's deadline)
             self._stopped.set()
 
     def _sweep(self):
@@ -3326,6 +3443,12 @@ def _daemon_config(args, activated=([], None)):
     return host, port, first, last, state, read_token(args.token_file), env_unix(args.unix, port, state)
 
 
+def _host_name():
+    """The FQDN, unless it is a loopback name ("localhost"), which every host has: then the host name."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.split(".")[0] in ("localhost", "ip6-localhost") else fqdn
+
+
 def _cluster_config(args):
     """(EtcdClient, advertised host, TTL) from the flags and environment, or None when off."""
     urls = args.cluster or os.environ.get("NODEMNGR_CLUSTER") or ""
@@ -3343,9 +3466,14 @@ def _cluster_config(args):
     client = EtcdClient(urls.split(","), setting(args.cluster_ca, "NODEMNGR_CLUSTER_CA"),
                         setting(args.cluster_cert, "NODEMNGR_CLUSTER_CERT"), setting(args.cluster_key, "NODEMNGR_CLUSTER_KEY"),
                         setting(args.cluster_user_file, "NODEMNGR_CLUSTER_USER_FILE"))
-    advertise = setting(args.advertise_host, "NODEMNGR_ADVERTISE_HOST") or socket.getfqdn()
-    if not advertise or "/" in advertise:
-        raise NodeMngrException("%s cannot name this host in the cluster (give --advertise-host)" % describe(advertise))
+    advertise = setting(args.advertise_host, "NODEMNGR_ADVERTISE_HOST") or _host_name()
+    try:
+        advertise.encode("utf-8")
+    except UnicodeEncodeError:
+        advertise = "/"
+    if not advertise or "/" in advertise or is_loopback(advertise):
+        raise NodeMngrException("%s cannot name this host in the cluster: every host needs a name of its own "
+                                "(give --advertise-host)" % describe(advertise))
     return client, advertise, ttl
 
 

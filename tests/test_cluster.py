@@ -2,6 +2,7 @@
 etcd (started here on free ports with a temporary data folder), located from either, surviving a
 kill -9, an etcd outage and its restart, and a burst of 1,000 registrations."""
 import datetime
+import time
 import os
 import subprocess
 import xmlrpc.client
@@ -186,3 +187,116 @@ def test_https_with_a_ca_and_a_client_certificate(daemon_factory, tmp_path):
             "no client certificate, no etcd: " + b.rpc().status()["cluster"]
     finally:
         server.stop()
+
+
+# --- what an adversarial run found (each failed before its fix) ------------------------------------
+
+def raw_locate(d, name):
+    s = __import__("socket").create_connection((d.host, d.port), timeout=20)
+    body = xmlrpc.client.dumps((name,), "locate").encode()
+    s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    return s
+
+
+def test_a_hung_etcd_holds_up_neither_other_calls_nor_the_stop(daemon_factory, etcd):
+    import signal
+    d = host_daemon(daemon_factory, etcd, "host-a", size=20)
+    assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=5)
+    os.kill(etcd.proc.pid, signal.SIGSTOP)
+    waiting = []
+    try:
+        waiting = [raw_locate(d, "x") for _ in range(12)]
+        refused = 0
+        for s in waiting:
+            s.settimeout(0.5)
+            try:
+                refused += b"in flight already" in s.recv(4096)
+            except OSError:
+                pass
+        assert refused >= 4, "beyond 8 waiting, a locate is refused at once"
+        assert d.rpc().newPort("served meanwhile") == d.first
+        began = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(15) == 0
+        assert time.monotonic() - began < 6, "the stop waited for etcd"
+    finally:
+        os.kill(etcd.proc.pid, signal.SIGCONT)
+        for s in waiting:
+            s.close()
+
+
+def test_large_infos_are_published_in_transactions_etcd_accepts(daemon_factory, etcd):
+    d = host_daemon(daemon_factory, etcd, "host-a", size=120, state="none")
+    big = "\u2603" * 1000       # 3,000 bytes of UTF-8: 6,000 as JSON escapes
+    rpc = d.rpc()
+    for i in range(90):
+        rpc.newPort({"name": "big %d" % i, "text": big})
+    assert wait_until(lambda: len(published(etcd, "host-a")) == 90, timeout=10), rpc.status()["cluster"]
+    assert rpc.status()["cluster"] == "ok"
+
+
+def test_entries_nodemngr_would_not_write_are_skipped_by_locate(daemon_factory, etcd):
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10)
+    port = d.rpc().newPort({"name": "db"})
+    good = {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0, "since": "2026-01-01T00:00:00Z"}
+    import base64 as b64
+    for i, bad in enumerate([dict(good, info=None), dict(good, pid=2 ** 40), dict(good, info="\u0007"),
+                             dict(good, port="3"), "not json", [1, 2]]):
+        value = bad if isinstance(bad, str) else __import__("json").dumps(bad)
+        etcd.call("kv/put", {"key": b64.b64encode(b"nodemngr/v1/ports/hz/%d" % i).decode(),
+                             "value": b64.b64encode(value.encode()).decode()})
+    etcd.call("kv/put", {"key": b64.b64encode(b"nodemngr/v1/ports/hz/7").decode(),
+                         "value": b64.b64encode(__import__("json").dumps(good).encode()).decode()})
+    assert wait_until(lambda: len(published(etcd, "host-a")) == 1, timeout=5)
+    assert [(e["host"], e["port"]) for e in d.rpc().locate("db")] == [("host-a", port), ("hz", 7)]
+    assert len(d.rpc().listCluster()) == 2
+
+
+def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path):
+    for args, text in ((["--cluster", "http://127.0.0.1:99999"], "valid port"),
+                       (["--cluster", "https://127.0.0.1:2379", "--cluster-ca", str(tmp_path / "none.pem")],
+                        "cannot use the cluster's TLS files"),
+                       (["--cluster", "http://127.0.0.1:2379", "--advertise-host", "localhost"],
+                        "every host needs a name of its own")):
+        d = daemon_factory(size=10, state="none", extra_args=args, start=False)
+        d.start(wait=False)
+        assert d.proc.wait(15) == 1
+        log = d.read_log()
+        assert text in log and "Traceback" not in log, log
+
+
+def test_a_key_deleted_in_etcd_is_put_back(daemon_factory, etcd):
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"ClusterView.recheck": 1.0})
+    port = d.rpc().newPort("kept")
+    key = "nodemngr/v1/ports/host-a/%d" % port
+    assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5)
+    import base64 as b64
+    etcd.call("kv/deleterange", {"key": b64.b64encode(key.encode()).decode()})
+    assert key not in etcd.get_prefix("nodemngr/")
+    assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5), "a restored backup stays wrong"
+
+
+def test_an_endpoint_that_is_not_etcd_is_one_sentence_in_status(daemon_factory):
+    import http.server
+    import threading
+
+    class NotEtcd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotEtcd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        d = daemon_factory(size=10, state="none", extra_args=["--cluster", "http://127.0.0.1:%d" % server.server_port,
+                                                                 "--advertise-host", "host-a"])
+        assert wait_until(lambda: "not etcd" in d.rpc().status()["cluster"], timeout=5), d.rpc().status()["cluster"]
+        assert d.read_log().count("Traceback") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
