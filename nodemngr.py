@@ -546,11 +546,7 @@ seconds) and blob (info marshalled, as the state file keeps it)."""
 def name_of(info):
     """The name of a registration whose info is *info*: the info itself when it is a string, else
     the ``name`` member of a struct info when that is a string, else None (README, "Names")."""
-    if type(info) is str:
-        return info
-    if type(info) is dict and type(info.get("name")) is str:
-        return info["name"]
-    return None
+    return info if type(info) is str else explicit_name(info)
 
 
 def explicit_name(info):
@@ -1929,6 +1925,11 @@ def _xml_head(length, close, echo_keep_alive=False, ok_head=_OK_HEAD):
 _METRICS_HEAD = _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8")
 
 
+def _reply_head(head, length):
+    """The head of the reply of *length* bytes to a request whose RequestHead is *head*."""
+    return _xml_head(length, not head.keep_alive, head.echo_keep_alive, _METRICS_HEAD if head.metrics else _OK_HEAD)
+
+
 RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization "
                                         "metrics")
 RequestHead.__doc__ = """What a request's head says: keep the connection open after the reply?
@@ -2065,14 +2066,15 @@ class _Channel(asyncio.BufferedProtocol):
     allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
     """
 
-    __slots__ = ("server", "sock", "peer", "local", "trusted", "transport", "state", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "between", "served", "owed", "awaiting")
+    __slots__ = ("server", "sock", "peer", "local", "peer_pid", "trusted", "transport", "state", "deadline", "inbuf",
+                 "pos", "head", "outbuf", "pending", "between", "served", "owed", "awaiting")
 
     def __init__(self, server, sock, peer, local=False):
         """local: a connection to the local (Unix) socket: newSocket, portpicker's portserver
         protocol, and no token asked of processes of the daemon's own user (or root)."""
         self.server, self.sock, self.peer, self.local = server, sock, peer, local
-        self.trusted = local and _peer_cred(sock)[1] in (0, os.getuid())
+        self.peer_pid, uid = _peer_cred(sock) if local else (None, None)     # (a connection's, for good)
+        self.trusted = local and uid in (0, os.getuid())
         self.transport = None           # until connection_made
         self.state = READING
         self.deadline = time.monotonic() + server.stall_timeout
@@ -2171,7 +2173,7 @@ class _Channel(asyncio.BufferedProtocol):
 
     def _answer(self, head, body):
         server = self.server
-        caller = (Caller(None, _peer_cred(self.sock)[0], [], []) if self.local else Caller(self.peer[0], None, None, []))
+        caller = Caller(None, self.peer_pid, [], []) if self.local else Caller(self.peer[0], None, None, [])
         if head.metrics:
             reply = server.metrics().encode("utf-8")
         else:
@@ -2210,10 +2212,9 @@ class _Channel(asyncio.BufferedProtocol):
         if reply is None:
             pass
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
-            self.transport.write(_xml_head(len(reply), not head.keep_alive, head.echo_keep_alive,
-                                           _METRICS_HEAD if head.metrics else _OK_HEAD) + reply)
+            self.transport.write(_reply_head(head, len(reply)) + reply)
         else:   # a listing, which clients share, is sent as it is, not copied
-            self._send(_xml_head(len(reply), not head.keep_alive, head.echo_keep_alive))
+            self._send(_reply_head(head, len(reply)))
             self._send(reply)
         if not self.pending:
             self._sent_all()
@@ -2226,7 +2227,7 @@ class _Channel(asyncio.BufferedProtocol):
         not read the previous reply, or the kernel will not take the socket, the port is given
         back and the reply is a fault, so that a client that does not read cannot pile up the
         node manager's descriptors in its socket."""
-        data = _xml_head(len(reply), not head.keep_alive, head.echo_keep_alive) + reply
+        data = _reply_head(head, len(reply)) + reply
         try:
             if _unsent_bytes(self.sock):
                 raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
@@ -2269,7 +2270,7 @@ class _Channel(asyncio.BufferedProtocol):
                 raise ForbiddenError("a token is set, and the client is not of the node manager's user")
             if len(data) > _PORTSERVER_MAX or rest or not line.isdigit() or int(line) < 2:
                 raise BadArgumentError("not a pid above 1 in at most %d bytes" % _PORTSERVER_MAX)
-            owner = pid_of_local_peer(int(line), _peer_cred(self.sock)[0])
+            owner = pid_of_local_peer(int(line), self.peer_pid)
             if owner is None:
                 raise BadArgumentError("pid %s is in another pid namespace" % int(line))
             port = self.server.node.newPort("portserver", owner)
