@@ -213,26 +213,27 @@ def stop_process(proc, timeout=10.0):
 # then, for each ``python -c PROGRAM ARGS`` or ``python SCRIPT ARGS`` asked of it, forks a
 # monitor that forks the program.  The program's process sets itself up as Popen's child would be
 # (its stdin, stdout and stderr, no other descriptor, cwd, umask, rlimits, environment, sys.argv,
-# sys.path[0], a fresh __main__) and runs the program; its end is the interpreter's (SystemExit("text") printed and status
-# 1, an uncaught exception's traceback and status 1, KeyboardInterrupt's death by SIGINT,
-# non-daemon threads joined, atexit functions, stdout and stderr flushed, status 120 if that
-# fails), then os._exit: see _run.  The monitor tells the test process the pid, then the exit
-# status; it reaps the process only once the test process has that status (the test process
-# closes its end then), so a pid is not reused before it is known dead, as with Popen.  A program
-# costs about 15 ms of CPU this way (a daemon 40 ms, serving its readiness pings and stopping).
+# sys.path[0], a __main__ of its own) and runs the program; it ends as the interpreter ends one
+# (SystemExit("text") printed and status 1, an uncaught exception's traceback and status 1,
+# KeyboardInterrupt's death by SIGINT, non-daemon threads joined, atexit functions, stdout and
+# stderr flushed, status 120 if that fails), then os._exit: see _run.  The monitor tells the test
+# process the pid, then the exit status; it reaps the process only once the test process has that
+# status (the test process closes its end then), so a pid is not reused before it is known dead,
+# as with Popen.  A -c program costs about 15 ms of CPU this way, a daemon 40 ms (its readiness
+# pings and its stop included), a run of the 100 KB script 80 ms (compiling it).
 #
-# It serves only what is the same program: sys.executable -c or a script, no preexec_fn or other Popen
-# option, and the fork server's own environment but for variables nothing reads before the
+# It serves only what is the same program: sys.executable -c or a script, no preexec_fn or other
+# Popen option, and the fork server's own environment but for variables nothing reads before the
 # program runs (the product's NODEMNGR_*, PYTEST_CURRENT_TEST: see _startup_env).  Otherwise, with
 # TESTS_EXEC_DAEMONS=1, and without use_fork_server() (the benchmark), it is exec'd.  What still
 # differs from an exec: those standard modules are in sys.modules before the program runs (and
 # frozen for the collector), the hash seed is the fork server's, /proc/PID/cmdline and
 # /proc/PID/environ are the fork server's, the parent is the monitor, the glibc-internal signals
-# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored, which nothing can
-# send or set), a SyntaxError in a script is placed as compile() places it (3.8 differs by a line),
+# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored; nothing can send or
+# set them), a SyntaxError in a script is placed as compile() places it (3.8's differs by a line),
 # and at exit the modules are not torn down unless finalize=True: an object still referenced then
-# is not finalized (what the program closed, flushed or collected is).  Tests that check a process
-# prints nothing more, even at exit, ask for finalize=True (about 0.07 s more).  test_daemon
+# is not finalized (what the program closed, flushed or collected is).  Tests that check that a
+# process prints nothing more, even at exit, ask for finalize=True (0.07 s more).  test_daemon
 # compares both kinds with exec'd ones.
 
 ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it

@@ -64,7 +64,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
     # one go and reads nothing, then the daemon is told to stop: it answers what it received, but
     # once max_pending_bytes of replies wait, the large ones get 503 instead of 48 MB of replies.
     d = daemon_factory(size=300, settings={"NodeMngrServer.max_pending_bytes": 3 << 20,
-                                           "NodeMngrServer.stop_grace": 0.2})
+                                           "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
     fill_registry(d, 300)
     request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
     growth = _growth_while_stopping(d, request * 40)
@@ -158,7 +158,7 @@ def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_fa
     # A listing of about 250 KB goes to the transport in one piece; 300 of them asked for in one go
     # and never read must still wait within max_pending_bytes when the stop answers them.
     d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20,
-                                          "NodeMngrServer.stop_grace": 0.2})
+                                          "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
     fill_registry(d, 60)
     growth = _growth_while_stopping(d, post(xmlrpc.client.dumps((), "listPorts").encode()) * 300)
     assert growth < 30 * 1024, "small replies owed at the stop grew the daemon by %d KiB" % growth
