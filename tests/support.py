@@ -87,10 +87,10 @@ def reserve_range(first, last):
     _reserved.append((first, last))
 
 
-def free_range(size):
-    """A range of *size* ports in this worker's share, picked at random, whose first 8 are free now
-    (checking all of a 1,000-port range on every test would cost more than the collisions it avoids),
-    and which overlaps no reserved range."""
+def free_range(size, check=8):
+    """A range of *size* ports in this worker's share, picked at random, whose first *check* are free
+    now (checking all of a 1,000-port range on every test would cost more than the collisions it
+    avoids: a test that binds them all checks them all), and which overlaps no reserved range."""
     low, high = worker_ports()
     reserved = _reserved
     if high - low < 2 * size:   # a few tests need most of the span: they take their chances
@@ -100,7 +100,7 @@ def free_range(size):
         last = first + size - 1
         if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in reserved):
             continue
-        if all(port_is_free(p) for p in range(first, first + min(size, 8))):
+        if all(port_is_free(p) for p in range(first, first + min(size, check))):
             return first, last
     raise ServerError("no free port range found")
 
