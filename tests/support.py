@@ -91,16 +91,17 @@ def free_range(size, check=8):
     """A range of *size* ports in this worker's share, picked at random, whose first *check* are free
     now (checking all of a 1,000-port range on every test would cost more than the collisions it
     avoids: a test that binds them all checks them all), and which overlaps no reserved range.  A
-    range the share cannot hold away from the reserved ones (a few tests need most of a share, and
-    with 4 workers a share is 4,000 ports) is looked for in all of 14000-29999: those take their
-    chances with the other workers' daemons."""
+    range the share cannot hold away from the reserved ones (with 4 workers a share is 4,000 ports)
+    is looked for in all of 14000-29999, and one that cannot be found there either (a few tests need
+    most of the span) overlaps what it must: those take their chances with the other daemons."""
     low, high = worker_ports()
-    spans = [(low, high), (14000, 30000)] if high - low >= 2 * size else [(14000, 30000)]
-    for low, high in spans:
+    spans = [(low, high, _reserved)] if high - low >= 2 * size else []
+    spans += [(14000, 30000, _reserved), (14000, 30000, [])]
+    for low, high, reserved in spans:
         for _ in range(200):
             first = random.randrange(low, high - size)
             last = first + size - 1
-            if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in _reserved):
+            if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in reserved):
                 continue
             if all(port_is_free(p) for p in range(first, first + min(size, check))):
                 return first, last
