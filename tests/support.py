@@ -438,16 +438,14 @@ _run(*_program)
 
 
 def _preload_source():
-    """``import`` lines for the standard modules nodemngr.py and nodemngr_proxy.py import at their
-    top level (read from their source, so that a change of theirs is followed)."""
+    """``import`` lines for the standard modules nodemngr.py and nodemngr_proxy.py import, at their
+    top level or in a function (read from their source, so that a change of theirs is followed)."""
     import ast
     names = []
     for path in (NODEMNGR, os.path.join(ROOT, "nodemngr_proxy.py")):
         with open(path, "rb") as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) or isinstance(node, ast.ClassDef):
-                continue
             if isinstance(node, ast.Import):
                 found = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -455,8 +453,6 @@ def _preload_source():
             else:
                 continue
             names += [n for n in found if n.split(".")[0] not in ("nodemngr", "nodemngr_proxy") and n not in names]
-    # (ast.walk also enters functions: what they import lazily is imported here too; harmless, and
-    # cheaper in the programs that use it)
     return "\n".join("try:\n    import %s\nexcept ImportError:\n    pass" % n for n in names)
 
 
@@ -560,7 +556,8 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program."""
+    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program or a
+    ``python SCRIPT``."""
 
     def __init__(self, env):
         self.env, self.forked = env, 0
