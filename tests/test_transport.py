@@ -108,6 +108,11 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
             except OSError:
                 return False
         assert wait_until(listening, timeout=10), d.read_log()
+        # Its handlers come just after the bind: a signal in between would end it (a window of a
+        # few instructions, which a loaded machine can stretch), not what this test is about.
+        # They must be there while it waits for the state file.
+        assert wait_until(lambda: catches(d.proc.pid, signal.SIGHUP) and catches(d.proc.pid, signal.SIGTERM),
+                          timeout=5), "no handlers for SIGHUP and SIGTERM while waiting for the state file"
         d.proc.send_signal(signal.SIGHUP)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)     # (nothing to wait for: the daemon is blocked in sqlite, as it would be)
@@ -118,6 +123,13 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
     assert d.proc.wait(10) == 0
     log = d.read_log()
     assert "reopened the log file" in log and "stopped (SIGTERM)" in log, log
+
+
+def catches(pid, sig):
+    """Whether process *pid* has a handler for signal *sig* (its bit in /proc/PID/status SigCgt)."""
+    with open("/proc/%d/status" % pid) as f:
+        caught = int([line for line in f if line.startswith("SigCgt:")][0].split()[1], 16)
+    return bool(caught >> (sig - 1) & 1)
 
 
 def test_an_address_any_socket_can_bind_is_not_this_host():
