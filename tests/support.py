@@ -90,21 +90,24 @@ def reserve_range(first, last):
     _reserved.append((first, last))
 
 
-def free_range(size):
-    """A range of *size* ports in this worker's share, picked at random, whose first 8 are free now
-    (checking all of a 1,000-port range on every test would cost more than the collisions it avoids),
-    and which overlaps no reserved range."""
+def free_range(size, check=8):
+    """A range of *size* ports in this worker's share, picked at random, whose first *check* are free
+    now (checking all of a 1,000-port range on every test would cost more than the collisions it
+    avoids: a test that binds them all checks them all), and which overlaps no reserved range.  A
+    range the share cannot hold away from the reserved ones (with 4 workers a share is 4,000 ports)
+    is looked for in all of 14000-29999, and one that cannot be found there either (a few tests need
+    most of the span) overlaps what it must: those take their chances with the other daemons."""
     low, high = worker_ports()
-    reserved = _reserved
-    if high - low < 2 * size:   # a few tests need most of the span: they take their chances
-        low, high, reserved = 14000, 30000, []
-    for _ in range(200):
-        first = random.randrange(low, high - size)
-        last = first + size - 1
-        if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in reserved):
-            continue
-        if all(port_is_free(p) for p in range(first, first + min(size, 8))):
-            return first, last
+    spans = [(low, high, _reserved)] if high - low >= 2 * size else []
+    spans += [(14000, 30000, _reserved), (14000, 30000, [])]
+    for low, high, reserved in spans:
+        for _ in range(200):
+            first = random.randrange(low, high - size)
+            last = first + size - 1
+            if first <= RESERVED_PORT <= last or any(a <= last and first <= b for a, b in reserved):
+                continue
+            if all(port_is_free(p) for p in range(first, first + min(size, check))):
+                return first, last
     raise ServerError("no free port range found")
 
 
@@ -213,27 +216,31 @@ def stop_process(proc, timeout=10.0):
 # The fork server is a Python started once per test process, exactly as those would be (this
 # interpreter, no flags, clean_env(), inherited rlimits and signal dispositions and mask), that
 # imports the standard modules nodemngr.py and nodemngr_proxy.py import -- not these two -- and
-# then, for each ``python -c PROGRAM ARGS`` asked of it, forks a monitor that forks the program.
-# The program's process sets itself up as Popen's child would be (its stdin, stdout and stderr,
-# no other descriptor, cwd, umask, rlimits, environment, sys.argv == ["-c", ARGS...], a fresh
-# __main__) and runs PROGRAM; its end is the interpreter's (SystemExit("text") printed and status
-# 1, an uncaught exception's traceback and status 1, KeyboardInterrupt's death by SIGINT,
-# non-daemon threads joined, atexit functions, stdout and stderr flushed, status 120 if that
-# fails), then os._exit: see _run.  The monitor tells the test process the pid, then the exit
-# status; it reaps the process only once the test process has that status (the test process
-# closes its end then), so a pid is not reused before it is known dead, as with Popen.  A program
-# costs about 15 ms of CPU this way (a daemon 40 ms, serving its readiness pings and stopping).
+# then, for each ``python -c PROGRAM ARGS`` or ``python SCRIPT ARGS`` asked of it, forks a
+# monitor that forks the program.  The program's process sets itself up as Popen's child would be
+# (its stdin, stdout and stderr, no other descriptor, cwd, umask, rlimits, environment, sys.argv,
+# sys.path[0], a __main__ of its own) and runs the program; it ends as the interpreter ends one
+# (SystemExit("text") printed and status 1, an uncaught exception's traceback and status 1,
+# KeyboardInterrupt's death by SIGINT, non-daemon threads joined, atexit functions, stdout and
+# stderr flushed, status 120 if that fails), then os._exit: see _run.  The monitor tells the test
+# process the pid, then the exit status; it reaps the process only once the test process has that
+# status (the test process closes its end then), so a pid is not reused before it is known dead,
+# as with Popen.  A -c program costs about 15 ms of CPU this way, a daemon 40 ms (its readiness
+# pings and its stop included), a run of the 100 KB script 80 ms (compiling it).
 #
-# It serves only what is the same program: sys.executable -c, no preexec_fn or other Popen
-# option, and the fork server's own environment but for variables nothing reads before the
+# It serves only what is the same program: sys.executable -c or a script, no preexec_fn or other
+# Popen option, and the fork server's own environment but for variables nothing reads before the
 # program runs (the product's NODEMNGR_*, PYTEST_CURRENT_TEST: see _startup_env).  Otherwise, with
 # TESTS_EXEC_DAEMONS=1, and without use_fork_server() (the benchmark), it is exec'd.  What still
 # differs from an exec: those standard modules are in sys.modules before the program runs (and
 # frozen for the collector), the hash seed is the fork server's, /proc/PID/cmdline and
 # /proc/PID/environ are the fork server's, the parent is the monitor, the glibc-internal signals
-# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored, which nothing can
-# send or set), and at exit the modules are not torn down: an object still referenced then is not
-# finalized (what the program closed, flushed or collected is).  test_daemon compares the two.
+# 32 and 33 are not ignored (Popen from a threaded process leaves them ignored; nothing can send or
+# set them), a SyntaxError in a script is placed as compile() places it (3.8's differs by a line),
+# and at exit the modules are not torn down unless finalize=True: an object still referenced then
+# is not finalized (what the program closed, flushed or collected is).  Tests that check that a
+# process prints nothing more, even at exit, ask for finalize=True (0.07 s more).  test_daemon
+# compares both kinds with exec'd ones.
 
 ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it
 import os, sys
@@ -336,33 +343,64 @@ def _become(stdio, request):
             resource.setrlimit(which, limits)
     os.environ.clear()
     os.environ.update(request["env"])
-    sys.argv[:] = ["-c"] + request["args"]
-    return request["program"]
+    if request["script"] is None:
+        sys.argv[:] = ["-c"] + request["args"]
+    else:                       # python SCRIPT: its folder (links resolved) first on sys.path
+        sys.argv[:] = [request["script"]] + request["args"]
+        sys.path[0] = os.path.dirname(os.path.realpath(request["script"]))
+    return request["program"], request["script"], request["finalize"]
 
 
-def _run(program, sys=sys, os=os):
-    # python -c PROGRAM, in this process: __main__ emptied as python -c makes it, the program's
-    # source where tracebacks look for it, uncaught exceptions and SystemExit handled as the
-    # interpreter does, then its exit as Py_FinalizeEx makes it -- non-daemon threads joined,
-    # atexit functions, stdout and stderr flushed (status 120 if that fails), a last collection
-    # -- but for the teardown of every module, which would copy the fork server's memory page by
-    # page (0.07 s of CPU a process): objects still referenced then are not finalized.
-    ours, g = {sys._getframe().f_code, sys._getframe(1).f_code}, globals()
-    fresh = sys.__dict__.pop("_fork_main")
-    g.clear()
-    g.update(fresh, __annotations__={})
+def _compiled(program, script, g, sys=sys):
+    # The program's code; a script's __file__, __cached__ and __loader__ in *g*, a -c program's
+    # source where tracebacks look for it (python -c registers it).
+    if script is not None:
+        from importlib.machinery import SourceFileLoader
+        g.update(__file__=script, __cached__=None, __loader__=SourceFileLoader("__main__", script))
+        with open(script, "rb") as f:
+            return compile(f.read(), script, "exec")
+    code = compile(program, "<string>", "exec")
+    linecache = sys.modules.get("linecache")
+    for key in list(linecache.cache) if linecache is not None else ():
+        if key == "<string>":
+            linecache.cache[key] = (len(program), None, [line + "\n" for line in program.splitlines()], key)
+        elif getattr(key, "co_filename", None) == "<string>":
+            del linecache.cache[key]
+            linecache._register_code(code, program, "<string>")
+    return code
+
+
+def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
+    # python -c PROGRAM or python SCRIPT, in this process: a __main__ as python makes it, a
+    # -c program's source where tracebacks look for it, the fork server's frames left out of
+    # tracebacks.  With *finalize*, the rest is the interpreter's: what the program raises leaves
+    # this function, and the fork server's program ends there.  Without, the end is done here as
+    # Py_FinalizeEx does it -- uncaught exceptions and SystemExit handled as the interpreter does,
+    # non-daemon threads joined, atexit functions, stdout and stderr flushed (status 120 if that
+    # fails), a last collection -- but for the teardown of every module, which would copy the fork
+    # server's memory page by page (0.06 s of CPU a process): objects still referenced then are not
+    # finalized, and what a finalizer would print is not printed.
+    ours, previous = {sys._getframe().f_code, sys._getframe(1).f_code, compiled.__code__}, sys.excepthook
+
+    def excepthook(kind, value, tb):
+        sys.excepthook = previous
+        while tb is not None and tb.tb_frame.f_code in ours:
+            tb = tb.tb_next
+        if isinstance(value, BaseException):
+            value.__traceback__ = tb    # (what some Pythons print)
+        sys.last_type, sys.last_value, sys.last_traceback = kind, value, tb
+        previous(kind, value, tb)
+    sys.excepthook = excepthook
+    main = type(sys)("__main__")        # a __main__ of its own, not the fork server's
+    main.__dict__.update(sys.__dict__.pop("_fork_main"), __annotations__={})
+    sys.modules["__main__"], g = main, main.__dict__
+    if finalize:
+        __import__("gc").unfreeze()     # (frozen, __main__ would not be torn down)
+        exec(compiled(program, script, g), g)
+        return
     interrupted = False
     try:
-        code = compile(program, "<string>", "exec")
-        linecache = sys.modules.get("linecache")
-        for key in list(linecache.cache) if linecache is not None else ():
-            if key == "<string>":
-                linecache.cache[key] = (len(program), None, [line + "\n" for line in program.splitlines()], key)
-            elif getattr(key, "co_filename", None) == "<string>":
-                del linecache.cache[key]
-                linecache._register_code(code, program, "<string>")
-        del linecache
-        exec(code, g)
+        exec(compiled(program, script, g), g)
         status = 0
     except SystemExit as exc:
         status = exc.code
@@ -373,12 +411,7 @@ def _run(program, sys=sys, os=os):
                 sys.stderr.write("%%s\n" %% (status,))
             status = 1
     except BaseException as exc:
-        tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code in ours:
-            tb = tb.tb_next
-        exc.__traceback__ = tb
-        sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, tb
-        sys.excepthook(type(exc), exc, tb)
+        sys.excepthook(type(exc), exc, exc.__traceback__)
         interrupted, status = isinstance(exc, KeyboardInterrupt), 1
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
@@ -403,21 +436,19 @@ def _run(program, sys=sys, os=os):
 _program = _serve(int(sys.argv[1]))
 if _program is None:
     sys.exit(0)
-_run(_program)
+_run(*_program)
 """
 
 
 def _preload_source():
-    """``import`` lines for the standard modules nodemngr.py and nodemngr_proxy.py import at their
-    top level (read from their source, so that a change of theirs is followed)."""
+    """``import`` lines for the standard modules nodemngr.py and nodemngr_proxy.py import, at their
+    top level or in a function (read from their source, so that a change of theirs is followed)."""
     import ast
     names = []
     for path in (NODEMNGR, os.path.join(ROOT, "nodemngr_proxy.py")):
         with open(path, "rb") as f:
             tree = ast.parse(f.read())
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef) or isinstance(node, ast.ClassDef):
-                continue
             if isinstance(node, ast.Import):
                 found = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -425,8 +456,6 @@ def _preload_source():
             else:
                 continue
             names += [n for n in found if n.split(".")[0] not in ("nodemngr", "nodemngr_proxy") and n not in names]
-    # (ast.walk also enters functions: what they import lazily is imported here too; harmless, and
-    # cheaper in the programs that use it)
     return "\n".join("try:\n    import %s\nexcept ImportError:\n    pass" % n for n in names)
 
 
@@ -530,7 +559,8 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program."""
+    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program or a
+    ``python SCRIPT``."""
 
     def __init__(self, env):
         self.env, self.forked = env, 0
@@ -549,11 +579,13 @@ class ForkServer:
         environment but for what nothing reads before the program runs (it gets *env* whole)."""
         return _startup_env(env) == _startup_env(self.env)
 
-    def spawn(self, argv, env, cwd=None, stdin=None, stdout=None, stderr=None, text=False):
-        """Popen([sys.executable] + *argv*, ...) for argv = ["-c", PROGRAM, ARGS...]."""
+    def spawn(self, argv, env, cwd=None, stdin=None, stdout=None, stderr=None, text=False, finalize=False):
+        """Popen([sys.executable] + *argv*, ...) for argv = ["-c", PROGRAM, ARGS...] or [SCRIPT, ARGS...]."""
         umask = os.umask(0o22)
         os.umask(umask)
-        request = marshal.dumps({"program": argv[1], "args": [str(a) for a in argv[2:]], "env": dict(env),
+        program, script, args = (argv[1], None, argv[2:]) if argv[0] == "-c" else (None, str(argv[0]), argv[1:])
+        request = marshal.dumps({"program": program, "script": script, "finalize": finalize,
+                                 "args": [str(a) for a in args], "env": dict(env),
                                  "cwd": None if cwd is None else str(cwd), "umask": umask,
                                  "rlimits": [(r, resource.getrlimit(r)) for r in _RLIMITS]})
         theirs, ours, to_close = [], [None, None, None], []
@@ -654,13 +686,18 @@ def stop_fork_server():
         server.close()
 
 
-def popen_python(argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None, text=False, **popen_kw):
-    """subprocess.Popen([sys.executable] + *argv*, ...): for ``["-c", PROGRAM, ARGS...]`` with no
-    other option, a ForkedProcess from the fork server when it is the same program."""
+def popen_python(argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None, text=False, finalize=False,
+                 **popen_kw):
+    """subprocess.Popen([sys.executable] + *argv*, ...): for ``["-c", PROGRAM, ARGS...]`` or
+    ``[SCRIPT, ARGS...]`` with no other option, a ForkedProcess from the fork server when it is the
+    same program.  finalize=True: it ends with the interpreter's whole teardown, as an exec'd one
+    (for tests of what a process prints even at exit), not without the modules' (see _run)."""
     text = text or popen_kw.pop("universal_newlines", False)
-    server = fork_server() if not popen_kw and len(argv) >= 2 and argv[0] == "-c" else None
+    forkable = argv[0] == "-c" and len(argv) >= 2 or not str(argv[0]).startswith("-") and os.path.isfile(str(argv[0]))
+    server = fork_server() if not popen_kw and forkable else None
     if server is not None and server.serves(os.environ if env is None else env):
-        return server.spawn(argv, dict(os.environ if env is None else env), cwd, stdin, stdout, stderr, text)
+        return server.spawn(argv, dict(os.environ if env is None else env), cwd, stdin, stdout, stderr, text,
+                            finalize)
     return subprocess.Popen([sys.executable] + list(argv), stdin=stdin, stdout=stdout, stderr=stderr, env=env,
                             cwd=cwd, text=text, **popen_kw)
 

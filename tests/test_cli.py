@@ -7,17 +7,18 @@ fails), and ``serve``, which binds, installs signal handlers and runs a loop."""
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port, wait_until
+from conftest import NODEMNGR, ROOT, clean_env, free_port, run_python, wait_until
 
 
 def cli(*args, env=None, timeout=30):
-    """``python3 nodemngr.py ARGS`` as a process: (exit status, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, NODEMNGR] + [str(a) for a in args], env=env or clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    """``python3 nodemngr.py ARGS`` as a process: (exit status, stdout, stderr).  (Forked where
+    support's fork server can, as the script and with the interpreter's whole exit: what it prints
+    even while its modules are torn down is there too.)"""
+    proc = run_python([NODEMNGR] + [str(a) for a in args], env=env or clean_env(), capture_output=True,
+                      text=True, timeout=timeout, finalize=True)
     return proc.returncode, proc.stdout, proc.stderr
 
 

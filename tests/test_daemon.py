@@ -225,6 +225,14 @@ sys.exit(7)
 """
 
 
+FINALIZED = """
+class Kept:
+    def __del__(self):
+        sys.stderr.write("finalized\\n")
+kept = Kept()
+"""
+
+
 def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_factory):
     import subprocess
     import sys
@@ -237,6 +245,14 @@ def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_
     forked = run_python(["-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
     execd = subprocess.run([sys.executable, "-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
     assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\nat exit\n")
+    assert json_of(forked.stdout) == json_of(execd.stdout)
+    # a script, ending with the interpreter's whole teardown (an object left referenced is finalized)
+    script = tmp_path / "seen.py"
+    script.write_text(SEEN_FROM_INSIDE.replace("sys.exit(7)", FINALIZED + "sys.exit(7)"))
+    forked = run_python([str(script), "an", "argument"], finalize=True, **how)
+    execd = subprocess.run([sys.executable, str(script), "an", "argument"], **how)
+    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (
+        7, "to stderr\nat exit\nfinalized\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
 
     a = daemon_factory(exec_only=True, state=str(tmp_path / "a.sqlite3"))

@@ -80,7 +80,7 @@ def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file, run_cli):
 def test_a_token_file_readable_by_others_is_refused(token_file):
     token_file.chmod(0o644)
     r = run_python(nodemngr_argv("serve", "--port", free_port(), "--state", "none", "--token-file", token_file),
-                   env=clean_env(), capture_output=True, text=True, timeout=30)
+                   env=clean_env(), capture_output=True, text=True, timeout=30, finalize=True)
     assert r.returncode == 1 and "readable by others" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -88,7 +88,7 @@ def test_a_token_file_readable_by_others_is_refused(token_file):
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
 def test_non_loopback_without_token_is_refused_at_start(host):
     r = run_python(nodemngr_argv("serve", "--host", host, "--port", free_port(), "--state", "none"),
-                   env=clean_env(), capture_output=True, text=True, timeout=30)
+                   env=clean_env(), capture_output=True, text=True, timeout=30, finalize=True)
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "without a token" in r.stderr and "Traceback" not in r.stderr
 

@@ -145,7 +145,7 @@ def test_a_state_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_p
     paths = _special_paths(tmp_path)
     before = {kind: os.lstat(str(path)) for kind, path in paths.items()}
     # one daemon per kind of path, all at once (each is a Python starting and exiting)
-    procs = {kind: popen_python(nodemngr_argv("serve", "--port", free_port(), "--state", path),
+    procs = {kind: popen_python(nodemngr_argv("serve", "--port", free_port(), "--state", path), finalize=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
              for kind, path in paths.items()}
     try:
@@ -169,7 +169,8 @@ def test_a_state_path_that_is_not_a_regular_file_is_refused_and_left_alone(tmp_p
 # -- 4. failing calls cannot stall everyone -----------------------------------------------------
 
 def test_failing_calls_sweep_the_range_once_per_interval(daemon_factory, sleeper):
-    d = daemon_factory(size=20)
+    first, last = free_range(20, check=20)      # the test binds half of them
+    d = daemon_factory(first=first, last=last)
     rpc = d.rpc()
     for _ in range(10):
         rpc.newPort("owned", sleeper.pid)
@@ -442,8 +443,9 @@ def test_a_daemon_waits_briefly_for_a_state_file_being_released(daemon_factory):
 # -- 9. errors in one sentence ------------------------------------------------------------------
 
 def _cli(*args, env=None):
-    """``python3 nodemngr.py ARGS`` as a process (for serve, which binds and runs a loop)."""
-    return run_python(nodemngr_argv(*args), capture_output=True, text=True, timeout=30,
+    """``python3 nodemngr.py ARGS`` as a process (for serve, which binds and runs a loop), with the
+    interpreter's whole exit: its stderr is checked to the last line."""
+    return run_python(nodemngr_argv(*args), capture_output=True, text=True, timeout=30, finalize=True,
                       env=env or clean_env(NODEMNGR_PORT=free_port()))
 
 
@@ -764,7 +766,8 @@ def test_a_stop_answers_requests_pipelined_behind_an_owed_reply(daemon_factory):
 
 
 def test_a_port_its_holder_let_go_comes_back_however_rarely_clients_ask(daemon_factory):
-    d = daemon_factory(size=300)
+    first, last = free_range(300, check=300)    # all of them: a port left in TIME_WAIT cannot be bound
+    d = daemon_factory(first=first, last=last)
     holders = []
     try:
         for port in range(d.first, d.last + 1):

@@ -64,7 +64,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
     # one go and reads nothing, then the daemon is told to stop: it answers what it received, but
     # once max_pending_bytes of replies wait, the large ones get 503 instead of 48 MB of replies.
     d = daemon_factory(size=300, settings={"NodeMngrServer.max_pending_bytes": 3 << 20,
-                                           "NodeMngrServer.stop_grace": 0.2})
+                                           "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
     fill_registry(d, 300)
     request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
     growth = _growth_while_stopping(d, request * 40)
@@ -108,6 +108,11 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
             except OSError:
                 return False
         assert wait_until(listening, timeout=10), d.read_log()
+        # Its handlers come just after the bind: a signal in between would end it (a window of a
+        # few instructions, which a loaded machine can stretch), not what this test is about.
+        # They must be there while it waits for the state file.
+        assert wait_until(lambda: catches(d.proc.pid, signal.SIGHUP) and catches(d.proc.pid, signal.SIGTERM),
+                          timeout=5), "no handlers for SIGHUP and SIGTERM while waiting for the state file"
         d.proc.send_signal(signal.SIGHUP)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)     # (nothing to wait for: the daemon is blocked in sqlite, as it would be)
@@ -118,6 +123,13 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
     assert d.proc.wait(10) == 0
     log = d.read_log()
     assert "reopened the log file" in log and "stopped (SIGTERM)" in log, log
+
+
+def catches(pid, sig):
+    """Whether process *pid* has a handler for signal *sig* (its bit in /proc/PID/status SigCgt)."""
+    with open("/proc/%d/status" % pid) as f:
+        caught = int([line for line in f if line.startswith("SigCgt:")][0].split()[1], 16)
+    return bool(caught >> (sig - 1) & 1)
 
 
 def test_an_address_any_socket_can_bind_is_not_this_host():
@@ -158,7 +170,7 @@ def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_fa
     # A listing of about 250 KB goes to the transport in one piece; 300 of them asked for in one go
     # and never read must still wait within max_pending_bytes when the stop answers them.
     d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20,
-                                          "NodeMngrServer.stop_grace": 0.2})
+                                          "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
     fill_registry(d, 60)
     growth = _growth_while_stopping(d, post(xmlrpc.client.dumps((), "listPorts").encode()) * 300)
     assert growth < 30 * 1024, "small replies owed at the stop grew the daemon by %d KiB" % growth
