@@ -464,8 +464,10 @@ _RLIMITS = [getattr(resource, name) for name in sorted(dir(resource)) if name.st
 
 def _startup_env(env):
     """*env* without what nothing reads before a program runs: the product's variables (nodemngr.py
-    reads them in main()) and the name of the test pytest runs now."""
-    return {k: v for k, v in env.items() if not k.startswith("NODEMNGR_") and k != "PYTEST_CURRENT_TEST"}
+    reads them in main()), portpicker's (read when it picks a port) and the name of the test pytest
+    runs now."""
+    return {k: v for k, v in env.items()
+            if not k.startswith("NODEMNGR_") and k not in ("PORTSERVER_ADDRESS", "PYTEST_CURRENT_TEST")}
 
 
 class ForkedProcess:

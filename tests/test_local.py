@@ -14,7 +14,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, NODEMNGR, ROOT, clean_env, pid_alive, stop_pid, wait_until
+from conftest import (FAST_REAP, NODEMNGR, ROOT, clean_env, pid_alive, popen_python, run_python, stop_pid,
+                      wait_until)
 
 import nodemngr
 
@@ -57,8 +58,8 @@ def test_portpicker_clients_get_our_ports_and_give_them_back_when_they_end(daemo
     assert portpicker
     d = daemon_factory(size=80, state="none", settings=FAST_REAP)
     env = clean_env(PORTSERVER_ADDRESS=local_address(d))
-    procs = [subprocess.Popen([sys.executable, "-c", PICKER], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, universal_newlines=True) for _ in range(50)]
+    procs = [popen_python(["-c", PICKER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(50)]
     try:
         got = {p.pid: int(p.stdout.readline()) for p in procs}
         assert len(set(got.values())) == 50, "50 processes at once, 50 distinct ports"
@@ -218,7 +219,15 @@ def test_a_flood_of_new_socket_and_new_port_never_gives_a_port_twice(daemon_fact
 # --- nodemngr run ---------------------------------------------------------------------------------
 
 def run_cli_process(d, *args, **kw):
-    return subprocess.Popen([sys.executable, NODEMNGR, "run"] + list(args), env=d.env, **kw)
+    """``python3 nodemngr.py run ARGS`` (forked where support's fork server can, with the
+    interpreter's whole exit)."""
+    return popen_python([NODEMNGR, "run"] + list(args), env=d.env, finalize=True, **kw)
+
+
+def run_cli(d, *args):
+    """run_cli_process() to its end: the CompletedProcess, its output as text."""
+    return run_python([NODEMNGR, "run"] + list(args), env=d.env, capture_output=True, text=True,
+                      timeout=30, finalize=True)
 
 
 def test_run_gives_a_server_its_port_and_the_port_is_freed_when_it_ends(daemon_factory, reap_pids):
@@ -271,16 +280,13 @@ def test_run_with_socket_passes_a_bound_socket_as_fd_3(daemon_factory, reap_pids
 
 def test_run_exit_status_and_errors(daemon_factory, tmp_path):
     d = daemon_factory(size=1, state="none")
-    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", "sh", "-c", "exit 7"], env=d.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    out = run_cli(d, "--", "sh", "-c", "exit 7")
     assert out.returncode == 7, out
-    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", str(tmp_path / "no-such-program")], env=d.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    out = run_cli(d, "--", tmp_path / "no-such-program")
     assert out.returncode == 127 and out.stderr.count("\n") == 1 and "cannot run" in out.stderr, out
     assert holders(d) == {}, "the port of a command that could not run is given back"
     d.rpc().newPort("the only port")
-    out = subprocess.run([sys.executable, NODEMNGR, "run", "--", "true"], env=d.env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+    out = run_cli(d, "--", "true")
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "no free port" in out.stderr, out
 
 
@@ -335,13 +341,17 @@ def test_port(nodemngr_port, nodemngr_port_factory, nodemngr_socket, n):
 '''
 
 
+# The plugins installed beside ours that these runs do not use (Hypothesis's costs each of the five
+# processes of a 4-worker run about 0.3 s of CPU to import); none of them is needed to find ours.
+QUIET_PYTEST = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:hypothesispytest"]
+
+
 def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_factory, tmp_path):
     d = daemon_factory(size=300, state="none")
     (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 200})     # 4 workers x 50
     record = tmp_path / "record.jsonl"
     env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record)
-    argv = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "no:cacheprovider", "-p", "no:randomly",
-            str(tmp_path / "test_many.py")]
+    argv = [sys.executable, "-m", "pytest", "-q", "-n", "4"] + QUIET_PYTEST + [str(tmp_path / "test_many.py")]
     if not _plugin_installed():
         env["PYTHONPATH"] = ROOT
         argv[3:3] = ["-p", "pytest_nodemngr"]
@@ -370,8 +380,8 @@ def _plugin_installed():
 def test_the_plugin_is_registered_through_pytest11(tmp_path):
     if not _plugin_installed():
         pytest.skip("nodemngr is not installed in this Python (tox installs it, which registers pytest11)")
-    out = subprocess.run([sys.executable, "-m", "pytest", "--fixtures", "-p", "no:cacheprovider", str(tmp_path)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
+    argv = [sys.executable, "-m", "pytest", "--fixtures", "-p", "no:xdist"] + QUIET_PYTEST + [str(tmp_path)]
+    out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
                          cwd=str(tmp_path))
     assert "nodemngr_port_factory" in out.stdout and "nodemngr_socket" in out.stdout, out.stdout[-2000:]
 
@@ -508,12 +518,10 @@ def test_run_usage_errors_and_names(daemon_factory, tmp_path):
     d = daemon_factory(size=10, state="none", extra_args=["--unix", "none"])
     for args, code, text in ((["--udp", "--", "true"], 2, "give --socket too"),
                              (["--socket", "--", "true"], 1, "no node manager answers on the local socket")):
-        out = subprocess.run([sys.executable, NODEMNGR, "run"] + args, env=d.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        out = run_cli(d, *args)
         assert out.returncode == code and text in out.stderr and out.stderr.count("\n") <= 2, out.stderr
     e = daemon_factory(size=10, state="none")
-    out = subprocess.run([sys.executable, NODEMNGR, "run", "--socket", "--name", "a:b c", "--", "sh", "-c",
-                          "echo $LISTEN_FDNAMES"], env=e.env, stdout=subprocess.PIPE, universal_newlines=True, timeout=30)
+    out = run_cli(e, "--socket", "--name", "a:b c", "--", "sh", "-c", "echo $LISTEN_FDNAMES")
     assert out.stdout.strip() == "a_b_c", "':' separates names in LISTEN_FDNAMES"
 
 
@@ -524,8 +532,7 @@ def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_pat
     code = ("import os, sys; sys.path.insert(0, %r); os.chdir(%r)\n"
             "from nodemngr_proxy import NodeMngrProxy\n"
             "nm = NodeMngrProxy(); print(nm.status()['pid']); nm.newSocket('rel').close()\n" % (ROOT, str(tmp_path)))
-    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         universal_newlines=True, timeout=60)
+    out = run_python(["-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     if out.stdout.split()[:1] and out.stdout.split()[0].isdigit():
         reap_pids.append(int(out.stdout.split()[0]))
     assert out.returncode == 0, out.stdout
