@@ -11,11 +11,13 @@ address is a loopback one, it forks and execs ``sys.executable nodemngr.py serve
 session, no terminal, output to ``PORT.log`` beside the state file, none of the caller's other open
 files, working folder "/") and waits until it answers, spawning again if that daemon gave up (as it
 may while the previous one is still on its way out).  Any number of processes doing so at once end
-with one daemon: the others' daemons find the port bound and exit.  ``NODEMNGR_AUTOSTART=0`` turns
+with one daemon: they take turns at a lock file beside the state file, so only the first starts
+one, and should that lock fail them, the others' daemons find the port bound and exit.  ``NODEMNGR_AUTOSTART=0`` turns
 this off.  Every failed call raises a NodeMngrException whose text is one line.  A proxy is safe
 to share between threads; each call borrows a kept-alive connection from a small pool.
 """
 
+import contextlib
 import errno
 import http.client
 import os
@@ -30,6 +32,11 @@ import warnings
 import xmlrpc.client
 from xml.parsers import expat
 
+try:
+    import fcntl
+except ImportError:     # not on Windows
+    fcntl = None
+
 import nodemngr
 from nodemngr import NodeMngrException, exception_from_fault
 
@@ -40,6 +47,7 @@ _spawn_lock = threading.Lock()  # one auto-start at a time in this process
 _RESPAWN_MIN = 0.2              # seconds between two spawns, at least
 _RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, whatever the last one does
 _CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 # What a reply that is not XML-RPC raises (a Fault or an HTTP status is handled before these).
 _REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
@@ -271,30 +279,38 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
     is still held); so while nothing listens and the daemon spawned last has exited, spawn again.
     Spawned daemons race safely: one binds the port, the others find it bound and exit."""
     host, port = nodemngr.env_host(host), nodemngr.env_port(port)
+    deadline = time.monotonic() + timeout
     with _spawn_lock:
-        answer = nodemngr.who_answers(host, port)
-        if answer in _SOMEONE:
+        if nodemngr.who_answers(host, port) in _SOMEONE:
             return
         log_path = _log_path(port)
-        argv = _daemon_argv(host, port, log_path, token_file)
-        deadline = time.monotonic() + timeout
-        daemon, spawned_at, delay = None, None, 0.005
-        while True:
-            now = time.monotonic()
-            if answer is None and _time_to_spawn(daemon, spawned_at, now):
-                daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
-            answer = nodemngr.who_answers(host, port)
-            if answer in _SOMEONE:
-                return
-            if time.monotonic() >= deadline:
-                if spawned_at is None:
-                    raise NodeMngrException("something at %s:%d accepts connections but did not answer "
-                                            "within %g s" % (host, port, timeout))
-                raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
-                                        "see its log %s%s" % (host, port, timeout, log_path,
-                                                              _last_words(log_path)))
+        try:
+            lock_path = os.path.join(_state_folder(port), "%d.spawn.lock" % port)
+        except NodeMngrException:       # (NODEMNGR_LOG_FILE set: the state folder was not needed)
+            lock_path = None
+        # half the time at most for the turn: a holder stuck (stopped) must not fail the others
+        with _spawn_turn(lock_path, time.monotonic() + timeout / 2, lambda: nodemngr.who_answers(host, port)):
+            _spawn_until_answered(host, port, log_path, token_file, deadline, timeout)
+
+
+def _spawn_until_answered(host, port, log_path, token_file, deadline, timeout):
+    """start_daemon's loop: spawn, and spawn again while nothing listens, until one answers."""
+    answer = nodemngr.who_answers(host, port)     # (the client whose turn came first may have started it)
+    argv = _daemon_argv(host, port, log_path, token_file)
+    daemon, spawned_at, delay = None, None, 0.005
+    while answer not in _SOMEONE:
+        now = time.monotonic()
+        if answer is None and _time_to_spawn(daemon, spawned_at, now):
+            daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+        answer = nodemngr.who_answers(host, port)
+        if answer not in _SOMEONE and time.monotonic() >= deadline:
+            if spawned_at is None:
+                raise NodeMngrException("something at %s:%d accepts connections but did not answer "
+                                        "within %g s" % (host, port, timeout))
+            raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
+                                    "see its log %s%s" % (host, port, timeout, log_path, _last_words(log_path)))
 
 
 def _time_to_spawn(pid, spawned_at, now):
@@ -352,13 +368,48 @@ def _daemon_argv(host, port, log_path, token_file):
     return argv
 
 
+@contextlib.contextmanager
+def _spawn_turn(path, until, answers):
+    """Hold the lock file *path* (an flock, released if this process dies) until the block ends,
+    so that of many clients finding no daemon at once only one starts a Python for it, and the
+    others find that one answering.  Waits until the time *until* at most, or until answers()
+    says someone answers, then goes ahead without it, as it does when the lock cannot be opened:
+    the daemons' own race on the port keeps the outcome right; the lock only saves the losers'
+    starts."""
+    fd = None
+    if path is not None and fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, 0o600)
+        except OSError:
+            pass
+    try:
+        delay = 0.005
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= until:
+                    break
+            if answers() in _SOMEONE:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def _log_path(port):
-    """NODEMNGR_LOG_FILE, else PORT.log beside the state file; absolute.  The state folder is
-    created (0700) as the daemon itself would; a log folder that does not exist is an error, as
-    it is for the daemon."""
+    """NODEMNGR_LOG_FILE, else PORT.log beside the state file; absolute.  A log folder that does
+    not exist is an error, as it is for the daemon."""
     path = os.environ.get("NODEMNGR_LOG_FILE")
-    if path:
-        return os.path.abspath(path)
+    return os.path.abspath(path) if path else os.path.join(_state_folder(port), "%d.log" % port)
+
+
+def _state_folder(port):
+    """The folder of the state file, absolute, created (0700) as the daemon itself would."""
     state = os.environ.get("NODEMNGR_STATE", "")
     if state and state.lower() != "none":
         folder = os.path.dirname(os.path.abspath(state))
@@ -374,7 +425,7 @@ def _log_path(port):
         except OSError as exc:
             raise NodeMngrException("cannot create the node manager's folder %s: %s"
                                     % (folder, exc.strerror or exc)) from None
-    return os.path.join(folder, "%d.log" % port)
+    return folder
 
 
 def _spawn_detached(argv, log_path):

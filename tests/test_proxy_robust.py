@@ -272,6 +272,26 @@ def test_call_reset_mid_way_retries_through_autostart(tmp_path, env, stop_at_por
     assert server.served == 2
 
 
+def test_a_client_stuck_holding_its_spawn_turn_delays_the_others_but_does_not_fail_them(tmp_path, env, stop_at_ports):
+    """Clients finding no daemon take turns at an flock beside the state file, so that one Python
+    starts, not one per client; one stopped (SIGSTOP) while it held its turn holds the lock as
+    long as it likes: the others wait half their time for it, then start a daemon anyway."""
+    port = free_port()
+    stop_at_ports.append(port)
+    first, last = free_range(10)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    stuck = os.open(str(tmp_path / ("%d.spawn.lock" % port)), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(stuck, fcntl.LOCK_EX)       # (per open file: it excludes this process's other opens too)
+        nodemngr_proxy.start_daemon(port=port, timeout=4.0)
+    finally:
+        os.close(stuck)
+    assert daemon_pid_at(port)
+    assert (tmp_path / ("%d.log" % port)).read_text().count("serving on") == 1
+
+
 def test_spawns_again_when_the_daemon_it_started_has_exited(tmp_path, env, stop_at_ports):
     """The first daemon spawned cannot start (here: the port is bound, not listening, by another
     socket until that daemon has given up; in life: a state file not yet released) and exits at
