@@ -3,6 +3,7 @@
 Every process started here is stopped in teardown by its pid; nothing is ever killed by name.
 The helpers themselves live in support.py (no pytest there), which bench/bench.py shares.
 """
+import gc
 import os
 import sys
 
@@ -21,6 +22,14 @@ sys.path.insert(0, ROOT)
 # already (support.ForkServer), not exec'd, where that is the same program; TESTS_EXEC_DAEMONS=1
 # execs them all.
 use_fork_server()
+
+
+def pytest_collection_finish(session):
+    # What the imports and the collection made (Hypothesis's strategies and pytest's tree among
+    # them) lives until the end: out of the collector's sight, each full collection while the
+    # tests run is a fraction of the cost (measured: 4-5 s less CPU over a run of the suite).
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_sessionfinish(session):
