@@ -3263,17 +3263,21 @@ def run_daemon(host, port, first, last, state, token=None, local=None, activated
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
                                 "take and free ports; give --token-file, or use a loopback address" % host)
     node = None
+    mask = _hold_signals()      # until the handlers are set: clients may signal once the port listens
     try:
-        server = NodeMngrServer(host, port, token, local, activated)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
-        if who_answers(host, port, token, 0.5) != "nodemngr":    # one answers in milliseconds
-            raise NodeMngrException("port %d on %s is held by another program" % (port, host))
-        print("nodemngr: a node manager is already serving on %s:%d; leaving it alone" % (host, port),
-              file=sys.stderr)
-        return 3
-    _catch_signals(server)
+        try:
+            server = NodeMngrServer(host, port, token, local, activated)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
+            if who_answers(host, port, token, 0.5) != "nodemngr":    # one answers in milliseconds
+                raise NodeMngrException("port %d on %s is held by another program" % (port, host))
+            print("nodemngr: a node manager is already serving on %s:%d; leaving it alone" % (host, port),
+                  file=sys.stderr)
+            return 3
+        _catch_signals(server)
+    finally:
+        _release_signals(mask)      # (what came meanwhile is handled now)
     try:
         try:
             node = NodeMngr(first, last, StateStore(state), address=(host, server.port),
@@ -3363,6 +3367,18 @@ def sd_notifier():
         except OSError as exc:
             log.debug("could not notify the service manager at %r: %s", address, exc)
     return notify
+
+
+def _hold_signals():
+    """Block SIGTERM, SIGINT and SIGHUP; return the mask to restore (None where there is none)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _release_signals(mask):
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _catch_signals(server):

@@ -108,11 +108,8 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
             except OSError:
                 return False
         assert wait_until(listening, timeout=10), d.read_log()
-        # Its handlers come just after the bind: a signal in between would end it (a window of a
-        # few instructions, which a loaded machine can stretch), not what this test is about.
-        # They must be there while it waits for the state file.
-        assert wait_until(lambda: catches(d.proc.pid, signal.SIGHUP) and catches(d.proc.pid, signal.SIGTERM),
-                          timeout=5), "no handlers for SIGHUP and SIGTERM while waiting for the state file"
+        # (its handlers are there from the bind on: test_a_signal_the_moment_the_port_listens_...)
+        assert catches(d.proc.pid, signal.SIGHUP) and catches(d.proc.pid, signal.SIGTERM)
         d.proc.send_signal(signal.SIGHUP)
         d.proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)     # (nothing to wait for: the daemon is blocked in sqlite, as it would be)
@@ -123,6 +120,27 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
     assert d.proc.wait(10) == 0
     log = d.read_log()
     assert "reopened the log file" in log and "stopped (SIGTERM)" in log, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_signal_the_moment_the_port_listens_neither_kills_nor_gets_lost(daemon_factory, sig):
+    # logrotate's SIGHUP or systemd's SIGTERM may come as soon as the port listens, before the
+    # daemon has set its handlers: 19 of 20 such daemons died of it before they held the signals
+    # from the bind to the handlers (here, where pytest's process is busier, one run in two or more).
+    d = daemon_factory(start=False, state="none")
+    d.start(wait=False)
+    pid, deadline = d.proc.pid, time.monotonic() + 10
+    while time.monotonic() < deadline:      # (no pause between tries, nothing between the connect
+        with socket.socket() as s:          # and the kill: the window is some tens of microseconds)
+            if s.connect_ex((d.host, d.port)) == 0:
+                os.kill(pid, sig)
+                break
+    if sig == signal.SIGTERM:
+        assert d.proc.wait(10) == 0, "SIGTERM must stop it cleanly: %s" % d.read_log()
+        assert wait_until(lambda: "stopped (SIGTERM)" in d.read_log(), timeout=5), d.read_log()
+    else:
+        assert wait_until(lambda: "reopened the log file" in d.read_log(), timeout=5), d.read_log()
+        assert d.proc.poll() is None and d.rpc().ping().startswith("NodeMngr at ")
 
 
 def catches(pid, sig):
