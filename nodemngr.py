@@ -3255,6 +3255,7 @@ def describe_call_error(exc, host, port):
 
 _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
+_PYTHON_IGNORES = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)]
 
 
 def run_daemon(host, port, first, last, state, token=None, local=None, activated=([], None), cluster=None):
@@ -3702,9 +3703,14 @@ def _run_command(parser, args):
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:      # (None when the caller closed it)
             stream.flush()
+    # Python ignores SIGPIPE and SIGXFSZ, and exec keeps what is ignored: the command gets them
+    # as a shell would give them (as Popen's restore_signals does), or `yes | head` fails loudly.
+    kept = [(sig, signal.signal(sig, signal.SIG_DFL)) for sig in _PYTHON_IGNORES]
     try:
         os.execvpe(argv[0], argv, env)
     except OSError as exc:
+        for sig, handler in kept:
+            signal.signal(sig, handler)
         print("nodemngr: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
         try:
             make_proxy(host, port, read_token(args.token_file)).delPort(given)

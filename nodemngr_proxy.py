@@ -44,6 +44,7 @@ __all__ = ["NodeMngrProxy", "start_daemon"]
 
 _POOL_SIZE = 8                  # idle connections a proxy keeps
 _spawn_lock = threading.Lock()  # one auto-start at a time in this process
+_turn_fds = set()               # the spawn lock file while this process holds its turn (_spawn_turn)
 _RESPAWN_MIN = 0.2              # seconds between two spawns, at least
 _RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, whatever the last one does
 _CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
@@ -61,6 +62,9 @@ _SOMEONE = ("nodemngr", "other")
 def _new_spawn_lock():
     global _spawn_lock      # a child forked while another thread held it must not inherit it held
     _spawn_lock = threading.Lock()
+    for fd in _turn_fds:    # nor the spawn turn: an flock is the open file's, and would live on in it
+        os.close(fd)
+    _turn_fds.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -280,7 +284,11 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
     Spawned daemons race safely: one binds the port, the others find it bound and exit."""
     host, port = nodemngr.env_host(host), nodemngr.env_port(port)
     deadline = time.monotonic() + timeout
-    with _spawn_lock:
+    if not _spawn_lock.acquire(timeout=timeout):    # (another thread of ours took all of it)
+        if nodemngr.who_answers(host, port) in _SOMEONE:
+            return
+        raise NodeMngrException("no node manager answered at %s:%d within %g s" % (host, port, timeout))
+    try:
         if nodemngr.who_answers(host, port) in _SOMEONE:
             return
         log_path = _log_path(port)
@@ -289,8 +297,10 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
         except NodeMngrException:       # (NODEMNGR_LOG_FILE set: the state folder was not needed)
             lock_path = None
         # half the time at most for the turn: a holder stuck (stopped) must not fail the others
-        with _spawn_turn(lock_path, time.monotonic() + timeout / 2, lambda: nodemngr.who_answers(host, port)):
+        with _spawn_turn(lock_path, deadline - timeout / 2, lambda: nodemngr.who_answers(host, port)):
             _spawn_until_answered(host, port, log_path, token_file, deadline, timeout)
+    finally:
+        _spawn_lock.release()
 
 
 def _spawn_until_answered(host, port, log_path, token_file, deadline, timeout):
@@ -370,18 +380,20 @@ def _daemon_argv(host, port, log_path, token_file):
 
 @contextlib.contextmanager
 def _spawn_turn(path, until, answers):
-    """Hold the lock file *path* (an flock, released if this process dies) until the block ends,
-    so that of many clients finding no daemon at once only one starts a Python for it, and the
-    others find that one answering.  Waits until the time *until* at most, or until answers()
+    """Hold the lock file *path* (an flock, released if this process dies; a child forked
+    meanwhile closes its copy) until the block ends, so that of many clients finding no daemon at
+    once only one starts a Python for it, and the others find that one answering.  Waits until the time *until* at most, or until answers()
     says someone answers, then goes ahead without it, as it does when the lock cannot be opened:
     the daemons' own race on the port keeps the outcome right; the lock only saves the losers'
     starts."""
     fd = None
     if path is not None and fcntl is not None:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | _NOFOLLOW, 0o600)
+        try:        # (O_NONBLOCK: a lease on the file, or a FIFO there, must not hold the open)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, 0o600)
         except OSError:
             pass
+    if fd is not None:
+        _turn_fds.add(fd)
     try:
         delay = 0.005
         while fd is not None:
@@ -398,6 +410,7 @@ def _spawn_turn(path, until, answers):
         yield
     finally:
         if fd is not None:
+            _turn_fds.discard(fd)
             os.close(fd)
 
 

@@ -1,7 +1,7 @@
 """Adversarial run 14: the auto-start spawn lock, nodemngr run's signals and the busy-port rechecks.
 
 Each test here failed on the code it was written against (a7569fe) for the reason its comment
-gives, but for test_a_port_let_go_comes_back_to_a_client_asking_once_in_a_while, which fails on
+gives, and passes since the fixes that followed it; but for test_a_port_let_go_comes_back_to_a_client_asking_once_in_a_while, which fails on
 the code before ff4123c (the one its older sibling in test_promises passes on) and passes now.
 """
 import fcntl
