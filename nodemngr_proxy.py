@@ -381,11 +381,11 @@ def _daemon_argv(host, port, log_path, token_file):
 @contextlib.contextmanager
 def _spawn_turn(path, until, answers):
     """Hold the lock file *path* (an flock, released if this process dies; a child forked
-    meanwhile closes its copy) until the block ends, so that of many clients finding no daemon at
-    once only one starts a Python for it, and the others find that one answering.  Waits until the time *until* at most, or until answers()
-    says someone answers, then goes ahead without it, as it does when the lock cannot be opened:
-    the daemons' own race on the port keeps the outcome right; the lock only saves the losers'
-    starts."""
+    meanwhile closes its copy) until the block ends, so that of many clients finding no daemon
+    at once only one starts a Python for it, and the others find that one answering.  Waits
+    until the time *until* at most, or until answers() says someone answers, then goes ahead
+    without it, as it does when the lock cannot be opened: the daemons' own race on the port
+    keeps the outcome right; the lock only saves the losers' starts."""
     fd = None
     if path is not None and fcntl is not None:
         try:        # (O_NONBLOCK: a lease on the file, or a FIFO there, must not hold the open)

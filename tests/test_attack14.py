@@ -1,10 +1,10 @@
 """Adversarial run 14: the auto-start spawn lock, nodemngr run's signals and the busy-port rechecks.
 
 Each test here failed on the code it was written against (a7569fe) for the reason its comment
-gives, and passes since the fixes that followed it; but for test_a_port_let_go_comes_back_to_a_client_asking_once_in_a_while, which fails on
-the code before ff4123c (the one its older sibling in test_promises passes on) and passes now.
+gives, and passes since the fixes that followed it; but for the test of a port let go coming
+back to a client asking once in a while, which fails on the code before ff4123c (the one its
+older sibling in test_promises passes on) and passes now.
 """
-import fcntl
 import os
 import signal
 import socket
@@ -17,31 +17,26 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, free_port, free_range, stop_pid, wait_until
+from conftest import ROOT, free_port, free_range, popen_python, stop_pid
 
-import nodemngr
 import nodemngr_proxy
 from nodemngr import NodeMngrException
 
 from test_proxy_robust import daemon_pid_at, env, stop_at_ports     # noqa: F401 (fixtures)
 
 
+HOLD_TURN = ("import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+             "print('held', flush=True)\n"
+             "sys.stdin.read()\n")
+
+
 def _hold_turn(path):
-    """A child process holding an flock on *path* (a client stuck in its turn); returns its pid."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(w, b"x")
-            time.sleep(60)
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.read(r, 1)
-    os.close(r)
-    return pid
+    """A process holding an flock on *path* (a client stuck in its turn), until its stdin closes."""
+    proc = popen_python(["-c", HOLD_TURN, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
 
 
 def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp_path, env):
@@ -69,8 +64,8 @@ def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp
         for t in threads:
             t.join()
     finally:
-        os.kill(holder, signal.SIGKILL)
-        os.waitpid(holder, 0)
+        holder.stdin.close()
+        holder.wait(10)
     assert max(took) < 2.0 + 0.5, "start_daemon(timeout=2) took %s s" % ["%.1f" % t for t in sorted(took)]
 
 
