@@ -14,8 +14,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import (FAST_REAP, NODEMNGR, ROOT, clean_env, pid_alive, popen_python, run_python, stop_pid,
-                      wait_until)
+from conftest import (FAST_REAP, NODEMNGR, ROOT, clean_env, free_range, pid_alive, popen_python, run_python,
+                      stop_pid, wait_until)
 
 import nodemngr
 
@@ -185,7 +185,10 @@ def test_new_socket_hands_over_a_bound_socket(daemon):
 
 
 def test_a_flood_of_new_socket_and_new_port_never_gives_a_port_twice(daemon_factory):
-    d = daemon_factory(size=400, state="none")
+    # All of them checked: the test binds ports without SO_REUSEADDR, and one left in TIME_WAIT by an
+    # earlier test's daemon (which the node manager hands out, as servers reuse those) cannot be.
+    first, last = free_range(400, check=400)
+    d = daemon_factory(first=first, last=last, state="none")
     nm = d.proxy()
     held, errors, lock = [], [], threading.Lock()
 
@@ -347,7 +350,8 @@ QUIET_PYTEST = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:hypothe
 
 
 def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_factory, tmp_path):
-    d = daemon_factory(size=300, state="none")
+    first, last = free_range(300, check=300)    # (the tests bind their ports: see the flood test)
+    d = daemon_factory(first=first, last=last, state="none")
     (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 200})     # 4 workers x 50
     record = tmp_path / "record.jsonl"
     env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record)
@@ -540,5 +544,5 @@ def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_pat
 
 
 def nodemngr_port_and_range():
-    from conftest import free_port, free_range
+    from conftest import free_port
     return free_port(), free_range(10)
