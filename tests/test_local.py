@@ -4,6 +4,7 @@ daemons, real portpicker clients and real pytest-xdist workers."""
 import errno
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -527,6 +528,26 @@ def test_run_usage_errors_and_names(daemon_factory, tmp_path):
     e = daemon_factory(size=10, state="none")
     out = run_cli(e, "--socket", "--name", "a:b c", "--", "sh", "-c", "echo $LISTEN_FDNAMES")
     assert out.stdout.strip() == "a_b_c", "':' separates names in LISTEN_FDNAMES"
+
+
+def test_nodemngr_run_gives_the_command_the_signal_dispositions_a_shell_would(daemon_factory):
+    # Python ignores SIGPIPE and SIGXFSZ at startup; os.execvpe keeps ignored dispositions, so the
+    # command nodemngr run execs starts with both ignored (Popen's restore_signals would have reset
+    # them): `nodemngr run -- bash -c 'yes | head -1'` has yes fail with "Broken pipe", status 1,
+    # where run directly it dies of SIGPIPE (141) silently.  The mask itself is clean.
+    d = daemon_factory()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NODEMNGR_")}
+    environ.update(NODEMNGR_PORT=str(d.port), NODEMNGR_HOST=d.host)
+    probe = "grep -E '^Sig(Ign|Blk)' /proc/self/status"
+    direct = subprocess.run(["sh", "-c", probe], stdout=subprocess.PIPE, text=True, env=environ, check=True).stdout
+    via_run = subprocess.run([sys.executable, os.path.join(ROOT, "nodemngr.py"), "run", "--", "sh", "-c", probe],
+                             stdout=subprocess.PIPE, text=True, env=environ, timeout=30, check=True).stdout
+
+    def ignored(status):
+        mask = int([line for line in status.splitlines() if line.startswith("SigIgn:")][0].split()[1], 16)
+        return [sig.name for sig in (signal.SIGPIPE, signal.SIGXFSZ) if mask >> (sig - 1) & 1]
+    assert "SigBlk:\t0000000000000000" in via_run
+    assert ignored(via_run) == ignored(direct) == []
 
 
 def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_path, reap_pids):
