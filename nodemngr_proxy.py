@@ -446,8 +446,9 @@ def _spawn_detached(argv, log_path):
     It inherits no descriptor but 0 (/dev/null), 1 and 2 (its log), so a lock or a pipe end the
     caller holds is released when the caller ends; and it runs in "/", pinning no mount point.
     Returns the daemon's pid, or None if it is not known."""
-    try:
-        log_fd = _open_above_stdio(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:        # (O_NONBLOCK: a lease on the file must not hold the open for the kernel's 45 s)
+        log_fd = _open_above_stdio(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)
+        os.set_blocking(log_fd, True)       # (the daemon's output: a FIFO reader may be slow)
     except OSError as exc:
         raise NodeMngrException("cannot open the node manager's log file %s: %s"
                                 % (log_path, exc.strerror or exc)) from None

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +20,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, run_python, stop_pid, wait_until
+from conftest import (PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, run_python,
+                      stop_pid, wait_until)
 
 import nodemngr
 import nodemngr_proxy
@@ -485,3 +487,155 @@ def test_unsendable_argument_is_one_sentence_and_a_type_error(any_daemon):
         assert_one_sentence(caught.value)
         assert "newPort" in str(caught.value)
         assert nm.listPorts() == [], "nothing was registered"
+
+
+# ---------------------------------------------------------------------------------------------
+# The spawn turn: what an adversarial run found (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+
+HOLD_TURN = ("import fcntl, os, sys\n"
+             "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+             "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+             "print('held', flush=True)\n"
+             "sys.stdin.read()\n")
+
+
+def _hold_turn(path):
+    """A process holding an flock on *path* (a client stuck in its turn), until its stdin closes."""
+    proc = popen_python(["-c", HOLD_TURN, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp_path, env):
+    # start_daemon(timeout=T) computes its deadline before the in-process lock, but the wait for
+    # the spawn turn is "now + T/2" from whenever the in-process lock came: a thread queued
+    # behind another gets T/2 more for each thread before it (seen: 4.0, 6.0, 8.1 s for T = 4).
+    port = free_port()
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", "61100")     # a daemon that cannot start: first > last
+    env.setenv("NODEMNGR_LAST_PORT", "61000")
+    holder = _hold_turn(str(tmp_path / ("%d.spawn.lock" % port)))
+    took = []
+    try:
+        began = time.monotonic()
+
+        def client():
+            try:
+                nodemngr_proxy.start_daemon(port=port, timeout=2.0)
+            except NodeMngrException:
+                pass
+            took.append(time.monotonic() - began)
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
+    assert max(took) < 2.0 + 0.5, "start_daemon(timeout=2) took %s s" % ["%.1f" % t for t in sorted(took)]
+
+
+FORKS_WHILE_ITS_TURN = textwrap.dedent("""
+    import os, sys, threading, time
+    sys.path.insert(0, %(root)r)
+    import nodemngr_proxy
+    inside, forked = threading.Event(), threading.Event()
+    spawn = nodemngr_proxy._spawn_until_answered
+    def unlucky(*args):             # (only makes the timing certain: another thread forks now)
+        inside.set()
+        forked.wait()
+        return spawn(*args)
+    nodemngr_proxy._spawn_until_answered = unlucky
+    t = threading.Thread(target=nodemngr_proxy.start_daemon, kwargs={"port": %(port)d})
+    t.start()
+    inside.wait()
+    import warnings; warnings.simplefilter("ignore")
+    pid = os.fork()                 # a worker (multiprocessing's fork) that never heard of nodemngr
+    if pid == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):        # (not the test's pipe: only what it inherited of the client)
+            os.dup2(null, fd)
+        time.sleep(30)
+        os._exit(0)
+    forked.set()
+    t.join()
+    print(pid, flush=True)
+""")
+
+
+def test_a_child_forked_while_a_client_held_its_turn_does_not_keep_the_turn(tmp_path, env, stop_at_ports):
+    # The turn is an flock, which belongs to the open file: a child forked (by another thread of
+    # the client) while it is held keeps it held for as long as that child lives, though it never
+    # spawns anything; every later auto-start on the port then waits half its timeout (5.4 s).
+    port = free_port()
+    stop_at_ports.append(port)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    first, last = free_range(10)
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    out = subprocess.run([sys.executable, "-c", FORKS_WHILE_ITS_TURN % {"root": ROOT, "port": port}],
+                         stdout=subprocess.PIPE, text=True, timeout=30, check=True).stdout
+    worker = int(out.split()[0])
+    try:
+        stop_pid(daemon_pid_at(port))       # the daemon goes away (a reboot of it, a stop)
+        began = time.monotonic()
+        nodemngr_proxy.start_daemon(port=port)
+        took = time.monotonic() - began
+    finally:
+        os.kill(worker, signal.SIGKILL)     # (not our child: init reaps it)
+    assert took < 2.0, "the next auto-start waited %.1f s for a turn nobody was taking" % took
+
+
+LEASED = textwrap.dedent("""
+    import fcntl, os, signal, sys, time
+    signal.signal(signal.SIGIO, signal.SIG_IGN)     # told to let go: does not
+    fd = os.open(sys.argv[1], os.O_RDONLY | os.O_CREAT, 0o666)
+    fcntl.fcntl(fd, getattr(fcntl, "F_SETLEASE", 1024), fcntl.F_RDLCK)
+    print("leased", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file leases are Linux's")
+@pytest.mark.parametrize("leased", ["spawn.lock", "log"])
+def test_a_lease_on_the_lock_file_does_not_hold_the_client_beyond_its_timeout(tmp_path, env, stop_at_ports, leased):
+    # Whoever may create PORT.spawn.lock (another user, when NODEMNGR_STATE is in a shared folder
+    # and fs.protected_regular is 0, or a shared group folder) can take a read lease on it: the
+    # client's open(O_RDWR) -- no O_NONBLOCK -- then blocks for /proc/sys/fs/lease-break-time
+    # (45 s by default), then fails with "did not answer within 10 s" 45 s later.  Here the lease
+    # holder is the same user (that needs no second account); the kernel's rule is the same.
+    # The same goes for PORT.log, which the client opens for the daemon: that one it needs, so a
+    # lease on it is an error at once, in one sentence.
+    port = free_port()
+    stop_at_ports.append(port)
+    first, last = free_range(10)
+    state = tmp_path / "state.sqlite3"
+    environ = dict(os.environ, NODEMNGR_STATE=str(state), NODEMNGR_FIRST_PORT=str(first),
+                   NODEMNGR_LAST_PORT=str(last))
+    for var in ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_LOG_FILE", "NODEMNGR_UNIX", "NODEMNGR_AUTOSTART"):
+        environ.pop(var, None)
+    leaser = subprocess.Popen([sys.executable, "-c", LEASED, str(tmp_path / ("%d.%s" % (port, leased)))],
+                              stdout=subprocess.PIPE, text=True)
+    client = None
+    try:
+        assert leaser.stdout.readline().strip() == "leased"
+        program = ("import sys; sys.path.insert(0, %r); import nodemngr_proxy; "
+                   "nodemngr_proxy.start_daemon(port=%d, timeout=4.0)" % (ROOT, port))
+        client = subprocess.Popen([sys.executable, "-c", program], env=environ, stderr=subprocess.PIPE, text=True)
+        try:
+            status = client.wait(8.0)
+        except subprocess.TimeoutExpired:
+            status = None
+        assert status is not None, "start_daemon(timeout=4) still in open() after 8 s"
+        error = client.stderr.read().strip().splitlines()
+        if leased == "log":
+            assert status == 1 and "cannot open the node manager's log file" in error[-1], error
+        else:
+            assert status == 0, error
+    finally:
+        for proc in (client, leaser):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
