@@ -355,10 +355,10 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
     d = daemon_factory(first=first, last=last, state="none")
     (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 200})     # 4 workers x 50
     record = tmp_path / "record.jsonl"
-    env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record)
+    env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record,
+                    PYTHONPATH=ROOT)
     argv = [sys.executable, "-m", "pytest", "-q", "-n", "4"] + QUIET_PYTEST + [str(tmp_path / "test_many.py")]
     if not _plugin_installed():
-        env["PYTHONPATH"] = ROOT
         argv[3:3] = ["-p", "pytest_nodemngr"]
     out = subprocess.run(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          universal_newlines=True, timeout=120)
@@ -373,6 +373,10 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
 
 
 def _plugin_installed():
+    """Whether pytest finds pytest_nodemngr among its entry points here.  The inner runs get the
+    repository on PYTHONPATH, so that they see what this Python sees: the module, and the
+    nodemngr.egg-info that setuptools leaves there at an editable install (without it, a Python
+    started elsewhere would find the entry point and not the module)."""
     try:
         from importlib.metadata import entry_points
     except ImportError:
@@ -387,7 +391,7 @@ def test_the_plugin_is_registered_through_pytest11(tmp_path):
         pytest.skip("nodemngr is not installed in this Python (tox installs it, which registers pytest11)")
     argv = [sys.executable, "-m", "pytest", "--fixtures", "-p", "no:xdist"] + QUIET_PYTEST + [str(tmp_path)]
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
-                         cwd=str(tmp_path))
+                         cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT))
     assert "nodemngr_port_factory" in out.stdout and "nodemngr_socket" in out.stdout, out.stdout[-2000:]
 
 
