@@ -345,9 +345,9 @@ def test_port(nodemngr_port, nodemngr_port_factory, nodemngr_socket, n):
 '''
 
 
-# The plugins installed beside ours that these runs do not use (Hypothesis's costs each of the five
-# processes of a 4-worker run about 0.3 s of CPU to import); none of them is needed to find ours.
-QUIET_PYTEST = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:hypothesispytest"]
+# Plugins installed beside ours that the --fixtures run does not use (Hypothesis's costs about 0.3 s
+# of CPU to import); none of them is needed to find ours.
+QUIET_PYTEST = ["-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:hypothesispytest", "-p", "no:benchmark"]
 
 
 def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_factory, tmp_path):
@@ -355,11 +355,12 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
     d = daemon_factory(first=first, last=last, state="none")
     (tmp_path / "test_many.py").write_text(PLUGIN_TESTS % {"count": 200})     # 4 workers x 50
     record = tmp_path / "record.jsonl"
+    # Only xdist and ours, named (the next test checks that pytest finds ours by itself): whatever
+    # else a machine's pytest loads (Hypothesis, pytest-benchmark) costs each of five processes.
     env = clean_env(NODEMNGR_HOST=d.host, NODEMNGR_PORT=d.port, NODEMNGR_AUTOSTART=0, RECORD=record,
-                    PYTHONPATH=ROOT)
-    argv = [sys.executable, "-m", "pytest", "-q", "-n", "4"] + QUIET_PYTEST + [str(tmp_path / "test_many.py")]
-    if not _plugin_installed():
-        argv[3:3] = ["-p", "pytest_nodemngr"]
+                    PYTHONPATH=ROOT, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    argv = [sys.executable, "-m", "pytest", "-q", "-n", "4", "-p", "xdist.plugin", "-p", "pytest_nodemngr",
+            "-p", "no:cacheprovider", str(tmp_path / "test_many.py")]
     out = subprocess.run(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          universal_newlines=True, timeout=120)
     assert out.returncode == 0 and "200 passed" in out.stdout, out.stdout[-3000:]
@@ -373,8 +374,8 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
 
 
 def _plugin_installed():
-    """Whether pytest finds pytest_nodemngr among its entry points here.  The inner runs get the
-    repository on PYTHONPATH, so that they see what this Python sees: the module, and the
+    """Whether pytest finds pytest_nodemngr among its entry points here.  The --fixtures run gets
+    the repository on PYTHONPATH, so that it sees what this Python sees: the module, and the
     nodemngr.egg-info that setuptools leaves there at an editable install (without it, a Python
     started elsewhere would find the entry point and not the module)."""
     try:
