@@ -631,8 +631,7 @@ class PortAllocator:
         except BaseException:   # the check failed, not the port: it stays free
             self._make_free(port)
             raise
-        heapq.heappush(self._busy, (now + self._retry_after(port), port))
-        self._busy_ports.add(port)
+        self._set_aside(port, now)
         return False
 
     def untake(self, port):
@@ -642,8 +641,7 @@ class PortAllocator:
     def set_aside(self, port):
         """A free port found busy after all (a bind failed): probe it again after busy_retry."""
         self._is_free.discard(port)
-        heapq.heappush(self._busy, (self._clock() + self._retry_after(port), port))
-        self._busy_ports.add(port)
+        self._set_aside(port, self._clock())
 
     def memory_change(self, port, info):
         """What holding *port* for *info* changes in the names' memory: (the explicit name that
@@ -721,8 +719,7 @@ class PortAllocator:
                 if free:
                     self._make_free(port)
                 else:
-                    heapq.heappush(self._busy, (now + self._retry_after(port), port))
-                    self._busy_ports.add(port)
+                    self._set_aside(port, now)
         return bool(self._busy) and self._busy[0][0] <= now
 
     def _forget(self, name):
@@ -750,10 +747,11 @@ class PortAllocator:
         if not ports:
             del index[key]
 
-    def _retry_after(self, port):
+    def _set_aside(self, port, now):
         # each port comes back after its own share of busy_retry (half to all of it), so that
         # a thousand ports found busy together are not all due at once
-        return self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5)
+        heapq.heappush(self._busy, (now + self.busy_retry * (0.5 + (port * 0.6180339887) % 0.5), port))
+        self._busy_ports.add(port)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2181,9 +2179,8 @@ class _Channel(asyncio.BufferedProtocol):
         if caller.defer:   # it waits for another server: answered when its thread is done
             method, func = caller.defer[0]
             if server.slow_calls >= server.max_slow_calls:
-                server.faults[CLUSTER_UNAVAILABLE] += 1
-                reply = dumps(Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try again "
-                                    "shortly" % server.slow_calls), methodresponse=True).encode("utf-8")
+                reply = server.marshalled(Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try "
+                                                "again shortly" % server.slow_calls), method)
             else:
                 server.slow_calls += 1
                 self.awaiting = head
@@ -2613,6 +2610,7 @@ class NodeMngrServer(SimpleXMLRPCServer):
         replies already wait beyond max_pending_bytes, so a call whose reply can be megabytes gets
         503 (_HTTPError) before it runs; small ones are served.  None when a slow method (locate)
         put (name, function) in caller.defer: finish_slow() makes the reply once it has run."""
+        method = "a call that could not be read"
         try:
             params, method = parse_call(body)
             if short_of_memory and method in _LARGE_REPLIES:
@@ -2630,15 +2628,8 @@ class NodeMngrServer(SimpleXMLRPCServer):
                 return (_INT_REPLY % result).encode("ascii")
             response = (result,)
         except Fault as fault:
-            self.faults[fault.faultCode] += 1
             response = fault
-        try:
-            return dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
-        except Exception:
-            log.exception("could not marshal the reply")
-            return xmlrpc.client.dumps(Fault(INTERNAL_ERROR, "internal error: the reply could not be "
-                                             "marshalled; see the node manager's log"),
-                                       methodresponse=True).encode("utf-8")
+        return self.marshalled(response, method)
 
     def finish_slow(self, method, future):
         """The XML reply to a slow call whose function ran in a thread as *future*."""
@@ -2650,6 +2641,11 @@ class NodeMngrServer(SimpleXMLRPCServer):
             log.exception("internal error in %s", method)
             response = Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the details"
                              % (method, type(exc).__name__))
+        return self.marshalled(response, method)
+
+    def marshalled(self, response, method):
+        """The XML reply (bytes) for *response*, a 1-tuple or a Fault, which is counted.  A reply
+        that cannot be marshalled is logged, and answered as an internal error."""
         try:
             reply = dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
         except Exception:
@@ -2781,9 +2777,10 @@ class NodeMngrServer(SimpleXMLRPCServer):
                     if listings > 1:
                         raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
                 elif call["methodName"] == "lookup" and len(params) == 1 and type(params[0]) is str:
-                    looked += self.node.count_named(params[0])     # (counted before any is built)
+                    named = self.node.count_named(params[0])    # (counted before any is built)
+                    looked += named
                     if looked > len(self.node.allocator):   # (distinct names never get here)
-                        looked -= self.node.count_named(params[0])
+                        looked -= named
                         raise Fault(BAD_ARGUMENT, "the lookups of one system.multicall may list %d entries at "
                                     "most, as many as are registered" % len(self.node.allocator))
                 results.append([self._dispatch(call["methodName"], params, caller._replace(handoff=None, defer=None))])

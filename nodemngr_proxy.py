@@ -12,9 +12,10 @@ session, no terminal, output to ``PORT.log`` beside the state file, none of the 
 files, working folder "/") and waits until it answers, spawning again if that daemon gave up (as it
 may while the previous one is still on its way out).  Any number of processes doing so at once end
 with one daemon: they take turns at a lock file beside the state file, so only the first starts
-one, and should that lock fail them, the others' daemons find the port bound and exit.  ``NODEMNGR_AUTOSTART=0`` turns
-this off.  Every failed call raises a NodeMngrException whose text is one line.  A proxy is safe
-to share between threads; each call borrows a kept-alive connection from a small pool.
+one, and should that lock fail them, the others' daemons find the port bound and exit.
+``NODEMNGR_AUTOSTART=0`` turns this off.  Every failed call raises a NodeMngrException whose text is
+one line.  A proxy is safe to share between threads; each call borrows a kept-alive connection from
+a small pool.
 """
 
 import contextlib
@@ -289,8 +290,6 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
             return
         raise NodeMngrException("no node manager answered at %s:%d within %g s" % (host, port, timeout))
     try:
-        if nodemngr.who_answers(host, port) in _SOMEONE:
-            return
         log_path = _log_path(port)
         try:
             lock_path = os.path.join(_state_folder(port), "%d.spawn.lock" % port)
@@ -305,7 +304,8 @@ def start_daemon(host=None, port=None, timeout=nodemngr.SPAWN_TIMEOUT, token_fil
 
 def _spawn_until_answered(host, port, log_path, token_file, deadline, timeout):
     """start_daemon's loop: spawn, and spawn again while nothing listens, until one answers."""
-    answer = nodemngr.who_answers(host, port)     # (the client whose turn came first may have started it)
+    # (another thread of ours, or the client whose turn came first, may have started one)
+    answer = nodemngr.who_answers(host, port)
     argv = _daemon_argv(host, port, log_path, token_file)
     daemon, spawned_at, delay = None, None, 0.005
     while answer not in _SOMEONE:
