@@ -6,6 +6,7 @@ delPort, the owner's death, a restart and a kill -9; other registrations take su
 when nothing else is free.
 """
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def test_lookup_finds_string_and_struct_names(daemon_factory, run_cli):
     code, out, err = run_cli("lookup", "web", env=d.env)
     lines = out.splitlines()
     assert code == 0 and err == "" and len(lines) == 2, (code, out, err)
-    assert lines[0].split()[:3] == [str(web1), "0", lines[0].split()[2]] and lines[0].split()[3] == "web"
+    assert lines[0].split()[:2] == [str(web1), "0"] and re.fullmatch(r"\d+[smhd]", lines[0].split()[2])
+    assert lines[0].split()[3] == "web"
     assert lines[1].split()[0] == str(web2) and "tls" in lines[1]
     code, out, err = run_cli("lookup", "nobody", env=d.env)
     assert (code, out) == (1, "") and err.count("\n") == 1 and "no port is registered under the name 'nobody'" in err

@@ -284,12 +284,15 @@ def test_a_client_stuck_holding_its_spawn_turn_delays_the_others_but_does_not_fa
     env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
     env.setenv("NODEMNGR_FIRST_PORT", str(first))
     env.setenv("NODEMNGR_LAST_PORT", str(last))
-    stuck = os.open(str(tmp_path / ("%d.spawn.lock" % port)), os.O_RDWR | os.O_CREAT, 0o600)
+    stuck = _hold_turn(str(tmp_path / ("%d.spawn.lock" % port)))
     try:
-        fcntl.flock(stuck, fcntl.LOCK_EX)       # (per open file: it excludes this process's other opens too)
+        began = time.monotonic()
         nodemngr_proxy.start_daemon(port=port, timeout=4.0)
+        waited = time.monotonic() - began
     finally:
-        os.close(stuck)
+        stuck.stdin.close()
+        stuck.wait(10)
+    assert waited >= 2.0, "it did not wait its turn (half of its 4 s) before going ahead: %.2f s" % waited
     assert daemon_pid_at(port)
     assert (tmp_path / ("%d.log" % port)).read_text().count("serving on") == 1
 
@@ -612,10 +615,7 @@ def test_a_lease_on_the_lock_file_does_not_hold_the_client_beyond_its_timeout(tm
     stop_at_ports.append(port)
     first, last = free_range(10)
     state = tmp_path / "state.sqlite3"
-    environ = dict(os.environ, NODEMNGR_STATE=str(state), NODEMNGR_FIRST_PORT=str(first),
-                   NODEMNGR_LAST_PORT=str(last))
-    for var in ("NODEMNGR_HOST", "NODEMNGR_PORT", "NODEMNGR_LOG_FILE", "NODEMNGR_UNIX", "NODEMNGR_AUTOSTART"):
-        environ.pop(var, None)
+    environ = clean_env(NODEMNGR_STATE=state, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last)
     leaser = subprocess.Popen([sys.executable, "-c", LEASED, str(tmp_path / ("%d.%s" % (port, leased)))],
                               stdout=subprocess.PIPE, text=True)
     client = None
