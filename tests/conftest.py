@@ -5,6 +5,7 @@ The helpers themselves live in support.py (no pytest there), which bench/bench.p
 """
 import gc
 import os
+import subprocess
 import sys
 
 import pytest
@@ -138,3 +139,13 @@ def reap_pids():
     yield pids
     for pid in pids:
         stop_pid(pid)
+
+
+@pytest.fixture
+def sleeper(reap_pids):
+    """A live process that holds nothing, to stand as a port's owner."""
+    proc = subprocess.Popen(["sleep", "300"])
+    reap_pids.append(proc.pid)
+    yield proc
+    proc.kill()
+    proc.wait()

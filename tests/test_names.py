@@ -86,7 +86,7 @@ def test_string_infos_keep_the_legacy_lowest_free_rule(daemon_factory):
     assert ports(rpc.lookup("again")) == [first + 1, first + 3]
 
 
-def test_a_sticky_port_comes_back_after_delport_reaping_restart_and_kill_9(daemon_factory, tmp_path):
+def test_a_sticky_port_comes_back_after_delport_reaping_restart_and_kill_9(daemon_factory, tmp_path, sleeper):
     d = daemon_factory(size=20, settings=FAST_REAP)
     rpc = d.rpc()
     fillers = [rpc.newPort("filler %d" % i) for i in range(3)]
@@ -100,13 +100,10 @@ def test_a_sticky_port_comes_back_after_delport_reaping_restart_and_kill_9(daemo
     # delPort
     assert rpc.newPort({"name": "db", "v": 2}) == db, "not the lowest free port: its own"
     # the owner died and was reaped
-    owner = subprocess.Popen(["sleep", "60"])
-    try:
-        rpc.delPort(db)
-        assert rpc.newPort({"name": "db"}, owner.pid) == db
-    finally:
-        owner.kill()
-        owner.wait()
+    rpc.delPort(db)
+    assert rpc.newPort({"name": "db"}, sleeper.pid) == db
+    sleeper.kill()
+    sleeper.wait()
     assert wait_until(lambda: rpc.lookup("db") == [], timeout=10), "the dead owner's port was not reaped"
     assert rpc.newPort("after the reaping") == d.first + 1, "another registration leaves the remembered port alone"
     assert rpc.newPort({"name": "db"}) == db

@@ -41,16 +41,6 @@ def call_on(sock, method, *params):
         return fault
 
 
-@pytest.fixture
-def sleeper(reap_pids):
-    """A live process that holds nothing, to stand as a port's owner."""
-    proc = subprocess.Popen(["sleep", "300"])
-    reap_pids.append(proc.pid)
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 # -- 1. out of file descriptors ------------------------------------------------------------------
 
 def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, sleeper):

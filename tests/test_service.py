@@ -122,18 +122,15 @@ def parse(text):
     return values
 
 
-def test_metrics_are_valid_prometheus_text_and_match_status(daemon_factory):
+def test_metrics_are_valid_prometheus_text_and_match_status(daemon_factory, sleeper):
     d = daemon_factory(size=10, state="none", settings=FAST_REAP)
     rpc = d.rpc()
     before = parse(metrics(d))      # (the readiness pings are counted too)
     kept = [rpc.newPort("kept"), rpc.newPort({"name": "db"})]
     rpc.delPort(rpc.newPort("gone"))
-    owner = subprocess.Popen(["sleep", "60"])
-    try:
-        rpc.newPort("owned", owner.pid)
-    finally:
-        owner.kill()
-        owner.wait()
+    rpc.newPort("owned", sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
     for call in (lambda: rpc.delPort(1), lambda: rpc.delPort(2), lambda: rpc.lookup(7), lambda: rpc.nosuch()):
         with pytest.raises(xmlrpc.client.Fault):
             call()
