@@ -31,7 +31,7 @@ def portserver_ask(d, data, shut=False):
     """Send *data* on d's local socket; return all it answers before closing (b"" for nothing)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
-        s.connect("\0" + local_address(d)[1:])
+        s.connect(nodemngr.local_sockaddr(local_address(d)))
         s.sendall(data)
         if shut:
             s.shutdown(socket.SHUT_WR)
@@ -101,9 +101,9 @@ def test_portserver_requests_good_dead_stalled_and_unread(daemon_factory, reap_p
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     unread = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        stalled.connect("\0" + local_address(d)[1:])
+        stalled.connect(nodemngr.local_sockaddr(local_address(d)))
         stalled.sendall(b"123")
-        unread.connect("\0" + local_address(d)[1:])
+        unread.connect(nodemngr.local_sockaddr(local_address(d)))
         unread.sendall(b"%d\n" % os.getpid())     # and never reads its reply
         assert d.rpc().ping().startswith("NodeMngr at ")
         stalled.settimeout(5)
@@ -498,7 +498,7 @@ def test_new_socket_without_a_pid_is_owned_by_its_caller_and_one_is_in_flight_pe
     request = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
-        s.connect("\0" + local_address(daemon)[1:])
+        s.connect(nodemngr.local_sockaddr(local_address(daemon)))
         s.sendall(request * 20)         # pipelined, none of the replies read yet
         time.sleep(0.3)
         data, fds = b"", []

@@ -19,6 +19,8 @@ import pytest
 from conftest import FAST_REAP, ROOT, clean_env, free_port, free_range, launcher, wait_until
 from support import ServerProcess
 
+import nodemngr
+
 UNITS = [os.path.join(ROOT, "contrib", "systemd", name) for name in ("nodemngr.socket", "nodemngr.service")]
 
 
@@ -58,7 +60,7 @@ def test_socket_activation_starts_the_daemon_on_the_first_connection(tmp_path, w
         assert [e["port"] for e in rpc.listPorts()] == [given[0], given[2]]
         if with_local:      # the passed Unix socket is the local socket, though --unix said none
             with socket.socket(socket.AF_UNIX) as s:
-                s.connect("\0" + local[1:])
+                s.connect(nodemngr.local_sockaddr(local))
                 s.sendall(b"%d\n" % os.getpid())
                 assert int(s.recv(100)) == first + 1
         log = server.read_log()
@@ -72,7 +74,7 @@ def test_socket_activation_starts_the_daemon_on_the_first_connection(tmp_path, w
 def test_readiness_and_status_reach_notify_socket(daemon_factory):
     address = "@nodemngr-notify-%d" % random.randrange(1 << 30)
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind("\0" + address[1:])
+        listener.bind(nodemngr.local_sockaddr(address))
         listener.settimeout(5)
         d = daemon_factory(size=10, state="none", env={"NOTIFY_SOCKET": address}, start=False)
         d.start(wait=False)
@@ -232,7 +234,7 @@ def test_metrics_count_every_listing_and_portserver_request_and_take_query_strin
     for _ in range(5):
         rpc.listPorts()
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect("\0nodemngr-%d" % daemon.port)
+        s.connect(nodemngr.local_sockaddr("@nodemngr-%d" % daemon.port))
         s.sendall(b"%d\n" % os.getpid())
         assert daemon.first <= int(s.recv(100)) <= daemon.last
     request = urllib.request.Request("http://%s:%d/metrics?name=nodemngr" % (daemon.host, daemon.port))
