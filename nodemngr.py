@@ -6,47 +6,75 @@ has, records what the port is for and who holds it, and takes it back when asked
 dies.  It is a modern re-implementation of the 1999 Open-ORB ``nodemngr`` module (``ping``,
 ``newPort``, ``delPort``, ``terminate``) that speaks XML-RPC, so any language can call it.
 
-Run it (this one file, Python 3.8+, standard library only)::
+This one file (Python 3.8+, standard library only) is a whole deployment: the daemon, its command
+line and the Python client::
 
     $ python3 nodemngr.py                 # serve on 127.0.0.1:11800, ports 11801-12800
-    $ nodemngr new "echo service"         # from another shell
+    $ python3 nodemngr.py new "echo service"
     11801
-    $ nodemngr list
-    PORT   PID  AGE  INFO
-    11801  0    3s   echo service
-    $ nodemngr del 11801; nodemngr stop
 
-Use it from Python (the client lives in nodemngr_proxy.py and starts a daemon if none answers)::
-
-    >>> from nodemngr import nm
+    >>> from nodemngr import nm          # the client starts a daemon if none answers
     >>> p = nm.newPort("my capsule")
     >>> nm.delPort(p)
     0
 
-The sections below, in order, each using only those above it:
+Sections, in file order; each uses only the sections above it:
 
-    Constants        ports, limits and the wire protocol's fault codes
-    Exceptions       NodeMngrException and one subclass per fault
-    Owners           a pid and its start time (/proc), alive or not
-    Host checks      is a port bound by anybody on this host?  is an address ours?
-    Values           infos: checked, marshalled; describe() for messages, _loggable for logs
-    The allocator    PortAllocator: pure logic, no sockets, no files
-    The state store  StateStore: sqlite3, one row per held port
-    The node manager NodeMngr: the wire methods, owner reaping (knows nothing of the transport)
-    Reading requests parse_call: a fast path for common calls, else expat with DTDs refused
-    HTTP/1.1 framing read_head and the replies' bytes (pure functions)
-    The transport    _Channel: one asyncio protocol per connection
-    The daemon       NodeMngrServer: the socket, the method table, the loop and its timers, the stop
-    Configuration    env_host, env_port, read_token, and the client: make_proxy, who_answers
-    Serving          run_daemon: the daemon in this process, from bind to exit
-    The command line main()
-    Legacy names     nm and NodeMngrProxy, from nodemngr_proxy.py on first use
+    Constants            ports, limits and the wire protocol's fault codes
+    Exceptions           NodeMngrException and one subclass per fault
+    Owners               a pid, its start time and pid namespace; is it alive?  who is the peer?
+    Host checks          is a port bound by anybody on this host?  is an address ours?
+    Values               infos checked and marshalled; text for users, text for logs
+    XML-RPC bodies       parse_call (a fast path, else expat with DTDs refused), replies' bytes
+    Settings             Settings: a given value, else the environment, else the default
+    The allocator        PortAllocator: pure logic, no sockets, no files
+    The state store      StateStore: sqlite3, one row per held port
+    The service          NodeMngr: the wire methods and owner reaping; Caller, who calls
+    The dispatcher       Dispatcher: the method table, rights, multicall, counters, /metrics
+    HTTP framing         read_head and the replies' heads (pure functions over bytes)
+    The transport        Connection: one asyncio protocol per connection, and its three doors
+    The server           NodeMngrServer: listening sockets, accept, deadlines, the stop
+    The cluster view     ClusterView and EtcdClient: the registry published to etcd, read back
+    The client           NodeMngrProxy, who_answers, request_socket, start_daemon (auto-start)
+    Serving              run_daemon: the daemon in this process, systemd, signals
+    The command line     main()
+    Legacy names         nm, made on first use
+
+Layers talk one way.  The service knows no transport; every door (XML-RPC over HTTP on TCP and on
+the local socket, portpicker's portserver line, the socket handover) goes through one Dispatcher,
+which checks, counts and logs every call and fault the same way.  The server asks a connection
+questions (expired(), evictable()); a connection asks its server through a few named methods
+(owed_bytes(), release(), run_slow()).  The cluster view is handed a snapshot function and told of
+changes through one callback; it never calls the service.  Limits are class attributes that tests
+may shorten, as in socketserver.
+
+One call's path: a socket -> Connection (HTTP framing, or the portserver line) -> Dispatcher
+(Caller, rights, method lookup, counters) -> NodeMngr (the method) -> PortAllocator and StateStore
+-> NodeMngr (on_change: the cluster view) -> Dispatcher (marshalled reply, counted fault) ->
+Connection (write; with SCM_RIGHTS for a handover).
+
+Where each feature lives (names of this module; tests/test_structure.py checks that they exist):
+
+    names, sticky ports  name_of, explicit_name, PortAllocator.take, PortAllocator.memory_change, NodeMngr.lookup
+    newSocket            NodeMngr.newSocket, Handover, Connection._hand_over, Dispatcher.handover_failed,
+                         request_socket, NodeMngrProxy.newSocket, _run_command
+    portserver protocol  Connection._answer_portserver, Dispatcher.portserver
+    owners and reaping   process_start_time, owner_alive, pid_of_local_peer, NodeMngr.reap_step
+    the cluster view     ClusterView, EtcdClient, NodeMngr.locate, NodeMngr.listCluster, _cluster_settings
+    metrics              Dispatcher.metrics, Dispatcher.add_gauge, read_head
+    systemd              activated_sockets, sd_notifier, NodeMngrServer._tell
+    settings             Settings, _parser, NodeMngrProxy
+    tokens and rights    Settings.token, Dispatcher.caller, Dispatcher.admits, Dispatcher.portserver
+    auto-start           NodeMngrProxy.call, start_daemon, _spawn_turn, _spawn_detached
 """
 
 import argparse
 import asyncio
 import base64
 import binascii
+import collections
+import concurrent.futures
+import contextlib
 import email.utils
 import errno
 import functools
@@ -68,20 +96,19 @@ import sqlite3
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import warnings
 import xmlrpc.client
 import zlib
-import collections
-import concurrent.futures
 from collections import namedtuple
 from datetime import datetime, timezone
 from xml.parsers import expat
 from xmlrpc.client import Fault
-from xmlrpc.server import SimpleXMLRPCServer
 
 try:
     import fcntl
@@ -90,10 +117,36 @@ try:
 except ImportError:     # not on Windows
     fcntl = resource = termios = None
 
+# Every public name, by section (all but the module's logger, logging.getLogger("nodemngr")).
 __all__ = [
-    "nmPort", "firstPort", "lastPort", "NodeMngrException", "UnknownPortError", "NoFreePortError",
-    "BadArgumentError", "ForbiddenError", "StoreError", "ClusterError", "PortAllocator", "StateStore", "NodeMngr",
-    "NodeMngrServer", "nm", "main",
+    # Constants
+    "nmPort", "firstPort", "lastPort", "MAX_INFO_BYTES", "MAX_INFO_DEPTH", "MAX_BODY", "MAX_HEAD", "MAX_HEADERS",
+    "IDLE_TIMEOUT", "STALL_TIMEOUT", "MAX_CONNECTIONS", "REAP_INTERVAL", "BUSY_RETRY", "SPAWN_TIMEOUT",
+    "UNKNOWN_PORT", "NO_FREE_PORT", "BAD_ARGUMENT", "FORBIDDEN", "CLUSTER_UNAVAILABLE", "NOT_WELL_FORMED",
+    "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
+    # Exceptions
+    "NodeMngrException", "UnknownPortError", "NoFreePortError", "BadArgumentError", "UnsendableError",
+    "ForbiddenError", "StoreError", "ClusterError", "exception_from_fault",
+    # Owners, host checks
+    "process_start_time", "owner_alive", "is_thread_of_another", "pid_of_local_peer", "peer_credentials",
+    "port_is_bindable", "is_loopback", "is_this_host",
+    # Values, XML-RPC bodies
+    "dumps", "marshal_info", "unmarshal_info", "check_port", "utc", "printable", "describe", "parse_call",
+    "marshal_reply",
+    # Settings
+    "bounded_int", "default_state_path", "ensure_private_folder", "read_token", "Settings",
+    # The allocator, the state store, the service
+    "Registration", "name_of", "explicit_name", "PortAllocator", "StateStore", "Caller", "IN_PROCESS", "NodeMngr",
+    # The dispatcher, HTTP framing, the transport, the server
+    "Busy", "Deferred", "Handover", "Dispatcher", "RequestHead", "read_head", "Connection", "local_sockaddr",
+    "NodeMngrServer",
+    # The cluster view
+    "CLUSTER_PREFIX", "published_entry", "EtcdClient", "ClusterView",
+    # The client
+    "server_url", "server_proxy", "who_answers", "request_socket", "describe_call_error", "NodeMngrProxy",
+    "start_daemon",
+    # Serving, the command line, legacy names
+    "run_daemon", "activated_sockets", "sd_notifier", "reopen_log_files", "main", "format_table", "nm",
 ]
 __version__ = "1.2.0"
 
@@ -119,14 +172,12 @@ REAP_INTERVAL = 2.0     # seconds between two looks at the owners' liveness
 BUSY_RETRY = 1.0        # a port another program holds is not probed again for this long
 SPAWN_TIMEOUT = 10.0    # how long a client waits for a daemon it started
 
-# Fault codes of the wire protocol (README, "Methods").
+# Fault codes of the wire protocol (CONTRACT, "Wire protocol").
 UNKNOWN_PORT, NO_FREE_PORT, BAD_ARGUMENT, FORBIDDEN, CLUSTER_UNAVAILABLE = 1, 2, 3, 4, 5
 NOT_WELL_FORMED, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
     -32700, -32600, -32601, -32602, -32603)
 
 _INT32_MIN, _INT32_MAX = -2 ** 31, 2 ** 31 - 1
-_STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
-_STORE_SCHEMA = 2       # 1: 1.0's, ports only (migrated in place); 2: names' last ports too
 
 # ---------------------------------------------------------------------------------------------
 # Exceptions
@@ -172,6 +223,10 @@ class BadArgumentError(NodeMngrException, ValueError):
     faultCode = BAD_ARGUMENT
 
 
+class UnsendableError(BadArgumentError, TypeError):
+    """A call argument that XML-RPC cannot carry (the client sent nothing); also a TypeError."""
+
+
 class ForbiddenError(NodeMngrException, PermissionError):
     """An administrative call from a peer that is not on this host (fault 4)."""
 
@@ -203,8 +258,10 @@ def exception_from_fault(fault):
 
 
 # ---------------------------------------------------------------------------------------------
-# Owners: a pid and the start time of that process, so that a reused pid is a different owner
+# Owners
 # ---------------------------------------------------------------------------------------------
+# A pid and the start time of that process, so that a reused pid is a different owner; pid
+# namespaces; the peer of a Unix socket.
 
 _HAVE_PROC = os.path.isdir("/proc/self") and os.path.exists("/proc/self/stat")
 
@@ -224,15 +281,36 @@ def process_start_time(pid):
     except (FileNotFoundError, ProcessLookupError):
         return _pid_exists(pid)     # hidepid= hides other users' processes; kill() still sees them
     try:
-        stat = os.read(fd, 1024)
+        line = os.read(fd, 1024)
     except ProcessLookupError:      # it ended between open and read
         return None
     finally:
         os.close(fd)
-    fields = stat.rpartition(b")")[2].split()
+    fields = line.rpartition(b")")[2].split()
     if len(fields) < 20 or (fields[0] in (b"Z", b"X", b"x") and not _threads_live(pid)):
         return None
     return int(fields[19])
+
+
+def owner_alive(pid, start=0):
+    """True while the process that registered as (*pid*, *start*) may run: False only when it
+    has certainly ended (no such process, a zombie, or the pid now belongs to a later process).
+    With start 0, whether any process *pid* runs.  The one liveness test of this module."""
+    try:
+        now = process_start_time(pid)
+    except OSError:
+        return True
+    return now is not None and (not start or not now or now == start)
+
+
+def _pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:     # it exists, and belongs to somebody else
+        pass
+    return 0
 
 
 def _threads_live(pid):
@@ -250,6 +328,15 @@ def _status_field(pid, name):
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return int(match.group(1)) if match else None
+
+
+def is_thread_of_another(pid):
+    """True if *pid* is a thread of some process rather than a process (Linux: its Tgid differs).
+    A thread id would free its port when the thread ends, while its process runs on."""
+    if not _HAVE_PROC:
+        return False
+    tgid = _status_field(pid, b"Tgid")
+    return tgid is not None and tgid != pid
 
 
 def pid_of_local_peer(sent, peer_pid):
@@ -270,38 +357,20 @@ def pid_of_local_peer(sent, peer_pid):
     return sent
 
 
-def _pid_exists(pid):
+def peer_credentials(sock):
+    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED); (None, None)
+    where the kernel cannot say."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:     # it exists, and belongs to somebody else
-        pass
-    return 0
-
-
-def is_thread_of_another(pid):
-    """True if *pid* is a thread of some process rather than a process (Linux: its Tgid differs).
-    A thread id would free its port when the thread ends, while its process runs on."""
-    if not _HAVE_PROC:
-        return False
-    tgid = _status_field(pid, b"Tgid")
-    return tgid is not None and tgid != pid
-
-
-def owner_alive(pid, start):
-    """True while the process that registered as (*pid*, *start*) may run: False only when it
-    has certainly ended (no such process, or the pid now belongs to a later process)."""
-    try:
-        now = process_start_time(pid)
-    except OSError:
-        return True
-    return now is not None and (not start or not now or now == start)
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (AttributeError, OSError):
+        return None, None
+    return pid or None, uid
 
 
 # ---------------------------------------------------------------------------------------------
-# Host checks: is a port bound by anybody on this host?
+# Host checks
 # ---------------------------------------------------------------------------------------------
+# Is a port bound by anybody on this host?  Is an address one of this host's?
 
 def _probes():
     """(family, type, address, set V6ONLY off) for each bind that port_is_bindable tries: one
@@ -393,19 +462,27 @@ def _read_tcp_tables():
     return text
 
 
+def _ip_address(text):
+    """*text* as an ipaddress object (an IPv4-mapped IPv6 address as its IPv4 one, a zone id
+    dropped), or None when it is not an IP address."""
+    try:
+        addr = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return addr if mapped is None else mapped
+
+
 def is_loopback(host):
     """True for 127.0.0.0/8, ::1, an IPv4-mapped loopback and names that resolve only there."""
     host = host.strip("[]")
-    try:
-        addr = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
+    addr = _ip_address(host)
+    if addr is None:
         try:
             infos = socket.getaddrinfo(host, None)
         except OSError:
             return False
         return bool(infos) and all(is_loopback(info[4][0]) for info in infos)
-    if getattr(addr, "ipv4_mapped", None) is not None:
-        addr = addr.ipv4_mapped
     return addr.is_loopback
 
 
@@ -413,12 +490,9 @@ def is_this_host(address):
     """True if *address* (a peer's) is one of this host's own addresses, loopback or not: the
     kernel then routes to it from itself.  (Not "it can be bound": with ip_nonlocal_bind set,
     as on many keepalived hosts, any address can.)"""
-    try:
-        addr = ipaddress.ip_address(address.split("%")[0])
-    except ValueError:
+    addr = _ip_address(address)
+    if addr is None:
         return False
-    if getattr(addr, "ipv4_mapped", None) is not None:
-        addr = addr.ipv4_mapped
     if addr.is_loopback:
         return True
     family = socket.AF_INET6 if addr.version == 6 else socket.AF_INET
@@ -431,8 +505,10 @@ def is_this_host(address):
 
 
 # ---------------------------------------------------------------------------------------------
-# Values: what an info may be, and how it is checked
+# Values
 # ---------------------------------------------------------------------------------------------
+# What an info may be, how it is marshalled, and how a value a client sent is shown: printable()
+# and describe() for what a user reads, _loggable for the log.
 
 _PARAMS_OVERHEAD = len(xmlrpc.client.dumps((0,))) - len("<value><int>0</int></value>")
 # What xmlrpc.client.dumps writes for one string param and for an int reply, filled in directly: the
@@ -497,6 +573,11 @@ def check_port(port):
     return port
 
 
+def utc(epoch):
+    """A naive UTC datetime, as XML-RPC's dateTime.iso8601 carries no zone."""
+    return datetime.fromtimestamp(int(epoch), timezone.utc).replace(tzinfo=None)
+
+
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = 60
 _REPR.maxlevel = 2
@@ -519,15 +600,23 @@ class _loggable:
         return text if len(text) <= self.limit else text[:self.limit - 3] + "..."
 
 
+def printable(text, limit=None):
+    """*text* (any value, as str()) safe to show a user on one line: every character that is not
+    printable (line breaks, escape sequences, U+2028) written as its escape, so that a value
+    cannot forge lines of a table or drive a terminal; cut to *limit* characters with "..."."""
+    text = str(text)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
 def describe(value, limit=40):
     """A value a client sent, or an error, for a message a user reads (a fault, a CLI error): 7,
     'text', a struct; an exception as its own message on one line, without its class (the str()
     of xmlrpc.client.Error is a repr)."""
     if isinstance(value, BaseException):
         text = " ".join((value.args[0] if value.args and isinstance(value.args[0], str) else "").split())
-        if not text:
-            return "a value is malformed"
-        return text if len(text) <= 120 else text[:117] + "..."
+        return printable(text, 120) if text else "a value is malformed"
     for kind, name in _XMLRPC_TYPES:
         if isinstance(value, kind):
             return str(_loggable(value, limit)) if name is None else name
@@ -535,8 +624,368 @@ def describe(value, limit=40):
 
 
 # ---------------------------------------------------------------------------------------------
-# The allocator: pure logic, no sockets, no files
+# XML-RPC bodies
 # ---------------------------------------------------------------------------------------------
+# Requests read with expat with DTDs refused, in the dialects real clients send (and a fast path
+# for the shape nearly every call has); replies written as every client reads them.
+
+class _Unmarshaller(xmlrpc.client.Unmarshaller):
+    """xmlrpc.client's reader, more liberal: booleans as true/false, whitespace around scalars."""
+
+    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
+
+    def end_boolean(self, data):
+        word = data.strip().lower()
+        if word not in ("0", "1", "true", "false"):
+            raise ValueError("bad boolean value %s" % describe(data))
+        self.append(word in ("1", "true"))
+        self._value = 0
+    dispatch["boolean"] = end_boolean
+
+    def end_int(self, data):
+        try:
+            self.append(int(data))
+        except ValueError:
+            raise ValueError("bad integer value %s" % describe(data.strip()))
+        self._value = 0
+    for _tag in ("i1", "i2", "i4", "i8", "int", "biginteger"):
+        dispatch[_tag] = end_int
+    del _tag
+
+    def end_struct(self, data):
+        items = self._stack[self._marks[-1]:]
+        if len(items) % 2 or not all(isinstance(name, str) for name in items[::2]):
+            raise ValueError("each struct member needs a <name> string and a <value>")
+        xmlrpc.client.Unmarshaller.end_struct(self, data)
+    dispatch["struct"] = end_struct
+
+    def end_dateTime(self, data):
+        xmlrpc.client.Unmarshaller.end_dateTime(self, data.strip())
+        self._value = 0
+    dispatch["dateTime.iso8601"] = end_dateTime
+
+    def end_base64(self, data):
+        try:
+            xmlrpc.client.Unmarshaller.end_base64(self, data)
+        except (binascii.Error, UnicodeEncodeError):
+            raise ValueError("bad base64 value")
+    dispatch["base64"] = end_base64
+
+
+def _refuse_dtd(*args):
+    raise Fault(NOT_WELL_FORMED, "DOCTYPE and ENTITY declarations are refused")
+
+
+# The shape of nearly every call (xmlrpc.client's and most other clients'): UTF-8, int or string
+# params, no entities, no markup in strings.  parse_call reads a body of exactly this shape with
+# two patterns instead of expat, about four times as fast; anything else, expat reads.  A string
+# here holds no "<", ">", "&", CR or control character, so expat would read its bytes unchanged.
+_XML_WS = rb"[ \t\r\n]*"
+_SIMPLE_VALUE = rb"<value>(?:<(int|i4)>(-?[0-9]{1,10})</\1>|<string>([^<>&\r\x00-\x08\x0b\x0c\x0e-\x1f]*)</string>)</value>"
+_SIMPLE_CALL = re.compile(
+    rb"(?:<\?xml version=(?:'1\.0'|\"1\.0\")\?>)?%(ws)s<methodCall>%(ws)s<methodName>([A-Za-z0-9_.:]{1,100})"
+    rb"</methodName>%(ws)s(?:<params>%(ws)s((?:<param>%(ws)s%(value)s%(ws)s</param>%(ws)s)*)</params>%(ws)s)?"
+    rb"</methodCall>%(ws)s\Z" % {b"ws": _XML_WS, b"value": _SIMPLE_VALUE.replace(b"\\1", b"\\3")})
+_SIMPLE_PARAM = re.compile(_SIMPLE_VALUE)
+
+
+def _parse_simple_call(data):
+    """(params, method) of a body of the shape above, or None for expat to read it."""
+    match = _SIMPLE_CALL.match(data)
+    if match is None:
+        return None
+    params = []
+    for tag, number, text in _SIMPLE_PARAM.findall(match.group(2) or b""):
+        if tag:
+            params.append(int(number))
+        else:
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+            if "\ufffe" in text or "\uffff" in text:     # not XML characters: expat's error
+                return None
+            params.append(text)
+    return tuple(params), match.group(1).decode("ascii")
+
+
+def parse_call(data):
+    """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
+    simple = _parse_simple_call(data)
+    if simple is not None:
+        return simple
+    return _parse_call_expat(data)
+
+
+def _parse_call_expat(data):
+    # This drives xmlrpc.client.Unmarshaller through its internals (_encoding, _type, _marks,
+    # _stack and the dispatch table _Unmarshaller extends), as xmlrpc.client.loads does not refuse
+    # DTDs; tests/test_fastpath.py fails if a Python release changes them.
+    u = _Unmarshaller(use_builtin_types=True)
+    u._encoding = None
+    p = expat.ParserCreate(None, None)
+    p.buffer_text = True
+    p.StartElementHandler = u.start
+    p.EndElementHandler = u.end
+    p.CharacterDataHandler = u.data
+    p.StartDoctypeDeclHandler = _refuse_dtd
+    p.EntityDeclHandler = _refuse_dtd
+    try:
+        p.Parse(data, True)
+    except Fault:       # (_refuse_dtd's)
+        raise
+    except expat.ExpatError as exc:
+        raise Fault(NOT_WELL_FORMED, "the request is not well-formed XML: %s" % exc)
+    except (ValueError, TypeError, OverflowError, xmlrpc.client.Error, IndexError, KeyError, ArithmeticError) as exc:
+        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: %s" % describe(exc))
+    except LookupError as exc:      # after IndexError and KeyError: an encoding expat does not know
+        raise Fault(NOT_WELL_FORMED, "the request's XML encoding is unknown: %s" % describe(exc))
+    method = u.getmethodname()
+    if not isinstance(method, str) or u._type not in ("params", "methodName") or u._marks:
+        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: expected a <methodCall> "
+                    "with a <methodName> and <params>")
+    return tuple(u._stack), method
+
+
+def marshal_reply(response, method):
+    """(the XML reply as bytes, the fault code it answers or None) for *response*, a 1-tuple or a
+    Fault.  A reply that cannot be marshalled (a bug) is logged and answered as an internal error."""
+    try:
+        return (dumps(response, methodresponse=True, allow_none=False).encode("utf-8"),
+                response.faultCode if isinstance(response, Fault) else None)
+    except Exception:
+        log.exception("could not marshal the reply to %s", method)
+        return dumps(Fault(INTERNAL_ERROR, "internal error: the reply to %s could not be marshalled; see the "
+                           "node manager's log" % method), methodresponse=True).encode("utf-8"), INTERNAL_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+# Every setting is the value given (a flag, an argument), else its environment variable, else its
+# default (CONTRACT, "Configuration"), read here for the daemon, the command line and the client.
+
+def bounded_int(text, low, high, what):
+    """*text* as an int from *low* to *high*, else NodeMngrException naming *what*."""
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not low <= value <= high:
+        raise NodeMngrException("%s must be an integer from %d to %d, not %s" % (what, low, high, printable(text, 80)))
+    return value
+
+
+def default_state_path(port):
+    """$XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3, else TMPDIR/nodemngr-UID/PORT.sqlite3."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        folder = os.path.join(runtime, "nodemngr")
+    else:
+        uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % uid)
+    return os.path.join(folder, "%d.sqlite3" % port)
+
+
+def ensure_private_folder(folder):
+    """Create *folder* 0700 if missing; refuse one that another user owns or that is a link."""
+    os.makedirs(folder, 0o700, exist_ok=True)
+    st = os.lstat(folder)
+    if not os.path.isdir(folder) or os.path.islink(folder):
+        raise NodeMngrException("state folder %s is not a plain folder; remove it or set NODEMNGR_STATE" % folder)
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise NodeMngrException("state folder %s belongs to uid %d, not to you (uid %d); remove it or set "
+                                "NODEMNGR_STATE" % (folder, st.st_uid, os.getuid()))
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+
+
+def read_token(path):
+    """The token in the file *path* (bytes), or None when *path* is None.  The file must not be
+    readable by group or others."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise NodeMngrException("cannot read token file %s: %s" % (path, exc.strerror or exc))
+    if hasattr(os, "getuid") and st.st_mode & 0o077:
+        raise NodeMngrException("token file %s is readable by others (mode %o); chmod 600 it"
+                                % (path, st.st_mode & 0o777))
+    if not token:
+        raise NodeMngrException("token file %s is empty" % path)
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NodeMngrException("token file %s is not UTF-8 text" % path) from None
+    return token
+
+
+def _port_from_environ(var, text):
+    try:
+        port = int(text)
+    except ValueError:
+        raise NodeMngrException("%s=%s is not a port number" % (var, describe(text, 80)))
+    if not 1 <= port <= 65535:
+        raise NodeMngrException("%s=%d is not within 1-65535" % (var, port))
+    return port
+
+
+class Settings:
+    """The node manager's settings, each one the value given here (a flag, a constructor's
+    argument; None or "" means not given), else its environment variable, else its default.
+    A setting is read and checked when it is first asked for, so that a client never fails on
+    a setting it does not use; a wrong one is a NodeMngrException in one sentence.
+
+        >>> Settings(port=11899).port, Settings(environ={"NODEMNGR_PORT": "11900"}).port
+        (11899, 11900)
+    """
+
+    VARIABLES = {
+        "host": "NODEMNGR_HOST", "port": "NODEMNGR_PORT", "first_port": "NODEMNGR_FIRST_PORT",
+        "last_port": "NODEMNGR_LAST_PORT", "state": "NODEMNGR_STATE", "unix": "NODEMNGR_UNIX",
+        "token_file": "NODEMNGR_TOKEN_FILE", "autostart": "NODEMNGR_AUTOSTART", "log_level": "NODEMNGR_LOG_LEVEL",
+        "log_file": "NODEMNGR_LOG_FILE", "cluster": "NODEMNGR_CLUSTER", "cluster_ttl": "NODEMNGR_CLUSTER_TTL",
+        "advertise_host": "NODEMNGR_ADVERTISE_HOST", "cluster_ca": "NODEMNGR_CLUSTER_CA",
+        "cluster_cert": "NODEMNGR_CLUSTER_CERT", "cluster_key": "NODEMNGR_CLUSTER_KEY",
+        "cluster_user_file": "NODEMNGR_CLUSTER_USER_FILE",
+    }
+
+    def __init__(self, environ=None, **given):
+        unknown = set(given).difference(self.VARIABLES)
+        if unknown:
+            raise TypeError("no such setting: %s" % ", ".join(sorted(unknown)))
+        self.environ = os.environ if environ is None else environ
+        self._given = {name: value for name, value in given.items() if value is not None and value != ""}
+
+    def updated(self, **given):
+        """These settings, with the values *given* given too."""
+        return Settings(self.environ, **dict(self._given, **given))
+
+    def given(self, name):
+        """The value given for *name*, else its environment variable's text, else None."""
+        value = self._given.get(name)
+        return value if value is not None else (self.environ.get(self.VARIABLES[name]) or None)
+
+    def _parsed(self, name, parse, default):
+        """The value given for *name*, else parse(variable, text) of its environment variable's
+        text, else *default*."""
+        value = self._given.get(name)
+        if value is not None:
+            return value
+        var = self.VARIABLES[name]
+        text = self.environ.get(var)
+        return parse(var, text) if text else default
+
+    def _port(self, name, default):
+        return self._parsed(name, _port_from_environ, default)
+
+    @property
+    def host(self):
+        """The node manager's address (brackets around an IPv6 one dropped); 127.0.0.1."""
+        host = self.given("host") or "127.0.0.1"
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host or any(c in host for c in "[]/@ ") or (host.count(":") == 1):
+            raise NodeMngrException("%s is not a host name or address (give the port with --port or "
+                                    "NODEMNGR_PORT)" % describe(host, 80))
+        return host
+
+    @property
+    def port(self):
+        return self._port("port", nmPort)
+
+    @property
+    def first_port(self):
+        return self._port("first_port", firstPort)
+
+    @property
+    def last_port(self):
+        return self._port("last_port", lastPort)
+
+    @property
+    def state(self):
+        """The state file's path, or None for "none" (keep nothing)."""
+        text = self.given("state")
+        if text is None:
+            return default_state_path(self.port)
+        return None if str(text).lower() == "none" else str(text)
+
+    def state_folder(self):
+        """The folder of the state file (of the default one with state none), absolute, created
+        0700 if missing; the default folder is also refused if another user owns it."""
+        text = self.given("state")
+        if text is not None and str(text).lower() != "none":
+            folder = os.path.dirname(os.path.abspath(str(text)))
+            try:
+                os.makedirs(folder, 0o700, exist_ok=True)
+            except OSError as exc:
+                raise NodeMngrException("cannot create the state folder %s (NODEMNGR_STATE): %s"
+                                        % (folder, exc.strerror or exc)) from None
+            return folder
+        folder = os.path.dirname(os.path.abspath(default_state_path(self.port)))
+        try:
+            ensure_private_folder(folder)
+        except OSError as exc:
+            raise NodeMngrException("cannot create the node manager's folder %s: %s"
+                                    % (folder, exc.strerror or exc)) from None
+        return folder
+
+    @property
+    def unix(self):
+        """The local socket's address: @NAME (Linux's abstract namespace) or a path; None for
+        "none".  Default @nodemngr-PORT, or PORT.sock beside the state file where there is no
+        abstract namespace."""
+        text = str(self.given("unix") or "")
+        if text.lower() == "none":
+            return None
+        if not text:
+            if sys.platform.startswith("linux"):
+                return "@nodemngr-%d" % self.port
+            return os.path.join(os.path.dirname(self.state or default_state_path(self.port)), "%d.sock" % self.port)
+        if "\0" in text or text == "@" or len(text.encode("utf-8", "surrogateescape")) > 107:
+            raise NodeMngrException("%s is not a local socket address (@NAME, or a path of at most 107 bytes)"
+                                    % describe(text, 80))
+        return text
+
+    token_file = property(lambda self: self.given("token_file"), doc="The token file's path, or None.")
+
+    @property
+    def token(self):
+        """The token (bytes) in the token file, or None when there is no token file."""
+        return read_token(self.token_file)
+
+    @property
+    def autostart(self):
+        """Whether a client starts a daemon when none answers: NODEMNGR_AUTOSTART=0 says no."""
+        return bool(self._parsed("autostart", lambda var, text: text.strip() != "0", True))
+
+    @property
+    def log_level(self):
+        level = str(self.given("log_level") or "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise NodeMngrException("log level %s is not one of DEBUG, INFO, WARNING, ERROR" % describe(level, 80))
+        return level
+
+    log_file = property(lambda self: self.given("log_file"), doc="The log file's path, or None (stderr).")
+
+    @property
+    def cluster(self):
+        """The etcd endpoints' URLs (a list; empty: no cluster view)."""
+        return [url for url in str(self.given("cluster") or "").split(",") if url.strip()]
+
+    @property
+    def cluster_ttl(self):
+        """Seconds of the lease of this host's keys in etcd."""
+        return self._parsed("cluster_ttl", lambda var, text: bounded_int(text, 2, 3600, var), 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# The allocator
+# ---------------------------------------------------------------------------------------------
+# Pure logic: no sockets, no files, an injected host check and clock.
 
 Registration = namedtuple("Registration", "port info pid start since blob")
 Registration.__doc__ = """One held port: its info, owner (pid 0 = none, start time), since (epoch
@@ -545,7 +994,7 @@ seconds) and blob (info marshalled, as the state file keeps it)."""
 
 def name_of(info):
     """The name of a registration whose info is *info*: the info itself when it is a string, else
-    the ``name`` member of a struct info when that is a string, else None (README, "Names")."""
+    the ``name`` member of a struct info when that is a string, else None (CONTRACT, "Names")."""
     return info if type(info) is str else explicit_name(info)
 
 
@@ -563,11 +1012,11 @@ class PortAllocator:
     A sticky port is taken out of its heap's middle: heap entries whose port is no longer free,
     or has changed heaps, are skipped when they come up.  Ports that the host check refused are
     set aside for busy_retry seconds rather than probed on every call.  Not thread-safe:
-    NodeMngr serialises calls.
+    NodeMngr serialises calls (its loop's thread makes them all).
     """
 
-    recheck_rate = 2000     # set-aside ports probed again per second, at most,
-    recheck_burst = 32      # and at once
+    busy_probe_rate = 2000  # set-aside ports probed again per second, at most,
+    busy_probe_burst = 32   # and at once
 
     def __init__(self, first, last, registrations=(), remembered=None, clock=time.monotonic,
                  busy_retry=BUSY_RETRY):
@@ -583,7 +1032,7 @@ class PortAllocator:
         self._remembered_by = {p: n for n, p in self.remembered.items()}
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._busy_ports = set()    # the ports in it
-        self._rechecks, self._rechecked_at = 0.0, clock()   # a token bucket for probing those again
+        self._probes, self._probed_at = 0.0, clock()   # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
             self.hold(reg)
@@ -605,14 +1054,14 @@ class PortAllocator:
         """Remove and return a free port that ``usable(port)`` accepts, or None: the port that
         explicit name *name* had last when it is free, else the lowest free port no name
         remembers, else the lowest that one does.  The set-aside ports due for another probe come
-        back at recheck_rate a second at most: a thousand found busy together must not be probed
+        back at busy_probe_rate a second at most: a thousand found busy together must not be probed
         again within one call (or multicall)."""
         now = self._clock()
-        self._rechecks = min(self.recheck_burst, self._rechecks + (now - self._rechecked_at) * self.recheck_rate)
-        self._rechecked_at = now
-        while self._rechecks >= 1 and self._busy and self._busy[0][0] <= now:
+        self._probes = min(self.busy_probe_burst, self._probes + (now - self._probed_at) * self.busy_probe_rate)
+        self._probed_at = now
+        while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
             self._make_free(heapq.heappop(self._busy)[1])
-            self._rechecks -= 1
+            self._probes -= 1
         port = self.remembered.get(name)
         if port in self._is_free and self._try(usable, port, now):
             return port
@@ -703,7 +1152,7 @@ class PortAllocator:
             self.remembered[name], self._remembered_by[port] = port, name
         return list(added.items())
 
-    def recheck_due(self, usable, limit=32):
+    def probe_busy(self, usable, limit=32):
         """Probe up to *limit* set-aside ports that are due again; the usable ones become free.
         The server calls this between turns, so that a port its holder let go comes back
         however rarely clients ask.  True while more are due."""
@@ -755,31 +1204,12 @@ class PortAllocator:
 
 
 # ---------------------------------------------------------------------------------------------
-# The state store: sqlite3, one row per held port
+# The state store
 # ---------------------------------------------------------------------------------------------
+# sqlite3, one row per held port, one transaction per change.
 
-def default_state_path(port):
-    """$XDG_RUNTIME_DIR/nodemngr/PORT.sqlite3, else TMPDIR/nodemngr-UID/PORT.sqlite3."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        folder = os.path.join(runtime, "nodemngr")
-    else:
-        uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
-        folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % uid)
-    return os.path.join(folder, "%d.sqlite3" % port)
-
-
-def ensure_private_folder(folder):
-    """Create *folder* 0700 if missing; refuse one that another user owns or that is a link."""
-    os.makedirs(folder, 0o700, exist_ok=True)
-    st = os.lstat(folder)
-    if not os.path.isdir(folder) or os.path.islink(folder):
-        raise NodeMngrException("state folder %s is not a plain folder; remove it or set NODEMNGR_STATE" % folder)
-    if hasattr(os, "getuid") and st.st_uid != os.getuid():
-        raise NodeMngrException("state folder %s belongs to uid %d, not to you (uid %d); remove it or set "
-                                "NODEMNGR_STATE" % (folder, st.st_uid, os.getuid()))
-    if st.st_mode & 0o077:
-        os.chmod(folder, 0o700)
+_STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
+_STORE_SCHEMA = 2       # 1: 1.0's, ports only (migrated in place); 2: names' last ports too
 
 
 class _NotOurs(Exception):
@@ -1000,15 +1430,19 @@ class StateStore:
 
 
 # ---------------------------------------------------------------------------------------------
-# The node manager: the service behind the wire methods
+# The service
 # ---------------------------------------------------------------------------------------------
+# NodeMngr: the wire methods as Python methods, owner reaping, names.  It knows nothing of HTTP,
+# sockets or etcd: the Dispatcher calls it, and it tells whoever listens of its changes.
 
-def _rpc(*signatures, name=None, local_only=False, slow=False):
-    """Mark a method as a wire method, with its XML-RPC signatures; NodeMngrServer.attach serves
-    every method so marked.  name: the wire name (default: the method's).  local_only: the server
-    answers fault 4 to a caller that is not on this host.  slow: it waits for another server
-    (etcd), so the server runs it in a thread, and never inside system.multicall.  A method that
-    wants to know its caller (a Caller) declares a keyword-only parameter ``caller``."""
+def _rpc(*signatures, name=None, admin=False, slow=False, handover=False):
+    """Mark a method of NodeMngr as a wire method, with its XML-RPC signatures; the Dispatcher
+    serves every method so marked.  name: the wire name (default: the method's).  admin: only
+    callers on this host may call it (fault 4).  slow: it waits for another server (etcd), so
+    the transport runs it in a thread, never inside system.multicall.  handover: it returns
+    (result, [sockets]) and the sockets go to the caller with the reply (SCM_RIGHTS), which only
+    the local socket can carry, one call per request.  A method that wants to know its caller
+    (a Caller) declares a keyword-only parameter ``caller``."""
     def mark(func):
         params = list(inspect.signature(func).parameters.values())[1:]     # (after self)
         positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
@@ -1016,10 +1450,18 @@ def _rpc(*signatures, name=None, local_only=False, slow=False):
         func.rpc_signatures = [list(s) for s in signatures]
         func.rpc_arity = (sum(1 for p in positional if p.default is p.empty), len(positional))
         func.rpc_caller = any(p.name == "caller" and p.kind is p.KEYWORD_ONLY for p in params)
-        func.rpc_local_only = local_only
-        func.rpc_slow = slow
+        func.rpc_admin, func.rpc_slow, func.rpc_handover = admin, slow, handover
         return func
     return mark
+
+
+Caller = namedtuple("Caller", "door address uid pid trusted")
+Caller.__doc__ = """Who makes a call, as far as its door can tell: door ("tcp", "local" for the
+local socket, "process" for a call made in this process), address (the peer's IP address over
+TCP, else None), uid and pid (the peer process's, from SO_PEERCRED on the local socket; else
+None), trusted (it needs no token: the local socket's peer is the daemon's own user or root).
+The Dispatcher makes one per connection."""
+IN_PROCESS = Caller("process", None, None, None, True)
 
 
 def _socket_kind(kind, host):
@@ -1053,35 +1495,27 @@ def _bound_socket(family, type_, host, port):
 
 def _listed(regs):
     return [{"port": r.port, "name": name_of(r.info) or "", "info": r.info, "pid": r.pid,
-             "since": _utc(r.since)} for r in regs]
-
-
-Caller = namedtuple("Caller", "address pid handoff defer")
-Caller.__doc__ = """Who makes a call, as far as the transport can tell: address (the peer's IP
-address; None for this host's local socket), pid (the local socket's peer process, from
-SO_PEERCRED; None otherwise), handoff (a list newSocket puts (port, socket) in; None where no
-socket can be passed) and defer (a list a slow call puts its work in; None inside a multicall)."""
-_NOBODY = Caller(None, None, None, None)
-
-
-def _utc(epoch):
-    """A naive UTC datetime, as XML-RPC's dateTime.iso8601 carries no zone."""
-    return datetime.fromtimestamp(int(epoch), timezone.utc).replace(tzinfo=None)
+             "since": utc(r.since)} for r in regs]
 
 
 class NodeMngr:
     """The node manager: a PortAllocator, its StateStore, owner reaping, and the wire methods.
 
     The wire methods keep the legacy camelCase names; their docstrings are what remote callers
-    read through ``system.methodHelp``.
+    read through ``system.methodHelp``.  Every call is made from one thread (the server's loop),
+    so nothing here takes a lock.
+
+    Hooks, set by whoever runs it: on_terminate(reason) is called when terminate asks to stop;
+    on_change(changes) is told of every change once it is saved, changes being a list of
+    (port, Registration, or None when the port was freed); cluster answers locate and
+    listCluster and the status' cluster (a ClusterView: locate(name), status()).
     """
 
     def __init__(self, first=firstPort, last=lastPort, store=None, host_check=port_is_bindable,
-                 hostname=None, address=("", 0), on_terminate=None, reap_interval=REAP_INTERVAL,
-                 busy_retry=BUSY_RETRY):
-        """address: the (host, port) it is served on, which status reports; on_terminate: called
-        with a reason when terminate asks to stop; reap_interval: the least time between two
-        sweeps over the owners that failing calls make (the server paces its own)."""
+                 hostname=None, address=("", 0), reap_interval=REAP_INTERVAL, busy_retry=BUSY_RETRY):
+        """address: the (host, port) it is served on, which status reports; reap_interval: the
+        least time between two sweeps over the owners that failing calls make (the server paces
+        its own)."""
         self.store = store if store is not None else StateStore(None)
         registrations, remembered = self.store.load()
         self.allocator = PortAllocator(first, last, registrations, remembered, busy_retry=busy_retry)
@@ -1096,9 +1530,8 @@ class NodeMngr:
         self._unchecked = []    # owners the current reap pass has yet to look at
         self._processes = set()     # (pid, start) found to be a process, not a thread
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
-        self.address, self.on_terminate, self.reap_interval = address, on_terminate, reap_interval
-        self.cluster = None     # a ClusterView: told of every change, read by locate
-        self._lock = threading.Lock()
+        self.address, self.reap_interval = address, reap_interval
+        self.on_terminate = self.on_change = self.cluster = None
         self.reap_step(budget=None)     # owners that ended while no daemon ran
 
     # -- wire methods ------------------------------------------------------------------------
@@ -1109,7 +1542,7 @@ class NodeMngr:
         return "NodeMngr at %s is alive" % self.hostname
 
     @_rpc(["int", "string"], ["int", "string", "int"])
-    def newPort(self, info, pid=0, *, caller=_NOBODY):
+    def newPort(self, info, pid=0, *, caller=IN_PROCESS):
         """Register and return a port (int) that nobody else on this host holds.
 
         info: any XML-RPC value saying what the port is for (at most 4 KiB marshalled, 16 levels
@@ -1124,23 +1557,30 @@ class NodeMngr:
         """
         return self._hold_port(*self._checked(info, pid, caller))
 
-    def new_socket(self, info, kind="tcp", host="127.0.0.1", pid=0, caller=_NOBODY):
-        """Register a port as newPort does and bind it on *host* (TCP: listening too), for the
-        server to hand the socket over: (port, socket).  Between the check that nobody holds the
-        port and the bind, no process can take it without the bind failing; then the port is set
-        aside and another tried.  kind: "tcp" or "udp"; host: an IP address of this host."""
+    @_rpc(["int", "string"], ["int", "string", "string"], ["int", "string", "string", "string"],
+          ["int", "string", "string", "string", "int"], handover=True)
+    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=None, *, caller=IN_PROCESS):
+        """Register a port as newPort does, bind it inside the node manager, and pass the bound
+        socket to the caller with the reply (SCM_RIGHTS ancillary data): no other process can
+        take the port between its allocation and the bind.  Only on the node manager's local
+        (Unix) socket, one call per request (not in system.multicall).
+
+        info: as for newPort.  pid: the owner, whose end frees the port; by default the calling
+        process (0: no owner).  kind: "tcp" (the socket is also listening) or "udp".  host: the IP
+        address to bind, e.g. "127.0.0.1", "0.0.0.0", "::1" or "::".  Returns the port (int).
+        Faults: as newPort; 3 over TCP, in a multicall, or for a bad kind or host.
+        """
         family, type_ = _socket_kind(kind, host)
-        checked = self._checked(info, pid, caller)
+        checked = self._checked(info, caller.pid or 0 if pid is None else pid, caller)
         for _ in range(8):
             port = self._hold_port(*checked)
             try:
-                return port, _bound_socket(family, type_, host, port)
+                return port, [_bound_socket(family, type_, host, port)]
             except OSError as exc:
                 self.delPort(port)
                 if exc.errno != errno.EADDRINUSE:
                     raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
-                with self._lock:
-                    self.allocator.set_aside(port)
+                self.allocator.set_aside(port)
                 log.info("port %d was taken between its check and the bind; trying another", port)
         raise NodeMngrException("every port tried was taken between its check and the bind; try again")
 
@@ -1152,14 +1592,12 @@ class NodeMngr:
         not an integer from 1 to 65535.
         """
         check_port(port)
-        with self._lock:
-            reg = self.allocator.held.get(port)
-            if reg is None:
-                raise UnknownPortError(port)
-            self.store.remove([port])
-            self.allocator.release(port)
-            if self.cluster is not None:
-                self.cluster.changed((port,))
+        reg = self.allocator.held.get(port)
+        if reg is None:
+            raise UnknownPortError(port)
+        self.store.remove([port])
+        self.allocator.release(port)
+        self._changed([(port, None)])
         log.debug("freed port %d (%s)", port, _loggable(reg.info))
         return 0
 
@@ -1169,8 +1607,7 @@ class NodeMngr:
         {port: int, name: string ("" when none), info: as given to newPort, pid: int (0 = none),
         since: dateTime.iso8601 UTC}.
         """
-        with self._lock:
-            return _listed(sorted(self.allocator.held.values()))
+        return _listed(sorted(self.allocator.held.values()))
 
     @_rpc(["array", "string"])
     def lookup(self, name):
@@ -1181,8 +1618,7 @@ class NodeMngr:
         """
         if type(name) is not str:
             raise BadArgumentError("name must be a string, not %s" % describe(name))
-        with self._lock:
-            return _listed(self.allocator.lookup(name))
+        return _listed(self.allocator.lookup(name))
 
     @_rpc(["struct"])
     def status(self):
@@ -1191,12 +1627,10 @@ class NodeMngr:
         uptime (seconds, double), state (the state file's path, or "" when none) and cluster
         ("" when no cluster view is configured, "ok", or a sentence saying what is wrong).
         """
-        with self._lock:
-            registered, free = len(self.allocator), self.allocator.free_count
+        a = self.allocator
         return {"version": __version__, "pid": os.getpid(), "host": self.address[0],
-                "port": self.address[1], "firstPort": self.allocator.first,
-                "lastPort": self.allocator.last, "registered": registered, "free": free,
-                "reaped": self.reaped, "uptime": time.time() - self.started,
+                "port": self.address[1], "firstPort": a.first, "lastPort": a.last, "registered": len(a),
+                "free": a.free_count, "reaped": self.reaped, "uptime": time.time() - self.started,
                 "state": self.store.path or "", "cluster": self.cluster.status() if self.cluster else ""}
 
     @_rpc(["array", "string"], slow=True)
@@ -1216,22 +1650,7 @@ class NodeMngr:
         Fault 5 when no cluster view is configured or etcd cannot be reached."""
         return self._cluster().locate()
 
-    def _cluster(self):
-        if self.cluster is None:
-            raise ClusterError("no cluster view is configured on this node manager (serve --cluster URL)")
-        return self.cluster
-
-    def count_named(self, name):
-        """How many registrations are named *name* now."""
-        return len(self.allocator.names.get(name, ()))
-
-    def registrations(self, ports=None):
-        """The Registrations held now (of *ports* only, when given), read in one go."""
-        with self._lock:
-            held = self.allocator.held
-            return list(held.values()) if ports is None else [held[p] for p in ports if p in held]
-
-    @_rpc(["boolean"], local_only=True)
+    @_rpc(["boolean"], admin=True)
     def terminate(self):
         """Stop the node manager: it answers true, finishes the requests in flight, saves its
         state and exits.  Only callers on this host may do this (fault 4 otherwise).
@@ -1240,9 +1659,72 @@ class NodeMngr:
             self.on_terminate("terminate called")
         return True
 
+    # -- what the dispatcher and the server ask ------------------------------------------------
+
+    @property
+    def changes(self):
+        """A count of the changes to the registry: a listing made at the same count is current."""
+        return self.allocator.changes
+
+    @property
+    def registered(self):
+        return len(self.allocator)
+
+    def count_named(self, name):
+        """How many registrations are named *name* now."""
+        return len(self.allocator.names.get(name, ()))
+
+    def names_remembered(self):
+        return len(self.allocator.remembered)
+
+    def registrations(self):
+        """The Registrations held now (a snapshot: a list of immutable tuples)."""
+        return list(self.allocator.held.values())
+
+    def summary(self):
+        """The range and how many are registered, for a service manager's status line."""
+        a = self.allocator
+        return "ports %d-%d, %d registered" % (a.first, a.last, len(a))
+
+    def reap_step(self, budget=0.002):
+        """Look at the next owners for about *budget* seconds (None: all of them) and free the
+        ports of those that have ended; return (pass complete, ports freed).  The server calls
+        it until the pass is complete, one slice per turn of its loop, so that thousands of
+        owners never hold up the callers."""
+        if not self._unchecked:
+            self._unchecked = list(self.allocator.owners)
+        deadline = None if budget is None else time.monotonic() + budget
+        dead = []
+        while self._unchecked:
+            key = self._unchecked.pop()
+            if key in self.allocator.owners and not owner_alive(*key):
+                dead.append(key)
+            if deadline is not None and len(self._unchecked) % 16 == 0 and time.monotonic() >= deadline:
+                break
+        return not self._unchecked, self._reap(dead)
+
+    def probe_busy_step(self):
+        """Probe a few of the ports set aside as busy that are due again; True while more are."""
+        try:
+            return self.allocator.probe_busy(self.host_check)
+        except OSError:     # no descriptor for a probe now: the ports stay set aside
+            return False
+
+    def close(self):
+        self.store.close()
+
     # -- internals -----------------------------------------------------------------------------
 
-    def _checked(self, info, pid, caller=_NOBODY):
+    def _cluster(self):
+        if self.cluster is None:
+            raise ClusterError("no cluster view is configured on this node manager (serve --cluster URL)")
+        return self.cluster
+
+    def _changed(self, changes):
+        if self.on_change is not None:
+            self.on_change(changes)
+
+    def _checked(self, info, pid, caller=IN_PROCESS):
         """(info, blob, pid, start) for _hold_port, from a caller's info and pid.  A pid from the
         local socket is the caller's view of it: translated when the caller lives in another pid
         namespace (pid_of_local_peer)."""
@@ -1281,36 +1763,34 @@ class NodeMngr:
 
     def _hold_port(self, info, blob, pid, start):
         name = explicit_name(info)
-        with self._lock:
-            try:
-                port = self.allocator.take(self.host_check, name)
-                if port is None:
-                    port = self._take_after_reaping(name)
-            except OSError as exc:
-                raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
-                                        "registered, try again" % (exc.strerror or exc))
-            reg = Registration(port, info, pid, start, time.time(), blob)
-            memory = self.allocator.memory_change(port, info)
-            try:
-                self.store.add(reg, memory)
-            except StoreError:
-                self.allocator.untake(port)
-                raise
-            self.allocator.hold(reg, memory)
-            if self.cluster is not None:
-                self.cluster.changed((port,))
+        try:
+            port = self.allocator.take(self.host_check, name)
+            if port is None:
+                port = self._take_after_reaping(name)
+        except OSError as exc:
+            raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
+                                    "registered, try again" % (exc.strerror or exc))
+        reg = Registration(port, info, pid, start, time.time(), blob)
+        memory = self.allocator.memory_change(port, info)
+        try:
+            self.store.add(reg, memory)
+        except StoreError:
+            self.allocator.untake(port)
+            raise
+        self.allocator.hold(reg, memory)
+        self._changed([(port, reg)])
         log.debug("gave port %d to pid %d (%s)", port, pid, _loggable(info))
         return port
 
     def _take_after_reaping(self, name):
-        """Called with the lock held when take() found nothing: reap the ended owners first.
-        Failing calls advance the pass over the owners that the server makes every reap
-        interval, a slice each, and start no new pass sooner: a stream of them must not read
-        /proc for every owner again and again.  Ports set aside as busy come back on their own
-        timers, a few at a time: probing a thousand at once would hold up every caller."""
+        """Called when take() found nothing: reap the ended owners first.  Failing calls advance
+        the pass over the owners that the server makes every reap interval, a slice each, and
+        start no new pass sooner: a stream of them must not read /proc for every owner again and
+        again.  Ports set aside as busy come back on their own timers, a few at a time: probing
+        a thousand at once would hold up every caller."""
         now = time.monotonic()
         if now >= self._next_sweep:
-            done, reaped = self._reap_step_locked(0.002)
+            done, reaped = self.reap_step(0.002)
             if done:
                 self._next_sweep = now + self.reap_interval
                 log.debug("no port free: swept the owners")
@@ -1321,28 +1801,7 @@ class NodeMngr:
         raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
                               % (a.first, a.last, a.in_range, a.last - a.first + 1 - a.in_range))
 
-    def reap_step(self, budget=0.002):
-        """Look at the next owners for about *budget* seconds (None: all of them) and free the
-        ports of those that have ended; return (pass complete, ports freed).  The server calls
-        it until the pass is complete, one slice per turn of its loop, so that thousands of
-        owners never hold up the callers."""
-        with self._lock:
-            return self._reap_step_locked(budget)
-
-    def _reap_step_locked(self, budget):
-        if not self._unchecked:
-            self._unchecked = list(self.allocator.owners)
-        deadline = None if budget is None else time.monotonic() + budget
-        dead = []
-        while self._unchecked:
-            key = self._unchecked.pop()
-            if key in self.allocator.owners and not owner_alive(*key):
-                dead.append(key)
-            if deadline is not None and len(self._unchecked) % 16 == 0 and time.monotonic() >= deadline:
-                break
-        return not self._unchecked, self._reap_locked(dead)
-
-    def _reap_locked(self, dead):
+    def _reap(self, dead):
         ports = [p for key in dead for p in sorted(self.allocator.owners.get(key, ()))]
         if not ports:
             return 0
@@ -1351,30 +1810,1340 @@ class NodeMngr:
         except StoreError as exc:
             log.warning("could not free the ports of ended owners yet: %s", exc)
             return 0
-        if self.cluster is not None:
-            self.cluster.changed(ports)
         for port in ports:
             reg = self.allocator.release(port)
             log.info("reaped port %d: owner pid %d has ended (%s)", port, reg.pid, _loggable(reg.info))
         self.reaped += len(ports)
+        self._changed([(port, None) for port in ports])
         return len(ports)
 
-    def recheck_step(self):
-        """Probe a few of the ports set aside as busy that are due again; True while more are."""
-        with self._lock:
+
+# ---------------------------------------------------------------------------------------------
+# The dispatcher
+# ---------------------------------------------------------------------------------------------
+# Every door's calls, checked, counted and logged the same way; it knows no socket and no framing.
+
+_LARGE_REPLIES = ("listPorts", "lookup", "system.multicall")  # the calls whose reply can be megabytes
+
+
+class Busy(Exception):
+    """A call whose reply can be megabytes, while replies already wait beyond the server's bound:
+    the door answers that it is busy (HTTP 503) without running it."""
+
+
+class Deferred:
+    """A call that waits for another server (etcd): the transport run()s it in a thread (which
+    also marshals the reply, off the loop), then gives it to Dispatcher.finish on the loop."""
+
+    __slots__ = ("method", "function", "reply", "fault")
+
+    def __init__(self, method, function):
+        self.method, self.function, self.reply, self.fault = method, function, None, None
+
+    def run(self):
+        try:
+            response = (self.function(),)
+        except NodeMngrException as exc:
+            response = Fault(exc.faultCode, str(exc))
+        except Exception as exc:
+            log.exception("internal error in %s", self.method)
+            response = Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the details"
+                             % (self.method, type(exc).__name__))
+        self.reply, self.fault = marshal_reply(response, self.method)
+
+
+Handover = namedtuple("Handover", "reply ports sockets")
+Handover.__doc__ = """The reply (bytes) of a call whose result comes with sockets to pass to the
+caller (SCM_RIGHTS), the ports they are bound to, and the sockets.  If they cannot be passed,
+the door asks Dispatcher.handover_failed for the reply to send instead."""
+
+
+class Dispatcher:
+    """The method table of a NodeMngr (its @_rpc methods, and system.listMethods, methodHelp,
+    methodSignature and multicall), the rights of each caller, the reply caches, and the counters
+    behind /metrics.  It knows nothing of sockets or HTTP: every door turns what it read into
+    one of these calls, and what they return into bytes on its connection.
+
+    - caller(door, address, uid, pid): the Caller of a new connection.
+    - admits(caller, authorization): may this request be served (the token rule)?
+    - dispatch(caller, body, short_of_memory): the reply to an XML-RPC body: bytes, a Deferred
+      (run it in a thread, then finish() it), or a Handover (bytes and sockets to pass); Busy.
+    - call(caller, method, params): one call in this thread (in-process callers, tests).
+    - portserver(caller, text): the port for a portserver request, or None (refused).
+    - handover_failed(handover, reason): the reply to send when the sockets could not go.
+    - metrics(): the text of GET /metrics; add_gauge() adds a gauge the server keeps.
+
+    It is used from one thread (the server's loop), like the service behind it.
+    """
+
+    max_slow_calls = 8      # calls waiting for etcd at once (locate); beyond, fault 5 at once
+
+    def __init__(self, service, token=None):
+        """service: a NodeMngr; token: the token (bytes) callers must present, or None."""
+        self.service, self.token = service, token
+        self.funcs = {}         # wire name -> callable
+        for target in (service, self):
+            for attr in dir(type(target)):
+                if hasattr(getattr(type(target), attr), "rpc_signatures"):
+                    method = getattr(target, attr)
+                    self.funcs[method.rpc_name] = method
+        self.requests = collections.Counter()   # calls by method ("unknown": not offered; "portserver")
+        self.faults = collections.Counter()     # faults answered, by code
+        self.slow_calls = 0     # Deferred handed out and not finished yet
+        self._gauges = []       # (name, help, read) that others keep
+        self._listing = (None, b"")     # (service.changes, listPorts reply)
+        self._lookups = (None, None)    # (service.changes, {name: lookup reply})
+        self._uid = os.getuid() if hasattr(os, "getuid") else None
+
+    # -- who calls -------------------------------------------------------------------------------
+
+    def caller(self, door, address=None, uid=None, pid=None):
+        """The Caller of a connection made through *door*: trusted (no token needed) when it is
+        the local socket and the kernel says the peer is the daemon's own user or root."""
+        return Caller(door, address, uid, pid, door == "local" and uid is not None and uid in (0, self._uid))
+
+    def admits(self, caller, authorization):
+        """Whether a request of *caller* that carries *authorization* (the header's bytes, or
+        None) may be served: no token is set, the caller is trusted, or the header is HTTP Basic
+        auth whose password is the token (compared in constant time)."""
+        if self.token is None or caller.trusted:
+            return True
+        given = b""
+        if authorization and authorization[:6].lower() == b"basic ":
             try:
-                return self.allocator.recheck_due(self.host_check)
-            except OSError:     # no descriptor for a probe now: the ports stay set aside
-                return False
+                given = base64.b64decode(authorization[6:].strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                given = b""
+        return hmac.compare_digest(given, self.token)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def dispatch(self, caller, body, short_of_memory=False):
+        """The reply to one XML-RPC request *body* from *caller*: bytes, a Deferred or a Handover.
+        short_of_memory: replies already wait beyond the server's bound, so a call whose reply can
+        be megabytes raises Busy before it runs; small ones are served."""
+        method = "a call that could not be read"
+        try:
+            params, method = parse_call(body)
+            if short_of_memory and method in _LARGE_REPLIES:
+                raise Busy("too many replies wait for slow clients to take them; try again shortly")
+            if method == "listPorts" and not params:
+                self.requests["listPorts"] += 1
+                return self._listing_reply(caller)
+            if method == "lookup" and len(params) == 1 and type(params[0]) is str:
+                self.requests["lookup"] += 1
+                return self._lookup_reply(caller, params[0])
+            func = self._checked(caller, method, params)
+            if func.rpc_slow:
+                return self._deferred(method, func, params)
+            if func.rpc_handover and caller.door != "local":
+                raise self._alone(method)
+            result = self._invoke(caller, method, func, params)
+            if func.rpc_handover:
+                result, sockets = result
+                return Handover(self._reply((result,), method), [result], sockets)
+            if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
+                return (_INT_REPLY % result).encode("ascii")
+            response = (result,)
+        except Fault as fault:
+            response = fault
+        return self._reply(response, method)
+
+    def call(self, caller, method, params=()):
+        """Run wire *method* with *params* for *caller* in this thread, checked and counted as
+        any door's call (a slow one waits here): its result ((result, sockets) for a method that
+        hands sockets over), or a Fault, counted."""
+        try:
+            func = self._checked(caller, method, params)
+            return self._invoke(caller, method, func, params)
+        except Fault as fault:
+            self.faults[fault.faultCode] += 1
+            raise
+
+    def finish(self, deferred):
+        """The reply of a Deferred that has run; its fault, if any, is counted here."""
+        self.slow_calls -= 1
+        if deferred.reply is None:      # (it never ran: its thread could not be had)
+            deferred.reply, deferred.fault = marshal_reply(Fault(INTERNAL_ERROR, "internal error: %s did not run; see "
+                                                                 "the node manager's log" % deferred.method), deferred.method)
+        if deferred.fault is not None:
+            self.faults[deferred.fault] += 1
+        return deferred.reply
+
+    def portserver(self, caller, line):
+        """portpicker's portserver protocol: *line*, a request's bytes without the newline (a pid
+        in decimal), or None for a request that broke the protocol's framing, gets a port
+        registered to that pid, or None for a refusal, which that protocol says by closing
+        without a reply.  Counted as "portserver", and each refusal as a fault."""
+        self.requests["portserver"] += 1
+        try:
+            if self.token is not None and not caller.trusted:
+                raise Fault(FORBIDDEN, "a token is set, and the client is not of the node manager's user")
+            if line is None or not line.isdigit() or int(line) < 2:
+                raise Fault(BAD_ARGUMENT, "not a pid above 1, in decimal, on a line of at most 20 bytes")
+            return self._invoke(caller, "portserver", self.service.newPort, ("portserver", int(line)))
+        except Fault as fault:
+            self.faults[fault.faultCode] += 1
+            log.debug("portserver request %s refused: %s", _loggable(line), fault.faultString)
+            return None
+
+    def handover_failed(self, handover, reason):
+        """The reply to send instead of *handover*'s when its sockets could not be passed
+        (*reason*, an OSError): its ports are given back, and the fault is counted."""
+        for port in handover.ports:
+            try:
+                self.service.delPort(port)
+            except NodeMngrException:
+                pass
+        return self._reply(Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %s now (%s); "
+                                 "the port was given back, try again" % (
+                                     ", ".join(map(str, handover.ports)), getattr(reason, "strerror", None) or reason)),
+                           "the socket handover")
+
+    # -- system methods --------------------------------------------------------------------------
+
+    @_rpc(["array"], name="system.listMethods")
+    def system_listMethods(self):
+        """Return the names of the methods this node manager offers."""
+        return sorted(self.funcs)
+
+    @_rpc(["string", "string"], name="system.methodHelp")
+    def system_methodHelp(self, name):
+        """Return the help text of method *name*, for callers in any language."""
+        return inspect.getdoc(self._method(name)) or ""
+
+    @_rpc(["array", "string"], name="system.methodSignature")
+    def system_methodSignature(self, name):
+        """Return the signatures of method *name*: an array of arrays, the return type first."""
+        return self._method(name).rpc_signatures
+
+    @_rpc(["array", "array"], name="system.multicall")
+    def system_multicall(self, calls, *, caller=IN_PROCESS):
+        """Run several calls in one request.  calls: an array of structs {methodName, params};
+        returns an array whose items are [result] or a fault struct {faultCode, faultString}.
+        listPorts may appear once; lookups may list as many entries together as are registered.
+        """
+        if not isinstance(calls, list):
+            raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
+        results = []
+        listings = looked = 0
+        for call in calls:
+            try:
+                if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
+                        or not isinstance(call.get("params", []), list)):
+                    raise Fault(INVALID_REQUEST, "each call must be a struct {methodName: string, params: array}")
+                method, params = call["methodName"], call.get("params", [])
+                if method == "system.multicall":
+                    raise Fault(INVALID_REQUEST, "system.multicall cannot be nested")
+                if method == "listPorts":   # each is the whole registry: bound the reply
+                    listings += 1
+                    if listings > 1:
+                        raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
+                elif method == "lookup" and len(params) == 1 and type(params[0]) is str:
+                    named = self.service.count_named(params[0])     # (counted before any is built)
+                    looked += named
+                    if looked > self.service.registered:    # (distinct names never get here)
+                        looked -= named
+                        raise Fault(BAD_ARGUMENT, "the lookups of one system.multicall may list %d entries at "
+                                    "most, as many as are registered" % self.service.registered)
+                func = self._checked(caller, method, params)
+                if func.rpc_slow or func.rpc_handover:
+                    raise self._alone(method)
+                results.append([self._invoke(caller, method, func, params)])
+            except Fault as fault:
+                self.faults[fault.faultCode] += 1
+                results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
+        return results
+
+    # -- /metrics --------------------------------------------------------------------------------
+
+    def add_gauge(self, name, text, read):
+        """Serve the gauge *name* (help *text*) in /metrics, its value read() when asked."""
+        self._gauges.append((name, text, read))
+
+    def metrics(self):
+        """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
+        status = self.service.status()
+        lines = []
+
+        def family(name, kind, text, samples):
+            lines.extend(("# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)))
+            lines.extend("%s%s %s" % (name, labels, value) for labels, value in samples)
+        family("nodemngr_ports_registered", "gauge", "Ports registered now.", [("", status["registered"])])
+        family("nodemngr_ports_free", "gauge", "Ports of the range free now (not registered, not found bound).",
+               [("", status["free"])])
+        family("nodemngr_ports_reaped_total", "counter", "Ports freed because their owner process ended.",
+               [("", status["reaped"])])
+        family("nodemngr_names_remembered", "gauge", "Explicit names with a port remembered (sticky ports).",
+               [("", self.service.names_remembered())])
+        family("nodemngr_requests_total", "counter", "Calls by method (inside system.multicall too; "
+               "portserver: requests of portpicker's protocol).",
+               [('{method="%s"}' % m, n) for m, n in sorted(self.requests.items())])
+        family("nodemngr_faults_total", "counter", "Faults answered, by fault code (refused portserver "
+               "requests and socket handovers included).",
+               [('{code="%d"}' % c, n) for c, n in sorted(self.faults.items())])
+        for name, text, read in self._gauges:
+            family(name, "gauge", text, [("", read())])
+        family("nodemngr_uptime_seconds", "gauge", "Seconds since the node manager started.",
+               [("", "%.3f" % status["uptime"])])
+        return "\n".join(lines) + "\n"
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _checked(self, caller, method, params):
+        """The function of wire *method*, counted, once *params* and *caller* fit it; else Fault."""
+        func = self.funcs.get(method)
+        self.requests[method if func is not None else "unknown"] += 1
+        if func is None:
+            raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
+                        "those that are" % describe(method, 80))
+        least, most = func.rpc_arity
+        if not least <= len(params) <= most:
+            wanted = str(least) if least == most else "%d to %d" % (least, most)
+            raise Fault(INVALID_PARAMS, "%s takes %s parameter%s, not %d" % (
+                method, wanted, "" if wanted == "1" else "s", len(params)))
+        if func.rpc_admin and caller.address is not None and not is_this_host(caller.address):
+            raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, caller.address))
+        return func
+
+    @staticmethod
+    def _alone(method):
+        """The fault for a call that must be made alone: slow, or handing sockets over."""
+        if method == "newSocket":
+            return Fault(BAD_ARGUMENT, "newSocket passes a socket, which only the node manager's local socket "
+                         "can carry, one call per request (not over TCP, not in system.multicall)")
+        return Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
+                     "alone" % method)
+
+    def _invoke(self, caller, method, func, params):
+        try:
+            return func(*params, caller=caller) if func.rpc_caller else func(*params)
+        except NodeMngrException as exc:
+            raise Fault(exc.faultCode, str(exc))
+        except Fault:
+            raise
+        except Exception as exc:
+            log.exception("internal error in %s", method)
+            raise Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the "
+                        "details" % (method, type(exc).__name__))
+
+    def _deferred(self, method, func, params):
+        if self.slow_calls >= self.max_slow_calls:
+            raise Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try again shortly"
+                        % self.slow_calls)
+        self.slow_calls += 1
+        return Deferred(method, functools.partial(func, *params))
+
+    def _reply(self, response, method):
+        """*response* (a 1-tuple or a Fault) marshalled; a fault is counted."""
+        reply, fault = marshal_reply(response, method)
+        if fault is not None:
+            self.faults[fault] += 1
+        return reply
+
+    def _method(self, name):
+        func = self.funcs.get(name) if isinstance(name, str) else None
+        if func is None:
+            raise BadArgumentError("there is no method %s; system.listMethods lists the methods" % describe(name))
+        return func
+
+    def _lookup_reply(self, caller, name):
+        """lookup's reply, marshalled once per name and state of the registry (the 64 names asked
+        last): one name can have thousands of holders."""
+        changes = self.service.changes
+        if self._lookups[0] != changes:
+            self._lookups = (changes, collections.OrderedDict())
+        replies = self._lookups[1]
+        reply = replies.pop(name, None)
+        if reply is None:
+            reply = self._reply((self._invoke(caller, "lookup", self.funcs["lookup"], (name,)),), "lookup")
+            if len(replies) >= 64:
+                replies.popitem(last=False)
+        replies[name] = reply
+        return reply
+
+    def _listing_reply(self, caller):
+        """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
+        many clients asking at once must not each pay for marshalling it."""
+        changes = self.service.changes
+        if self._listing[0] != changes:
+            self._listing = (changes, self._reply((self._invoke(caller, "listPorts", self.funcs["listPorts"], ()),),
+                                                  "listPorts"))
+        return self._listing[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP framing
+# ---------------------------------------------------------------------------------------------
+# Request heads and bodies in, replies' heads out: pure functions over bytes.
+
+class _HTTPError(Exception):
+    """An error at the HTTP level: answered with *status* and one sentence, then the connection
+    closes.  extra: header lines to add (each ending in CRLF)."""
+
+    def __init__(self, status, message, extra=""):
+        super().__init__(message)
+        self.status, self.extra = status, extra
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
+            415: "Unsupported Media Type", 503: "Service Unavailable"}
+_date_cache = [0, ""]
+
+
+def _http_date():
+    now = int(time.time())
+    if now != _date_cache[0]:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+def _text_response(status, message, extra=""):
+    """An error or refusal in one sentence, after which the connection closes."""
+    body = (message + "\n").encode("utf-8")
+    return ("HTTP/1.1 %d %s\r\nServer: nodemngr/%s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            "Content-Length: %d\r\nConnection: close\r\n%s\r\n" % (
+                status, _REASONS[status], __version__, _http_date(), len(body), extra)).encode("latin-1") + body
+
+
+_OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
+
+
+# The pages served to GET, with the head of their replies (every other GET is 405 or 404).
+_PAGES = {b"/metrics": _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8")}
+
+
+def _reply_head(head, length):
+    """The head of the reply of *length* bytes to a request whose RequestHead is *head*, on the
+    per-call path.  An HTTP/1.0 client that asked for keep-alive is told it got it (1.0 closes
+    by default)."""
+    connection = (b"Connection: close\r\n" if not head.keep_alive else
+                  b"Connection: keep-alive\r\n" if head.echo_keep_alive else b"")
+    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n" % (_OK_HEAD if head.page is None else _PAGES[head.page],
+                                                       _http_date().encode("ascii"), length, connection)
+
+
+RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization "
+                                        "page")
+RequestHead.__doc__ = """What a request's head says: keep the connection open after the reply?
+the body's length and Content-Encoding, whether the client waits for 100 Continue, whether to
+echo keep-alive (an HTTP/1.0 client asked for it), the Authorization header (or None), and the
+page a GET asks for (None: an XML-RPC call)."""
+
+
+@functools.lru_cache(maxsize=64)
+def read_head(head):
+    """The RequestHead of a request line and its headers (bytes, without the blank line), or
+    _HTTPError (400, 404, 405, 411, 413).  Pure, hence cached: a keep-alive client sends the same
+    head bytes call after call.  Hand-written rather than http.client.parse_headers, which costs
+    about 11 us more per call and accepts folded lines."""
+    request_line, _, block = head.partition(b"\n")
+    parts = request_line.rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        raise _HTTPError(400, "malformed request line")
+    method, target, version = parts
+    headers = {}
+    if block:
+        block += b"\n"
+        pairs = _HEADER.findall(block)
+        if len(pairs) != block.count(b"\n"):   # each match is one whole line, from its start
+            raise _HTTPError(400, "malformed header line")
+        if len(pairs) > MAX_HEADERS:
+            raise _HTTPError(400, "more than %d header lines" % MAX_HEADERS)
+        headers = {name.lower(): value.strip(b" \t") for name, value in pairs}
+        if len(headers) < len(pairs):
+            headers = _join_repeated(pairs)
+    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
+        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"    # absolute-form
+    path = target.partition(b"?")[0]
+    if path in _PAGES:      # (a scraper's parameters: nothing here reads them)
+        target = path
+    page = target if method == b"GET" and target in _PAGES else None
+    if method != b"POST" and page is None:
+        raise _HTTPError(405, "only POST is served (and GET /metrics); send XML-RPC calls to / or /RPC2",
+                         "Allow: GET\r\n" if target in _PAGES else "Allow: POST\r\n")
+    if target not in (b"/", b"/RPC2") and page is None:
+        raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
+    connection = headers.get(b"connection", b"").lower()
+    http10 = version == b"HTTP/1.0"
+    keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
+    length, encoding = _framing(headers) if page is None or b"content-length" in headers or (
+        b"transfer-encoding" in headers) else (0, b"identity")
+    return RequestHead(keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue",
+                       keep_alive and http10, headers.get(b"authorization"), page)
+
+
+def _framing(headers):
+    """(body length, content encoding) of a request, or _HTTPError (411, 400, 413)."""
+    if b"transfer-encoding" in headers:
+        raise _HTTPError(411 if b"content-length" not in headers else 400,
+                         "chunked bodies are not accepted; send a Content-Length")
+    length = headers.get(b"content-length")
+    if length is None:
+        raise _HTTPError(411, "a Content-Length header is required")
+    if not length.isdigit():
+        raise _HTTPError(400, "Content-Length must be a non-negative decimal number")
+    digits = length.lstrip(b"0") or b"0"     # (int() refuses thousands of digits, zeros included)
+    if len(digits) > 9 or int(digits) > MAX_BODY:
+        raise _HTTPError(413, "the body exceeds %d bytes" % MAX_BODY)
+    return int(digits), headers.get(b"content-encoding", b"identity").lower()
+
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_HEADER = re.compile(rb"^(%s):([^\r\n]*)\r?\n" % _TOKEN, re.M)      # a whole "name: value" line
+
+
+def _join_repeated(pairs):
+    """Headers given more than once: joined with commas, as HTTP allows, except the ones whose
+    repetition is a smuggling or confusion attempt."""
+    headers = {}
+    for name, value in pairs:
+        name, value = name.lower(), value.strip(b" \t")
+        if name in headers:
+            if name in (b"content-length", b"authorization", b"content-encoding", b"transfer-encoding"):
+                raise _HTTPError(400, "duplicate %s header" % name.decode("latin-1"))
+            value = headers[name] + b", " + value
+        headers[name] = value
+    return headers
+
+
+def _decode_body(body, encoding):
+    if encoding in (b"gzip", b"x-gzip"):
+        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    elif encoding == b"deflate":
+        decoder = zlib.decompressobj()
+    else:
+        raise _HTTPError(415, "Content-Encoding %s is not supported; use gzip, deflate or none"
+                         % encoding.decode("latin-1")[:40])
+    try:
+        data = decoder.decompress(body, MAX_BODY + 1)
+    except zlib.error:
+        raise _HTTPError(400, "the body is not valid %s data" % encoding.decode("latin-1"))
+    if len(data) > MAX_BODY or decoder.unconsumed_tail:
+        raise _HTTPError(413, "the body exceeds %d bytes once decompressed" % MAX_BODY)
+    if not decoder.eof:
+        raise _HTTPError(400, "the %s body is truncated" % encoding.decode("latin-1"))
+    if decoder.unused_data:     # trailing bytes, or a second gzip member: say so, never cut silently
+        raise _HTTPError(400, "the %s body has data after its end" % encoding.decode("latin-1"))
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# The transport
+# ---------------------------------------------------------------------------------------------
+# One asyncio protocol per connection, and its three doors: XML-RPC over HTTP (TCP and the local
+# socket), portpicker's portserver line and the socket handover (the local socket only).
+
+_INBUF_LIMIT = MAX_HEAD + MAX_BODY     # taken at a stop: at most one request of the largest size
+_TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
+_CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
+_PORTSERVER_MAX = 20                    # bytes of a portserver request (a pid, and a newline)
+_PORTSERVER_FIRST = frozenset(b"%d" % i for i in range(10)) | {b"-", b"+"}  # how one begins
+_READ_BUFFER = bytearray(65536)         # every connection reads into it (Connection.get_buffer)
+_READ_VIEW = memoryview(_READ_BUFFER)
+_BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or bare LF lines)
+
+# What a connection is doing (Connection.phase): taking requests; answering what a client that
+# half-closed sent, then closing; closing once its last reply has left; lingering after its last
+# reply (reading and dropping what still comes, so that closing does not reset the reply); closed.
+_READING, _DRAINING, _CLOSING, _LINGERING, _CLOSED = "reading", "draining", "closing", "lingering", "closed"
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection on the server's loop: bytes come in, each request is answered once it
+    is complete, replies go out.  A slow or stalled client only ever holds its own connection.
+    Nothing is read while a reply waits to be taken (the transport's high-water mark is 0, so any
+    byte it cannot send at once pauses writing, and reading with it).  A long reply is handed over
+    a chunk at a time, so a client that does not read costs one reply of memory (counted with the
+    server's owed_bytes), not copies of it.
+
+    What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
+    limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
+    short_of_memory(), release(connection) and run_slow(deferred, done), which it calls.
+    What the server asks of it: expired(now), expire(), quiet(), deadline, partial_request(),
+    taking_replies(until), answer_the_rest(grace) and close().
+
+    Every connection reads into one shared buffer, taken out at once: asyncio's own reads
+    allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
+    """
+
+    __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
+                 "outbuf", "pending", "between", "served", "owed", "awaiting")
+
+    def __init__(self, server, sock, peer, caller):
+        """peer: the client's address, for the log; caller: the Caller its calls are made as."""
+        self.server, self.sock, self.peer, self.caller = server, sock, peer, caller
+        self.transport = None           # until connection_made
+        self.phase = _READING
+        self.deadline = time.monotonic() + server.stall_timeout
+        self.inbuf, self.pos = b"", 0   # bytes received, and where the next request starts in them
+        self.head = None                # the RequestHead of a request whose body is awaited
+        self.outbuf = collections.deque()   # what waits to be given to the transport
+        self.pending = 0                # bytes held for the client when writing paused
+        self.between = True             # between requests: no byte of the next one yet
+        self.served = 0
+        self.owed = math.inf            # once stopping: bytes of its replies left at the last look
+        self.awaiting = None            # the head of a slow call running in a thread
+
+    # -- what the server asks --------------------------------------------------------------------
+
+    def expired(self, now):
+        """Whether it is past its deadline: idle too long, stalled mid-request, done lingering."""
+        return self.deadline < now
+
+    def expire(self):
+        """Close it for having passed its deadline (logged)."""
+        if self.phase is not _LINGERING:
+            log.debug("closing %s connection from %s", "idle" if self.idle else "stalled", self.peer)
+        self.close()
+
+    @property
+    def idle(self):
+        """Between requests, with nothing received and nothing to send."""
+        return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.awaiting)
+
+    def quiet(self):
+        """Idle, and the client has sent nothing more: closing it loses nothing."""
+        return self.idle and not _has_unread(self.sock)
+
+    def partial_request(self):
+        """Whether part of a request has come in (or waits unread in the kernel)."""
+        return self.head is not None or bool(self.inbuf) or _has_unread(self.sock)
+
+    def taking_replies(self, until):
+        """Whether the client took some of its replies since the last look (what is left, ours, the
+        transport's and the kernel's send queue, has shrunk); if so, its deadline moves to *until*."""
+        if self.transport is None:
+            return False
+        left = sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
+        taking = 0 < left < self.owed
+        self.owed = left
+        if taking:
+            self.deadline = until
+        return taking
+
+    # -- asyncio's calls -------------------------------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.set_write_buffer_limits(0)
+        if self.phase is _CLOSED:        # cut before it got here
+            transport.abort()
+
+    def get_buffer(self, sizehint):
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes):
+        if self.phase is not _READING:   # lingering: dropped
+            return
+        data = bytes(_READ_VIEW[:nbytes])
+        if self.between:    # a request's first byte (blank lines before it count): it has
+            self.between = False        # stall_timeout to finish
+            self.deadline = time.monotonic() + self.server.stall_timeout
+        if self.inbuf:
+            self.inbuf = self.inbuf[self.pos:] + data
+            self.pos = 0
+        else:
+            self.inbuf = data
+        self.answer_received()
+
+    def eof_received(self):
+        if self.phase is _LINGERING:     # the client is done: close once its replies have left
+            return bool(self.outbuf)    # (the transport sends its own buffer before it closes)
+        if self.phase is _READING:
+            self.phase = _DRAINING       # half-closed: answer what was sent, then close
+            self.answer_received()
+        return True
+
+    def pause_writing(self):
+        """A reply waits to be taken: count it, and read nothing more until it has left."""
+        size = self.transport.get_write_buffer_size() + sum(map(len, self.outbuf))
+        self.server.owed_bytes(size - self.pending)
+        self.pending = size
+        if self.phase is _READING:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.server.owed_bytes(-self.pending)
+        self.pending = 0
+        self._send(b"")
+        if not self.pending:
+            self._sent_all()
+            self.answer_received()
+
+    # -- requests and replies --------------------------------------------------------------------
+
+    def answer_received(self):
+        """Answer the complete requests received, in order, while no reply waits to be taken; a few
+        per turn, so that one connection's pipeline cannot hold up the others."""
+        server = self.server
+        for _ in range(_TURN_REQUESTS):
+            if (self.pending or self.awaiting or server.released
+                    or (self.phase is not _READING and self.phase is not _DRAINING)):
+                return
+            try:
+                if (not self.served and self.caller.door == "local"
+                        and self.inbuf[self.pos:self.pos + 1] in _PORTSERVER_FIRST):
+                    self._answer_portserver()
+                    return
+                request = self._take_request() if self.inbuf else None
+                if request is None:
+                    if self.phase is _DRAINING or (server.stopping and self.head is None and not self.inbuf
+                                                  and not _has_unread(self.sock)):
+                        self.phase = _CLOSING    # nothing more will come, or may be taken
+                        self._sent_all()
+                    else:
+                        self.transport.resume_reading()
+                    return
+                self._answer(*request)
+            except _HTTPError as exc:
+                self._fail(exc)
+                return
+        self.transport.pause_reading()      # more may be complete: the next turn answers them
+        server.loop.call_soon(self.answer_received)
+
+    def _answer(self, head, body):
+        dispatcher = self.server.dispatcher
+        if head.page is not None:   # (GET /metrics, the only page)
+            reply = dispatcher.metrics().encode("utf-8")
+        else:
+            try:
+                reply = dispatcher.dispatch(self.caller, body, self.server.short_of_memory())
+            except Busy as exc:
+                raise _HTTPError(503, str(exc))
+            if type(reply) is Deferred:     # it waits for another server: answered when its thread is done
+                self.awaiting = head
+                self.transport.pause_reading()
+                self.server.run_slow(reply, functools.partial(self._slow_done, reply))
+                return
+        self._reply(head, reply)
+
+    def _slow_done(self, deferred):
+        reply = self.server.dispatcher.finish(deferred)
+        head, self.awaiting = self.awaiting, None
+        if self.phase is _CLOSED or head is None:    # (gone meanwhile: nobody is left to tell)
+            return
+        self._reply(head, reply)
+        self.answer_received()
+
+    def _reply(self, head, reply):
+        """Send *reply* (bytes, or a Handover) to the request whose head is *head*."""
+        self.served += 1
+        if not head.keep_alive:
+            self.phase = _CLOSING
+        if type(reply) is Handover:
+            reply = self._hand_over(head, reply)    # (what is left to send: a fault, if it could not)
+        if reply is None:
+            pass
+        elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
+            self.transport.write(_reply_head(head, len(reply)) + reply)
+        else:   # a listing, which clients share, is sent as it is, not copied
+            self._send(_reply_head(head, len(reply)))
+            self._send(reply)
+        if not self.pending:
+            self._sent_all()
+
+    def _hand_over(self, head, handover):
+        """Send the reply of *handover* with its sockets attached (SCM_RIGHTS), then close our
+        copies of them; return what is left to send the usual way (None: nothing, or the
+        connection is gone).  The bytes go straight to the socket, around the transport, which
+        holds nothing then (no request is read while a reply waits).  One handover in flight per
+        connection: while the client has not read the previous reply, or the kernel will not
+        take the sockets, the ports are given back and the reply is a fault, so that a client
+        that does not read cannot pile up the node manager's descriptors in its socket."""
+        data = _reply_head(head, len(handover.reply)) + handover.reply
+        try:
+            if _unsent_bytes(self.sock):
+                raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
+            fds = [sock.fileno() for sock in handover.sockets]
+            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+        except OSError as exc:
+            log.debug("could not pass the sockets of ports %s: %s", handover.ports, exc)
+            reply = self.server.dispatcher.handover_failed(handover, exc)
+            if isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                self.close()
+                return None
+            return reply
+        finally:
+            for sock in handover.sockets:
+                sock.close()
+        if sent < len(data):
+            self._send(data[sent:])
+        return None
+
+    def _answer_portserver(self):
+        """portpicker's portserver protocol: a pid in decimal (a newline optional, 20 bytes at
+        most) gets "PORT\\n" for a port registered to it; any failure closes the connection without
+        a reply, which is that protocol's way to say no."""
+        data = self.inbuf[self.pos:]
+        line, newline, rest = data.partition(b"\n")
+        if not newline and self.phase is _READING and len(data) <= _PORTSERVER_MAX and line.isdigit():
+            self.transport.resume_reading()     # the rest of the pid, or the end, is to come
+            return
+        self.served += 1
+        self.inbuf, self.pos, self.phase = b"", 0, _CLOSING
+        line = line[:-1] if line.endswith(b"\r") else line
+        port = self.server.dispatcher.portserver(self.caller, None if len(data) > _PORTSERVER_MAX or rest else line)
+        if port is None:
+            self.close()
+            return
+        self.transport.write(b"%d\n" % port)
+        self._sent_all()
+
+    def answer_the_rest(self, grace):
+        """Stopping, just before the state file closes: answer every complete request received,
+        even those behind a reply not yet taken, drop what is incomplete, and close once the
+        replies are taken (lingering: a reset would lose what the kernel has not sent)."""
+        if self.awaiting is not None:   # its slow call's reply comes; what follows it is dropped
+            self.inbuf, self.pos, self.head = b"", 0, None
+            return
+        if self.phase is _READING:
+            try:
+                self.inbuf = self.inbuf[self.pos:] + self.sock.recv(
+                    max(1, _INBUF_LIMIT - len(self.inbuf) + self.pos), socket.MSG_DONTWAIT)
+                self.pos = 0
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.close()
+                return
+        while self.phase is _READING or self.phase is _DRAINING:
+            try:
+                request = self._take_request()
+                if request is None:
+                    break
+                self._answer(*request)
+            except _HTTPError as exc:
+                self._fail(exc)
+        if self.phase is _CLOSED:
+            return
+        if not self.served:     # nothing was ever sent on it, so nothing a reset could lose
+            self.close()
+            return
+        self.head, self.inbuf, self.pos = None, b"", 0
+        self.deadline = min(self.deadline, time.monotonic() + grace)
+        if self.phase is _READING or self.phase is _DRAINING:
+            self.phase = _LINGERING if self.phase is _READING else _CLOSING
+            if not self.pending and not self.outbuf:
+                self._sent_all()
+
+    def _take_request(self):
+        """(head, body) of the next complete request received, or None; _HTTPError if bad."""
+        buf, pos = self.inbuf, self.pos
+        if self.head is None:
+            while buf[pos:pos + 1] in (b"\r", b"\n"):
+                pos += 1
+            blank = _BLANK_LINE.search(buf, pos)
+            if (blank.start() if blank else len(buf)) - pos > MAX_HEAD:
+                raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
+            if blank is None:
+                self.inbuf, self.pos = buf[pos:], 0
+                return None
+            end, after = blank.span()
+            head = read_head(buf[pos:end])
+            if not self.server.dispatcher.admits(self.caller, head.authorization):
+                raise _HTTPError(401, "this node manager needs HTTP Basic auth with its token as password",
+                                 'WWW-Authenticate: Basic realm="nodemngr"\r\n')
+            self.head = head
+            pos = self.pos = after
+            if len(buf) - pos < head.length and head.expect_continue:
+                self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+        head = self.head
+        end = pos + head.length
+        if len(buf) < end:
+            return None
+        body = buf[pos:end]
+        if end == len(buf):
+            self.inbuf, self.pos = b"", 0
+        else:
+            self.pos = end
+        self.head = None
+        if head.encoding != b"identity":
+            body = _decode_body(body, head.encoding)
+        return head, body
+
+    def _send(self, data):
+        """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
+        each once the previous one has left (resume_writing sends the next): a reply the client
+        does not read is then held once, not copied into the transport's buffer."""
+        if not self.outbuf and not self.pending and len(data) <= _CHUNK:
+            self.transport.write(data)
+            return
+        outbuf = self.outbuf
+        if data:
+            outbuf.append(data)
+            if self.pending:    # it waits behind a reply not taken (at a stop): counted too
+                self.pending += len(data)
+                self.server.owed_bytes(len(data))
+        while outbuf and not self.pending:
+            piece = outbuf[0]
+            if len(piece) > _CHUNK:
+                view = memoryview(piece)
+                outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
+            else:
+                outbuf.popleft()
+            self.transport.write(piece)
+
+    def _sent_all(self):
+        """Everything queued has left: close, linger, or wait (idle, or for a pipelined request)."""
+        phase = self.phase
+        if phase is _CLOSING:    # going: it no longer holds a place among the connections
+            self.server.release(self)
+            self.server.loop.call_soon(self.transport.close)    # (3.13 miscounts a close in resume_writing)
+        elif phase is _LINGERING:
+            self.transport.write_eof()
+            self.transport.resume_reading()
+            self.deadline = time.monotonic() + self.server.linger
+        elif phase is _READING:
+            self.between = self.head is None and not self.inbuf
+            self.deadline = time.monotonic() + (self.server.idle_timeout if self.between else self.server.stall_timeout)
+
+    def _fail(self, exc):
+        """Answer an HTTP-level error in one sentence, then linger; a client that half-closed
+        sends nothing more: close once the reply has left."""
+        self.phase = _LINGERING if self.phase is _READING else _CLOSING
+        self.inbuf, self.pos, self.head = b"", 0, None
+        self._send(_text_response(exc.status, str(exc), exc.extra))
+        if not self.pending:
+            self._sent_all()
+
+    def close(self, exc=None):
+        """Close now, dropping whatever is not sent yet; also asyncio's connection_lost(exc)."""
+        if self.phase is _CLOSED:
+            return
+        self.phase = _CLOSED
+        self.server.release(self)
+        if self.transport is not None:
+            self.transport.abort()
+        self.server.owed_bytes(-self.pending)
+        self.pending = 0
+        self.outbuf.clear()
+
+    connection_lost = close
+
+
+def _has_unread(sock):
+    """Whether the peer has sent bytes that were not read yet."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def _unsent_bytes(sock):
+    """Bytes the kernel still holds to send on *sock* (Linux's SIOCOUTQ); 0 where it cannot say."""
+    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+# ---------------------------------------------------------------------------------------------
+# Listening sockets (TCP, the local socket, or those systemd passed), accept, deadlines, the stop.
+
+def local_sockaddr(address):
+    """The socket address of a local socket: "@name" is Linux's abstract namespace."""
+    return "\0" + address[1:] if address.startswith("@") else address
+
+
+def _listen_tcp(host, port, backlog):
+    """A listening TCP socket on host:port, with SO_REUSEADDR as servers do; OSError if not."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _listen_local(address):
+    """(a listening Unix stream socket at *address*, the inode of its file or None).  A path
+    is made 0666 (the local socket is for every local user, as the TCP port is); a socket file
+    left by a daemon that died is replaced, anything else there is refused."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not address.startswith("@"):
+            _clear_stale_socket(address)
+        try:
+            sock.bind(local_sockaddr(address))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise NodeMngrException("the local socket %s is in use by another program; give --unix "
+                                        "another address, or none" % address)
+            raise NodeMngrException("cannot make the local socket %s: %s" % (address, exc.strerror or exc))
+        inode = None
+        if not address.startswith("@"):
+            os.chmod(address, 0o666)
+            inode = os.stat(address).st_ino
+        sock.listen(256)
+        return sock, inode
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _clear_stale_socket(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise NodeMngrException("%s is not a socket; give --unix the path of a socket (or none)" % path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:  # nobody listens there: left by a daemon that died
+            os.unlink(path)
+            return
+        except OSError:
+            pass
+    raise NodeMngrException("the local socket %s is in use by another program; give --unix another "
+                            "path, or none" % path)
+
+
+def _local_address(sock):
+    """The address of a listening Unix socket, written as --unix takes it."""
+    name = sock.getsockname()
+    if isinstance(name, bytes):
+        return "@" + name[1:].decode("utf-8", "replace")
+    return "@" + name[1:] if name.startswith("\0") else name
+
+
+def _spare_descriptors():
+    """How many more files this process may open now: the soft limit less those open."""
+    if resource is None:
+        return 1 << 20
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    try:
+        used = len(os.listdir("/proc/self/fd" if _HAVE_PROC else "/dev/fd"))
+    except OSError:
+        used = 32
+    return soft - used
+
+
+def _drain(sock):
+    """Read and drop what has arrived: closing with unread bytes resets the connection."""
+    try:
+        while sock.recv(4096, socket.MSG_DONTWAIT):
+            pass
+    except OSError:
+        pass
+    return sock
+
+
+def _loop_error(loop, context):
+    """A bug costs one connection, never the daemon: log it and serve on."""
+    log.error("internal error: %s", context["message"], exc_info=context.get("exception"))
+
+
+class NodeMngrServer:
+    """The daemon's sockets, served by one thread from an asyncio loop of its own (README,
+    "Performance", says why not a thread each), one Connection per client connection.
+
+    NodeMngrServer(host, port, local, activated) binds and listens at once: the bound port is
+    what keeps a second daemon out.  serve(dispatcher, housekeeping, summary, on_release) then
+    serves until request_stop(reason) (in the loop's thread: a call, a signal; or before serve),
+    answers what was received and returns; close() closes what is left.  housekeeping: (interval,
+    step) pairs; each step() runs every interval, and again at the next turn of the loop while it
+    returns True (more is due).  summary(): the service's part of the status line a service
+    manager shows (notify: an sd_notify function, or None).  on_release(): called once, at the
+    stop, when no request will be answered any more (the state file closes then).
+
+    What a Connection may use of it is listed in Connection's docstring.  The limits are class
+    attributes, as in socketserver, so that a test or a subclass can change them.
+    """
+
+    request_queue_size = 256
+    idle_timeout = IDLE_TIMEOUT     # a keep-alive connection with no request is closed then
+    stall_timeout = STALL_TIMEOUT   # from a request's first byte to its reply's last
+    max_connections = MAX_CONNECTIONS
+    max_pending_bytes = 32 * 1024 * 1024    # replies waiting for slow clients; beyond it, 503
+    stop_grace = 1.0                # a stopping daemon drops what is not complete by then
+    linger = 1.0                    # after its last reply, what a client still sends is dropped
+    fd_reserve = 16                 # descriptors kept for calls in progress (probes, /proc, sqlite)
+    reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
+    busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
+    tick = 0.25                     # seconds between two sweeps for deadlines and due busy ports
+
+    def __init__(self, host="127.0.0.1", port=nmPort, local=None, activated=([], None)):
+        """local: the address of the local (Unix) socket to serve too ("@name": Linux's abstract
+        namespace; else a path), or None.  activated: (inet, unix) listening sockets a service
+        manager passed (activated_sockets()), served instead of binding host:port and local."""
+        self.dispatcher = self.loop = self.notify = None
+        self.stop_reason = None     # why it stops, once asked
+        self.stopping = False       # it takes no new request (set once the stop has begun)
+        self.released = False       # stopping, and no request will be answered any more
+        self.connections = set()
+        self._pending_bytes = 0     # bytes of replies queued and not yet taken by their clients
+        self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
+        self._listening = False
+        self._executor = None       # threads for slow calls, made on the first one
+        self._told = None           # the last STATUS= line sent
+        self._accept_warned = 0.0
+        self._summary, self._on_release = (lambda: ""), (lambda: None)
+        inet, unix = activated
+        self.listeners = list(inet) or [_listen_tcp(host, port, self.request_queue_size)]
+        self.address = self.listeners[0].getsockname()[:2]
+        self.port = self.address[1]
+        self.local_listener, self.local_address, self._local_inode = None, None, None
+        if unix is not None:        # (the service manager's: never unlinked)
+            self.local_listener, self.local_address = unix, _local_address(unix)
+        elif local is not None:
+            try:
+                self.local_listener, self._local_inode = _listen_local(local)
+                self.local_address = local
+            except NodeMngrException as exc:    # (a squatter must not keep the daemon from serving TCP)
+                log.warning("%s; serving without a local socket", exc)
+            except BaseException:
+                self.close()
+                raise
+
+    # -- what a Connection calls -------------------------------------------------------------------
+
+    def owed_bytes(self, delta):
+        """Replies queued for clients that have not taken them grew (or shrank) by *delta* bytes."""
+        self._pending_bytes += delta
+
+    def short_of_memory(self):
+        """Whether replies owed to slow clients exceed max_pending_bytes."""
+        return self._pending_bytes > self.max_pending_bytes
+
+    def release(self, connection):
+        """*connection* no longer holds a place among the connections."""
+        self.connections.discard(connection)
+
+    def run_slow(self, deferred, done):
+        """Run *deferred* (a call waiting for etcd) in a thread, then done() on the loop."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.dispatcher.max_slow_calls, "nodemngr-slow")
+        self.loop.run_in_executor(self._executor, deferred.run).add_done_callback(lambda future: done())
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def serve(self, dispatcher, housekeeping=(), summary=None, on_release=None):
+        """Serve *dispatcher*'s calls on an asyncio loop of its own until request_stop(), then
+        answer what was received and return."""
+        self.dispatcher = dispatcher
+        self._summary = summary or self._summary
+        self._on_release = on_release or self._on_release
+        dispatcher.add_gauge("nodemngr_connections", "Client connections open now.", lambda: len(self.connections))
+        self.loop = loop = asyncio.new_event_loop()
+        loop.set_exception_handler(_loop_error)
+        self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
+        self._done = loop.create_future()
+        try:
+            for sock in self._listeners():
+                sock.setblocking(False)
+            self._listen()
+            if self.notify is not None:
+                loop.call_soon(self._tell, "READY=1")
+            if self.stop_reason is not None:    # asked before the loop ran
+                loop.call_soon(self._begin_stop)
+            loop.call_later(self.tick, self._sweep)
+            for interval, step in housekeeping:
+                loop.call_later(interval, self._housekeep, interval, step)
+            loop.run_until_complete(self._done)
+            if self.connections:
+                log.warning("%d connections still busy at exit", len(self.connections))
+            for connection in list(self.connections):
+                connection.close()
+            for _ in range(2):      # the transports close, then tell their connections
+                loop.run_until_complete(asyncio.sleep(0))
+        finally:
+            loop.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)     # (each call is bounded by etcd's deadline)
+
+    def _housekeep(self, interval, step):
+        if self.stopping:
+            return
+        more = False
+        try:
+            more = step()
+        except Exception:
+            log.exception("housekeeping failed (%s)", getattr(step, "__name__", step))
+        finally:    # (whatever failed, even the log, it goes on)
+            self.loop.call_later(0 if more else interval, self._housekeep, interval, step)
+
+    def _sweep(self):
+        """Every tick: close connections past their deadline (idle too long, stalled mid-request,
+        lingering; once stopping, no longer taking the replies owed), and listen again after a
+        pause."""
+        now = time.monotonic()
+        while self._refused and self._refused[0][0] < now:
+            _drain(self._refused.popleft()[1]).close()
+        for connection in [c for c in self.connections if c.expired(now)]:
+            if not (self.released and connection.taking_replies(now + self.stop_grace)):
+                connection.expire()
+        if not self.stopping:
+            if self.notify is not None:
+                self._tell()
+            if not self._listening:
+                self._listen()
+        self.loop.call_later(self.tick, self._sweep)
+
+    def _tell(self, *lines):
+        """Send the service manager *lines* and, when it has changed, a STATUS= line."""
+        status = "STATUS=serving on %s:%d and %s, %s" % (
+            self.address[0], self.port, self.local_address or "no local socket", self._summary())
+        if lines or status != self._told:
+            self._told = status
+            self.notify(*lines + (status,))
+
+    def _listen(self):
+        for listener in self._listeners():
+            self.loop.add_reader(listener, self._accept, listener)
+        self._listening = True
+
+    def _listeners(self):
+        return self.listeners + ([] if self.local_listener is None else [self.local_listener])
+
+    def _accept(self, listener, limit=64):
+        """Take the connections waiting, a new Connection each.  Beyond connection_limit a newcomer
+        is answered 503.  (loop.create_server would accept a burst beyond the limit and hold, for
+        a few turns, the descriptors kept for the calls in progress.)"""
+        local = listener is self.local_listener
+        for _ in range(limit):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:      # out of descriptors, say: pause until the next tick
+                now = time.monotonic()
+                if now - self._accept_warned > 60:
+                    self._accept_warned = now
+                    log.warning("cannot accept connections for now: %s", exc.strerror or exc)
+                self._unlisten()
+                return
+            if len(self.connections) >= self.connection_limit and not self._evict_idlest():
+                self._turn_away(sock)
+                continue
+            if local:
+                pid, uid = peer_credentials(sock)
+                peer, caller = ("the local socket", 0), self.dispatcher.caller("local", uid=uid, pid=pid)
+            else:
+                caller = self.dispatcher.caller("tcp", address=peer[0])
+            connection = Connection(self, sock, peer, caller)
+            self.connections.add(connection)
+            self.loop.create_task(self.loop.connect_accepted_socket(lambda c=connection: c, sock))
+
+    def _unlisten(self):
+        if self._listening:
+            for listener in self._listeners():
+                self.loop.remove_reader(listener)
+            self._listening = False
+
+    def _evict_idlest(self):
+        """Make room by closing the keep-alive connection idle the longest, if one has served a
+        request and sent nothing since: holding idle connections must not lock others out."""
+        for connection in sorted((c for c in self.connections if c.served and c.idle), key=lambda c: c.deadline):
+            if connection.quiet():
+                log.debug("closed idle connection from %s to make room", connection.peer)
+                connection.close()
+                return True
+        return False
+
+    def _turn_away(self, sock):
+        """Answer 503 and close, after reading what the client sent and keeping the socket half-closed
+        a moment (a few at most): a reset would show the client a broken pipe, not the 503."""
+        try:
+            _drain(sock).send(_text_response(503, "too many connections; try again shortly"), socket.MSG_DONTWAIT)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if len(self._refused) >= self.fd_reserve // 2:    # the oldest has most likely been read
+            _drain(self._refused.popleft()[1]).close()
+        self._refused.append((time.monotonic() + self.linger, sock))
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self, reason):
+        """Stop serving soon (in the loop's thread: a request, a signal; or before it runs)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon(self._begin_stop)   # after the reply of the call that asked
+
+    def _begin_stop(self):
+        """Take no new request: answer what was received (connections the kernel accepted for us
+        included), close the idle connections and the listening sockets."""
+        if self.stopping:       # (asked twice before the loop ran: a signal, then serve)
+            return
+        if self.notify is not None:
+            self.notify("STOPPING=1", "STATUS=stopping (%s)" % self.stop_reason)
+        for listener in self._listeners():
+            self._accept(listener, self.connection_limit)
+        self.stopping = True
+        self._unlisten()
+        self._close_listeners()
+        for connection in list(self.connections):
+            if connection.quiet():
+                connection.close()
+        now = time.monotonic()
+        self._release_at = now + self.stop_grace
+        self._stop_deadline = now + self.stall_timeout + 1     # for replies owed to slow readers
+        self._while_stopping()
+
+    def _while_stopping(self):
+        """Once no request is left half-received (or stop_grace has passed): answer every complete
+        one, drop the rest, and release (the state file closes, so that the next daemon can start
+        at once).  Replies owed are still sent to clients that keep taking them (each gets
+        stop_grace from its last bytes taken); serve returns once they are, or the stall limit
+        passed."""
+        now = time.monotonic()
+        if not self.released and (now >= self._release_at or not any(
+                c.partial_request() for c in self.connections)):
+            for connection in list(self.connections):
+                try:
+                    connection.answer_the_rest(self.stop_grace)
+                except Exception:       # a bug costs that connection, never the stop
+                    log.exception("internal error answering %s at the stop", connection.peer)
+                    connection.close()
+            self.released = True
+            self._on_release()
+        if self.released and (not self.connections or now >= self._stop_deadline):
+            if not self._done.done():
+                self._done.set_result(None)
+            return
+        self.loop.call_later(0.01, self._while_stopping)
+
+    def _close_listeners(self):
+        for sock in self.listeners:
+            sock.close()
+        if self.local_listener is not None:
+            self.local_listener.close()
+            if self._local_inode is not None:
+                try:        # (unless another daemon has put its own there since)
+                    if os.stat(self.local_address).st_ino == self._local_inode:
+                        os.unlink(self.local_address)
+                except OSError:
+                    pass
 
     def close(self):
-        with self._lock:
-            self.store.close()
+        """Close every connection and listening socket left (after serve, or instead of it)."""
+        for connection in list(self.connections):
+            connection.close()
+        while self._refused:
+            self._refused.popleft()[1].close()
+        self._close_listeners()
 
 
 # ---------------------------------------------------------------------------------------------
-# The cluster view: every host's registry published to etcd, and read back (README, "Many hosts")
+# The cluster view
 # ---------------------------------------------------------------------------------------------
+# Every host's registry published to etcd, and read back (README, "Many hosts").  It is handed a
+# snapshot of the registry and told of its changes; it never calls the service.
 
 CLUSTER_PREFIX = "nodemngr/v1/ports/"
 
@@ -1580,8 +3349,10 @@ def _read_user_file(path):
 
 
 class ClusterView:
-    """Publishes a NodeMngr's registry under nodemngr/v1/ports/HOST/ in etcd, from a thread of
-    its own: a local call never waits for etcd.  Changes are coalesced (a burst of calls is a few
+    """Publishes a registry under nodemngr/v1/ports/HOST/ in etcd, from a thread of its own: a
+    local call never waits for etcd.  snapshot(): the Registrations held, read once, at start();
+    from then on changed() tells it of each change, from the service's thread.  It keeps its own
+    copy of the registry, under its own lock, which the service never takes.  Changes are coalesced (a burst of calls is a few
     transactions), all keys hang on one lease kept alive every ttl/3 seconds, and at start, after
     a lost lease and when etcd answers again after an outage, the HOST prefix is rewritten to
     match the registry exactly.  An outage is logged once; status() says what is wrong."""
@@ -1590,40 +3361,48 @@ class ClusterView:
     retry = 0.5         # seconds between two tries while etcd cannot be reached (doubling to 4)
     txn_ops = 128       # operations per transaction: etcd's default --max-txn-ops
     txn_bytes = 1 << 20     # and bytes (etcd's default --max-request-bytes is 1.5 MiB)
-    recheck = 30.0      # seconds between two comparisons of the published prefix with the registry
+    resync_interval = 30.0  # seconds between two comparisons of the published prefix with the registry
 
-    def __init__(self, client, host, ttl, node):
-        self.client, self.host, self.ttl, self.node = client, host, ttl, node
+    def __init__(self, client, host, ttl, snapshot):
+        self.client, self.host, self.ttl, self._snapshot = client, host, ttl, snapshot
         self.prefix = "%s%s/" % (CLUSTER_PREFIX, host)
-        self.state = "connecting to etcd"
+        self.health = "connecting to etcd"      # status(): "ok", or what is wrong
         self.transactions = 0
         self._lease = None
+        self._registry = {}         # port -> Registration: the registry as changed() told it
         self._published = {}        # key -> value as etcd holds it, as far as we know
         self._dirty = set()         # ports changed since the last flush
-        self._wake = threading.Condition()
-        self._stopping = False
-        self._stopped = threading.Event()
+        self._wake = threading.Condition()      # (guards _registry and _dirty)
+        self._stop = threading.Event()
         self._next_keepalive = self._next_check = 0.0
         self.reader = client.copy()     # locate's: it must not hold up the writes and keepalives
         self._thread = threading.Thread(target=self._run, name="nodemngr-cluster", daemon=True)
 
     def start(self):
+        """Read the registry (snapshot()) and start publishing it."""
+        self._registry = {reg.port: reg for reg in self._snapshot()}
         self._thread.start()
 
-    def changed(self, ports):
-        """The registrations of *ports* changed (the node calls this with its lock held)."""
+    def changed(self, changes):
+        """The registry changed: *changes* is a list of (port, its Registration, or None when it
+        was freed).  Only noted here: the publisher's thread writes it to etcd."""
         with self._wake:
-            self._dirty.update(ports)
+            for port, reg in changes:
+                if reg is None:
+                    self._registry.pop(port, None)
+                else:
+                    self._registry[port] = reg
+                self._dirty.add(port)
             self._wake.notify()
 
     def status(self):
-        return self.state
+        """"ok", or one sentence saying what is wrong."""
+        return self.health
 
     def stop(self, timeout=2.0):
         """Stop publishing and drop the lease: this host's keys go at once (a restart puts them back)."""
         with self._wake:
-            self._stopping = True
-            self._stopped.set()
+            self._stop.set()
             self._wake.notify()
         self._thread.join(timeout)
         if self._lease is not None:     # (a client of its own: the thread may hold the other's lock)
@@ -1650,7 +3429,7 @@ class ClusterView:
 
     def _run(self):
         delay, outage = self.retry, None
-        while not self._stopping:
+        while not self._stop.is_set():
             try:
                 if self._lease is not None and self._keepalive_due() and self.client.keepalive(self._lease) <= 0:
                     log.warning("etcd lost this host's lease; publishing the registry again")
@@ -1664,29 +3443,29 @@ class ClusterView:
                 if outage is not None:
                     log.warning("etcd answers again after %.0f s; published this host's registry anew",
                                 time.monotonic() - outage)
-                outage, delay, self.state = None, self.retry, "ok"
+                outage, delay, self.health = None, self.retry, "ok"
                 self._wait_for_changes()
             except ClusterError as exc:
                 if outage is None:      # once per outage, not per call
                     outage = time.monotonic()
                     log.warning("cluster view unavailable: %s; serving on, and trying again", exc)
-                self.state = str(exc)
+                self.health = str(exc)
                 self._lease = None if "lease" in str(exc) else self._lease
                 self._published = None      # unknown now: the next success rewrites the prefix
-                self._stopped.wait(delay)   # (changes meanwhile only gather: calls must not wake it)
+                self._stop.wait(delay)      # (changes meanwhile only gather: calls must not wake it)
                 delay = min(delay * 2, 4.0)
             except Exception:       # a bug must not end publishing for good (logged once)
                 if outage is None:
                     outage = time.monotonic()
                     log.exception("cluster view failed")
-                self.state = "the cluster view failed; the node manager's log has the details"
+                self.health = "the cluster view failed; the node manager's log has the details"
                 self._published = None
-                self._stopped.wait(delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, 4.0)
 
     def _wait_for_changes(self):
         with self._wake:
-            if not self._dirty and not self._stopping:
+            if not self._dirty and not self._stop.is_set():
                 self._wake.wait(max(0.0, min(self._next_keepalive, self._next_check) - time.monotonic()))
         if self._dirty:
             time.sleep(self.coalesce)   # let a burst gather
@@ -1698,14 +3477,17 @@ class ClusterView:
         return True
 
     def _desired(self, ports=None):
-        """{key: value} of the registry (of *ports* only, when given), read under the node's lock."""
-        return dict(published_entry(self.host, reg) for reg in self.node.registrations(ports))
+        """{key: value} of the registry (of *ports* only, when given)."""
+        with self._wake:
+            regs = list(self._registry.values()) if ports is None else [
+                self._registry[p] for p in ports if p in self._registry]
+        return dict(published_entry(self.host, reg) for reg in regs)
 
     def _resync(self):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
         the current lease (a key of an earlier lease would expire with it).  Done again every
-        recheck seconds, so that a restored backup of etcd or a key deleted by hand is repaired."""
-        self._next_check = time.monotonic() + self.recheck
+        resync_interval seconds, so that a restored backup of etcd or a key deleted by hand is repaired."""
+        self._next_check = time.monotonic() + self.resync_interval
         with self._wake:
             self._dirty.clear()
         actual = self.client.range(self.prefix)
@@ -1754,1382 +3536,46 @@ class ClusterView:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading requests: expat with DTDs refused, and the dialects real clients send
+# The client
 # ---------------------------------------------------------------------------------------------
-
-class _Unmarshaller(xmlrpc.client.Unmarshaller):
-    """xmlrpc.client's reader, more liberal: booleans as true/false, whitespace around scalars."""
-
-    dispatch = dict(xmlrpc.client.Unmarshaller.dispatch)
-
-    def end_boolean(self, data):
-        word = data.strip().lower()
-        if word not in ("0", "1", "true", "false"):
-            raise ValueError("bad boolean value %s" % describe(data))
-        self.append(word in ("1", "true"))
-        self._value = 0
-    dispatch["boolean"] = end_boolean
-
-    def end_int(self, data):
-        try:
-            self.append(int(data))
-        except ValueError:
-            raise ValueError("bad integer value %s" % describe(data.strip()))
-        self._value = 0
-    for _tag in ("i1", "i2", "i4", "i8", "int", "biginteger"):
-        dispatch[_tag] = end_int
-    del _tag
-
-    def end_struct(self, data):
-        items = self._stack[self._marks[-1]:]
-        if len(items) % 2 or not all(isinstance(name, str) for name in items[::2]):
-            raise ValueError("each struct member needs a <name> string and a <value>")
-        xmlrpc.client.Unmarshaller.end_struct(self, data)
-    dispatch["struct"] = end_struct
-
-    def end_dateTime(self, data):
-        xmlrpc.client.Unmarshaller.end_dateTime(self, data.strip())
-        self._value = 0
-    dispatch["dateTime.iso8601"] = end_dateTime
-
-    def end_base64(self, data):
-        try:
-            xmlrpc.client.Unmarshaller.end_base64(self, data)
-        except (binascii.Error, UnicodeEncodeError):
-            raise ValueError("bad base64 value")
-    dispatch["base64"] = end_base64
-
-
-def _refuse_dtd(*args):
-    raise Fault(NOT_WELL_FORMED, "DOCTYPE and ENTITY declarations are refused")
-
-
-# The shape of nearly every call (xmlrpc.client's and most other clients'): UTF-8, int or string
-# params, no entities, no markup in strings.  parse_call reads a body of exactly this shape with
-# two patterns instead of expat, about four times as fast; anything else, expat reads.  A string
-# here holds no "<", ">", "&", CR or control character, so expat would read its bytes unchanged.
-_XML_WS = rb"[ \t\r\n]*"
-_SIMPLE_VALUE = rb"<value>(?:<(int|i4)>(-?[0-9]{1,10})</\1>|<string>([^<>&\r\x00-\x08\x0b\x0c\x0e-\x1f]*)</string>)</value>"
-_SIMPLE_CALL = re.compile(
-    rb"(?:<\?xml version=(?:'1\.0'|\"1\.0\")\?>)?%(ws)s<methodCall>%(ws)s<methodName>([A-Za-z0-9_.:]{1,100})"
-    rb"</methodName>%(ws)s(?:<params>%(ws)s((?:<param>%(ws)s%(value)s%(ws)s</param>%(ws)s)*)</params>%(ws)s)?"
-    rb"</methodCall>%(ws)s\Z" % {b"ws": _XML_WS, b"value": _SIMPLE_VALUE.replace(b"\\1", b"\\3")})
-_SIMPLE_PARAM = re.compile(_SIMPLE_VALUE)
-
-
-def _parse_simple_call(data):
-    """(params, method) of a body of the shape above, or None for expat to read it."""
-    match = _SIMPLE_CALL.match(data)
-    if match is None:
-        return None
-    params = []
-    for tag, number, text in _SIMPLE_PARAM.findall(match.group(2) or b""):
-        if tag:
-            params.append(int(number))
-        else:
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError:
-                return None
-            if "\ufffe" in text or "\uffff" in text:     # not XML characters: expat's error
-                return None
-            params.append(text)
-    return tuple(params), match.group(1).decode("ascii")
-
-
-def parse_call(data):
-    """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
-    simple = _parse_simple_call(data)
-    if simple is not None:
-        return simple
-    return _parse_call_expat(data)
-
-
-def _parse_call_expat(data):
-    # This drives xmlrpc.client.Unmarshaller through its internals (_encoding, _type, _marks,
-    # _stack and the dispatch table _Unmarshaller extends), as xmlrpc.client.loads does not refuse
-    # DTDs; tests/test_fastpath.py fails if a Python release changes them.
-    u = _Unmarshaller(use_builtin_types=True)
-    u._encoding = None
-    p = expat.ParserCreate(None, None)
-    p.buffer_text = True
-    p.StartElementHandler = u.start
-    p.EndElementHandler = u.end
-    p.CharacterDataHandler = u.data
-    p.StartDoctypeDeclHandler = _refuse_dtd
-    p.EntityDeclHandler = _refuse_dtd
-    try:
-        p.Parse(data, True)
-    except Fault:       # (_refuse_dtd's)
-        raise
-    except expat.ExpatError as exc:
-        raise Fault(NOT_WELL_FORMED, "the request is not well-formed XML: %s" % exc)
-    except (ValueError, TypeError, OverflowError, xmlrpc.client.Error, IndexError, KeyError, ArithmeticError) as exc:
-        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: %s" % describe(exc))
-    except LookupError as exc:      # after IndexError and KeyError: an encoding expat does not know
-        raise Fault(NOT_WELL_FORMED, "the request's XML encoding is unknown: %s" % describe(exc))
-    method = u.getmethodname()
-    if not isinstance(method, str) or u._type not in ("params", "methodName") or u._marks:
-        raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: expected a <methodCall> "
-                    "with a <methodName> and <params>")
-    return tuple(u._stack), method
-
-
-# ---------------------------------------------------------------------------------------------
-# HTTP/1.1 framing: request heads and bodies in, replies out (pure functions)
-# ---------------------------------------------------------------------------------------------
-
-class _HTTPError(Exception):
-    """An error at the HTTP level: answered with *status* and one sentence, then the connection
-    closes.  extra: header lines to add (each ending in CRLF)."""
-
-    def __init__(self, status, message, extra=""):
-        super().__init__(message)
-        self.status, self.extra = status, extra
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
-            415: "Unsupported Media Type", 503: "Service Unavailable"}
-_date_cache = [0, ""]
-
-
-def _http_date():
-    now = int(time.time())
-    if now != _date_cache[0]:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return _date_cache[1]
-
-
-def _text_response(status, message, extra=""):
-    """An error or refusal in one sentence, after which the connection closes."""
-    body = (message + "\n").encode("utf-8")
-    return ("HTTP/1.1 %d %s\r\nServer: nodemngr/%s\r\nDate: %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            "Content-Length: %d\r\nConnection: close\r\n%s\r\n" % (
-                status, _REASONS[status], __version__, _http_date(), len(body), extra)).encode("latin-1") + body
-
-
-_OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
-
-
-def _xml_head(length, close, echo_keep_alive=False, ok_head=_OK_HEAD):
-    """The head of a reply of *length* bytes of XML, on the per-call path.  An HTTP/1.0
-    client that asked for keep-alive is told it got it (1.0 closes by default)."""
-    connection = (b"Connection: close\r\n" if close else
-                  b"Connection: keep-alive\r\n" if echo_keep_alive else b"")
-    return b"%s%s\r\nContent-Length: %d\r\n%s\r\n" % (ok_head, _http_date().encode("ascii"), length, connection)
-
-
-_METRICS_HEAD = _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8")
-
-
-def _reply_head(head, length):
-    """The head of the reply of *length* bytes to a request whose RequestHead is *head*."""
-    return _xml_head(length, not head.keep_alive, head.echo_keep_alive, _METRICS_HEAD if head.metrics else _OK_HEAD)
-
-
-RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization "
-                                        "metrics")
-RequestHead.__doc__ = """What a request's head says: keep the connection open after the reply?
-the body's length and Content-Encoding, whether the client waits for 100 Continue, whether to
-echo keep-alive (an HTTP/1.0 client asked for it), the Authorization header (or None), and
-whether it is GET /metrics rather than an XML-RPC call."""
-
-
-@functools.lru_cache(maxsize=64)
-def read_head(head):
-    """The RequestHead of a request line and its headers (bytes, without the blank line), or
-    _HTTPError (400, 404, 405, 411, 413).  Pure, hence cached: a keep-alive client sends the same
-    head bytes call after call.  Hand-written rather than http.client.parse_headers, which costs
-    about 11 us more per call and accepts folded lines."""
-    request_line, _, block = head.partition(b"\n")
-    parts = request_line.rstrip(b"\r").split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        raise _HTTPError(400, "malformed request line")
-    method, target, version = parts
-    headers = {}
-    if block:
-        block += b"\n"
-        pairs = _HEADER.findall(block)
-        if len(pairs) != block.count(b"\n"):   # each match is one whole line, from its start
-            raise _HTTPError(400, "malformed header line")
-        if len(pairs) > MAX_HEADERS:
-            raise _HTTPError(400, "more than %d header lines" % MAX_HEADERS)
-        headers = {name.lower(): value.strip(b" \t") for name, value in pairs}
-        if len(headers) < len(pairs):
-            headers = _join_repeated(pairs)
-    if target[:7].lower() == b"http://" or target[:8].lower() == b"https://":
-        target = b"/" + target.split(b"/", 3)[3] if target.count(b"/") >= 3 else b"/"    # absolute-form
-    if target.startswith(b"/metrics?"):    # (a scraper's parameters: nothing here reads them)
-        target = b"/metrics"
-    metrics = method == b"GET" and target == b"/metrics"
-    if method != b"POST" and not metrics:
-        raise _HTTPError(405, "only POST is served (and GET /metrics); send XML-RPC calls to / or /RPC2",
-                         "Allow: GET\r\n" if target == b"/metrics" else "Allow: POST\r\n")
-    if target not in (b"/", b"/RPC2") and not metrics:
-        raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
-    connection = headers.get(b"connection", b"").lower()
-    http10 = version == b"HTTP/1.0"
-    keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
-    length, encoding = _framing(headers) if not metrics or b"content-length" in headers or (
-        b"transfer-encoding" in headers) else (0, b"identity")
-    return RequestHead(keep_alive, length, encoding, headers.get(b"expect", b"").lower() == b"100-continue",
-                       keep_alive and http10, headers.get(b"authorization"), metrics)
-
-
-def _framing(headers):
-    """(body length, content encoding) of a request, or _HTTPError (411, 400, 413)."""
-    if b"transfer-encoding" in headers:
-        raise _HTTPError(411 if b"content-length" not in headers else 400,
-                         "chunked bodies are not accepted; send a Content-Length")
-    length = headers.get(b"content-length")
-    if length is None:
-        raise _HTTPError(411, "a Content-Length header is required")
-    if not length.isdigit():
-        raise _HTTPError(400, "Content-Length must be a non-negative decimal number")
-    digits = length.lstrip(b"0") or b"0"     # (int() refuses thousands of digits, zeros included)
-    if len(digits) > 9 or int(digits) > MAX_BODY:
-        raise _HTTPError(413, "the body exceeds %d bytes" % MAX_BODY)
-    return int(digits), headers.get(b"content-encoding", b"identity").lower()
-
-
-_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_HEADER = re.compile(rb"^(%s):([^\r\n]*)\r?\n" % _TOKEN, re.M)      # a whole "name: value" line
-
-
-def _join_repeated(pairs):
-    """Headers given more than once: joined with commas, as HTTP allows, except the ones whose
-    repetition is a smuggling or confusion attempt."""
-    headers = {}
-    for name, value in pairs:
-        name, value = name.lower(), value.strip(b" \t")
-        if name in headers:
-            if name in (b"content-length", b"authorization", b"content-encoding", b"transfer-encoding"):
-                raise _HTTPError(400, "duplicate %s header" % name.decode("latin-1"))
-            value = headers[name] + b", " + value
-        headers[name] = value
-    return headers
-
-
-def _decode_body(body, encoding):
-    if encoding in (b"gzip", b"x-gzip"):
-        decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    elif encoding == b"deflate":
-        decoder = zlib.decompressobj()
-    else:
-        raise _HTTPError(415, "Content-Encoding %s is not supported; use gzip, deflate or none"
-                         % encoding.decode("latin-1")[:40])
-    try:
-        data = decoder.decompress(body, MAX_BODY + 1)
-    except zlib.error:
-        raise _HTTPError(400, "the body is not valid %s data" % encoding.decode("latin-1"))
-    if len(data) > MAX_BODY or decoder.unconsumed_tail:
-        raise _HTTPError(413, "the body exceeds %d bytes once decompressed" % MAX_BODY)
-    if not decoder.eof:
-        raise _HTTPError(400, "the %s body is truncated" % encoding.decode("latin-1"))
-    if decoder.unused_data:     # trailing bytes, or a second gzip member: say so, never cut silently
-        raise _HTTPError(400, "the %s body has data after its end" % encoding.decode("latin-1"))
-    return data
-
-
-# ---------------------------------------------------------------------------------------------
-# The transport: one asyncio protocol per connection
-# ---------------------------------------------------------------------------------------------
-
-_LARGE_REPLIES = ("listPorts", "lookup", "system.multicall")  # the calls whose reply can be megabytes
-_INBUF_LIMIT = MAX_HEAD + MAX_BODY     # taken at a stop: at most one request of the largest size
-_TURN_REQUESTS = 16                     # requests of one connection answered per turn of the loop
-_CHUNK = 256 * 1024                     # a longer reply goes to the transport this much at a time
-_PORTSERVER_MAX = 20                    # bytes of a portserver request (a pid, and a newline)
-_PORTSERVER_FIRST = frozenset(b"%d" % i for i in range(10)) | {b"-", b"+"}  # how one begins
-_READ_BUFFER = bytearray(65536)         # every connection reads into it (_Channel.get_buffer)
-_READ_VIEW = memoryview(_READ_BUFFER)
-_BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or bare LF lines)
-
-# What a connection is doing (_Channel.state): taking requests; answering what a client that
-# half-closed sent, then closing; closing once its last reply has left; lingering after its last
-# reply (reading and dropping what still comes, so that closing does not reset the reply); closed.
-READING, DRAINING, CLOSING, LINGERING, CLOSED = "reading", "draining", "closing", "lingering", "closed"
-
-
-class _Channel(asyncio.BufferedProtocol):
-    """One client connection on the server's loop: bytes come in, each request is answered once it
-    is complete, replies go out.  A slow or stalled client only ever holds its own connection.
-    Nothing is read while a reply waits to be taken (the transport's high-water mark is 0, so any
-    byte it cannot send at once pauses writing, and reading with it).  A long reply is handed over
-    a chunk at a time, so a client that does not read costs one reply of memory (counted in the
-    server's pending_bytes), not copies of it.
-
-    Every connection reads into one shared buffer, taken out at once: asyncio's own reads
-    allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
-    """
-
-    __slots__ = ("server", "sock", "peer", "local", "peer_pid", "trusted", "transport", "state", "deadline", "inbuf",
-                 "pos", "head", "outbuf", "pending", "between", "served", "owed", "awaiting")
-
-    def __init__(self, server, sock, peer, local=False):
-        """local: a connection to the local (Unix) socket: newSocket, portpicker's portserver
-        protocol, and no token asked of processes of the daemon's own user (or root)."""
-        self.server, self.sock, self.peer, self.local = server, sock, peer, local
-        self.peer_pid, uid = _peer_cred(sock) if local else (None, None)     # (a connection's, for good)
-        self.trusted = local and uid in (0, os.getuid())
-        self.transport = None           # until connection_made
-        self.state = READING
-        self.deadline = time.monotonic() + server.stall_timeout
-        self.inbuf, self.pos = b"", 0   # bytes received, and where the next request starts in them
-        self.head = None                # the RequestHead of a request whose body is awaited
-        self.outbuf = collections.deque()   # what waits to be given to the transport
-        self.pending = 0                # bytes held for the client when writing paused
-        self.between = True             # between requests: no byte of the next one yet
-        self.served = 0
-        self.owed = math.inf            # once stopping: bytes of its replies left at the last look
-        self.awaiting = None            # the head of a slow call running in a thread
-
-    @property
-    def idle(self):
-        """Between requests, with nothing received and nothing to send."""
-        return self.state is READING and not (self.inbuf or self.head or self.pending or self.awaiting)
-
-    # -- asyncio's calls -------------------------------------------------------------------------
-
-    def connection_made(self, transport):
-        self.transport = transport
-        transport.set_write_buffer_limits(0)
-        if self.state is CLOSED:        # cut before it got here
-            transport.abort()
-
-    def get_buffer(self, sizehint):
-        return _READ_BUFFER
-
-    def buffer_updated(self, nbytes):
-        if self.state is not READING:   # lingering: dropped
-            return
-        data = bytes(_READ_VIEW[:nbytes])
-        if self.between:    # a request's first byte (blank lines before it count): it has
-            self.between = False        # stall_timeout to finish
-            self.deadline = time.monotonic() + self.server.stall_timeout
-        if self.inbuf:
-            self.inbuf = self.inbuf[self.pos:] + data
-            self.pos = 0
-        else:
-            self.inbuf = data
-        self.answer_received()
-
-    def eof_received(self):
-        if self.state is LINGERING:     # the client is done: close once its replies have left
-            return bool(self.outbuf)    # (the transport sends its own buffer before it closes)
-        if self.state is READING:
-            self.state = DRAINING       # half-closed: answer what was sent, then close
-            self.answer_received()
-        return True
-
-    def pause_writing(self):
-        """A reply waits to be taken: count it, and read nothing more until it has left."""
-        size = self.transport.get_write_buffer_size() + sum(map(len, self.outbuf))
-        self.server.pending_bytes += size - self.pending
-        self.pending = size
-        if self.state is READING:
-            self.transport.pause_reading()
-
-    def resume_writing(self):
-        self.server.pending_bytes -= self.pending
-        self.pending = 0
-        self._send(b"")
-        if not self.pending:
-            self._sent_all()
-            self.answer_received()
-
-    # -- requests and replies --------------------------------------------------------------------
-
-    def answer_received(self):
-        """Answer the complete requests received, in order, while no reply waits to be taken; a few
-        per turn, so that one connection's pipeline cannot hold up the others."""
-        server = self.server
-        for _ in range(_TURN_REQUESTS):
-            if (self.pending or self.awaiting or server.released
-                    or (self.state is not READING and self.state is not DRAINING)):
-                return
-            try:
-                if self.local and not self.served and self.inbuf[self.pos:self.pos + 1] in _PORTSERVER_FIRST:
-                    self._answer_portserver()
-                    return
-                request = self._take_request() if self.inbuf else None
-                if request is None:
-                    if self.state is DRAINING or (server.stopping and self.head is None and not self.inbuf
-                                                  and not _has_unread(self.sock)):
-                        self.state = CLOSING    # nothing more will come, or may be taken
-                        self._sent_all()
-                    else:
-                        self.transport.resume_reading()
-                    return
-                self._answer(*request)
-            except _HTTPError as exc:
-                self._fail(exc)
-                return
-        self.transport.pause_reading()      # more may be complete: the next turn answers them
-        server.loop.call_soon(self.answer_received)
-
-    def _answer(self, head, body):
-        server = self.server
-        caller = Caller(None, self.peer_pid, [], []) if self.local else Caller(self.peer[0], None, None, [])
-        if head.metrics:
-            reply = server.metrics().encode("utf-8")
-        else:
-            reply = server.dispatch_body(body, caller, server.pending_bytes > server.max_pending_bytes)
-        if caller.defer:   # it waits for another server: answered when its thread is done
-            method, func = caller.defer[0]
-            if server.slow_calls >= server.max_slow_calls:
-                reply = server.marshalled(Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try "
-                                                "again shortly" % server.slow_calls), method)
-            else:
-                server.slow_calls += 1
-                self.awaiting = head
-                self.transport.pause_reading()
-                server.loop.run_in_executor(server.executor, func).add_done_callback(
-                    lambda future: self._slow_done(method, future))
-                return
-        self._reply(head, reply, caller.handoff)
-
-    def _slow_done(self, method, future):
-        self.server.slow_calls -= 1
-        head, self.awaiting = self.awaiting, None
-        if self.state is CLOSED or head is None:
-            if not future.cancelled():
-                future.exception()      # (retrieved: nobody is left to tell)
-            return
-        self._reply(head, self.server.finish_slow(method, future), None)
-        self.answer_received()
-
-    def _reply(self, head, reply, handoff):
-        self.served += 1
-        if not head.keep_alive:
-            self.state = CLOSING
-        if handoff:
-            reply = self._hand_over(head, reply, *handoff[0])     # (a fault, if it could not)
-        if reply is None:
-            pass
-        elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
-            self.transport.write(_reply_head(head, len(reply)) + reply)
-        else:   # a listing, which clients share, is sent as it is, not copied
-            self._send(_reply_head(head, len(reply)))
-            self._send(reply)
-        if not self.pending:
-            self._sent_all()
-
-    def _hand_over(self, head, reply, port, sock):
-        """Send *reply* with *sock* attached (SCM_RIGHTS), then close our copy of it; return what
-        is left to send the usual way (None: nothing, or the connection is gone).  The bytes go
-        straight to the socket, around the transport, which holds nothing then (no request is
-        read while a reply waits).  One socket in flight per connection: while the client has
-        not read the previous reply, or the kernel will not take the socket, the port is given
-        back and the reply is a fault, so that a client that does not read cannot pile up the
-        node manager's descriptors in its socket."""
-        data = _reply_head(head, len(reply)) + reply
-        try:
-            if _unsent_bytes(self.sock):
-                raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
-            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sock.fileno()))])
-        except OSError as exc:
-            gone = isinstance(exc, (BrokenPipeError, ConnectionResetError))
-            log.debug("could not pass the socket of port %d: %s", port, exc)
-            try:
-                self.server.node.delPort(port)
-            except NodeMngrException:
-                pass
-            if gone:
-                self.close()
-                return None
-            return dumps(Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %d now (%s); "
-                               "the port was given back, try again" % (port, exc.strerror or exc)),
-                         methodresponse=True).encode("utf-8")
-        finally:
-            sock.close()
-        if sent < len(data):
-            self._send(data[sent:])
-        return None
-
-    def _answer_portserver(self):
-        """portpicker's portserver protocol: a pid in decimal (a newline optional, 20 bytes at
-        most) gets "PORT\n" for a port registered to it; any failure closes the connection without
-        a reply, which is that protocol's way to say no.  A client in another pid namespace may
-        name only itself (its pid there is translated with the kernel's SO_PEERCRED)."""
-        data = self.inbuf[self.pos:]
-        line, newline, rest = data.partition(b"\n")
-        if not newline and self.state is READING and len(data) <= _PORTSERVER_MAX and line.isdigit():
-            self.transport.resume_reading()     # the rest of the pid, or the end, is to come
-            return
-        self.served += 1
-        self.inbuf, self.pos, self.state = b"", 0, CLOSING
-        line = line[:-1] if line.endswith(b"\r") else line
-        self.server.requests["portserver"] += 1
-        try:
-            if self.server.token is not None and not self.trusted:
-                raise ForbiddenError("a token is set, and the client is not of the node manager's user")
-            if len(data) > _PORTSERVER_MAX or rest or not line.isdigit() or int(line) < 2:
-                raise BadArgumentError("not a pid above 1 in at most %d bytes" % _PORTSERVER_MAX)
-            owner = pid_of_local_peer(int(line), self.peer_pid)
-            if owner is None:
-                raise BadArgumentError("pid %s is in another pid namespace" % int(line))
-            port = self.server.node.newPort("portserver", owner)
-        except NodeMngrException as exc:
-            log.debug("portserver request %s refused: %s", _loggable(data), exc)
-            self.close()
-            return
-        self.transport.write(b"%d\n" % port)
-        self._sent_all()
-
-    def answer_the_rest(self, grace):
-        """Stopping, just before the state file closes: answer every complete request received,
-        even those behind a reply not yet taken, drop what is incomplete, and close once the
-        replies are taken (lingering: a reset would lose what the kernel has not sent)."""
-        if self.awaiting is not None:   # its slow call's reply comes; what follows it is dropped
-            self.inbuf, self.pos, self.head = b"", 0, None
-            return
-        if self.state is READING:
-            try:
-                self.inbuf = self.inbuf[self.pos:] + self.sock.recv(
-                    max(1, _INBUF_LIMIT - len(self.inbuf) + self.pos), socket.MSG_DONTWAIT)
-                self.pos = 0
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError:
-                self.close()
-                return
-        while self.state is READING or self.state is DRAINING:
-            try:
-                request = self._take_request()
-                if request is None:
-                    break
-                self._answer(*request)
-            except _HTTPError as exc:
-                self._fail(exc)
-        if self.state is CLOSED:
-            return
-        if not self.served:     # nothing was ever sent on it, so nothing a reset could lose
-            self.close()
-            return
-        self.head, self.inbuf, self.pos = None, b"", 0
-        self.deadline = min(self.deadline, time.monotonic() + grace)
-        if self.state is READING or self.state is DRAINING:
-            self.state = LINGERING if self.state is READING else CLOSING
-            if not self.pending and not self.outbuf:
-                self._sent_all()
-
-    def _take_request(self):
-        """(head, body) of the next complete request received, or None; _HTTPError if bad."""
-        buf, pos = self.inbuf, self.pos
-        if self.head is None:
-            while buf[pos:pos + 1] in (b"\r", b"\n"):
-                pos += 1
-            blank = _BLANK_LINE.search(buf, pos)
-            if (blank.start() if blank else len(buf)) - pos > MAX_HEAD:
-                raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
-            if blank is None:
-                self.inbuf, self.pos = buf[pos:], 0
-                return None
-            end, after = blank.span()
-            head = read_head(buf[pos:end])
-            if self.server.token is not None and not self.trusted:
-                self.server.check_auth(head.authorization)
-            self.head = head
-            pos = self.pos = after
-            if len(buf) - pos < head.length and head.expect_continue:
-                self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
-        head = self.head
-        end = pos + head.length
-        if len(buf) < end:
-            return None
-        body = buf[pos:end]
-        if end == len(buf):
-            self.inbuf, self.pos = b"", 0
-        else:
-            self.pos = end
-        self.head = None
-        if head.encoding != b"identity":
-            body = _decode_body(body, head.encoding)
-        return head, body
-
-    def _send(self, data):
-        """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
-        each once the previous one has left (resume_writing sends the next): a reply the client
-        does not read is then held once, not copied into the transport's buffer."""
-        if not self.outbuf and not self.pending and len(data) <= _CHUNK:
-            self.transport.write(data)
-            return
-        outbuf = self.outbuf
-        if data:
-            outbuf.append(data)
-            if self.pending:    # it waits behind a reply not taken (at a stop): counted too
-                self.pending += len(data)
-                self.server.pending_bytes += len(data)
-        while outbuf and not self.pending:
-            piece = outbuf[0]
-            if len(piece) > _CHUNK:
-                view = memoryview(piece)
-                outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
-            else:
-                outbuf.popleft()
-            self.transport.write(piece)
-
-    def _sent_all(self):
-        """Everything queued has left: close, linger, or wait (idle, or for a pipelined request)."""
-        state = self.state
-        if state is CLOSING:    # going: it no longer holds a place among the connections
-            self.server.channels.discard(self)
-            self.server.loop.call_soon(self.transport.close)    # (3.13 miscounts a close in resume_writing)
-        elif state is LINGERING:
-            self.transport.write_eof()
-            self.transport.resume_reading()
-            self.deadline = time.monotonic() + self.server.linger
-        elif state is READING:
-            self.between = self.head is None and not self.inbuf
-            self.deadline = time.monotonic() + (self.server.idle_timeout if self.between else self.server.stall_timeout)
-
-    def _fail(self, exc):
-        """Answer an HTTP-level error in one sentence, then linger; a client that half-closed
-        sends nothing more: close once the reply has left."""
-        self.state = LINGERING if self.state is READING else CLOSING
-        self.inbuf, self.pos, self.head = b"", 0, None
-        self._send(_text_response(exc.status, str(exc), exc.extra))
-        if not self.pending:
-            self._sent_all()
-
-    def still_taking(self):
-        """Whether the client took some of its replies since the last look: what is left (ours, the
-        transport's and the kernel's send queue) has shrunk."""
-        left = sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
-        taking = 0 < left < self.owed
-        self.owed = left
-        return taking
-
-    def close(self, exc=None):
-        """Close now, dropping whatever is not sent yet; also asyncio's connection_lost(exc)."""
-        if self.state is CLOSED:
-            return
-        self.state = CLOSED
-        self.server.channels.discard(self)
-        if self.transport is not None:
-            self.transport.abort()
-        self.server.pending_bytes -= self.pending
-        self.pending = 0
-        self.outbuf.clear()
-
-    connection_lost = close
-
-
-def _peer_cred(sock):
-    """(pid, uid) of the process at the other end of a Unix socket (SO_PEERCRED), or (None, None)."""
-    try:
-        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    except (AttributeError, OSError):
-        return None, None
-    return pid or None, uid
-
-
-def _has_unread(sock):
-    """Whether the peer has sent bytes that were not read yet."""
-    try:
-        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:
-        return False
-
-
-def _unsent_bytes(sock):
-    """Bytes the kernel still holds to send on *sock* (Linux's SIOCOUTQ); 0 where it cannot say."""
-    if fcntl is None or not hasattr(termios, "TIOCOUTQ"):
-        return 0
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-    except OSError:
-        return 0
-
-
-def _drain(sock):
-    """Read and drop what has arrived: closing with unread bytes resets the connection."""
-    try:
-        while sock.recv(4096, socket.MSG_DONTWAIT):
-            pass
-    except OSError:
-        pass
-    return sock
-
-
-def _loop_error(loop, context):
-    """A bug costs one connection, never the daemon: log it and serve on."""
-    log.error("internal error: %s", context["message"], exc_info=context.get("exception"))
-
-
-# ---------------------------------------------------------------------------------------------
-# The daemon: SimpleXMLRPCServer's socket and method table, served on an asyncio loop
-# ---------------------------------------------------------------------------------------------
-
-def local_sockaddr(address):
-    """The socket address of a local socket: "@name" is Linux's abstract namespace."""
-    return "\0" + address[1:] if address.startswith("@") else address
-
-
-def _listen_local(address):
-    """(a listening Unix stream socket at *address*, the inode of its file or None).  A path
-    is made 0666 (the local socket is for every local user, as the TCP port is); a socket file
-    left by a daemon that died is replaced, anything else there is refused."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        if not address.startswith("@"):
-            _clear_stale_socket(address)
-        try:
-            sock.bind(local_sockaddr(address))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise NodeMngrException("the local socket %s is in use by another program; give --unix "
-                                        "another address, or none" % address)
-            raise NodeMngrException("cannot make the local socket %s: %s" % (address, exc.strerror or exc))
-        inode = None
-        if not address.startswith("@"):
-            os.chmod(address, 0o666)
-            inode = os.stat(address).st_ino
-        sock.listen(256)
-        sock.setblocking(False)
-        return sock, inode
-    except BaseException:
-        sock.close()
-        raise
-
-
-def _clear_stale_socket(path):
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise NodeMngrException("%s is not a socket; give --unix the path of a socket (or none)" % path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:  # nobody listens there: left by a daemon that died
-            os.unlink(path)
-            return
-        except OSError:
-            pass
-    raise NodeMngrException("the local socket %s is in use by another program; give --unix another "
-                            "path, or none" % path)
-
-
-class NodeMngrServer(SimpleXMLRPCServer):
-    """The XML-RPC daemon: one thread serves every connection from an asyncio loop (README,
-    "Performance", says why not a thread each).
-
-    SimpleXMLRPCServer binds, listens and keeps the method table (``funcs``, filled by attach()
-    from the @_rpc marks).  serve_forever() runs an asyncio loop of its own on that socket, one
-    _Channel per connection, with the deadline sweep, the owner check and the busy-port rechecks
-    as timers.
-
-    Methods for the caller: attach(node), serve_forever(), request_stop(reason) (in the loop's
-    thread: a request, a signal), shutdown() (from another thread), server_close().  The limits
-    below are class attributes, as in socketserver, so that a test or a subclass can change them.
-    """
-
-    allow_reuse_address = True
-    request_queue_size = 256
-    idle_timeout = IDLE_TIMEOUT     # a keep-alive connection with no request is closed then
-    stall_timeout = STALL_TIMEOUT   # from a request's first byte to its reply's last
-    max_connections = MAX_CONNECTIONS
-    max_pending_bytes = 32 * 1024 * 1024    # replies waiting for slow clients; beyond it, 503
-    stop_grace = 1.0                # a stopping daemon drops what is not complete by then
-    linger = 1.0                    # after its last reply, what a client still sends is dropped
-    fd_reserve = 16                 # descriptors kept for calls in progress (probes, /proc, sqlite)
-    reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
-    busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
-    tick = 0.25                     # seconds between two sweeps for deadlines and due rechecks
-    max_slow_calls = 8              # calls waiting for etcd at once (locate); beyond, fault 5 at once
-
-    def __init__(self, host="127.0.0.1", port=nmPort, token=None, local=None, activated=([], None)):
-        """Bind and listen at once: the bound port is what keeps a second daemon out.  local: the
-        address of the local (Unix) socket to serve too ("@name": Linux's abstract namespace;
-        else a path), or None.  activated: (inet, unix) listening sockets a service manager
-        passed (activated_sockets()), served instead of binding host:port and local."""
-        inet, unix = activated
-        inet, self.more_sockets = (inet[0], inet[1:]) if inet else (None, [])
-        if inet is not None:
-            host, port = inet.getsockname()[:2]
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.host, self.token = host, token
-        self.node = self.loop = None
-        self.stopping, self.stop_reason = False, None
-        self.released = False       # stopping, and the state file is closed: no more requests
-        self.pending_bytes = 0      # bytes of replies queued and not yet taken by their clients
-        self.channels = set()       # the open connections
-        self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
-        self._listening = self._rechecking = False
-        self._listing_cache = (None, b"")   # (allocator.changes, listPorts reply)
-        self._lookup_cache = (None, None)   # (allocator.changes, {name: lookup reply})
-        self.requests = collections.Counter()   # XML-RPC calls by method ("unknown": not offered)
-        self.faults = collections.Counter()     # faults answered, by code
-        self.notify = None          # sd_notify(*lines) for a service manager, or None
-        self.slow_calls = 0         # calls running in the executor (locate, waiting for etcd)
-        self.executor = None        # their threads, made when the loop starts
-        self._told = None           # the last STATUS= line sent
-        self._accept_warned = 0.0
-        self._stopped = threading.Event()
-        self.local_address, self.local = local, None    # (server_close may run inside the next line)
-        SimpleXMLRPCServer.__init__(self, (host, port), logRequests=False, allow_none=False,
-                                    encoding="utf-8", bind_and_activate=inet is None)
-        if inet is not None:
-            self.socket.close()
-            self.socket, self.server_address = inet, inet.getsockname()
-        self.port = self.server_address[1]
-        if unix is not None:
-            unix.setblocking(False)
-            self.local, self._local_inode = unix, None      # (the service manager's: never unlinked)
-            name = unix.getsockname()
-            self.local_address = "@" + name[1:].decode("utf-8", "replace") if isinstance(name, bytes) else (
-                "@" + name[1:] if name.startswith("\0") else name)
-        elif local is not None:
-            try:
-                self.local, self._local_inode = _listen_local(local)
-            except NodeMngrException as exc:    # (a squatter must not keep the daemon from serving TCP)
-                log.warning("%s; serving without a local socket", exc)
-                self.local_address = None
-            except BaseException:
-                self.socket.close()
-                raise
-
-    def attach(self, node):
-        """Serve the wire methods (those marked @_rpc) of *node*, a NodeMngr, and of this server."""
-        self.node = node
-        for target in (node, self):
-            for attr in dir(type(target)):
-                if hasattr(getattr(type(target), attr), "rpc_signatures"):
-                    method = getattr(target, attr)
-                    self.funcs[method.rpc_name] = method
-
-    # -- dispatch --------------------------------------------------------------------------------
-
-    def dispatch_body(self, body, caller=_NOBODY, short_of_memory=False):
-        """The XML reply (bytes) to one request body from *caller* (a Caller).  short_of_memory:
-        replies already wait beyond max_pending_bytes, so a call whose reply can be megabytes gets
-        503 (_HTTPError) before it runs; small ones are served.  None when a slow method (locate)
-        put (name, function) in caller.defer: finish_slow() makes the reply once it has run."""
-        method = "a call that could not be read"
-        try:
-            params, method = parse_call(body)
-            if short_of_memory and method in _LARGE_REPLIES:
-                raise _HTTPError(503, "too many replies wait for slow clients to take them; try again shortly")
-            if method == "listPorts" and not params:
-                self.requests["listPorts"] += 1
-                return self._listing()
-            if method == "lookup" and len(params) == 1 and type(params[0]) is str:
-                self.requests["lookup"] += 1
-                return self._looked_up(params[0])
-            result = self._dispatch(method, params, caller)
-            if caller.defer:
-                return None
-            if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
-                return (_INT_REPLY % result).encode("ascii")
-            response = (result,)
-        except Fault as fault:
-            response = fault
-        return self.marshalled(response, method)
-
-    def finish_slow(self, method, future):
-        """The XML reply to a slow call whose function ran in a thread as *future*."""
-        try:
-            response = (future.result(),)
-        except NodeMngrException as exc:
-            response = Fault(exc.faultCode, str(exc))
-        except Exception as exc:
-            log.exception("internal error in %s", method)
-            response = Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the details"
-                             % (method, type(exc).__name__))
-        return self.marshalled(response, method)
-
-    def marshalled(self, response, method):
-        """The XML reply (bytes) for *response*, a 1-tuple or a Fault, which is counted.  A reply
-        that cannot be marshalled is logged, and answered as an internal error."""
-        try:
-            reply = dumps(response, methodresponse=True, allow_none=False).encode("utf-8")
-        except Exception:
-            log.exception("could not marshal the reply to %s", method)
-            response = Fault(INTERNAL_ERROR, "internal error: the reply to %s could not be marshalled; see the "
-                             "node manager's log" % method)
-            reply = dumps(response, methodresponse=True).encode("utf-8")
-        if isinstance(response, Fault):
-            self.faults[response.faultCode] += 1
-        return reply
-
-    def _looked_up(self, name):
-        """lookup's reply, marshalled once per name and state of the registry (the 64 names asked
-        last): one name can have thousands of holders."""
-        changes = self.node.allocator.changes
-        if self._lookup_cache[0] != changes:
-            self._lookup_cache = (changes, collections.OrderedDict())
-        replies = self._lookup_cache[1]
-        reply = replies.pop(name, None)
-        if reply is None:
-            reply = dumps((self.node.lookup(name),), methodresponse=True, allow_none=False).encode("utf-8")
-            if len(replies) >= 64:
-                replies.popitem(last=False)
-        replies[name] = reply
-        return reply
-
-    def _listing(self):
-        """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
-        many clients asking at once must not each pay for marshalling it."""
-        changes = self.node.allocator.changes
-        if self._listing_cache[0] != changes:
-            self._listing_cache = (changes, dumps((self.node.listPorts(),), methodresponse=True,
-                                                  allow_none=False).encode("utf-8"))
-        return self._listing_cache[1]
-
-    def _dispatch(self, method, params, caller=_NOBODY):
-        func = self.funcs.get(method)
-        self.requests[method if func is not None else "unknown"] += 1
-        if func is None:
-            raise Fault(METHOD_NOT_FOUND, "method %s is not offered here; system.listMethods lists "
-                        "those that are" % describe(method, 80))
-        least, most = func.rpc_arity
-        if not least <= len(params) <= most:
-            wanted = str(least) if least == most else "%d to %d" % (least, most)
-            raise Fault(INVALID_PARAMS, "%s takes %s parameter%s, not %d" % (
-                method, wanted, "" if wanted == "1" else "s", len(params)))
-        if func.rpc_local_only and caller.address is not None and not is_this_host(caller.address):
-            raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, caller.address))
-        if func.rpc_slow:
-            if caller.defer is None:
-                raise Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
-                            "alone" % method)
-            caller.defer.append((method, functools.partial(func, *params)))
-            return None
-        try:
-            return func(*params, caller=caller) if func.rpc_caller else func(*params)
-        except NodeMngrException as exc:
-            raise Fault(exc.faultCode, str(exc))
-        except Fault:
-            raise
-        except Exception as exc:
-            log.exception("internal error in %s", method)
-            raise Fault(INTERNAL_ERROR, "internal error in %s (%s); the node manager's log has the "
-                        "details" % (method, type(exc).__name__))
-
-    @_rpc(["int", "string"], ["int", "string", "string"], ["int", "string", "string", "string"],
-          ["int", "string", "string", "string", "int"])
-    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=None, *, caller=_NOBODY):
-        """Register a port as newPort does, bind it inside the node manager, and pass the bound
-        socket to the caller with the reply (SCM_RIGHTS ancillary data): no other process can
-        take the port between its allocation and the bind.  Only on the node manager's local
-        (Unix) socket, one call per request (not in system.multicall).
-
-        info: as for newPort.  pid: the owner, whose end frees the port; by default the calling
-        process (0: no owner).  kind: "tcp" (the socket is also listening) or "udp".  host: the IP
-        address to bind, e.g. "127.0.0.1", "0.0.0.0", "::1" or "::".  Returns the port (int).
-        Faults: as newPort; 3 over TCP, in a multicall, or for a bad kind or host.
-        """
-        if caller.handoff is None:
-            raise BadArgumentError("newSocket passes a socket, which only the node manager's local socket "
-                                   "can carry, one call per request (not over TCP, not in system.multicall)")
-        if pid is None:
-            pid = caller.pid or 0
-        port, sock = self.node.new_socket(info, kind, host, pid, caller=caller)
-        caller.handoff.append((port, sock))
-        return port
-
-    @_rpc(["array"], name="system.listMethods")
-    def system_listMethods(self):
-        """Return the names of the methods this node manager offers."""
-        return sorted(self.funcs)
-
-    @_rpc(["string", "string"], name="system.methodHelp")
-    def system_methodHelp(self, name):
-        """Return the help text of method *name*, for callers in any language."""
-        return inspect.getdoc(self._method(name)) or ""
-
-    @_rpc(["array", "string"], name="system.methodSignature")
-    def system_methodSignature(self, name):
-        """Return the signatures of method *name*: an array of arrays, the return type first."""
-        return self._method(name).rpc_signatures
-
-    def _method(self, name):
-        func = self.funcs.get(name) if isinstance(name, str) else None
-        if func is None:
-            raise BadArgumentError("there is no method %s; system.listMethods lists the methods" % describe(name))
-        return func
-
-    @_rpc(["array", "array"], name="system.multicall")
-    def system_multicall(self, calls, *, caller=_NOBODY):
-        """Run several calls in one request.  calls: an array of structs {methodName, params};
-        returns an array whose items are [result] or a fault struct {faultCode, faultString}.
-        listPorts may appear once; lookups may list as many entries together as are registered.
-        """
-        if not isinstance(calls, list):
-            raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
-        results = []
-        listings = looked = 0
-        for call in calls:
-            try:
-                if (not isinstance(call, dict) or not isinstance(call.get("methodName"), str)
-                        or not isinstance(call.get("params", []), list)):
-                    raise Fault(INVALID_REQUEST, "each call must be a struct {methodName: string, params: array}")
-                if call["methodName"] == "system.multicall":
-                    raise Fault(INVALID_REQUEST, "system.multicall cannot be nested")
-                params = call.get("params", [])
-                if call["methodName"] == "listPorts":   # each is the whole registry: bound the reply
-                    listings += 1
-                    if listings > 1:
-                        raise Fault(BAD_ARGUMENT, "listPorts may appear once in a system.multicall")
-                elif call["methodName"] == "lookup" and len(params) == 1 and type(params[0]) is str:
-                    named = self.node.count_named(params[0])    # (counted before any is built)
-                    looked += named
-                    if looked > len(self.node.allocator):   # (distinct names never get here)
-                        looked -= named
-                        raise Fault(BAD_ARGUMENT, "the lookups of one system.multicall may list %d entries at "
-                                    "most, as many as are registered" % len(self.node.allocator))
-                results.append([self._dispatch(call["methodName"], params, caller._replace(handoff=None, defer=None))])
-            except Fault as fault:
-                self.faults[fault.faultCode] += 1
-                results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
-        return results
-
-    def check_auth(self, header):
-        """Raise a 401 _HTTPError unless the request carries the token (or none is needed)."""
-        if self.token is None:
-            return
-        given = b""
-        if header and header[:6].lower() == b"basic ":
-            try:
-                given = base64.b64decode(header[6:].strip(), validate=True).partition(b":")[2]
-            except (binascii.Error, ValueError):
-                given = b""
-        if not hmac.compare_digest(given, self.token):
-            raise _HTTPError(401, "this node manager needs HTTP Basic auth with its token as password",
-                             'WWW-Authenticate: Basic realm="nodemngr"\r\n')
-
-    def metrics(self):
-        """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
-        status = self.node.status()
-        lines = []
-
-        def family(name, kind, text, samples):
-            lines.extend(("# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)))
-            lines.extend("%s%s %s" % (name, labels, value) for labels, value in samples)
-        family("nodemngr_ports_registered", "gauge", "Ports registered now.", [("", status["registered"])])
-        family("nodemngr_ports_free", "gauge", "Ports of the range free now (not registered, not found bound).",
-               [("", status["free"])])
-        family("nodemngr_ports_reaped_total", "counter", "Ports freed because their owner process ended.",
-               [("", status["reaped"])])
-        family("nodemngr_names_remembered", "gauge", "Explicit names with a port remembered (sticky ports).",
-               [("", len(self.node.allocator.remembered))])
-        family("nodemngr_requests_total", "counter", "XML-RPC calls by method (inside system.multicall too).",
-               [('{method="%s"}' % m, n) for m, n in sorted(self.requests.items())])
-        family("nodemngr_faults_total", "counter", "Faults answered, by fault code.",
-               [('{code="%d"}' % c, n) for c, n in sorted(self.faults.items())])
-        family("nodemngr_connections", "gauge", "Client connections open now.", [("", len(self.channels))])
-        family("nodemngr_uptime_seconds", "gauge", "Seconds since the node manager started.",
-               [("", "%.3f" % status["uptime"])])
-        return "\n".join(lines) + "\n"
-
-    # -- the loop --------------------------------------------------------------------------------
-
-    def serve_forever(self, poll_interval=None):
-        """Serve on an asyncio loop of its own until request_stop(), then answer what was received
-        and return."""
-        self.loop = loop = asyncio.new_event_loop()
-        loop.set_exception_handler(_loop_error)
-        self.executor = concurrent.futures.ThreadPoolExecutor(self.max_slow_calls, "nodemngr-slow")
-        self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
-        self._done = loop.create_future()
-        try:
-            for sock in [self.socket] + self.more_sockets:
-                sock.setblocking(False)
-            self._listen()
-            if self.notify is not None:
-                loop.call_soon(self._tell, "READY=1")
-            if self.stop_reason is not None:    # asked before the loop ran
-                loop.call_soon(self._begin_stop)
-            loop.call_later(self.tick, self._sweep)
-            if self.node is not None:
-                loop.call_later(self.reap_interval, self._reap_step)
-            loop.run_until_complete(self._done)
-            if self.channels:
-                log.warning("%d connections still busy at exit", len(self.channels))
-            for channel in list(self.channels):
-                channel.close()
-            for _ in range(2):      # the transports close, then tell their channels
-                loop.run_until_complete(asyncio.sleep(0))
-        finally:
-            loop.close()
-            self.executor.shutdown(wait=False)     # (each call is bounded by etcd's deadline)
-            self._stopped.set()
-
-    def _sweep(self):
-        """Every tick: close connections past their deadline (idle too long, stalled mid-request,
-        lingering; once stopping, no longer taking the replies owed), listen again after a pause,
-        and look at the busy ports due for another probe."""
-        now = time.monotonic()
-        while self._refused and self._refused[0][0] < now:
-            _drain(self._refused.popleft()[1]).close()
-        for channel in [c for c in self.channels if c.deadline < now]:
-            if self.released and channel.transport is not None and channel.still_taking():
-                channel.deadline = now + self.stop_grace
-                continue
-            if channel.state is not LINGERING:
-                log.debug("closing %s connection from %s", "idle" if channel.idle else "stalled", channel.peer)
-            channel.close()
-        if not self.stopping:
-            if self.notify is not None:
-                self._tell()
-            if not self._listening:
-                self._listen()
-            if not self._rechecking and self.node is not None:
-                self._recheck()
-        self.loop.call_later(self.tick, self._sweep)
-
-    def _tell(self, *lines):
-        """Send the service manager *lines* and, when it has changed, a STATUS= line."""
-        a = self.node.allocator
-        status = "STATUS=serving on %s:%d and %s, ports %d-%d, %d registered" % (
-            self.server_address[0], self.port, self.local_address or "no local socket", a.first, a.last, len(a))
-        if lines or status != self._told:
-            self._told = status
-            self.notify(*lines + (status,))
-
-    def _recheck(self):
-        """A few busy ports due again per turn of the loop, until none is due."""
-        self._rechecking = not self.stopping and self.node.recheck_step()
-        if self._rechecking:
-            self.loop.call_soon(self._recheck)
-
-    def _reap_step(self):
-        """One slice of the owner check per turn of the loop, until the pass is complete."""
-        if self.stopping:
-            return
-        done = True
-        try:
-            done = self.node.reap_step()[0]
-        except Exception:
-            log.exception("reaping failed")
-        finally:    # (whatever failed, even the log, the owner check goes on)
-            self.loop.call_later(self.reap_interval if done else 0, self._reap_step)
-
-    def _listen(self):
-        for listener in self._listeners():
-            self.loop.add_reader(listener, self._accept, listener)
-        self._listening = True
-
-    def _listeners(self):
-        return [self.socket] + self.more_sockets + ([] if self.local is None else [self.local])
-
-    def _accept(self, listener, limit=64):
-        """Take the connections waiting, a new _Channel each.  Beyond connection_limit a newcomer
-        is answered 503.  (loop.create_server would accept a burst beyond the limit and hold, for
-        a few turns, the descriptors kept for the calls in progress.)"""
-        local = listener is self.local
-        for _ in range(limit):
-            try:
-                sock, peer = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:      # out of descriptors, say: pause until the next tick
-                now = time.monotonic()
-                if now - self._accept_warned > 60:
-                    self._accept_warned = now
-                    log.warning("cannot accept connections for now: %s", exc.strerror or exc)
-                self._unlisten()
-                return
-            if len(self.channels) >= self.connection_limit and not self._evict_idlest():
-                self._turn_away(sock)
-                continue
-            channel = _Channel(self, sock, ("the local socket", 0) if local else peer, local)
-            self.channels.add(channel)
-            self.loop.create_task(self.loop.connect_accepted_socket(lambda channel=channel: channel, sock))
-
-    def _unlisten(self):
-        if self._listening:
-            for listener in self._listeners():
-                self.loop.remove_reader(listener)
-            self._listening = False
-
-    def _close_listeners(self):
-        for sock in [self.socket] + self.more_sockets:
-            sock.close()
-        if self.local is not None:
-            self.local.close()
-            if not self.local_address.startswith("@"):
-                try:        # (unless another daemon has put its own there since)
-                    if os.stat(self.local_address).st_ino == self._local_inode:
-                        os.unlink(self.local_address)
-                except OSError:
-                    pass
-
-    def _evict_idlest(self):
-        """Make room by closing the keep-alive connection idle the longest, if one has served a
-        request and sent nothing since: holding idle connections must not lock others out."""
-        idle = [c for c in self.channels if c.served and c.idle]
-        for channel in sorted(idle, key=lambda c: c.deadline):
-            if not _has_unread(channel.sock):
-                log.debug("closed idle connection from %s to make room", channel.peer)
-                channel.close()
-                return True
-        return False
-
-    def _turn_away(self, sock):
-        """Answer 503 and close, after reading what the client sent and keeping the socket half-closed
-        a moment (a few at most): a reset would show the client a broken pipe, not the 503."""
-        try:
-            _drain(sock).send(_text_response(503, "too many connections; try again shortly"), socket.MSG_DONTWAIT)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        if len(self._refused) >= self.fd_reserve // 2:    # the oldest has most likely been read
-            _drain(self._refused.popleft()[1]).close()
-        self._refused.append((time.monotonic() + self.linger, sock))
-
-    # -- stopping --------------------------------------------------------------------------------
-
-    def request_stop(self, reason):
-        """Stop serving soon (in the loop's thread: a request, a signal; or before it runs)."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-            if self.loop is not None and not self.loop.is_closed():
-                self.loop.call_soon(self._begin_stop)   # after the reply of the call that asked
-
-    def shutdown(self):
-        """Stop serve_forever (running in another thread) and wait until it has returned."""
-        self.loop.call_soon_threadsafe(self.request_stop, "shutdown called")
-        self._stopped.wait()
-
-    def _begin_stop(self):
-        """Take no new request: answer what was received (connections the kernel accepted for us
-        included), close the idle connections and the listening socket."""
-        if self.stopping:       # (asked twice before the loop ran: a signal, then serve_forever)
-            return
-        if self.notify is not None:
-            self.notify("STOPPING=1", "STATUS=stopping (%s)" % self.stop_reason)
-        for listener in self._listeners():
-            self._accept(listener, self.connection_limit)
-        self.stopping = True
-        self._unlisten()
-        self._close_listeners()
-        for channel in list(self.channels):
-            if channel.idle and not _has_unread(channel.sock):
-                channel.close()
-        now = time.monotonic()
-        self._release_at = now + self.stop_grace
-        self._stop_deadline = now + self.stall_timeout + 1     # for replies owed to slow readers
-        self._while_stopping()
-
-    def _while_stopping(self):
-        """Once no request is left half-received (or stop_grace has passed): answer every complete
-        one, drop the rest, and close the state file, so that the next daemon can start at once.
-        Replies owed are still sent to clients that keep taking them (each gets stop_grace from
-        its last bytes taken); serve_forever returns once they are, or the stall limit passed."""
-        now = time.monotonic()
-        if not self.released and (now >= self._release_at or not any(
-                c.head is not None or c.inbuf or _has_unread(c.sock) for c in self.channels)):
-            for channel in list(self.channels):
-                try:
-                    channel.answer_the_rest(self.stop_grace)
-                except Exception:       # a bug costs that connection, never the stop
-                    log.exception("internal error answering %s at the stop", channel.peer)
-                    channel.close()
-            self.released = True
-            if self.node is not None:
-                self.node.close()
-        if self.released and (not self.channels or now >= self._stop_deadline):
-            if not self._done.done():
-                self._done.set_result(None)
-            return
-        self.loop.call_later(0.01, self._while_stopping)
-
-    def server_close(self):
-        for channel in list(self.channels):
-            channel.close()
-        while self._refused:
-            self._refused.popleft()[1].close()
-        self._close_listeners()
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration and the client used by the command line
-# ---------------------------------------------------------------------------------------------
-
-def env_host(value=None):
-    """The node manager's host: *value*, else NODEMNGR_HOST, else 127.0.0.1 (brackets dropped)."""
-    host = value or os.environ.get("NODEMNGR_HOST") or "127.0.0.1"
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not host or any(c in host for c in "[]/@ ") or (host.count(":") == 1):
-        raise NodeMngrException("%s is not a host name or address (give the port with --port or "
-                                "NODEMNGR_PORT)" % describe(host, 80))
-    return host
-
-
-def env_port(value=None, var="NODEMNGR_PORT", default=nmPort):
-    if value is not None:
-        return value
-    raw = os.environ.get(var)
-    if not raw:
-        return default
-    try:
-        port = int(raw)
-    except ValueError:
-        raise NodeMngrException("%s=%s is not a port number" % (var, describe(raw, 80)))
-    if not 1 <= port <= 65535:
-        raise NodeMngrException("%s=%d is not within 1-65535" % (var, port))
-    return port
-
-
-def env_unix(value=None, port=nmPort, state=None):
-    """The local socket's address: *value*, else NODEMNGR_UNIX, else @nodemngr-PORT (Linux's
-    abstract namespace; elsewhere PORT.sock beside the state file *state*); None for "none"."""
-    text = value or os.environ.get("NODEMNGR_UNIX") or ""
-    if text.lower() == "none":
-        return None
-    if not text:
-        if sys.platform.startswith("linux"):
-            return "@nodemngr-%d" % port
-        return os.path.join(os.path.dirname(state or default_state_path(port)), "%d.sock" % port)
-    if "\0" in text or text == "@" or len(text.encode("utf-8", "surrogateescape")) > 107:
-        raise NodeMngrException("%s is not a local socket address (@NAME, or a path of at most 107 bytes)"
-                                % describe(text, 80))
-    return text
-
-
-def read_token(path=None):
-    """The token in *path*, else in the file NODEMNGR_TOKEN_FILE names, else None.  The file must
-    not be readable by group or others."""
-    path = path or os.environ.get("NODEMNGR_TOKEN_FILE")
-    if not path:
-        return None
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as f:
-            token = f.read().strip()
-    except OSError as exc:
-        raise NodeMngrException("cannot read token file %s: %s" % (path, exc.strerror or exc))
-    if hasattr(os, "getuid") and st.st_mode & 0o077:
-        raise NodeMngrException("token file %s is readable by others (mode %o); chmod 600 it"
-                                % (path, st.st_mode & 0o777))
-    if not token:
-        raise NodeMngrException("token file %s is empty" % path)
-    try:
-        token.decode("utf-8")
-    except UnicodeDecodeError:
-        raise NodeMngrException("token file %s is not UTF-8 text" % path) from None
-    return token
-
+# NodeMngrProxy and the calls the command line makes; they speak the wire, nothing else of the
+# daemon.  A proxy that finds no daemon on a loopback address starts one (start_daemon).
 
 def server_url(host, port, token=None):
     """The URL of a node manager, with the token as Basic-auth password when there is one."""
-    from urllib.parse import quote
     if ":" in host and not host.startswith("["):
         host = "[%s]" % host
-    auth = "nodemngr:%s@" % quote(token.decode("utf-8"), safe="") if token else ""
+    auth = "nodemngr:%s@" % urllib.parse.quote(token.decode("utf-8"), safe="") if token else ""
     return "http://%s%s:%d/RPC2" % (auth, host, port)
 
 
-def make_proxy(host, port, token=None, timeout=10.0):
-    """A plain xmlrpc.client.ServerProxy to the node manager at host:port (token: bytes or None)
-    whose calls give up after *timeout* seconds, and which writes any string XML can carry."""
+class _TimeoutTransport(xmlrpc.client.Transport):
+    def __init__(self, timeout):
+        super().__init__(use_builtin_types=True)
+        self.timeout = timeout
+
+    def make_connection(self, host):
+        conn = super().make_connection(host)
+        conn.timeout = self.timeout
+        return conn
+
+    def request(self, host, handler, request_body, verbose=False):
+        bad = _XML_FORBIDDEN.search(request_body)
+        if bad:
+            raise BadArgumentError("cannot send the control character U+%04X: XML 1.0, and so XML-RPC, "
+                                   "has no way to carry it" % ord(bad.group()))
+        # xmlrpc.client writes a CR inside a string raw, and XML readers turn a raw CR into LF; the
+        # marshaller writes no CR of its own, so every CR here belongs to a string
+        return super().request(host, handler, request_body.replace(b"\r", b"&#13;"), verbose)
+
+
+_XML_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def server_proxy(host, port, token=None, timeout=10.0):
+    """A plain xmlrpc.client.ServerProxy (no auto-start, no pid sent) to the node manager at
+    host:port (token: bytes or None) whose calls give up after *timeout* seconds, and which
+    writes any string XML can carry."""
     return xmlrpc.client.ServerProxy(server_url(host, port, token), transport=_TimeoutTransport(timeout),
                                      use_builtin_types=True)
 
@@ -3140,7 +3586,7 @@ def who_answers(host, port, token=None, timeout=2.0):
     nothing within *timeout* seconds: a daemon still starting, or a busy one), or None (nothing
     listens, or what listened went away without a word, as a daemon on its way out does)."""
     try:
-        text = make_proxy(host, port, token, timeout).ping()
+        text = server_proxy(host, port, token, timeout).ping()
     except socket.timeout:      # (an OSError)
         return "silent"
     except OSError:             # refused, reset, cut off
@@ -3153,11 +3599,12 @@ def who_answers(host, port, token=None, timeout=2.0):
 
 
 def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0):
-    """Ask the node manager at local socket *address* (default: env_unix()) for a port and the
-    socket it bound to it: (port, socket.socket).  pid: the owner (default: this process).
+    """Ask the node manager at local socket *address* (default: Settings().unix) for a port and
+    the socket it bound to it: (port, socket.socket).  pid: the owner (default: this process).
     Fault, or OSError when nothing listens there.  The server must run as this user or root
     (SO_PEERCRED: anyone can bind an abstract name), and what it passes must be a socket bound
     to the port it names (TCP: listening), or NodeMngrException."""
+    address = address or Settings().unix
     body = dumps((info, kind, host, os.getpid() if pid is None else pid), methodname="newSocket",
                  allow_none=False).encode("utf-8")
     request = (b"POST /RPC2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
@@ -3165,11 +3612,11 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
     fds, reply = [], b""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
-        conn.connect(local_sockaddr(address or env_unix()))
-        uid = _peer_cred(conn)[1]
+        conn.connect(local_sockaddr(address))
+        uid = peer_credentials(conn)[1]
         if uid is not None and uid not in (0, os.getuid()):
             raise NodeMngrException("the local socket %s is served by uid %d, neither you nor root: not a node "
-                                    "manager to trust with your ports; refusing it" % (address or env_unix(), uid))
+                                    "manager to trust with your ports; refusing it" % (address, uid))
         conn.sendall(request)
         while len(reply) < MAX_HEAD + MAX_BODY:
             data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -3204,29 +3651,6 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
             os.close(fd)
 
 
-class _TimeoutTransport(xmlrpc.client.Transport):
-    def __init__(self, timeout):
-        super().__init__(use_builtin_types=True)
-        self.timeout = timeout
-
-    def make_connection(self, host):
-        conn = super().make_connection(host)
-        conn.timeout = self.timeout
-        return conn
-
-    def request(self, host, handler, request_body, verbose=False):
-        bad = _XML_FORBIDDEN.search(request_body)
-        if bad:
-            raise BadArgumentError("cannot send the control character U+%04X: XML 1.0, and so XML-RPC, "
-                                   "has no way to carry it" % ord(bad.group()))
-        # xmlrpc.client writes a CR inside a string raw, and XML readers turn a raw CR into LF; the
-        # marshaller writes no CR of its own, so every CR here belongs to a string
-        return super().request(host, handler, request_body.replace(b"\r", b"&#13;"), verbose)
-
-
-_XML_FORBIDDEN = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
-
-
 def describe_call_error(exc, host, port):
     """One sentence for an error a client call raised."""
     if isinstance(exc, Fault):
@@ -3246,25 +3670,485 @@ def describe_call_error(exc, host, port):
     return "unexpected reply from %s:%d: %s" % (host, port, describe(exc))
 
 
+# What a call raises when the server is not a node manager or the connection broke
+# (_CALL_ERRORS), and what a reply that is not XML-RPC raises (a Fault or an HTTP status is
+# handled before these).
+_CALL_ERRORS = (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException)
+_REPLY_ERRORS = (xmlrpc.client.Error, http.client.HTTPException, expat.ExpatError, ValueError,
+                 TypeError, OverflowError)
+_POOL_SIZE = 8                  # idle connections a proxy keeps
+
+# What who_answers says when a call can go ahead: it reaches a node manager, or it reaches
+# another program, whose reply the call then reports.
+_SOMEONE = ("nodemngr", "other")
+
+
+class NodeMngrProxy:
+    """A client of the node manager at *host*:*port* (else NODEMNGR_HOST/PORT, else 127.0.0.1:11800).
+
+        >>> with NodeMngrProxy() as nm:
+        ...     port = nm.newPort({"service": "echo"})
+        ...     nm.delPort(port)
+        0
+
+    autostart: start a daemon when none answers (else NODEMNGR_AUTOSTART, default on; only for
+    loopback addresses).  token_file: the token for a daemon that needs one (else
+    NODEMNGR_TOKEN_FILE).  timeout: seconds to wait for one reply.
+
+    Making a proxy opens nothing: it connects on its first call.  If nothing answers there and
+    the address is a loopback one, it starts a daemon (start_daemon) and calls again.  Every
+    failed call raises a NodeMngrException whose text is one line.  A proxy is safe to share
+    between threads; each call borrows a kept-alive connection from a small pool.
+    """
+
+    def __init__(self, host=None, port=None, autostart=None, token_file=None, timeout=10.0):
+        settings = Settings(host=host, port=port, autostart=autostart, token_file=token_file)
+        self.host, self.port = settings.host, settings.port
+        self.autostart, self.token_file = settings.autostart, settings.token_file
+        self.timeout = timeout
+        self._idle = []
+        self._pid = os.getpid()
+
+    def __repr__(self):
+        return "<NodeMngrProxy %s:%d>" % (self.host, self.port)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- the node manager's methods ------------------------------------------------------------
+
+    def ping(self):
+        """"NodeMngr at HOSTNAME is alive"."""
+        return self.call("ping")
+
+    def newPort(self, info, pid=None):
+        """A port nobody else holds, registered with *info*; freed by itself once *pid* (by
+        default this process) has ended.  Give pid=0 for a port that outlives this process."""
+        return self.call("newPort", info, os.getpid() if pid is None else pid)
+
+    def delPort(self, port):
+        """Give *port* back; 0.  UnknownPortError (an IndexError) if it is not registered."""
+        return self.call("delPort", port)
+
+    def newSocket(self, info, kind="tcp", host="127.0.0.1", pid=None):
+        """A socket.socket that the node manager bound (TCP: also listening) to a port nobody else
+        holds, passed over its local socket; the port is registered with *info* as newPort does
+        (freed once *pid*, by default this process, has ended, or by delPort).  No other process
+        can take the port between its allocation and the bind.  kind: "tcp" or "udp"; host: the
+        address to bind ("127.0.0.1", "0.0.0.0", "::1", "::")."""
+        address = Settings(port=self.port).unix
+        if address is None:
+            raise NodeMngrException("newSocket needs the node manager's local socket, and NODEMNGR_UNIX is none")
+        for attempt in (0, 1):
+            try:
+                return request_socket(info, kind, host, pid, address, self.timeout)[1]
+            except Fault as fault:
+                raise exception_from_fault(fault) from None
+            except OSError as exc:
+                if attempt or not self._should_start(exc, None):
+                    raise NodeMngrException("no node manager answers on the local socket %s: %s" % (
+                        address, exc.strerror or exc)) from None
+                start_daemon(self.host, self.port, SPAWN_TIMEOUT, self.token_file)
+            except _REPLY_ERRORS as exc:
+                raise NodeMngrException("the local socket %s did not answer like a node manager: %s" % (
+                    address, describe(exc))) from None
+
+    def listPorts(self):
+        """Every registered port: a list of {port, name, info, pid, since} dicts, sorted by port."""
+        return self.call("listPorts")
+
+    def lookup(self, name):
+        """The ports registered under *name* (a string info, or a struct info's "name"), as
+        listPorts lists them; [] when none."""
+        return self.call("lookup", name)
+
+    def locate(self, name):
+        """The ports named *name* on every host of the cluster (etcd): a list of {host, port, name,
+        info, pid, since} dicts, sorted by host then port.  ClusterError when there is no cluster
+        view or etcd cannot be reached."""
+        return self.call("locate", name)
+
+    def listCluster(self):
+        """Every host's registrations, from the cluster view, as locate lists them."""
+        return self.call("listCluster")
+
+    def status(self):
+        """The daemon's status: a dict (version, pid, host, port, range, counts, uptime, state)."""
+        return self.call("status")
+
+    def terminate(self):
+        """Stop the node manager; True."""
+        try:
+            return self.call("terminate", autostart=False)
+        finally:
+            self.close()
+
+    stopserve = terminate   # the 1999 module's name
+
+    def close(self):
+        """Close the kept-alive connections (the proxy stays usable)."""
+        idle, self._idle = self._idle, []
+        for server in idle:
+            server("close")()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def call(self, method, *args, autostart=None):
+        """Call any wire *method* (e.g. "system.listMethods") with *args*."""
+        for attempt in (0, 1):
+            server = self._borrow()
+            try:
+                result = getattr(server, method)(*args)
+            except Fault as fault:
+                self._give_back(server)
+                raise exception_from_fault(fault) from None
+            except NodeMngrException:   # refused before sending (a character XML cannot carry)
+                self._give_back(server)
+                raise
+            except OSError as exc:
+                server("close")()
+                if attempt or not self._should_start(exc, autostart):
+                    raise NodeMngrException(self._explain(exc)) from None
+                start_daemon(self.host, self.port, SPAWN_TIMEOUT, self.token_file)
+                continue
+            except _REPLY_ERRORS as exc:     # HTTP errors, unreadable replies, unsendable arguments
+                server("close")()
+                reason = _unsendable(args) if isinstance(exc, (TypeError, OverflowError)) else None
+                if reason:
+                    raise UnsendableError("cannot send this %s call: %s" % (method, reason)) from None
+                raise NodeMngrException(self._explain(exc)) from None
+            self._give_back(server)
+            return result
+
+    def _borrow(self):
+        if self._pid != os.getpid():    # forked: the pool's sockets belong to the parent
+            self._pid, self._idle = os.getpid(), []
+        try:
+            return self._idle.pop()
+        except IndexError:
+            return server_proxy(self.host, self.port, read_token(self.token_file), self.timeout)
+
+    def _give_back(self, server):
+        if len(self._idle) < _POOL_SIZE:
+            self._idle.append(server)
+        else:
+            server("close")()
+
+    def _should_start(self, exc, autostart):
+        """Refused, or cut off mid-call by a daemon on its way out: start one (loopback only)."""
+        if not (self.autostart if autostart is None else autostart):
+            return False
+        gone = isinstance(exc, ConnectionError) or getattr(exc, "errno", None) in (
+            errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE)
+        return gone and is_loopback(self.host)
+
+    def _explain(self, exc):
+        """One line for a failed call, naming host:port (never a class repr or a traceback)."""
+        where = "%s:%d" % (self.host, self.port)
+        if isinstance(exc, socket.timeout):     # TimeoutError since 3.10
+            return "the node manager at %s did not answer within %g s" % (where, self.timeout)
+        if isinstance(exc, (OSError, xmlrpc.client.ProtocolError)):
+            text = describe_call_error(exc, self.host, self.port)
+            if isinstance(exc, ConnectionRefusedError) and not self.autostart:
+                text += " (auto-start is off)"
+            return printable(text, 300)
+        if isinstance(exc, http.client.BadStatusLine):     # e.g. an SSH server's banner
+            return "the server at %s is not a node manager: it answered \"%s\" where HTTP was due" % (
+                where, printable(str(exc.line).strip(), 80))
+        if isinstance(exc, http.client.IncompleteRead):
+            return "the reply from %s was cut short" % where
+        if isinstance(exc, http.client.HTTPException):     # e.g. a header line too long
+            return "the server at %s sent a broken HTTP reply (%s)" % (
+                where, printable(str(exc).strip(), 160) or type(exc).__name__)
+        detail = "" if isinstance(exc, xmlrpc.client.Error) else " (%s)" % printable(str(exc).strip(), 160)
+        return "the server at %s is not a node manager: its reply is not XML-RPC%s" % (where, detail)
+
+
+def _unsendable(args):
+    """Why *args* cannot be marshalled, or None if they can (so the reply was at fault)."""
+    try:
+        xmlrpc.client.dumps(tuple(args), "call")
+    except (TypeError, OverflowError) as exc:
+        return printable(re.sub(r"<class '([\w.]+)'>", r"\1", str(exc)).strip(), 160)
+    return None
+
+
+# -- auto-start --------------------------------------------------------------------------------
+#
+# start_daemon forks and execs ``sys.executable nodemngr.py serve`` detached (its own session, no
+# terminal, output to PORT.log beside the state file, none of the caller's other open files,
+# working folder "/") and waits until it answers, spawning again if that daemon gave up (as it
+# may while the previous one is still on its way out).  Any number of processes doing so at once
+# end with one daemon: they take turns at a lock file beside the state file, so only the first
+# starts one, and should that lock fail them, the others' daemons find the port bound and exit.
+
+_spawn_lock = threading.Lock()  # one auto-start at a time in this process
+_turn_fds = set()               # the spawn lock file while this process holds its turn (_spawn_turn)
+_RESPAWN_MIN = 0.2              # seconds between two spawns, at least
+_RESPAWN_MAX = 2.0              # spawn again when nothing listens this long, whatever the last one does
+_CLOSE_ALL_LIMIT = 65536        # above this many descriptors, close only up to the highest open
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _new_spawn_lock():
+    global _spawn_lock      # a child forked while another thread held it must not inherit it held
+    _spawn_lock = threading.Lock()
+    for fd in _turn_fds:    # nor the spawn turn: an flock is the open file's, and would live on in it
+        os.close(fd)
+    _turn_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_spawn_lock)
+
+
+def start_daemon(host=None, port=None, timeout=SPAWN_TIMEOUT, token_file=None):
+    """Start a detached node manager for *host*:*port* unless one answers; wait until one does.
+    token_file: the daemon's token (else NODEMNGR_TOKEN_FILE).
+
+    A daemon started while the previous one is still on its way out may give up (the state file
+    is still held); so while nothing listens and the daemon spawned last has exited, spawn again.
+    Spawned daemons race safely: one binds the port, the others find it bound and exit."""
+    settings = Settings(host=host, port=port, token_file=token_file)
+    host, port = settings.host, settings.port
+    deadline = time.monotonic() + timeout
+    if not _spawn_lock.acquire(timeout=timeout):    # (another thread of ours took all of it)
+        if who_answers(host, port) in _SOMEONE:
+            return
+        raise NodeMngrException("no node manager answered at %s:%d within %g s" % (host, port, timeout))
+    try:
+        log_path = os.path.abspath(settings.log_file) if settings.log_file else os.path.join(
+            settings.state_folder(), "%d.log" % port)     # (a folder that cannot be made: an error)
+        try:
+            lock_path = os.path.join(settings.state_folder(), "%d.spawn.lock" % port)
+        except NodeMngrException:       # (NODEMNGR_LOG_FILE set: the state folder was not needed)
+            lock_path = None
+        # half the time at most for the turn: a holder stuck (stopped) must not fail the others
+        with _spawn_turn(lock_path, deadline - timeout / 2, lambda: who_answers(host, port)):
+            _spawn_until_answered(host, port, log_path, _daemon_argv(settings, log_path), deadline, timeout)
+    finally:
+        _spawn_lock.release()
+
+
+def _spawn_until_answered(host, port, log_path, argv, deadline, timeout):
+    """start_daemon's loop: spawn, and spawn again while nothing listens, until one answers."""
+    # (another thread of ours, or the client whose turn came first, may have started one)
+    answer = who_answers(host, port)
+    daemon, spawned_at, delay = None, None, 0.005
+    while answer not in _SOMEONE:
+        now = time.monotonic()
+        if answer is None and _time_to_spawn(daemon, spawned_at, now):
+            daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+        answer = who_answers(host, port)
+        if answer not in _SOMEONE and time.monotonic() >= deadline:
+            if spawned_at is None:
+                raise NodeMngrException("something at %s:%d accepts connections but did not answer "
+                                        "within %g s" % (host, port, timeout))
+            raise NodeMngrException("the node manager started for %s:%d did not answer within %g s; "
+                                    "see its log %s%s" % (host, port, timeout, log_path, _last_words(log_path)))
+
+
+def _time_to_spawn(pid, spawned_at, now):
+    """Nothing listens: spawn if no daemon was spawned yet, if the last one (*pid*) has exited,
+    or if it has not listened for a long while (its pid unknown, or a very slow machine).  Not
+    on a timer alone: on a loaded machine a daemon may take over 0.5 s to listen, and a spawn
+    per racing client per half second would only load it more."""
+    if spawned_at is None:
+        return True
+    waited = now - spawned_at
+    return waited >= _RESPAWN_MAX or (waited >= _RESPAWN_MIN and pid is not None and not owner_alive(pid))
+
+
+def _last_words(log_path):
+    """The last line of the daemon's log as " (it ends: LINE)", or "" if there is none."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " (it ends: %s)" % printable(lines[-1].strip(), 160) if lines else ""
+
+
+def _daemon_argv(settings, log_path):
+    """The daemon's command line.  It runs in "/", so every path it is given is absolute,
+    including the relative ones the environment holds (NODEMNGR_STATE, NODEMNGR_TOKEN_FILE,
+    NODEMNGR_UNIX)."""
+    argv = [os.path.abspath(sys.executable), os.path.abspath(__file__), "serve",
+            "--host", settings.host, "--port", str(settings.port), "--log-file", log_path]
+    state = settings.given("state")
+    if state and state.lower() != "none":
+        argv += ["--state", os.path.abspath(state)]
+    if settings.token_file:
+        argv += ["--token-file", os.path.abspath(settings.token_file)]
+    local = settings.given("unix") or ""
+    if local and local.lower() != "none" and not local.startswith("@"):
+        argv += ["--unix", os.path.abspath(local)]
+    return argv
+
+
+@contextlib.contextmanager
+def _spawn_turn(path, until, answers):
+    """Hold the lock file *path* (an flock, released if this process dies; a child forked
+    meanwhile closes its copy) until the block ends, so that of many clients finding no daemon
+    at once only one starts a Python for it, and the others find that one answering.  Waits
+    until the time *until* at most, or until answers() says someone answers, then goes ahead
+    without it, as it does when the lock cannot be opened: the daemons' own race on the port
+    keeps the outcome right; the lock only saves the losers' starts."""
+    fd = None
+    if path is not None and fcntl is not None:
+        try:        # (O_NONBLOCK: a lease on the file, or a FIFO there, must not hold the open)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW, 0o600)
+        except OSError:
+            pass
+    if fd is not None:
+        _turn_fds.add(fd)
+    try:
+        delay = 0.005
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() >= until:
+                    break
+            if answers() in _SOMEONE:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        yield
+    finally:
+        if fd is not None:
+            _turn_fds.discard(fd)
+            os.close(fd)
+
+
+def _spawn_detached(argv, log_path):
+    """fork, setsid, fork, exec: the daemon has its own session, no terminal and is not our child.
+    It inherits no descriptor but 0 (/dev/null), 1 and 2 (its log), so a lock or a pipe end the
+    caller holds is released when the caller ends; and it runs in "/", pinning no mount point.
+    Returns the daemon's pid, or None if it is not known."""
+    try:        # (O_NONBLOCK: a lease on the file must not hold the open for the kernel's 45 s)
+        log_fd = _open_above_stdio(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o600)
+        os.set_blocking(log_fd, True)       # (the daemon's output: a FIFO reader may be slow)
+    except OSError as exc:
+        raise NodeMngrException("cannot open the node manager's log file %s: %s"
+                                % (log_path, exc.strerror or exc)) from None
+    try:
+        if not hasattr(os, "fork"):
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                             close_fds=True, start_new_session=True, cwd=os.path.abspath(os.sep))
+            return None         # (os.kill(pid, 0) would terminate it on Windows)
+        null_fd = _open_above_stdio(os.devnull, os.O_RDWR)
+        pid_r, pid_w = os.pipe()                # the middle child tells the daemon's pid
+        try:
+            fd_limit = _fd_limit()
+            with warnings.catch_warnings():     # 3.12+ warns about fork in threaded programs
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+            if pid == 0:                        # child: only async-signal-safe work until exec
+                try:
+                    os.setsid()
+                    daemon = os.fork()
+                    if daemon:
+                        os.write(pid_w, b"%d" % daemon)
+                    else:
+                        os.dup2(null_fd, 0)
+                        os.dup2(log_fd, 1)
+                        os.dup2(log_fd, 2)
+                        os.closerange(3, fd_limit)
+                        os.chdir("/")
+                        if hasattr(signal, "pthread_sigmask"):  # a mask survives exec: SIGTERM must get in
+                            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+                        os.execv(argv[0], argv)
+                finally:
+                    os._exit(0)
+            os.close(pid_w)
+            pid_w = None
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:       # SIGCHLD ignored: the system reaped it already
+                pass
+            told = os.read(pid_r, 32)
+            return int(told) if told.isdigit() else None
+        finally:
+            for fd in (null_fd, pid_r, pid_w):
+                if fd is not None:
+                    os.close(fd)
+    except OSError as exc:      # fork failed (EAGAIN, ENOMEM)
+        raise NodeMngrException("cannot start a node manager: %s" % (exc.strerror or exc)) from None
+    finally:
+        os.close(log_fd)
+
+
+def _open_above_stdio(path, flags, mode=0o777):
+    """os.open, but never as 0, 1 or 2 (free in a caller that closed them): the child's dup2
+    onto 0, 1 and 2 would overwrite such a descriptor before copying it."""
+    fd = os.open(path, flags, mode)
+    low = []
+    while fd <= 2:
+        low.append(fd)
+        fd = os.dup(fd)
+    for extra in low:
+        os.close(extra)
+    return fd
+
+
+def _fd_limit():
+    """One above the highest descriptor the child may hold, computed before fork.
+
+    Where the limit is huge (containers may allow 2**30), closing one by one (Python < 3.10, or
+    a kernel without close_range) would take seconds or minutes; then close up to the highest
+    descriptor open now, plus room for any that other threads open before the fork."""
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, ValueError, OSError):
+        limit = -1
+    if 0 < limit <= _CLOSE_ALL_LIMIT:
+        return limit
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return max(int(fd) for fd in os.listdir(folder)) + 1 + 1024
+        except (OSError, ValueError):
+            continue
+    return limit if limit > 0 else _CLOSE_ALL_LIMIT
+
+
 # ---------------------------------------------------------------------------------------------
 # Serving
 # ---------------------------------------------------------------------------------------------
+# The daemon in this process, from the bind to the exit: the parts above wired together, the
+# sockets systemd passes, sd_notify, signals and the log.
 
 _SIGHUP = getattr(signal, "SIGHUP", None)
 _SIGNALS = [sig for sig in (signal.SIGTERM, signal.SIGINT, _SIGHUP) if sig is not None]
-_PYTHON_IGNORES = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)]
 
 
-def run_daemon(host, port, first, last, state, token=None, local=None, activated=([], None), cluster=None):
-    """Run the daemon in this process until terminate, SIGTERM or SIGINT; return the exit status."""
+def run_daemon(settings, activated=([], None)):
+    """Run the daemon that *settings* (a Settings) describe in this process until terminate,
+    SIGTERM or SIGINT; return the exit status.  activated: the sockets a service manager passed
+    (activated_sockets()), whose address then wins over the settings'."""
+    if activated[0]:    # the service manager's socket says where it serves
+        settings = settings.updated(host=activated[0][0].getsockname()[0], port=activated[0][0].getsockname()[1])
+    host, port, first, last = settings.host, settings.port, settings.first_port, settings.last_port
+    if first > last:
+        raise NodeMngrException("first port %d is above last port %d" % (first, last))
+    state, token = settings.state, settings.token
+    if state is not None and settings.given("state") is None:
+        ensure_private_folder(os.path.dirname(state))
+    cluster = _cluster_settings(settings)
     if not is_loopback(host) and token is None:
         raise NodeMngrException("refusing to listen on %s without a token: anyone who can reach it could "
                                 "take and free ports; give --token-file, or use a loopback address" % host)
-    node = None
     mask = _hold_signals()      # until the handlers are set: clients may signal once the port listens
     try:
         try:
-            server = NodeMngrServer(host, port, token, local, activated)
+            server = NodeMngrServer(host, port, settings.unix, activated)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
                 raise NodeMngrException("cannot listen on %s:%d: %s" % (host, port, exc.strerror or exc))
@@ -3276,34 +4160,60 @@ def run_daemon(host, port, first, last, state, token=None, local=None, activated
         _catch_signals(server)
     finally:
         _release_signals(mask)      # (what came meanwhile is handled now)
+    service = view = None
     try:
         try:
-            node = NodeMngr(first, last, StateStore(state), address=(host, server.port),
-                            on_terminate=server.request_stop, reap_interval=server.reap_interval,
-                            busy_retry=server.busy_retry)
+            service = NodeMngr(first, last, StateStore(state), address=(host, server.port),
+                               reap_interval=server.reap_interval, busy_retry=server.busy_retry)
         except (OSError, sqlite3.Error) as exc:
             raise NodeMngrException("cannot open the state file %s: %s" % (state, getattr(exc, "strerror", None) or exc))
+        service.on_terminate = server.request_stop
         if cluster is not None:
-            client, advertise, ttl = cluster
-            node.cluster = ClusterView(client, advertise, ttl, node)
-            node.cluster.start()
-        server.attach(node)
+            view = ClusterView(*cluster, snapshot=service.registrations)
+            view.start()
+            service.cluster, service.on_change = view, view.changed
         server.notify = sd_notifier()
         _raise_descriptor_limit()
         log.info("node manager %s serving on %s:%d and %s, ports %d-%d, state %s, pid %d", __version__,
-                 server.server_address[0], server.port, server.local_address or "no local socket", first, last,
+                 server.address[0], server.port, server.local_address or "no local socket", first, last,
                  state or "none", os.getpid())
-        server.serve_forever()
+        server.serve(Dispatcher(service, token),
+                     housekeeping=[(server.reap_interval, lambda: not service.reap_step()[0]),
+                                   (server.tick, service.probe_busy_step)],
+                     summary=service.summary, on_release=service.close)
         log.info("node manager stopped (%s)", server.stop_reason)
         return 0
     finally:
-        server.server_close()
-        if node is not None:
-            if node.cluster is not None:
-                node.cluster.stop()
-            node.close()
+        server.close()
+        if view is not None:
+            view.stop()
+        if service is not None:
+            service.close()
         for sig in _SIGNALS:    # exiting: Python's own exit would put the default (fatal) ones back
             signal.signal(sig, signal.SIG_IGN)
+
+
+def _host_name():
+    """The FQDN, unless it is a loopback name ("localhost"), which every host has: then the host name."""
+    fqdn = socket.getfqdn()
+    return socket.gethostname() if fqdn.split(".")[0] in ("localhost", "ip6-localhost") else fqdn
+
+
+def _cluster_settings(settings):
+    """(EtcdClient, advertised host, TTL) of the cluster view *settings* ask for, or None when off."""
+    if not settings.cluster:
+        return None
+    client = EtcdClient(settings.cluster, settings.given("cluster_ca"), settings.given("cluster_cert"),
+                        settings.given("cluster_key"), settings.given("cluster_user_file"))
+    advertise = settings.given("advertise_host") or _host_name()
+    try:
+        advertise.encode("utf-8")
+    except UnicodeEncodeError:
+        advertise = "/"
+    if not advertise or "/" in advertise or is_loopback(advertise):
+        raise NodeMngrException("%s cannot name this host in the cluster: every host needs a name of its own "
+                                "(give --advertise-host)" % describe(advertise))
+    return client, advertise, settings.cluster_ttl
 
 
 def activated_sockets():
@@ -3426,77 +4336,9 @@ def _raise_descriptor_limit():
         pass
 
 
-def _spare_descriptors():
-    """How many more files this process may open now: the soft limit less those open."""
-    if resource is None:
-        return 1 << 20
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return 1 << 20
-    try:
-        used = len(os.listdir("/proc/self/fd" if _HAVE_PROC else "/dev/fd"))
-    except OSError:
-        used = 32
-    return soft - used
-
-
-def _daemon_config(args, activated=([], None)):
-    host = env_host(args.host)
-    port = env_port(args.port)
-    if activated[0]:    # the service manager's socket says where it serves
-        host, port = activated[0][0].getsockname()[:2]
-    first = env_port(args.first_port, "NODEMNGR_FIRST_PORT", firstPort)
-    last = env_port(args.last_port, "NODEMNGR_LAST_PORT", lastPort)
-    if first > last:
-        raise NodeMngrException("first port %d is above last port %d" % (first, last))
-    state = args.state or os.environ.get("NODEMNGR_STATE") or ""
-    if state.lower() == "none":
-        state = None
-    elif not state:
-        state = default_state_path(port)
-        ensure_private_folder(os.path.dirname(state))
-    return host, port, first, last, state, read_token(args.token_file), env_unix(args.unix, port, state)
-
-
-def _host_name():
-    """The FQDN, unless it is a loopback name ("localhost"), which every host has: then the host name."""
-    fqdn = socket.getfqdn()
-    return socket.gethostname() if fqdn.split(".")[0] in ("localhost", "ip6-localhost") else fqdn
-
-
-def _cluster_config(args):
-    """(EtcdClient, advertised host, TTL) from the flags and environment, or None when off."""
-    urls = args.cluster or os.environ.get("NODEMNGR_CLUSTER") or ""
-    if not urls.strip():
-        return None
-
-    def setting(flag, var):
-        return flag or os.environ.get(var) or None
-    ttl = args.cluster_ttl or 10
-    if not args.cluster_ttl and os.environ.get("NODEMNGR_CLUSTER_TTL"):
-        try:
-            ttl = _bounded_int(2, 3600, "NODEMNGR_CLUSTER_TTL")(os.environ["NODEMNGR_CLUSTER_TTL"])
-        except argparse.ArgumentTypeError as exc:
-            raise NodeMngrException(str(exc))
-    client = EtcdClient(urls.split(","), setting(args.cluster_ca, "NODEMNGR_CLUSTER_CA"),
-                        setting(args.cluster_cert, "NODEMNGR_CLUSTER_CERT"), setting(args.cluster_key, "NODEMNGR_CLUSTER_KEY"),
-                        setting(args.cluster_user_file, "NODEMNGR_CLUSTER_USER_FILE"))
-    advertise = setting(args.advertise_host, "NODEMNGR_ADVERTISE_HOST") or _host_name()
-    try:
-        advertise.encode("utf-8")
-    except UnicodeEncodeError:
-        advertise = "/"
-    if not advertise or "/" in advertise or is_loopback(advertise):
-        raise NodeMngrException("%s cannot name this host in the cluster: every host needs a name of its own "
-                                "(give --advertise-host)" % describe(advertise))
-    return client, advertise, ttl
-
-
-def _setup_logging(args):
-    level = (args.log_level or os.environ.get("NODEMNGR_LOG_LEVEL") or "INFO").upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise NodeMngrException("log level %s is not one of DEBUG, INFO, WARNING, ERROR" % describe(level, 80))
-    path = args.log_file or os.environ.get("NODEMNGR_LOG_FILE")
+def _setup_logging(settings):
+    """Send the log to NODEMNGR_LOG_FILE (or --log-file), else stderr, at the level asked."""
+    level, path = settings.log_level, settings.log_file
     try:
         handler = logging.FileHandler(path) if path else logging.StreamHandler(sys.stderr)
     except OSError as exc:
@@ -3511,23 +4353,25 @@ def _setup_logging(args):
 # The command line
 # ---------------------------------------------------------------------------------------------
 
-_COMMANDS = ("serve", "ping", "status", "list", "new", "del", "stop")
+_PYTHON_IGNORES = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name)]
+# The flags of serve that are settings (Settings.VARIABLES' names, as argparse names them).
+_SERVE_SETTINGS = ("host", "port", "first_port", "last_port", "state", "token_file", "log_level", "log_file",
+                   "unix", "cluster", "cluster_ttl", "advertise_host", "cluster_ca", "cluster_cert", "cluster_key",
+                   "cluster_user_file")
 
 
-def _bounded_int(low, high, what):
+def _int_arg(low, high, what):
+    """An argparse type: an int from *low* to *high* (bounded_int), its error in one line."""
     def parse(text):
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError("%s must be an integer from %d to %d, not %s" % (what, low, high, text))
-        return value
+            return bounded_int(text, low, high, what)
+        except NodeMngrException as exc:
+            raise argparse.ArgumentTypeError(str(exc))
     return parse
 
 
-_port_arg = _bounded_int(1, 65535, "a port")
-_pid_arg = _bounded_int(0, _INT32_MAX, "a pid")
+_port_arg = _int_arg(1, 65535, "a port")
+_pid_arg = _int_arg(0, _INT32_MAX, "a pid")
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -3560,7 +4404,7 @@ def _parser():
                    "endpoints (env NODEMNGR_CLUSTER; default: off)")
     s.add_argument("--advertise-host", metavar="HOST", help="this host's name in the cluster (env "
                    "NODEMNGR_ADVERTISE_HOST, default the FQDN)")
-    s.add_argument("--cluster-ttl", type=_bounded_int(2, 3600, "seconds"), metavar="SECONDS",
+    s.add_argument("--cluster-ttl", type=_int_arg(2, 3600, "seconds"), metavar="SECONDS",
                    help="lease of this host's keys (env NODEMNGR_CLUSTER_TTL, default 10)")
     s.add_argument("--cluster-ca", metavar="FILE", help="CA certificates for https:// endpoints (env NODEMNGR_CLUSTER_CA)")
     s.add_argument("--cluster-cert", metavar="FILE", help="client certificate for etcd (env NODEMNGR_CLUSTER_CERT)")
@@ -3612,9 +4456,9 @@ def main(argv=None):
         return 2
     try:
         if args.command == "serve":
-            _setup_logging(args)
-            activated = activated_sockets()
-            return run_daemon(*_daemon_config(args, activated), activated=activated, cluster=_cluster_config(args))
+            settings = Settings(**{name: getattr(args, name) for name in _SERVE_SETTINGS})
+            _setup_logging(settings)
+            return run_daemon(settings, activated_sockets())
         if args.command == "run":
             return _run_command(parser, args)
         return _run_client_command(args)
@@ -3625,13 +4469,23 @@ def main(argv=None):
         return 1
 
 
-def _run_client_command(args):
-    host, port = env_host(args.host), env_port(args.port)
+@contextlib.contextmanager
+def _calling(host, port):
+    """Turn what a call to the node manager at host:port raises into one sentence."""
     try:
-        proxy = make_proxy(host, port, read_token(args.token_file))
+        yield
+    except _CALL_ERRORS as exc:
+        raise NodeMngrException(describe_call_error(exc, host, port)) from None
+
+
+def _run_client_command(args):
+    settings = Settings(host=args.host, port=args.port, token_file=args.token_file)
+    host, port = settings.host, settings.port
+    try:
+        proxy = server_proxy(host, port, settings.token)
     except ValueError as exc:   # a URL xmlrpc.client cannot parse
         raise NodeMngrException("cannot reach %s:%d: %s" % (host, port, describe(exc)))
-    try:
+    with _calling(host, port):
         if args.command == "ping":
             print(proxy.ping())
         elif args.command == "status":
@@ -3657,8 +4511,6 @@ def _run_client_command(args):
         elif args.command == "stop":
             proxy.terminate()
             print("node manager at %s:%d is stopping" % (host, port))
-    except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
-        raise NodeMngrException(describe_call_error(exc, host, port))
     return 0
 
 
@@ -3672,11 +4524,12 @@ def _run_command(parser, args):
         parser.error("--udp and --host say how to bind the socket that --socket passes; give --socket too")
     line = " ".join(shlex.quote(a) for a in cmd)
     info = line if args.name is None else {"name": args.name, "cmd": line}
-    host, port = env_host(None), env_port(args.port)
+    settings = Settings(port=args.port, token_file=args.token_file)
+    host, port = settings.host, settings.port
     env = dict(os.environ)
-    try:
+    with _calling(host, port):
         if args.socket:
-            address = env_unix(None, port)
+            address = settings.unix
             if address is None:
                 raise NodeMngrException("run --socket needs the node manager's local socket, and NODEMNGR_UNIX is none")
             try:
@@ -3692,9 +4545,7 @@ def _run_command(parser, args):
             env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
                        LISTEN_FDNAMES=re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255])
         else:
-            given = make_proxy(host, port, read_token(args.token_file)).newPort(info, os.getpid())
-    except (OSError, xmlrpc.client.Error, expat.ExpatError, http.client.HTTPException) as exc:
-        raise NodeMngrException(describe_call_error(exc, host, port))
+            given = server_proxy(host, port, settings.token).newPort(info, os.getpid())
     env["PORT"] = str(given)
     argv = [a.replace("{port}", str(given)) for a in cmd]
     for stream in (sys.stdout, sys.stderr):
@@ -3710,35 +4561,27 @@ def _run_command(parser, args):
             signal.signal(sig, handler)
         print("nodemngr: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
         try:
-            make_proxy(host, port, read_token(args.token_file)).delPort(given)
+            server_proxy(host, port, settings.token).delPort(given)
         except (OSError, xmlrpc.client.Error):
             pass
         return 127
 
 
 def format_table(entries, now=None, header=True, with_host=False):
-    """listPorts entries as an aligned text table: PORT PID AGE INFO (HOST first, with_host)."""
-    now = _utc(time.time()) if now is None else now
+    """listPorts entries as an aligned text table: PORT PID AGE INFO (HOST first, with_host).
+    Every value is printable(): an info cannot forge rows or drive the terminal."""
+    now = utc(time.time()) if now is None else now
     rows = [("HOST",) * with_host + ("PORT", "PID", "AGE", "INFO")] if header else []
     for e in entries:
         since = e["since"]
         if not isinstance(since, datetime):
             since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
-        info = _printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
-        rows.append((_printable(str(e.get("host"))),) * with_host + (
+        info = printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
+        rows.append((printable(e.get("host")),) * with_host + (
             str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
     columns = len(rows[0]) - 1 if rows else 0
     widths = [max(len(r[i]) for r in rows) for i in range(columns)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(columns)) + "  " + r[-1] for r in rows)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def _printable(text):
-    """*text* with control characters written as escapes, so that an info cannot forge table
-    rows or drive the terminal."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def _age(seconds):
@@ -3750,25 +4593,14 @@ def _age(seconds):
 
 
 # ---------------------------------------------------------------------------------------------
-# Legacy names served lazily: the client lives in nodemngr_proxy.py
+# Legacy names
 # ---------------------------------------------------------------------------------------------
-
-class MissingClientError(NodeMngrException, AttributeError):
-    """nodemngr_proxy.py, which holds the client, is not beside nodemngr.py."""
-
-
-def _proxy_class():
-    try:
-        import nodemngr_proxy
-    except ImportError:
-        raise MissingClientError("the Python client needs nodemngr_proxy.py beside %s; copy it there, or "
-                                 "call the daemon with xmlrpc.client" % os.path.abspath(__file__)) from None
-    return nodemngr_proxy.NodeMngrProxy
-
+# nmPort, firstPort, NodeMngrException, NodeMngr and NodeMngrProxy are defined above, under the
+# 1999 module's names; nm is its shared proxy.
 
 class _LazyProxy:
-    """``nm``: a NodeMngrProxy made on first use, so that importing nodemngr (even alone, without
-    nodemngr_proxy.py) spawns nothing, opens nothing and fails nothing."""
+    """``nm``: a NodeMngrProxy made on first use, so that importing nodemngr spawns nothing,
+    opens nothing and fails nothing (a wrong NODEMNGR_PORT fails the first call, not the import)."""
 
     def __init__(self):
         self._proxy = None
@@ -3779,7 +4611,7 @@ class _LazyProxy:
             raise AttributeError(name)
         with self._lock:
             if self._proxy is None:
-                self._proxy = _proxy_class()()
+                self._proxy = NodeMngrProxy()
         return getattr(self._proxy, name)
 
     def __repr__(self):
@@ -3794,12 +4626,6 @@ class _LazyProxy:
 
 
 nm = _LazyProxy()
-
-
-def __getattr__(name):
-    if name == "NodeMngrProxy":
-        return _proxy_class()
-    raise AttributeError("module %r has no attribute %r" % (__name__, name))
 
 
 if __name__ == "__main__":

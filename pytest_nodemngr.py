@@ -19,8 +19,7 @@ dies first.  Each port's info is the test's node id, so ``nodemngr list`` shows 
 
 import pytest
 
-from nodemngr import UnknownPortError
-from nodemngr_proxy import NodeMngrProxy
+from nodemngr import NodeMngrProxy, UnknownPortError
 
 __all__ = ["nodemngr_port", "nodemngr_port_factory", "nodemngr_socket"]
 

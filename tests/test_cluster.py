@@ -274,7 +274,7 @@ def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path
 
 
 def test_a_key_deleted_in_etcd_is_put_back(daemon_factory, etcd):
-    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"ClusterView.recheck": 1.0})
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"ClusterView.resync_interval": 1.0})
     port = d.rpc().newPort("kept")
     key = "nodemngr/v1/ports/host-a/%d" % port
     assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5)

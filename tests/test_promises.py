@@ -10,7 +10,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import textwrap
 import time
@@ -479,26 +478,6 @@ def test_cli_errors_are_one_line(tmp_path, any_daemon, in_cli):
         stop.set()
         listener.close()
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
-
-
-def test_nodemngr_alone_imports_whole(tmp_path):
-    (tmp_path / "nodemngr.py").write_bytes(open(NODEMNGR, "rb").read())
-    script = "import sys; sys.path.insert(0, %r)\n" % str(tmp_path) + textwrap.dedent("""
-        from nodemngr import *
-        import nodemngr
-        print(hasattr(nodemngr, "nm"), hasattr(nodemngr, "NodeMngrProxy"), "nm" in dir())
-        try:
-            nm.ping()
-        except NodeMngrException as exc:
-            print(str(exc))
-    """)
-    # -S too: no site-packages, where an installed nodemngr (tox installs it) has its proxy
-    r = subprocess.run([sys.executable, "-I", "-S", "-c", script], cwd=str(tmp_path), capture_output=True,
-                       text=True, timeout=30, env=clean_env())
-    assert r.returncode == 0, r.stderr
-    flags, message = r.stdout.splitlines()
-    assert flags == "True False True"
-    assert "nodemngr_proxy.py" in message
 
 
 # -- 10. text in and out ------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from nodemngr import NodeMngrException
 def daemon_pid_at(port):
     """The pid of the node manager answering at 127.0.0.1:port, or None."""
     try:
-        proxy = nodemngr.make_proxy("127.0.0.1", port, timeout=2.0)
+        proxy = nodemngr.server_proxy("127.0.0.1", port, timeout=2.0)
         return proxy.status()["pid"]
     except (OSError, xmlrpc.client.Error, ValueError, KeyError):
         return None
@@ -543,14 +543,14 @@ def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp
 FORKS_WHILE_ITS_TURN = textwrap.dedent("""
     import os, sys, threading, time
     sys.path.insert(0, %(root)r)
-    import nodemngr_proxy
+    import nodemngr, nodemngr_proxy
     inside, forked = threading.Event(), threading.Event()
-    spawn = nodemngr_proxy._spawn_until_answered
+    spawn = nodemngr._spawn_until_answered
     def unlucky(*args):             # (only makes the timing certain: another thread forks now)
         inside.set()
         forked.wait()
         return spawn(*args)
-    nodemngr_proxy._spawn_until_answered = unlucky
+    nodemngr._spawn_until_answered = unlucky
     t = threading.Thread(target=nodemngr_proxy.start_daemon, kwargs={"port": %(port)d})
     t.start()
     inside.wait()

@@ -175,10 +175,10 @@ def test_a_recheck_whose_probe_fails_keeps_the_port():
     def no_descriptors(port):
         raise OSError(24, "Too many open files")
     with pytest.raises(OSError):
-        a.recheck_due(no_descriptors)
+        a.probe_busy(no_descriptors)
     assert a.free_count == 1, "the port whose probe failed fell out of the allocator"
     now[0] = 10.0
-    a.recheck_due(lambda port: True)
+    a.probe_busy(lambda port: True)
     assert a.take(lambda port: True) == 7000
 
 

@@ -50,10 +50,10 @@ def test_heads_are_read_and_repeats_joined_or_refused():
     # the two Connection lines are joined ("keep-alive, close"), so the connection closes
     head = nodemngr.read_head(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
                               b"connection: close\r\nContent-Length: 5")
-    assert head == nodemngr.RequestHead(False, 5, b"identity", False, False, None, False)
+    assert head == nodemngr.RequestHead(False, 5, b"identity", False, False, None, None)
     head = nodemngr.read_head(b"POST / HTTP/1.0\nConnection: keep-alive\nContent-Length: 0\n"
                               b"Authorization: Basic eA==")
-    assert head == nodemngr.RequestHead(True, 0, b"identity", False, True, b"Basic eA==", False)
+    assert head == nodemngr.RequestHead(True, 0, b"identity", False, True, b"Basic eA==", None)
     for bad in (b"POST / HTTP/1.1\r\nContent-Length: 5\r\ncontent-length: 5",
                 b"POST / HTTP/1.1\r\n folded: line", b"POST / HTTP/1.1\r\nno colon here",
                 b"POST / HTTP/1.1\r\nBad Name: x", b"POST / HTTP/1.1\r\nX: a\rb"):
