@@ -1,0 +1,249 @@
+"""The dispatcher, in-process and without a socket: one method table, rights, multicall, the
+portserver line and the socket handover, every call and fault counted the same way whatever door
+it came through.  The last tests check, on a real daemon, that those doors' counts reach /metrics.
+
+The in-process service is a real NodeMngr (real host checks, a range of free ports, no state file).
+"""
+import os
+import socket
+import struct
+import time
+import xmlrpc.client
+
+import pytest
+
+from support import free_range, wait_until
+
+import nodemngr
+from nodemngr import Deferred, Dispatcher, Handover, NodeMngr
+
+
+def body(method, *params):
+    return xmlrpc.client.dumps(params, method).encode("utf-8")
+
+
+def answer(reply):
+    """What an XML reply says: its value, or the Fault."""
+    try:
+        return xmlrpc.client.loads(reply, use_builtin_types=True)[0][0]
+    except xmlrpc.client.Fault as fault:
+        return fault
+
+
+@pytest.fixture
+def dispatcher():
+    first, last = free_range(20)
+    service = NodeMngr(first, last)
+    yield Dispatcher(service)
+    service.close()
+
+
+@pytest.fixture
+def local(dispatcher):
+    """A caller on the local socket: this process, as SO_PEERCRED would say it."""
+    return dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+
+
+@pytest.fixture
+def tcp(dispatcher):
+    return dispatcher.caller("tcp", address="127.0.0.1")
+
+
+def test_every_wire_method_of_the_service_is_in_one_table(dispatcher, tcp):
+    methods = answer(dispatcher.dispatch(tcp, body("system.listMethods")))
+    assert methods == sorted(methods) and set(methods) == {
+        "ping", "newPort", "newSocket", "delPort", "listPorts", "lookup", "status", "locate", "listCluster",
+        "terminate", "system.listMethods", "system.methodHelp", "system.methodSignature", "system.multicall"}
+    for method in methods:      # help for a reader in another language, and signatures
+        assert answer(dispatcher.dispatch(tcp, body("system.methodHelp", method)))
+        assert answer(dispatcher.dispatch(tcp, body("system.methodSignature", method)))[0][0] in (
+            "int", "string", "array", "struct", "boolean")
+
+
+def test_calls_are_answered_and_counted_and_faults_counted_by_code(dispatcher, tcp):
+    port = answer(dispatcher.dispatch(tcp, body("newPort", "web")))
+    assert dispatcher.service.allocator.first <= port
+    assert [e["port"] for e in answer(dispatcher.dispatch(tcp, body("lookup", "web")))] == [port]
+    assert answer(dispatcher.dispatch(tcp, body("delPort", port))) == 0
+    for call, code in ((body("delPort", port), 1), (body("newPort", "x", 2 ** 31 - 1), 3),
+                       (body("nosuch"), -32601), (body("ping", 1), -32602), (b"<not xml", -32700),
+                       (b"<?xml version='1.0'?><methodCall></methodCall>", -32600)):
+        assert answer(dispatcher.dispatch(tcp, call)).faultCode == code
+    assert dispatcher.requests == {"newPort": 2, "lookup": 1, "delPort": 2, "unknown": 1, "ping": 1}
+    assert dispatcher.faults == {1: 1, 3: 1, -32601: 1, -32602: 1, -32700: 1, -32600: 1}
+
+
+def test_call_runs_in_this_thread_checked_and_counted(dispatcher, tcp):
+    port = dispatcher.call(tcp, "newPort", ("in-process",))
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        dispatcher.call(tcp, "delPort", (port + 1000,))
+    assert fault.value.faultCode == 1 and fault.value.faultString == "Node manager: Unknown port: %d" % (port + 1000)
+    assert dispatcher.requests["newPort"] == dispatcher.requests["delPort"] == 1 and dispatcher.faults[1] == 1
+
+
+def test_multicall_counts_each_call_and_keeps_socket_and_etcd_calls_out(dispatcher, local):
+    calls = [{"methodName": "newPort", "params": ["a"]}, {"methodName": "delPort", "params": [1]},
+             {"methodName": "newSocket", "params": ["s"]}, {"methodName": "locate", "params": ["x"]},
+             {"methodName": "system.multicall", "params": [[]]}, {"methodName": "listPorts", "params": []},
+             {"methodName": "listPorts", "params": []}, "not a struct"]
+    results = answer(dispatcher.dispatch(local, body("system.multicall", calls)))
+    assert isinstance(results[0][0], int)
+    assert [r["faultCode"] for r in results[1:5]] == [1, 3, 3, -32600]
+    assert "local socket can carry, one call per request" in results[2]["faultString"]
+    assert "waits for etcd" in results[3]["faultString"]
+    assert len(results[5][0]) == 1 and results[6]["faultCode"] == 3 and results[7]["faultCode"] == -32600
+    assert dispatcher.requests["newPort"] == 1 and dispatcher.requests["system.multicall"] == 1
+    assert dispatcher.faults == {1: 1, 3: 3, -32600: 2}
+    assert dispatcher.service.registered == 1, "nothing of newSocket was registered"
+
+
+def test_listings_and_lookups_are_marshalled_once_per_change(dispatcher, tcp):
+    first = dispatcher.dispatch(tcp, body("listPorts"))
+    assert dispatcher.dispatch(tcp, body("listPorts")) is first
+    named = dispatcher.dispatch(tcp, body("lookup", "db"))
+    assert dispatcher.dispatch(tcp, body("lookup", "db")) is named
+    dispatcher.dispatch(tcp, body("newPort", "db"))
+    assert answer(dispatcher.dispatch(tcp, body("listPorts")))[0]["name"] == "db"
+    assert len(answer(dispatcher.dispatch(tcp, body("lookup", "db")))) == 1
+    assert dispatcher.requests["listPorts"] == 3 and dispatcher.requests["lookup"] == 3
+
+
+def test_a_large_reply_is_refused_when_replies_wait_but_small_ones_are_served(dispatcher, tcp):
+    with pytest.raises(nodemngr.Busy):
+        dispatcher.dispatch(tcp, body("listPorts"), short_of_memory=True)
+    assert answer(dispatcher.dispatch(tcp, body("ping"), short_of_memory=True)).startswith("NodeMngr at ")
+
+
+def test_terminate_is_for_callers_on_this_host_only(dispatcher):
+    stops = []
+    dispatcher.service.on_terminate = stops.append
+    remote = dispatcher.caller("tcp", address="192.0.2.7")     # (TEST-NET-1: never this host's)
+    assert answer(dispatcher.dispatch(remote, body("terminate"))).faultCode == 4
+    assert stops == []
+    assert answer(dispatcher.dispatch(dispatcher.caller("tcp", address="127.0.0.1"), body("terminate"))) is True
+    assert stops == ["terminate called"] and dispatcher.faults == {4: 1}
+
+
+def test_the_token_rule(dispatcher):
+    dispatcher.token = b"s3cret"
+    good = b"Basic " + __import__("base64").b64encode(b"anyone:s3cret")
+    tcp = dispatcher.caller("tcp", address="127.0.0.1")
+    assert not dispatcher.admits(tcp, None) and not dispatcher.admits(tcp, b"Basic eDp5")
+    assert dispatcher.admits(tcp, good)
+    ours = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+    theirs = dispatcher.caller("local", uid=os.getuid() + 12345, pid=1)
+    unknown = dispatcher.caller("local", uid=None, pid=None)
+    assert ours.trusted and dispatcher.admits(ours, None)
+    assert not theirs.trusted and not unknown.trusted and not dispatcher.admits(theirs, None)
+    assert dispatcher.admits(theirs, good)
+    assert dispatcher.portserver(theirs, b"%d" % os.getpid()) is None, "the portserver line carries no token"
+    assert dispatcher.faults == {4: 1}
+
+
+def test_the_portserver_line_registers_to_its_pid_and_refusals_are_counted(dispatcher, local):
+    port = dispatcher.portserver(local, b"%d" % os.getpid())
+    [entry] = dispatcher.service.listPorts()
+    assert (entry["port"], entry["pid"], entry["info"]) == (port, os.getpid(), "portserver")
+    for line in (None, b"", b"1", b"0", b"12a", b"%d" % (2 ** 31 - 1)):
+        assert dispatcher.portserver(local, line) is None, line
+    assert dispatcher.requests["portserver"] == 7 and dispatcher.faults == {3: 6}
+
+
+def test_new_socket_is_a_handover_on_the_local_socket_only(dispatcher, local, tcp):
+    assert answer(dispatcher.dispatch(tcp, body("newSocket", "web"))).faultCode == 3
+    handover = dispatcher.dispatch(local, body("newSocket", "web"))
+    assert type(handover) is Handover and len(handover.sockets) == 1
+    with handover.sockets[0] as sock:
+        assert sock.getsockname()[1] == handover.ports[0] == answer(handover.reply)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    assert dispatcher.service.listPorts()[0]["pid"] == os.getpid(), "owned by the caller by default"
+    reply = dispatcher.handover_failed(handover, BlockingIOError(11, "the client has not read its previous reply"))
+    assert answer(reply).faultCode == -32603 and "given back" in answer(reply).faultString
+    assert dispatcher.service.registered == 0
+    assert dispatcher.requests["newSocket"] == 2 and dispatcher.faults == {3: 1, -32603: 1}
+
+
+def test_a_slow_call_is_deferred_run_in_a_thread_and_finished_counted(dispatcher, tcp):
+    deferred = dispatcher.dispatch(tcp, body("locate", "db"))
+    assert type(deferred) is Deferred and dispatcher.slow_calls == 1
+    deferred.run()      # (the transport runs it in a thread)
+    fault = answer(dispatcher.finish(deferred))
+    assert fault.faultCode == 5 and "no cluster view" in fault.faultString
+    assert dispatcher.slow_calls == 0 and dispatcher.faults == {5: 1}
+    held = [dispatcher.dispatch(tcp, body("listCluster")) for _ in range(dispatcher.max_slow_calls)]
+    assert answer(dispatcher.dispatch(tcp, body("locate", "db"))).faultCode == 5, "beyond 8 waiting: at once"
+    for deferred in held:
+        deferred.run()
+        dispatcher.finish(deferred)
+    assert dispatcher.slow_calls == 0
+
+
+def test_a_bug_is_one_sentence_for_the_caller_and_a_traceback_in_the_log(dispatcher, tcp, caplog):
+    dispatcher.service.allocator.held = None    # a bug: listPorts now fails inside the service
+    fault = answer(dispatcher.dispatch(tcp, body("listPorts")))
+    assert fault.faultCode == -32603 and fault.faultString == (
+        "internal error in listPorts (AttributeError); the node manager's log has the details")
+    assert "Traceback" in caplog.text and dispatcher.faults == {-32603: 1}
+
+
+def test_metrics_text_has_every_counter_and_the_gauges_others_keep(dispatcher, tcp):
+    dispatcher.add_gauge("nodemngr_connections", "Client connections open now.", lambda: 3)
+    dispatcher.dispatch(tcp, body("newPort", "x"))
+    dispatcher.portserver(tcp, None)
+    text = dispatcher.metrics()
+    for line in ('nodemngr_requests_total{method="newPort"} 1', 'nodemngr_requests_total{method="portserver"} 1',
+                 'nodemngr_faults_total{code="3"} 1', "nodemngr_ports_registered 1", "nodemngr_connections 3"):
+        assert line in text.splitlines(), line
+
+
+# -- every door reaches the same counters, on a real daemon ---------------------------------------
+
+def metric(daemon, name, label):
+    """{label value: count} of counter *name* in the daemon's /metrics."""
+    import urllib.request
+    with urllib.request.urlopen("http://%s:%d/metrics" % (daemon.host, daemon.port), timeout=10) as reply:
+        text = reply.read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            found[labels.split("=", 1)[1].strip('"')] = float(value)
+    return found
+
+
+def local_connection(daemon):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(nodemngr.local_sockaddr("@nodemngr-%d" % daemon.port))
+    return s
+
+
+def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(daemon):
+    before = metric(daemon, "nodemngr_faults_total", "code")
+    with local_connection(daemon) as s:         # a portserver request served
+        s.sendall(b"%d\n" % os.getpid())
+        assert daemon.first <= int(s.recv(100)) <= daemon.last
+    with local_connection(daemon) as s:         # and one refused: closed without a reply
+        s.sendall(b"1\n")
+        assert s.recv(100) == b""
+    request = body("newSocket", "pipelined")
+    request = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request)
+    with local_connection(daemon) as s:         # two handovers pipelined: the second cannot go
+        s.sendall(request * 2)                  # (both answered before this client reads any)
+        assert wait_until(lambda: metric(daemon, "nodemngr_requests_total", "method").get("newSocket") == 2)
+        data, fds = b"", []
+        deadline = time.monotonic() + 10
+        while data.count(b"</methodResponse>") < 2 and time.monotonic() < deadline:
+            chunk, ancillary, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            assert chunk
+            data += chunk
+            fds += [fd for _, _, c in ancillary for fd in struct.unpack("%di" % (len(c) // 4), c)]
+    for fd in fds:
+        os.close(fd)
+    assert len(fds) == 1 and data.count(b"faultCode") == 1, data
+    requests = metric(daemon, "nodemngr_requests_total", "method")
+    faults = metric(daemon, "nodemngr_faults_total", "code")
+    assert requests["portserver"] == 2 and requests["newSocket"] == 2
+    assert faults.get("3", 0) - before.get("3", 0) == 1, "the refused portserver request"
+    assert faults.get("-32603", 0) - before.get("-32603", 0) == 1, "the handover that could not go"
+    assert wait_until(lambda: len(daemon.rpc().listPorts()) == 2), "the port of the failed handover was given back"
