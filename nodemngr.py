@@ -43,7 +43,7 @@ Sections, in file order; each uses only the sections above it:
 Layers talk one way.  The service knows no transport; every door (XML-RPC over HTTP on TCP and on
 the local socket, portpicker's portserver line, the socket handover) goes through one Dispatcher,
 which checks, counts and logs every call and fault the same way.  The server asks a connection
-questions (expired(), evictable()); a connection asks its server through a few named methods
+questions (expired(), quiet()); a connection asks its server through a few named methods
 (owed_bytes(), release(), run_slow()).  The cluster view is handed a snapshot function and told of
 changes through one callback; it never calls the service.  Limits are class attributes that tests
 may shorten, as in socketserver.
@@ -1964,8 +1964,8 @@ class Dispatcher:
         """The reply of a Deferred that has run; its fault, if any, is counted here."""
         self.slow_calls -= 1
         if deferred.reply is None:      # (it never ran: its thread could not be had)
-            deferred.reply, deferred.fault = marshal_reply(Fault(INTERNAL_ERROR, "internal error: %s did not run; see "
-                                                                 "the node manager's log" % deferred.method), deferred.method)
+            failed = Fault(INTERNAL_ERROR, "internal error: %s did not run; see the node manager's log" % deferred.method)
+            deferred.reply, deferred.fault = marshal_reply(failed, deferred.method)
         if deferred.fault is not None:
             self.faults[deferred.fault] += 1
         return deferred.reply
@@ -2557,7 +2557,8 @@ class Connection(asyncio.BufferedProtocol):
             if _unsent_bytes(self.sock):
                 raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
             fds = [sock.fileno() for sock in handover.sockets]
-            sent = self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+            rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))
+            sent = self.sock.sendmsg([data], [rights])
         except OSError as exc:
             log.debug("could not pass the sockets of ports %s: %s", handover.ports, exc)
             reply = self.server.dispatcher.handover_failed(handover, exc)
@@ -3352,10 +3353,11 @@ class ClusterView:
     """Publishes a registry under nodemngr/v1/ports/HOST/ in etcd, from a thread of its own: a
     local call never waits for etcd.  snapshot(): the Registrations held, read once, at start();
     from then on changed() tells it of each change, from the service's thread.  It keeps its own
-    copy of the registry, under its own lock, which the service never takes.  Changes are coalesced (a burst of calls is a few
-    transactions), all keys hang on one lease kept alive every ttl/3 seconds, and at start, after
-    a lost lease and when etcd answers again after an outage, the HOST prefix is rewritten to
-    match the registry exactly.  An outage is logged once; status() says what is wrong."""
+    copy of the registry, under its own lock, which the service never takes.  Changes are
+    coalesced (a burst of calls is a few transactions), all keys hang on one lease kept alive
+    every ttl/3 seconds, and at start, after a lost lease and when etcd answers again after an
+    outage, the HOST prefix is rewritten to match the registry exactly.  An outage is logged
+    once; status() says what is wrong."""
 
     coalesce = 0.02     # seconds to gather changes into one transaction
     retry = 0.5         # seconds between two tries while etcd cannot be reached (doubling to 4)
