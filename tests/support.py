@@ -1,5 +1,6 @@
-"""Helpers shared by the tests (through conftest.py) and the benchmark (bench/bench.py): ports, the
-product's environment, processes stopped by pid, and a real daemon in a subprocess.
+"""Helpers shared by the tests and the benchmark (bench/bench.py): ports, the product's environment,
+the daemon's settings, processes stopped by pid, a real daemon in a subprocess, and raw HTTP.
+Test modules import them from here (conftest.py holds only fixtures and hooks).
 
 Standard library only, and no pytest: bench/bench.py imports this module with the tests folder put
 on sys.path.
@@ -183,6 +184,40 @@ for name, value in %(settings)r.items():
 sys.argv[0] = script
 sys.exit(nodemngr.main())
 """
+
+
+#: The daemon's settings that tests change, by the short names tests use, as the "Class.attribute"
+#: of nodemngr.py that the launcher sets before the daemon serves (it refuses one the daemon lacks).
+#: The one place these names are written: a rename in nodemngr.py is one edit here.
+SETTINGS = {
+    "reap_interval": "NodeMngrServer.reap_interval",    # between two owner checks (2 s)
+    "busy_retry": "NodeMngrServer.busy_retry",          # before a port found busy is probed again
+    "stall_timeout": "NodeMngrServer.stall_timeout",    # a client stalled mid-request is cut (10 s)
+    "idle_timeout": "NodeMngrServer.idle_timeout",      # an idle keep-alive connection is closed (30 s)
+    "linger": "NodeMngrServer.linger",                  # after its last reply, for what a client still sends
+    "max_connections": "NodeMngrServer.max_connections",    # at once (128)
+    "max_pending_bytes": "NodeMngrServer.max_pending_bytes",    # of replies waiting for slow readers
+    "stop_grace": "NodeMngrServer.stop_grace",          # a stop waits this long for incomplete requests
+    "tick": "NodeMngrServer.tick",                      # between two sweeps for deadlines
+    "lock_wait": "StateStore.lock_wait",                # for a state file another daemon holds
+    "cluster_recheck": "ClusterView.recheck",   # between two comparisons of what it published with the registry
+}
+
+
+def daemon_settings(**values):
+    """``Daemon(settings=...)`` from short names: ``daemon_settings(stall_timeout=0.5)`` is
+    ``{"NodeMngrServer.stall_timeout": 0.5}`` (KeyError for a name SETTINGS does not have)."""
+    return {SETTINGS[name]: value for name, value in values.items()}
+
+
+#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).  Tests that
+#: check a port is *kept* wait a few of these, so it sets their length: a pass over a few owners
+#: takes microseconds, and 0.2 s leaves the loop idle nearly all the time.
+REAP_INTERVAL = 0.2
+#: Short limits for tests that wait for the owner check.
+FAST_REAP = daemon_settings(reap_interval=REAP_INTERVAL)
+#: How long a daemon waits for a state file another daemon holds.
+SHORT_LOCK_WAIT = daemon_settings(lock_wait=0.2)
 
 
 def launcher(script=NODEMNGR, settings=None):
@@ -799,7 +834,7 @@ class Daemon(ServerProcess):
     Attributes: host, port, first, last, state (path or "none"), log (path), proc, url, env (the
     environment a client of this daemon needs: NODEMNGR_HOST/PORT set, autostart off).
     settings: {"Class.attribute": value} set in the daemon before it serves, e.g.
-    {"NodeMngrServer.stall_timeout": 1.0}.  script: the nodemngr.py to run (the benchmark's
+    daemon_settings(stall_timeout=1.0).  script: the nodemngr.py to run (the benchmark's
     --baseline runs an older copy).  preexec_fn: run in the child before it starts (rlimits).
     cwd: its working folder (default: this process's).  exec_only: exec it even where the fork
     server could start it (see ZYGOTE).

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port, run_python, wait_until
+from support import NODEMNGR, ROOT, clean_env, free_port, run_python, wait_until
 
 
 def cli(*args, env=None, timeout=30):

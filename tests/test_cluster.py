@@ -8,7 +8,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, wait_until
+from support import FAST_REAP, daemon_settings, wait_until
 from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
@@ -274,7 +274,7 @@ def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path
 
 
 def test_a_key_deleted_in_etcd_is_put_back(daemon_factory, etcd):
-    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"ClusterView.recheck": 1.0})
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings=daemon_settings(cluster_recheck=1.0))
     port = d.rpc().newPort("kept")
     key = "nodemngr/v1/ports/host-a/%d" % port
     assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5)

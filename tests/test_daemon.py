@@ -7,7 +7,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import free_range
+from support import free_range
 
 
 def fault_code(call, *args):

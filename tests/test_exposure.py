@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, clean_env, free_port, nodemngr_argv, run_python
+from support import ROOT, clean_env, free_port, nodemngr_argv, run_python
 
 import nodemngr
 

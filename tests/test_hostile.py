@@ -24,7 +24,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import Daemon, free_port, wait_until
+from support import Daemon, daemon_settings, free_port, wait_until
 
 from hypothesis import assume, event, given, settings, strategies as st
 
@@ -849,7 +849,7 @@ def test_stalled_and_idle_clients(daemon_factory):
     """20 clients stalled mid-body, 20 idle keep-alive ones and a few other stallers: normal calls are
     served in under a second; every staller is cut about STALL s after its first byte; the idle ones,
     past STALL s, are still open and served."""
-    daemon = daemon_factory(settings={"NodeMngrServer.stall_timeout": STALL})
+    daemon = daemon_factory(settings=daemon_settings(stall_timeout=STALL))
     sel = selectors.DefaultSelector()
     idle = []
     for _ in range(20):

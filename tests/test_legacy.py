@@ -5,7 +5,7 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import (NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, port_is_free,
+from support import (NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, port_is_free,
                       run_python, stop_pid, wait_until)
 
 LEGACY_SCRIPT = textwrap.dedent("""

@@ -4,7 +4,7 @@ import socket
 import xmlrpc.client
 
 import nodemngr
-from conftest import wait_until
+from support import wait_until
 
 PING = xmlrpc.client.dumps((), "ping").encode()
 REQUEST = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(PING), PING)

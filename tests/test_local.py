@@ -15,12 +15,12 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import (FAST_REAP, NODEMNGR, ROOT, clean_env, free_range, pid_alive, popen_python, run_python,
-                      stop_pid, wait_until)
+from support import (FAST_REAP, NODEMNGR, ROOT, clean_env, daemon_settings, free_range, pid_alive, popen_python,
+                     run_python, stop_pid, wait_until)
 
 import nodemngr
 
-SHORT_STALL = dict(FAST_REAP, **{"NodeMngrServer.stall_timeout": 0.5})
+SHORT_STALL = dict(FAST_REAP, **daemon_settings(stall_timeout=0.5))
 
 
 def local_address(d):
@@ -568,5 +568,5 @@ def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_pat
 
 
 def nodemngr_port_and_range():
-    from conftest import free_port
+    from support import free_port
     return free_port(), free_range(10)

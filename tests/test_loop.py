@@ -11,7 +11,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, clean_env, free_port, run_python, wait_until
+from support import ROOT, clean_env, daemon_settings, free_port, run_python, wait_until
 
 PING = xmlrpc.client.dumps((), "ping").encode()
 PING_REQUEST = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(PING), PING)
@@ -164,7 +164,7 @@ def test_half_close_answers_every_pipelined_request(daemon_factory):
 def test_stop_waits_only_for_replies_owed(daemon_factory):
     # Once its last reply has left, a connection lingers (1 s by default) for what the client still
     # sends, then closes: the stop waits for that, not for a stall limit (10 s).
-    d = daemon_factory(size=1100, settings={"NodeMngrServer.linger": 0.2, "NodeMngrServer.tick": 0.05})
+    d = daemon_factory(size=1100, settings=daemon_settings(linger=0.2, tick=0.05))
     fill_registry(d, 1000)                  # one listPorts reply is about 4 MB
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, popen_python, wait_until
+from support import FAST_REAP, ROOT, SHORT_LOCK_WAIT, popen_python, wait_until
 
 HOLDER = textwrap.dedent("""
     import sys, time

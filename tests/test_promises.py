@@ -19,8 +19,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, free_port, free_range, launcher,
-                      nodemngr_argv, popen_python, run_python, stop_pid, wait_until)
+from support import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, daemon_settings, free_port, free_range,
+                     launcher, nodemngr_argv, popen_python, run_python, stop_pid, wait_until)
 from test_loop import count_turned_away, fill_registry, read_replies, rss_kib, slow_readers
 
 import nodemngr
@@ -400,7 +400,7 @@ def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper,
 #: its next sweep for deadlines (every tick, 0.25 s): for the tests whose clients never complete or
 #: never read, shorter ones on the same code path.  (The bounds they check are 5 s; the code before
 #: the fixes took stall_timeout, 10 s.)
-SHORT_GRACE = {"NodeMngrServer.stop_grace": 0.1, "NodeMngrServer.tick": 0.05}
+SHORT_GRACE = daemon_settings(stop_grace=0.1, tick=0.05)
 
 
 def test_a_stalled_client_does_not_hold_the_state_file(daemon_factory):
@@ -635,7 +635,7 @@ def test_a_stop_is_quick_while_many_slow_clients_read_listings(daemon_factory):
 
 
 def test_newcomers_turned_away_read_a_503(daemon_factory):
-    d = daemon_factory(settings={"NodeMngrServer.max_connections": 8})
+    d = daemon_factory(settings=daemon_settings(max_connections=8))
     held = []
     try:
         for _ in range(8):

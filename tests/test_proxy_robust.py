@@ -20,8 +20,8 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import (PRODUCT_VARS, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, run_python,
-                      stop_pid, wait_until)
+from support import (PRODUCT_VARS, ROOT, clean_env, daemon_settings, free_port, free_range, pid_alive,
+                     popen_python, run_python, stop_pid, wait_until)
 
 import nodemngr
 import nodemngr_proxy
@@ -199,7 +199,7 @@ NEWPORT_CLIENT = textwrap.dedent("""
 def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, stop_at_ports):
     # (the old daemon holds its state file for stop_grace, 1 s by default, while the stalled request
     # may still complete; the next one waits for it: 0.3 s here, the same path)
-    old = daemon_factory(size=10, settings={"NodeMngrServer.stop_grace": 0.3})
+    old = daemon_factory(size=10, settings=daemon_settings(stop_grace=0.3))
     kept = old.rpc().newPort("kept", 0)
     stop_at_ports.append(old.port)      # the daemon the client starts, should the test fail midway
     stalled = socket.create_connection((old.host, old.port))

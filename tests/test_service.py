@@ -16,8 +16,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, clean_env, free_port, free_range, launcher, wait_until
-from support import ServerProcess
+from support import FAST_REAP, ROOT, ServerProcess, clean_env, free_port, free_range, launcher, wait_until
 
 import nodemngr
 

@@ -16,7 +16,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, wait_until
+from support import ROOT, daemon_settings, wait_until
 from test_loop import fill_registry, read_replies
 from test_promises import _status_kib, post
 
@@ -63,8 +63,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
     # Each multicall below answers one listing of about 1.2 MB. The client asks for 40 of them in
     # one go and reads nothing, then the daemon is told to stop: it answers what it received, but
     # once max_pending_bytes of replies wait, the large ones get 503 instead of 48 MB of replies.
-    d = daemon_factory(size=300, settings={"NodeMngrServer.max_pending_bytes": 3 << 20,
-                                           "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
+    d = daemon_factory(size=300, settings=daemon_settings(max_pending_bytes=3 << 20, stop_grace=0.2, tick=0.05))
     fill_registry(d, 300)
     request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
     growth = _growth_while_stopping(d, request * 40)
@@ -74,7 +73,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
 def test_blank_lines_do_not_keep_a_connection_open(daemon_factory):
     # Blank lines may come before a request line; they are part of that request, which has
     # stall_timeout to arrive whole: sending some every 0.15 s must not hold the connection.
-    d = daemon_factory(settings={"NodeMngrServer.stall_timeout": 0.5, "NodeMngrServer.idle_timeout": 5.0})
+    d = daemon_factory(settings=daemon_settings(stall_timeout=0.5, idle_timeout=5.0))
     with socket.create_connection((d.host, d.port)) as s:
         s.settimeout(0.15)
         deadline = time.monotonic() + 5
@@ -98,7 +97,7 @@ def test_signals_while_the_state_file_opens_neither_kill_nor_get_lost(daemon_fac
     holder = sqlite3.connect(str(state), isolation_level=None)
     holder.execute("PRAGMA locking_mode=EXCLUSIVE")
     holder.execute("BEGIN EXCLUSIVE")
-    d = daemon_factory(start=False, state=state, settings={"StateStore.lock_wait": 20.0})
+    d = daemon_factory(start=False, state=state, settings=daemon_settings(lock_wait=20.0))
     d.start(wait=False)
     try:
         def listening():
@@ -187,8 +186,7 @@ def test_a_recheck_whose_probe_fails_keeps_the_port():
 def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_factory):
     # A listing of about 250 KB goes to the transport in one piece; 300 of them asked for in one go
     # and never read must still wait within max_pending_bytes when the stop answers them.
-    d = daemon_factory(size=70, settings={"NodeMngrServer.max_pending_bytes": 2 << 20,
-                                          "NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.tick": 0.05})
+    d = daemon_factory(size=70, settings=daemon_settings(max_pending_bytes=2 << 20, stop_grace=0.2, tick=0.05))
     fill_registry(d, 60)
     growth = _growth_while_stopping(d, post(xmlrpc.client.dumps((), "listPorts").encode()) * 300)
     assert growth < 30 * 1024, "small replies owed at the stop grew the daemon by %d KiB" % growth
@@ -215,8 +213,7 @@ def test_signals_while_the_daemon_exits_do_not_kill_it(daemon):
 def test_a_stop_does_not_linger_on_a_client_owed_nothing(daemon_factory):
     # A connection holding only the start of a request is owed nothing: once the state file is
     # released (stop_grace), it is closed, not left to linger (30 s here) as one owed replies is.
-    d = daemon_factory(settings={"NodeMngrServer.stop_grace": 0.2, "NodeMngrServer.linger": 30.0,
-                                 "NodeMngrServer.stall_timeout": 60.0})
+    d = daemon_factory(settings=daemon_settings(stop_grace=0.2, linger=30.0, stall_timeout=60.0))
     with socket.create_connection((d.host, d.port)) as s:
         s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n<?xml")
         assert d.rpc().ping()       # (the partial request has reached the daemon by now)
