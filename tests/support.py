@@ -12,6 +12,7 @@ import os
 import random
 import resource
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -900,3 +901,220 @@ class Daemon(ServerProcess):
         """SIGTERM; return the exit status."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+# ----------------------------------------------------------------------------- a daemon's load
+
+def memory_kib(pid, field="VmRSS"):
+    """A memory figure of /proc/PID/status in KiB: VmRSS (now) or VmHWM (the peak so far)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError("no %s in /proc/%d/status" % (field, pid))
+
+
+def fill_registry(daemon, count, info_bytes=3900):
+    """Register *count* ports with big infos (about *info_bytes* each), so that one listPorts reply
+    is megabytes: count=1000 makes it about 4 MB."""
+    rpc = daemon.rpc()
+    per_batch = 60000 // (info_bytes + 100)
+    for first in range(0, count, per_batch):
+        multi = xmlrpc.client.MultiCall(rpc)
+        for i in range(first, min(count, first + per_batch)):
+            multi.newPort("%05d" % i + "x" * (info_bytes - 5))
+        multi()
+
+
+# ----------------------------------------------------------------------------- raw HTTP
+#
+# For tests that must write or read the bytes themselves: requests malformed on purpose, cut short
+# or pipelined, replies nobody reads, headers the daemon writes.  http_request() builds a request;
+# RawConnection sends any bytes, on a connection of its own or on a socket the test made, and reads
+# complete replies; post() is one request and its reply on a fresh connection.  An ordinary call is
+# made with xmlrpc.client (Daemon.rpc()), not with these.
+
+def rpc_body(method, *params):
+    """An XML-RPC methodCall as xmlrpc.client writes it, as bytes."""
+    return xmlrpc.client.dumps(params, method).encode()
+
+
+def http_request(body=b"", method="POST", path="/RPC2", version="HTTP/1.1", headers=(), length=True):
+    """The bytes of one request: the request line, ``Host: 127.0.0.1``, ``Content-Type: text/xml``,
+    *headers* ("Name: value" strs, written as given and in order), ``Content-Length: len(body)``, a
+    blank line, *body*.  *length* an int: that Content-Length instead (a body cut short); false: none
+    (a test writes its own among *headers*, or tests its absence).  What this cannot write (no Host,
+    a broken request line) a test writes as bytes."""
+    lines = ["%s %s %s" % (method, path, version), "Host: 127.0.0.1", "Content-Type: text/xml"]
+    lines += list(headers)
+    if length is True:
+        lines.append("Content-Length: %d" % len(body))
+    elif length is not False and length is not None:
+        lines.append("Content-Length: %d" % length)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Reply:
+    """One HTTP reply read by RawConnection: version ("HTTP/1.1"), status (int), reason (str),
+    headers ({lower-case name: value}), body (bytes)."""
+
+    __slots__ = ("version", "status", "reason", "headers", "body")
+
+    def __init__(self, version, status, reason, headers, body):
+        self.version, self.status, self.reason, self.headers, self.body = version, status, reason, headers, body
+
+    def result(self):
+        """The XML-RPC result it carries: the value (bytes and datetime as Python's), or the
+        xmlrpc.client.Fault; AssertionError unless it is a 200 text/xml reply."""
+        assert self.status == 200, self
+        assert self.headers.get("content-type", "").startswith("text/xml"), self
+        try:
+            (value,), _ = xmlrpc.client.loads(self.body, use_builtin_types=True)
+        except xmlrpc.client.Fault as fault:
+            return fault
+        return value
+
+    def __repr__(self):
+        return "<Reply %s %d %s %r %r>" % (self.version, self.status, self.reason, self.headers, self.body[:300])
+
+
+class RawConnection:
+    """One TCP connection, for bytes.  ``RawConnection(daemon)`` (anything with .host and .port) or
+    ``RawConnection((host, port))`` connects; ``RawConnection(sock)`` uses a socket the test made (with
+    a small receive buffer, say).  *timeout* bounds every send and read; *read_size* is the most one
+    read takes, and *read_pause* the seconds between two reads (a slow but steady reader).
+
+    send(data) sends all of *data*, whatever it is; reply() reads one complete reply (EOFError if
+    the peer closes first); replies(n) reads n, or fewer if the peer closes first; at_eof() says
+    whether the peer closes next.  Reading checks what it needs to split replies and what every
+    reply of the daemon must be: an ``HTTP/1.1 NNN reason`` status line, no header twice, a body
+    framed by Content-Length (never chunked), none for a 1xx.  Bytes past the replies read are kept
+    for the next read: none is lost, however the peer split or joined them."""
+
+    def __init__(self, to, timeout=10.0, read_size=1 << 20, read_pause=0.0):
+        self.read_size, self.read_pause = read_size, read_pause
+        if isinstance(to, socket.socket):
+            self.sock = to
+        else:
+            self.sock = socket.create_connection((to.host, to.port) if hasattr(to, "port") else to, timeout=timeout)
+        self.sock.settimeout(timeout)
+        self._data, self._at = bytearray(), 0       # what was received; where the next reply begins
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def reply(self):
+        replies = self.replies(1)
+        if not replies:
+            raise EOFError("the peer closed the connection; unread: %r" % bytes(self._data[self._at:self._at + 200]))
+        return replies[0]
+
+    def replies(self, count):
+        replies = []
+        while len(replies) < count:
+            reply = self._next()
+            if reply is not None:
+                replies.append(reply)
+                continue
+            if self.read_pause and self._data:
+                time.sleep(self.read_pause)
+            chunk = self.sock.recv(self.read_size)
+            if not chunk:
+                break
+            self._data += chunk
+        return replies
+
+    def _next(self):
+        """The next complete reply in what was received, or None."""
+        data, at = self._data, self._at
+        end = data.find(b"\r\n\r\n", at)
+        if end < 0:
+            return None
+        lines = bytes(data[at:end]).decode("latin-1").split("\r\n")
+        version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+        assert version == "HTTP/1.1" and status.isdigit() and len(status) == 3, "status line %r" % lines[0]
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            assert colon and name.strip() == name, "header line %r" % line
+            assert name.lower() not in headers, "header %s twice" % name
+            headers[name.lower()] = value.strip()
+        assert "transfer-encoding" not in headers, "a reply with Transfer-Encoding: %r" % lines
+        if 100 <= int(status) < 200:
+            length = 0
+        else:
+            assert headers.get("content-length", "").isdigit(), "no Content-Length: %r" % lines
+            length = int(headers["content-length"])
+        start = end + 4
+        if len(data) < start + length:
+            return None
+        reply = Reply(version, int(status), reason, headers, bytes(data[start:start + length]))
+        self._at = start + length
+        if self._at > 1 << 20:      # drop what was read now and then, not at every reply
+            del data[:self._at]
+            self._at = 0
+        return reply
+
+    def at_eof(self, timeout=3.0):
+        """Whether the peer closes (FIN or reset) within *timeout* seconds, sending nothing more
+        (AssertionError if it sends more)."""
+        assert self._at == len(self._data), "unexpected bytes after the replies: %r" % bytes(self._data[self._at:][:200])
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(previous)
+        assert not data, "unexpected bytes after the replies: %r" % data[:200]
+        return True
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def post(to, body=b"", timeout=10.0, **request):
+    """One request, ``http_request(body, **request)``, on a fresh connection to *to* (as for
+    RawConnection): its Reply."""
+    with RawConnection(to, timeout) as c:
+        c.send(http_request(body, **request))
+        return c.reply()
+
+
+def slow_readers(daemon, count, request):
+    """*count* connections (sockets) that each send *request* and read nothing, with small receive
+    buffers: the daemon's replies wait in it."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((daemon.host, daemon.port))
+        s.sendall(request)
+        socks.append(s)
+    return socks
+
+
+def count_turned_away(socks, wait=0.2):
+    """How many of *socks* have a 503 waiting to be read, or arriving within *wait* seconds (all of
+    them watched at once)."""
+    count, deadline = 0, time.monotonic() + wait
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while sel.get_map():
+            ready = sel.select(max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for key, _ in ready:
+                sel.unregister(key.fileobj)
+                count += key.fileobj.recv(100).startswith(b"HTTP/1.1 503 ")
+    return count

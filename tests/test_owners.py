@@ -3,7 +3,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import textwrap
@@ -12,7 +11,8 @@ import xmlrpc.client
 
 import pytest
 
-from support import FAST_REAP, ROOT, SHORT_LOCK_WAIT, popen_python, wait_until
+from support import (FAST_REAP, ROOT, SHORT_LOCK_WAIT, RawConnection, http_request, popen_python, rpc_body,
+                     wait_until)
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -256,45 +256,20 @@ def test_full_disk_mid_run(daemon_factory, tmp_path):
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def raw_new_port(sock, info):
-    body = xmlrpc.client.dumps((info,), "newPort").encode()
-    sock.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-
-
-def read_reply(sock):
-    data = b""
-    sock.settimeout(20)
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
 def test_sigterm_answers_every_call_in_flight(daemon):
     # ten idle keep-alive connections that served a call already, ten brand new ones
-    socks = [socket.create_connection((daemon.host, daemon.port)) for _ in range(20)]
-    for s in socks[:10]:
-        raw_new_port(s, "warm-up")
-        assert b"200 OK" in read_reply(s)
-    for i, s in enumerate(socks):
-        raw_new_port(s, "in flight %d" % i)
+    conns = [RawConnection(daemon, timeout=20) for _ in range(20)]
+    for c in conns[:10]:
+        c.send(http_request(rpc_body("newPort", "warm-up")))
+        assert c.reply().status == 200
+    for i, c in enumerate(conns):
+        c.send(http_request(rpc_body("newPort", "in flight %d" % i)))
     daemon.proc.send_signal(signal.SIGTERM)
-    replies = [read_reply(s) for s in socks]
-    for s in socks:
-        s.close()
-    ports = []
-    for reply in replies:
-        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
-        ports.append(xmlrpc.client.loads(reply.partition(b"\r\n\r\n")[2])[0][0])
+    replies = [c.reply() for c in conns]
+    for c in conns:
+        c.close()
+    ports = [reply.result() for reply in replies]
+    assert all(isinstance(port, int) for port in ports), replies
     assert daemon.proc.wait(15) == 0
     daemon.start()
     held = registered(daemon)

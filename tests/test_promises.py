@@ -5,6 +5,7 @@ import json
 import os
 import pathlib
 import resource
+import select
 import shlex
 import shutil
 import socket
@@ -19,26 +20,18 @@ import xmlrpc.client
 
 import pytest
 
-from support import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, clean_env, daemon_settings, free_port, free_range,
-                     launcher, nodemngr_argv, popen_python, run_python, stop_pid, wait_until)
-from test_loop import count_turned_away, fill_registry, read_replies, rss_kib, slow_readers
+from support import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, RawConnection, clean_env, count_turned_away,
+                     daemon_settings, fill_registry, free_port, free_range, http_request, launcher, memory_kib,
+                     nodemngr_argv, popen_python, post, rpc_body, run_python, slow_readers, stop_pid,
+                     wait_until)
 
 import nodemngr
 
 
-def post(body, head_extra=b"", target=b"/RPC2", version=b"HTTP/1.1"):
-    return b"POST %s %s\r\nHost: t\r\nContent-Length: %d\r\n%s\r\n%s" % (target, version, len(body), head_extra, body)
-
-
-def call_on(sock, method, *params):
-    """One XML-RPC call over an open socket; the result, or the Fault."""
-    sock.sendall(post(xmlrpc.client.dumps(params, method).encode()))
-    (status, body), = read_replies(sock, 1, timeout=10)
-    assert status == b"HTTP/1.1 200 OK", status
-    try:
-        return xmlrpc.client.loads(body)[0][0]
-    except xmlrpc.client.Fault as fault:
-        return fault
+def call_on(conn, method, *params):
+    """One XML-RPC call on an open RawConnection: the result, or the Fault."""
+    conn.send(http_request(rpc_body(method, *params)))
+    return conn.reply().result()
 
 
 # -- 1. out of file descriptors ------------------------------------------------------------------
@@ -51,7 +44,7 @@ def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, slee
     held = []
     try:
         for _ in range(45):
-            held.append(socket.create_connection((d.host, d.port)))
+            held.append(RawConnection(d))
         # the first ones were accepted; later ones may be turned away, never a call in progress
         assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
         assert call_on(held[1], "newPort", "more", 0).faultCode == 2
@@ -223,23 +216,18 @@ def test_the_owner_check_is_done_in_slices(reap_pids):
 def test_unread_replies_are_bounded_in_memory(daemon_factory):
     d = daemon_factory(size=1000)
     fill_registry(d, 1000)          # one listPorts reply is about 4 MB
-    base = rss_kib(d.proc.pid)
-    clients = slow_readers(d, 120, post(xmlrpc.client.dumps((), "listPorts").encode()))
+    base = memory_kib(d.proc.pid)
+    clients = slow_readers(d, 120, http_request(rpc_body("listPorts")))
     try:
         assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
-        peak = _status_kib(d.proc.pid, "VmHWM")
+        peak = memory_kib(d.proc.pid, "VmHWM")
         turned_away = count_turned_away(clients)
     finally:
         for s in clients:
             s.close()
     assert turned_away > 0
     assert peak - base < 100 * 1024, "replies waiting for clients grew the daemon by %d KiB" % (peak - base)
-    assert wait_until(lambda: rss_kib(d.proc.pid) - base < 40 * 1024, timeout=5), "memory stayed held"
-
-
-def _status_kib(pid, field):
-    with open("/proc/%d/status" % pid) as f:
-        return int([line for line in f if line.startswith(field + ":")][0].split()[1])
+    assert wait_until(lambda: memory_kib(d.proc.pid) - base < 40 * 1024, timeout=5), "memory stayed held"
 
 
 # -- 6. holders a bind probe cannot see ---------------------------------------------------------
@@ -406,15 +394,12 @@ SHORT_GRACE = daemon_settings(stop_grace=0.1, tick=0.05)
 def test_a_stalled_client_does_not_hold_the_state_file(daemon_factory):
     d = daemon_factory(settings=SHORT_GRACE)
     d.rpc().newPort("kept", 0)
-    stalled = socket.create_connection((d.host, d.port))
-    stalled.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 500\r\n\r\n<?xml")
+    stalled = RawConnection(d)
+    stalled.send(http_request(b"<?xml", length=500))
     assert d.rpc().terminate() is True
     assert d.proc.wait(5) == 0, "the daemon waited for a request that never completes"
-    try:
-        assert stalled.recv(100) == b"", "the stalled request was answered"
-    except ConnectionResetError:    # closed before its last bytes were read: also a close
-        pass
-    stalled.close()
+    assert stalled.at_eof(5), "the stalled request was answered"    # (a reset: closed before its last
+    stalled.close()                                                 # bytes were read, also a close)
     again = daemon_factory(first=d.first, last=d.last, state=d.state)
     assert [e["info"] for e in again.rpc().listPorts()] == ["kept"]
 
@@ -532,51 +517,34 @@ def test_sighup_reopens_the_log_and_never_stops(daemon_factory, tmp_path):
     assert "serving on" in (tmp_path / "hup.log.1").read_text()
 
 
-def _raw(daemon, request, count=1):
-    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
-        s.sendall(request)
-        return read_replies(s, count), s.recv(1) if count else None
-
-
 def test_absolute_form_targets_are_accepted(any_daemon):
     daemon = any_daemon
-    body = xmlrpc.client.dumps((), "ping").encode()
-    for target in (b"http://127.0.0.1:%d/RPC2" % daemon.port, b"http://t/", b"HTTP://t"):
-        (status, reply), = _raw(daemon, post(body, b"Connection: close\r\n", target=target))[0]
-        assert status == b"HTTP/1.1 200 OK" and b"is alive" in reply, target
-    (status, _), = _raw(daemon, post(body, b"Connection: close\r\n", target=b"http://t/other"))[0]
-    assert status.startswith(b"HTTP/1.1 404 ")
+    body = rpc_body("ping")
+    for target in ("http://127.0.0.1:%d/RPC2" % daemon.port, "http://t/", "HTTP://t"):
+        reply = post(daemon, body, path=target, headers=["Connection: close"])
+        assert reply.status == 200 and b"is alive" in reply.body, target
+    assert post(daemon, body, path="http://t/other", headers=["Connection: close"]).status == 404
 
 
 def test_http10_keep_alive_is_said_in_the_reply(any_daemon):
     daemon = any_daemon
-    body = xmlrpc.client.dumps((), "ping").encode()
-    request = post(body, b"Connection: keep-alive\r\n", version=b"HTTP/1.0")
-    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
-        s.sendall(request)
-        s.settimeout(10)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
-        assert b"\r\nConnection: keep-alive\r\n" in head.split(b"\r\n\r\n")[0] + b"\r\n"
-        s.sendall(post(body, version=b"HTTP/1.0"))          # still open: served, then closed
-        rest = b""
-        while True:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            rest += chunk
-        assert b"is alive" in rest and b"Connection: close" in rest
+    body = rpc_body("ping")
+    with RawConnection(daemon) as c:
+        c.send(http_request(body, version="HTTP/1.0", headers=["Connection: keep-alive"]))
+        assert c.reply().headers.get("connection") == "keep-alive"
+        c.send(http_request(body, version="HTTP/1.0"))      # still open: served, then closed
+        reply = c.reply()
+        assert b"is alive" in reply.body and reply.headers.get("connection") == "close"
+        assert c.at_eof(10)
 
 
 def test_gzip_with_data_after_its_end_is_refused(any_daemon):
     daemon = any_daemon
-    body = xmlrpc.client.dumps((), "ping").encode()
+    body = rpc_body("ping")
     for payload in (gzip.compress(body) + b"junk", gzip.compress(body) + gzip.compress(body)):
-        (status, text), = _raw(daemon, post(payload, b"Content-Encoding: gzip\r\n"))[0]
-        assert status.startswith(b"HTTP/1.1 400 ") and b"after its end" in text
-    (status, _), = _raw(daemon, post(gzip.compress(body), b"Content-Encoding: gzip\r\nConnection: close\r\n"))[0]
-    assert status == b"HTTP/1.1 200 OK"
+        reply = post(daemon, payload, headers=["Content-Encoding: gzip"])
+        assert reply.status == 400 and b"after its end" in reply.body
+    assert post(daemon, gzip.compress(body), headers=["Content-Encoding: gzip", "Connection: close"]).status == 200
 
 
 # -- found by the adversarial run after the fixes above -----------------------------------------
@@ -625,7 +593,7 @@ def test_listings_follow_every_change(daemon_factory, reap_pids):
 def test_a_stop_is_quick_while_many_slow_clients_read_listings(daemon_factory):
     d = daemon_factory(size=1000, settings=SHORT_GRACE)
     fill_registry(d, 1000)
-    clients = slow_readers(d, 60, post(xmlrpc.client.dumps((), "listPorts").encode()))
+    clients = slow_readers(d, 60, http_request(rpc_body("listPorts")))
     try:
         assert d.rpc().ping().startswith("NodeMngr at ")
         assert d.terminate(timeout=5) == 0
@@ -639,9 +607,8 @@ def test_newcomers_turned_away_read_a_503(daemon_factory):
     held = []
     try:
         for _ in range(8):
-            s = socket.create_connection((d.host, d.port))
-            s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n<?xml")
-            held.append(s)
+            held.append(RawConnection(d))
+            held[-1].send(http_request(b"<?xml", length=100))
         for _ in range(20):
             with pytest.raises(xmlrpc.client.ProtocolError) as info:
                 d.rpc().ping()
@@ -686,10 +653,9 @@ def test_more_errors_in_one_line(any_daemon, in_cli):
     assert fault.value.faultCode == -32602
     body = (b"<?xml version='1.0'?><methodCall><methodName>newPort</methodName><params><param><value>"
             b"<struct><member><value><int>1</int></value></member></struct></value></param></params></methodCall>")
-    (status, reply), = _raw(daemon, post(body, b"Connection: close\r\n"))[0]
-    with pytest.raises(xmlrpc.client.Fault) as fault:
-        xmlrpc.client.loads(reply)
-    assert fault.value.faultCode == -32600 and "<name>" in fault.value.faultString
+    fault = post(daemon, body, headers=["Connection: close"]).result()
+    assert isinstance(fault, xmlrpc.client.Fault), fault
+    assert fault.faultCode == -32600 and "<name>" in fault.faultString
 
 
 def test_nm_can_be_copied_without_being_used():
@@ -704,10 +670,12 @@ def test_the_state_file_is_released_while_an_owed_reply_is_still_taken(daemon_fa
     slow = socket.socket()
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     slow.connect((d.host, d.port))
-    slow.sendall(post(xmlrpc.client.dumps((), "listPorts").encode()))
-    slow.settimeout(10)
-    received = [slow.recv(4096)]            # the reply has begun, and waits in the daemon
-    reader = steady_reader(slow, received, 16384, 0.001)    # slowly, but steadily
+    slow.sendall(http_request(rpc_body("listPorts")))
+    assert select.select([slow], [], [], 10)[0], "no reply began"   # it has, and waits in the daemon
+    replies = []
+    conn = RawConnection(slow, read_size=16384, read_pause=0.001)   # slowly, but steadily
+    reader = threading.Thread(target=lambda: replies.extend(conn.replies(1)))
+    reader.start()
     try:
         assert d.rpc().terminate() is True
         successor = daemon_factory(first=d.first, last=d.last, state=d.state)      # starts at once
@@ -716,8 +684,7 @@ def test_the_state_file_is_released_while_an_owed_reply_is_still_taken(daemon_fa
     finally:
         reader.join(30)
         slow.close()
-    head, _, body = b"".join(received).partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 ") and len(xmlrpc.client.loads(body)[0][0]) == 1000
+    assert len(replies) == 1 and len(replies[0].result()) == 1000
     assert d.proc.wait(5) == 0
 
 
@@ -727,28 +694,21 @@ def test_a_stop_answers_requests_pipelined_behind_an_owed_reply(daemon_factory):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect((d.host, d.port))
-    s.sendall(post(xmlrpc.client.dumps((), "listPorts").encode())
-              + post(xmlrpc.client.dumps(("pipelined", 0), "newPort").encode()))
-    s.settimeout(10)
-    received = [s.recv(4096)]
-    later = post(xmlrpc.client.dumps(("sent later", 0), "newPort").encode())
-    s.sendall(later)                        # waits in the kernel while the reply is owed
+    s.sendall(http_request(rpc_body("listPorts")) + http_request(rpc_body("newPort", "pipelined", 0)))
+    assert select.select([s], [], [], 10)[0], "no reply began"
+    s.sendall(http_request(rpc_body("newPort", "sent later", 0)))     # waits in the kernel while the reply is owed
     # read as fast as it comes (8 KiB windows: still about 0.1 s), not 1 ms between reads (1.3 s):
     # the stop comes long before the reply has left, and the code before the fix fails either way
-    reader = steady_reader(s, received, 65536, 0)
+    replies, conn = [], RawConnection(s, read_size=65536)
+    reader = threading.Thread(target=lambda: replies.extend(conn.replies(3)))
+    reader.start()
     d.proc.send_signal(__import__("signal").SIGTERM)
     reader.join(30)
-    s.close()
-    data = b"".join(received)
-    replies = []
-    while data:
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-        replies.append(rest[:length])
-        data = rest[length:]
     assert len(replies) == 3, "every request received in full is answered, none reset"
-    assert len(xmlrpc.client.loads(replies[0])[0][0]) == 1000
-    ports = [xmlrpc.client.loads(r)[0][0] for r in replies[1:]]
+    assert conn.at_eof(10), "the connection is closed once they are"
+    s.close()
+    assert len(replies[0].result()) == 1000
+    ports = [r.result() for r in replies[1:]]
     assert d.proc.wait(10) == 0
     d.start()
     held = {e["port"]: e["info"] for e in d.rpc().listPorts()}
@@ -811,18 +771,3 @@ def test_a_port_let_go_comes_back_to_a_client_asking_once_in_a_while(daemon_fact
     finally:
         for h in holders.values():
             h.close()
-
-
-def steady_reader(sock, received, size, pause):
-    """A started thread that reads *sock* to its end, *size* bytes at a time with *pause*
-    seconds between reads, into the list *received*."""
-    def read():
-        while True:
-            chunk = sock.recv(size)
-            if not chunk:
-                return
-            received.append(chunk)
-            time.sleep(pause)
-    reader = threading.Thread(target=read)
-    reader.start()
-    return reader

@@ -20,8 +20,8 @@ import xmlrpc.client
 
 import pytest
 
-from support import (PRODUCT_VARS, ROOT, clean_env, daemon_settings, free_port, free_range, pid_alive,
-                     popen_python, run_python, stop_pid, wait_until)
+from support import (PRODUCT_VARS, ROOT, RawConnection, clean_env, daemon_settings, free_port, free_range,
+                     http_request, pid_alive, popen_python, run_python, stop_pid, wait_until)
 
 import nodemngr
 import nodemngr_proxy
@@ -202,10 +202,9 @@ def test_client_meeting_a_stopping_daemon_is_served_by_the_next(daemon_factory, 
     old = daemon_factory(size=10, settings=daemon_settings(stop_grace=0.3))
     kept = old.rpc().newPort("kept", 0)
     stop_at_ports.append(old.port)      # the daemon the client starts, should the test fail midway
-    stalled = socket.create_connection((old.host, old.port))
+    stalled = RawConnection(old)
     try:        # a client stalled mid-request: the old daemon must not wait for it to let go
-        stalled.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
-                        b"Content-Length: 200\r\n\r\n<?xml version='1.0'?><methodCall>")
+        stalled.send(http_request(b"<?xml version='1.0'?><methodCall>", length=200))
         env = clean_env(NODEMNGR_PORT=old.port, NODEMNGR_FIRST_PORT=old.first, NODEMNGR_LAST_PORT=old.last,
                         NODEMNGR_STATE=old.state, NODEMNGR_AUTOSTART=1)
         assert old.rpc().terminate() is True

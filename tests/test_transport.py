@@ -12,32 +12,26 @@ import sqlite3
 import subprocess
 import sys
 import time
-import xmlrpc.client
 
 import pytest
 
-from support import ROOT, daemon_settings, wait_until
-from test_loop import fill_registry, read_replies
-from test_promises import _status_kib, post
+from support import (ROOT, RawConnection, daemon_settings, fill_registry, http_request, memory_kib, post, rpc_body,
+                     wait_until)
 
 import nodemngr
 
 
 def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(any_daemon):
     daemon = any_daemon
-    body = xmlrpc.client.dumps((), "ping").encode()
-    head = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %s%d\r\n\r\n" % (b"0" * 5000, len(body))
-    with socket.create_connection((daemon.host, daemon.port)) as s:
-        s.sendall(head + body)
-        (status, reply), = read_replies(s, 1, timeout=10)
-    assert status == b"HTTP/1.1 200 OK"
-    assert xmlrpc.client.loads(reply)[0][0].startswith("NodeMngr at ")
+    body = rpc_body("ping")
+    reply = post(daemon, body, headers=["Content-Length: %s%d" % ("0" * 5000, len(body))], length=False)
+    assert reply.result().startswith("NodeMngr at ")
 
 
 def _growth_while_stopping(d, requests):
     """Send *requests* on a connection that reads nothing, stop the daemon once the first reply has
     come, and return how much its peak memory (KiB) grew until it exited (exit status 0)."""
-    base = _status_kib(d.proc.pid, "VmRSS")
+    base = memory_kib(d.proc.pid)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect((d.host, d.port))
@@ -49,8 +43,8 @@ def _growth_while_stopping(d, requests):
         deadline = time.monotonic() + 5
         while d.proc.poll() is None and time.monotonic() < deadline:
             try:
-                peak = max(peak, _status_kib(d.proc.pid, "VmHWM"))
-            except (OSError, IndexError):
+                peak = max(peak, memory_kib(d.proc.pid, "VmHWM"))
+            except (OSError, ValueError):     # (gone, or a zombie: no memory figures)
                 break
             time.sleep(0.02)
     finally:
@@ -65,7 +59,7 @@ def test_replies_owed_at_a_stop_stay_within_the_memory_bound(daemon_factory):
     # once max_pending_bytes of replies wait, the large ones get 503 instead of 48 MB of replies.
     d = daemon_factory(size=300, settings=daemon_settings(max_pending_bytes=3 << 20, stop_grace=0.2, tick=0.05))
     fill_registry(d, 300)
-    request = post(xmlrpc.client.dumps(([{"methodName": "listPorts", "params": []}],), "system.multicall").encode())
+    request = http_request(rpc_body("system.multicall", [{"methodName": "listPorts", "params": []}]))
     growth = _growth_while_stopping(d, request * 40)
     assert growth < 20 * 1024, "replies owed at the stop grew the daemon by %d KiB" % growth
 
@@ -188,7 +182,7 @@ def test_small_replies_owed_at_a_stop_stay_within_the_memory_bound_too(daemon_fa
     # and never read must still wait within max_pending_bytes when the stop answers them.
     d = daemon_factory(size=70, settings=daemon_settings(max_pending_bytes=2 << 20, stop_grace=0.2, tick=0.05))
     fill_registry(d, 60)
-    growth = _growth_while_stopping(d, post(xmlrpc.client.dumps((), "listPorts").encode()) * 300)
+    growth = _growth_while_stopping(d, http_request(rpc_body("listPorts")) * 300)
     assert growth < 30 * 1024, "small replies owed at the stop grew the daemon by %d KiB" % growth
 
 
@@ -214,8 +208,8 @@ def test_a_stop_does_not_linger_on_a_client_owed_nothing(daemon_factory):
     # A connection holding only the start of a request is owed nothing: once the state file is
     # released (stop_grace), it is closed, not left to linger (30 s here) as one owed replies is.
     d = daemon_factory(settings=daemon_settings(stop_grace=0.2, linger=30.0, stall_timeout=60.0))
-    with socket.create_connection((d.host, d.port)) as s:
-        s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: 100\r\n\r\n<?xml")
+    with RawConnection(d) as c:
+        c.send(http_request(b"<?xml", length=100))
         assert d.rpc().ping()       # (the partial request has reached the daemon by now)
         d.proc.send_signal(signal.SIGTERM)
         try:
