@@ -139,3 +139,12 @@ def sleeper(reap_pids):
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """This process's environment without the product's variables (for the client in this process,
+    which reads them); returns monkeypatch, to set some."""
+    for var in PRODUCT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch

@@ -903,6 +903,22 @@ class Daemon(ServerProcess):
         return self.proc.wait(timeout)
 
 
+def registered(daemon):
+    """{port: listPorts entry} of *daemon* (a Daemon), asked with xmlrpc.client."""
+    return {e["port"]: e for e in daemon.rpc().listPorts()}
+
+
+def assert_one_sentence(exc, port=None):
+    """*exc* is a NodeMngrException whose text is one line, with no class repr or traceback (and
+    names 127.0.0.1:*port*, if given): what every failed call of the client must be."""
+    text = str(exc)
+    assert isinstance(exc, nodemngr.NodeMngrException), repr(exc)
+    assert text and "\n" not in text and "\r" not in text, repr(text)
+    assert "<class" not in text and "Error(" not in text and "Traceback" not in text, text
+    if port is not None:
+        assert "127.0.0.1:%d" % port in text, text
+
+
 # ----------------------------------------------------------------------------- a daemon's load
 
 def memory_kib(pid, field="VmRSS"):

@@ -1,13 +1,15 @@
-"""The daemon over the wire: allocation, concurrency, host checks, faults, restart after kill -9."""
+"""The daemon over the wire: allocation, concurrency, faults, status and introspection, listings,
+a full range, restart after kill -9; and daemons forked by the tests are what exec would start."""
 import datetime
 import os
 import socket
+import subprocess
 import threading
 import xmlrpc.client
 
 import pytest
 
-from support import free_range, post
+from support import FAST_REAP, free_range, post, wait_until
 
 
 def fault_code(call, *args):
@@ -42,23 +44,6 @@ def test_sixteen_threads_get_1600_distinct_ports(daemon_factory):
     assert [e["port"] for e in listed] == sorted(ports)
     assert {e["port"]: e["info"] for e in listed} == {
         p: "t%d-%d" % (i, n) for i, per in enumerate(got) for n, p in enumerate(per)}
-
-
-def test_ports_bound_by_others_are_skipped(daemon_factory):
-    first, last = free_range(10)
-    tcp = socket.socket()
-    tcp.bind(("127.0.0.1", first))
-    tcp.listen()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", first + 2))
-    try:
-        d = daemon_factory(first=first, last=last)
-        rpc = d.rpc()
-        assert [rpc.newPort("x") for _ in range(3)] == [first + 1, first + 3, first + 4]
-        assert [e["port"] for e in rpc.listPorts()] == [first + 1, first + 3, first + 4]
-    finally:
-        tcp.close()
-        udp.close()
 
 
 def test_exhaustion_is_fault_2_and_the_daemon_serves_on(daemon_factory):
@@ -280,3 +265,60 @@ def seen_from_outside(d):
     seen["stdio"] = [os.readlink("/proc/%d/fd/%d" % (pid, fd)).replace(d.log, "LOG") for fd in (0, 1, 2)]
     seen["exe"] = os.readlink("/proc/%d/exe" % pid)
     return seen
+
+
+# --- listings and a full range --------------------------------------------------------------------
+
+def test_listings_follow_every_change(daemon_factory, reap_pids):
+    d = daemon_factory(settings=FAST_REAP)
+    rpc = d.rpc()
+    assert rpc.listPorts() == []
+    a = rpc.newPort("a", 0)
+    assert [e["port"] for e in rpc.listPorts()] == [a]
+    owner = subprocess.Popen(["sleep", "60"])
+    reap_pids.append(owner.pid)
+    b = rpc.newPort("b", owner.pid)
+    assert [e["port"] for e in rpc.listPorts()] == [a, b]
+    rpc.delPort(a)
+    assert [e["port"] for e in rpc.listPorts()] == [b]
+    owner.kill()
+    owner.wait()
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=5), "a reaped port stayed listed"
+
+
+def test_failing_calls_sweep_the_range_once_per_interval(daemon_factory, sleeper):
+    first, last = free_range(20, check=20)      # the test binds half of them
+    d = daemon_factory(first=first, last=last)
+    rpc = d.rpc()
+    for _ in range(10):
+        rpc.newPort("owned", sleeper.pid)
+    foreign = []
+    try:
+        for port in range(d.first + 10, d.last + 1):
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            foreign.append(s)
+        faults = []
+        for _ in range(2):
+            multi = xmlrpc.client.MultiCall(rpc)
+            for _ in range(150):
+                multi.newPort("one too many", 0)
+            faults += [f for f in _results(multi()) if isinstance(f, xmlrpc.client.Fault)]
+        assert len(faults) == 300 and {f.faultCode for f in faults} == {2}
+        assert faults[0].faultString == "no free port in %d-%d: 10 registered, 10 held by other programs" % (d.first, d.last)
+        assert d.read_log().count("no port free: swept the owners") == 1
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def _results(results):
+    """A MultiCall's results, with each fault as a Fault in its place."""
+    out = []
+    for i in range(len(results.results)):
+        try:
+            out.append(results[i])
+        except xmlrpc.client.Fault as fault:
+            out.append(fault)
+    return out

@@ -149,3 +149,19 @@ def test_terminate_from_any_address_of_this_host_is_local(daemon_factory, token_
     assert nm.status()["registered"] == 0
     assert nm.terminate() is True       # from this host's address on the veth, not loopback
     assert d.proc.wait(10) == 0
+
+
+def test_an_address_any_socket_can_bind_is_not_this_host():
+    # With ip_nonlocal_bind (keepalived, HAProxy hosts) every address can be bound: a remote peer
+    # must still not count as this host (terminate would be allowed to it).
+    unshare = shutil.which("unshare")
+    script = ("import sys; sys.path.insert(0, %r); import nodemngr; "
+              "print(nodemngr.is_this_host('8.8.8.8'), nodemngr.is_this_host('192.0.2.7'), "
+              "nodemngr.is_this_host('127.0.0.1'))" % ROOT)
+    shell = ("ip link set lo up && echo 1 > /proc/sys/net/ipv4/ip_nonlocal_bind && exec %s -c %s"
+             % (sys.executable, "'%s'" % script.replace("'", "'\\''")))
+    if unshare is None or subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -n (a network namespace of its own), which this machine refuses")
+    out = subprocess.run([unshare, "-n", "sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"]

@@ -24,7 +24,7 @@ from datetime import datetime
 
 import pytest
 
-from support import Daemon, RawConnection, daemon_settings, free_port, http_request, post, wait_until
+from support import Daemon, RawConnection, daemon_settings, free_port, http_request, post, rpc_body, wait_until
 
 from hypothesis import assume, event, given, settings, strategies as st
 
@@ -1282,3 +1282,64 @@ def test_fuzz(fuzz_daemon, data):
         check_model(d, conn.call(call_xml("listPorts")))
     finally:
         conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# More HTTP: request targets, HTTP/1.0 keep-alive, gzip trailers, lengths, blank lines
+# ---------------------------------------------------------------------------------------------
+
+
+def test_absolute_form_targets_are_accepted(any_daemon):
+    daemon = any_daemon
+    body = rpc_body("ping")
+    for target in ("http://127.0.0.1:%d/RPC2" % daemon.port, "http://t/", "HTTP://t"):
+        reply = post(daemon, body, path=target, headers=["Connection: close"])
+        assert reply.status == 200 and b"is alive" in reply.body, target
+    assert post(daemon, body, path="http://t/other", headers=["Connection: close"]).status == 404
+
+
+def test_http10_keep_alive_is_said_in_the_reply(any_daemon):
+    daemon = any_daemon
+    body = rpc_body("ping")
+    with RawConnection(daemon) as c:
+        c.send(http_request(body, version="HTTP/1.0", headers=["Connection: keep-alive"]))
+        assert c.reply().headers.get("connection") == "keep-alive"
+        c.send(http_request(body, version="HTTP/1.0"))      # still open: served, then closed
+        reply = c.reply()
+        assert b"is alive" in reply.body and reply.headers.get("connection") == "close"
+        assert c.at_eof(10)
+
+
+def test_gzip_with_data_after_its_end_is_refused(any_daemon):
+    daemon = any_daemon
+    body = rpc_body("ping")
+    for payload in (gzip.compress(body) + b"junk", gzip.compress(body) + gzip.compress(body)):
+        reply = post(daemon, payload, headers=["Content-Encoding: gzip"])
+        assert reply.status == 400 and b"after its end" in reply.body
+    assert post(daemon, gzip.compress(body), headers=["Content-Encoding: gzip", "Connection: close"]).status == 200
+
+
+def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(any_daemon):
+    daemon = any_daemon
+    body = rpc_body("ping")
+    reply = post(daemon, body, headers=["Content-Length: %s%d" % ("0" * 5000, len(body))], length=False)
+    assert reply.result().startswith("NodeMngr at ")
+
+
+def test_blank_lines_do_not_keep_a_connection_open(daemon_factory):
+    # Blank lines may come before a request line; they are part of that request, which has
+    # stall_timeout to arrive whole: sending some every 0.15 s must not hold the connection.
+    d = daemon_factory(settings=daemon_settings(stall_timeout=0.5, idle_timeout=5.0))
+    with socket.create_connection((d.host, d.port)) as s:
+        s.settimeout(0.15)
+        deadline = time.monotonic() + 5
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                s.sendall(b"\r\n")
+                closed = s.recv(100) == b""
+            except socket.timeout:
+                pass
+            except OSError:
+                closed = True
+    assert closed, "a connection sending only blank lines stayed open past the stall limit"

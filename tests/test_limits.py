@@ -1,9 +1,12 @@
-"""Connection limits: idle keep-alive connections make room; busy ones get a 503 beyond 128."""
+"""Connection limits: idle keep-alive connections make room; beyond max_connections (128) busy
+ones, newcomers are answered 503."""
 import select
 import xmlrpc.client
 
+import pytest
+
 import nodemngr
-from support import RawConnection, http_request, rpc_body, wait_until
+from support import RawConnection, daemon_settings, http_request, rpc_body, wait_until
 
 PING_REQUEST = http_request(rpc_body("ping"))
 
@@ -50,3 +53,19 @@ def test_beyond_128_busy_connections_new_ones_get_503(any_daemon):
             assert exc.errcode == 503
             return False
     assert wait_until(served, 5), "once they close, calls are served"
+
+
+def test_newcomers_turned_away_read_a_503(daemon_factory):
+    d = daemon_factory(settings=daemon_settings(max_connections=8))
+    held = []
+    try:
+        for _ in range(8):
+            held.append(RawConnection(d))
+            held[-1].send(http_request(b"<?xml", length=100))
+        for _ in range(20):
+            with pytest.raises(xmlrpc.client.ProtocolError) as info:
+                d.rpc().ping()
+            assert info.value.errcode == 503
+    finally:
+        for s in held:
+            s.close()

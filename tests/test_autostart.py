@@ -1,11 +1,12 @@
-"""The proxy under stress (issue 8, items 3, 8 and 9): the auto-started daemon keeps none of its
-caller's files, a client that meets a daemon on its way out is served by the next one, and every
-failed call is a NodeMngrException in one line.
+"""Auto-start: a client (the Python proxy, in this process or another) that finds no daemon starts
+one.  That daemon is detached and keeps none of its caller's files, locks, working folder or signal
+mask; its state folder is made when missing, and what keeps it from starting is one sentence; a
+client that meets a daemon on its way out is served by the next one, one started again if the
+first cannot; clients take turns to start one, and none waits beyond its timeout for another's turn.
 
 Real daemons in real processes, real sockets; every daemon a test causes is stopped by its pid.
 """
 import fcntl
-import http.server
 import json
 import os
 import select
@@ -20,7 +21,7 @@ import xmlrpc.client
 
 import pytest
 
-from support import (PRODUCT_VARS, ROOT, RawConnection, clean_env, daemon_settings, free_port, free_range,
+from support import (ROOT, RawConnection, assert_one_sentence, clean_env, daemon_settings, free_port, free_range,
                      http_request, pid_alive, popen_python, run_python, stop_pid, wait_until)
 
 import nodemngr
@@ -48,25 +49,8 @@ def stop_at_ports():
             stop_pid(pid)
 
 
-@pytest.fixture
-def env(monkeypatch):
-    """This process's environment without the product's variables; returns monkeypatch."""
-    for var in PRODUCT_VARS:
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
-
-
-def assert_one_sentence(exc, port=None):
-    text = str(exc)
-    assert isinstance(exc, NodeMngrException), repr(exc)
-    assert text and "\n" not in text and "\r" not in text, repr(text)
-    assert "<class" not in text and "Error(" not in text and "Traceback" not in text, text
-    if port is not None:
-        assert "127.0.0.1:%d" % port in text, text
-
-
 # ---------------------------------------------------------------------------------------------
-# Item 3: the auto-started daemon inherits nothing but 0, 1, 2 and runs in "/"
+# Detached: the auto-started daemon inherits nothing but 0, 1, 2 and runs in "/"
 # ---------------------------------------------------------------------------------------------
 
 CLIENT = textwrap.dedent("""
@@ -180,7 +164,7 @@ def test_daemon_gets_its_log_when_client_has_stdio_closed(tmp_path, stop_at_port
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 8: a client that meets a daemon on its way out is served by the next one
+# A client that meets a daemon on its way out, or one that cannot start, is served by the next one
 # ---------------------------------------------------------------------------------------------
 
 NEWPORT_CLIENT = textwrap.dedent("""
@@ -328,116 +312,9 @@ def test_spawns_again_when_the_daemon_it_started_has_exited(tmp_path, env, stop_
 
 
 # ---------------------------------------------------------------------------------------------
-# Item 9: every failed call is a NodeMngrException in one sentence
+# What the started daemon is given: state and log folders (made when missing, one sentence when
+# they cannot be) and the token file
 # ---------------------------------------------------------------------------------------------
-
-class Served:
-    """Runs *handle(conn)* for each connection accepted at a fresh port, in a thread."""
-
-    def __init__(self, handle):
-        self.port = free_port()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", self.port))
-        self.listener.listen(8)
-        self.listener.settimeout(0.05)
-        self.handle, self.stopped = handle, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            with conn:
-                conn.settimeout(5)
-                try:
-                    self.handle(conn)
-                except OSError:
-                    pass
-
-    def stop(self):
-        self.stopped.set()
-        self.thread.join(5)
-        self.listener.close()
-
-
-@pytest.fixture
-def served():
-    made = []
-
-    def make(handle):
-        made.append(Served(handle))
-        return made[-1]
-    yield make
-    for s in made:
-        s.stop()
-
-
-def drain(conn):
-    """Read until the peer closes, so that our close sends FIN rather than RST."""
-    while conn.recv(65536):
-        pass
-
-
-HTML_BODIES = {"well-formed": b"<html><body>hi</body></html>",
-               "not-xml": b"<!DOCTYPE html>\n<html><meta charset=utf-8><p>hi<br>there\n"}
-
-
-@pytest.mark.parametrize("kind", sorted(HTML_BODIES))
-def test_html_server_gives_one_sentence(kind, env):
-    body = HTML_BODIES[kind]
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    port = httpd.server_address[1]
-    try:
-        with pytest.raises(NodeMngrException) as caught:
-            nodemngr_proxy.NodeMngrProxy(port=port, autostart=True).ping()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    assert_one_sentence(caught.value, port)
-    assert "not a node manager" in str(caught.value)
-
-
-def test_ssh_banner_gives_one_sentence(served, env):
-    def ssh(conn):
-        conn.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
-        drain(conn)
-    server = served(ssh)
-    with pytest.raises(NodeMngrException) as caught:
-        nodemngr_proxy.NodeMngrProxy(port=server.port, autostart=True).ping()
-    assert_one_sentence(caught.value, server.port)
-    assert '"SSH-2.0-OpenSSH_9.0"' in str(caught.value)
-
-
-def test_silent_server_gives_timeout_in_one_sentence(env):
-    with socket.socket() as listener:       # the kernel accepts; nobody ever answers
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        port = listener.getsockname()[1]
-        began = time.monotonic()
-        with pytest.raises(NodeMngrException) as caught:
-            nodemngr_proxy.NodeMngrProxy(port=port, timeout=0.2).ping()
-        elapsed = time.monotonic() - began
-    assert_one_sentence(caught.value, port)
-    assert "did not answer within 0.2 s" in str(caught.value)
-    assert elapsed < 2
 
 
 def test_state_in_a_missing_folder_is_created_by_autostart(tmp_path, env, stop_at_ports):
@@ -481,18 +358,29 @@ def test_log_file_in_a_missing_folder_gives_one_sentence(tmp_path, env, stop_at_
     assert daemon_pid_at(port) is None
 
 
-def test_unsendable_argument_is_one_sentence_and_a_type_error(any_daemon):
-    daemon = any_daemon
-    with daemon.proxy() as nm:
-        with pytest.raises(TypeError) as caught:
-            nm.newPort(object())
-        assert_one_sentence(caught.value)
-        assert "newPort" in str(caught.value)
-        assert nm.listPorts() == [], "nothing was registered"
+def test_proxy_passes_its_token_file_to_the_daemon_it_starts(tmp_path, reap_pids):
+    token = tmp_path / "token"
+    token.write_text("t0ken")
+    token.chmod(0o600)
+    port = free_port()
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_STATE=tmp_path / "s.sqlite3")
+    script = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, %r)
+        from nodemngr_proxy import NodeMngrProxy
+        nm = NodeMngrProxy(token_file=%r)
+        print(nm.status()["pid"])
+    """ % (ROOT, str(token)))
+    r = run_python(["-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    reap_pids.append(int(r.stdout))
+    with pytest.raises(xmlrpc.client.ProtocolError) as info:
+        xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port).ping()
+    assert info.value.errcode == 401, "the daemon it started must want the token"
 
 
 # ---------------------------------------------------------------------------------------------
-# The spawn turn: what an adversarial run found (each failed before its fix)
+# The spawn turn: no client waits beyond its timeout for another's turn
 # ---------------------------------------------------------------------------------------------
 
 HOLD_TURN = ("import fcntl, os, sys\n"
