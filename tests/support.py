@@ -258,7 +258,7 @@ def stop_process(proc, timeout=10.0):
 # sys.path[0], a __main__ of its own) and runs the program; it ends as the interpreter ends one
 # (SystemExit("text") printed and status 1, an uncaught exception's traceback and status 1,
 # KeyboardInterrupt's death by SIGINT, non-daemon threads joined, atexit functions, stdout and
-# stderr flushed, status 120 if that fails), then os._exit: see _run.  The monitor tells the test
+# stderr flushed, status 120 if that fails), then os._exit: see _finish.  The monitor tells the test
 # process the pid, then the exit status; it reaps the process only once the test process has that
 # status (the test process closes its end then), so a pid is not reused before it is known dead,
 # as with Popen.  A -c program costs about 15 ms of CPU this way, a daemon 40 ms (its readiness
@@ -277,19 +277,33 @@ def stop_process(proc, timeout=10.0):
 # is not finalized (what the program closed, flushed or collected is).  Tests that check that a
 # process prints nothing more, even at exit, ask for finalize=True (0.07 s more).  test_daemon
 # compares both kinds with exec'd ones.
+#
+# Ending a program as the interpreter does, and quoting a -c program's source in its tracebacks,
+# takes CPython internals that nothing public offers (threading._shutdown, atexit._run_exitfuncs,
+# linecache's registry of -c sources: see _finish and _register_source).  Before it serves, the
+# fork server checks that this Python has them and that they still do what they did, on probes
+# (_unsupported); where they do not, there is no fork server: every process is exec'd, as with
+# TESTS_EXEC_DAEMONS=1, and fork_server_off() says why.  The umask a program is given is read from
+# /proc/self/status, not by setting it (current_umask).
 
 ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it
 import os, sys
 %(preload)s
+%(before_check)s
 
 
 def _serve(ctl_fd):
-    # A monitor per request; returns None when the test process hangs up, and in the program's
-    # process, the program.
+    # First what this Python lacks, if anything (the test process then execs every program);
+    # then a monitor per request.  Returns None when the test process hangs up, and in the
+    # program's process, the program.
     import gc, marshal, select, socket, struct
+    ctl = socket.socket(fileno=ctl_fd)
+    why_not = _unsupported()
+    ctl.send(marshal.dumps(("unsupported", why_not) if why_not else ("ready", None)))
+    if why_not:
+        return None
     gc.collect()
     gc.freeze()     # what is here now stays: no collection in a child copies its pages
-    ctl = socket.socket(fileno=ctl_fd)
     while True:
         while True:             # monitors that are done
             try:
@@ -396,6 +410,20 @@ def _compiled(program, script, g, sys=sys):
         with open(script, "rb") as f:
             return compile(f.read(), script, "exec")
     code = compile(program, "<string>", "exec")
+    _register_source(code, program)
+    return code
+
+
+def _register_source(code, program, sys=sys):
+    # python -c registers its source for tracebacks since 3.13 (3.13.0 under the name "<string>"
+    # in linecache.cache, later ones under the code object, through linecache._register_code).
+    # The fork server, a -c program itself, has its own source there: a program's must replace
+    # it, or the program's tracebacks would quote the fork server.  No public function registers
+    # source text: this writes linecache.cache (a module dict the documentation does not
+    # mention) and calls the private linecache._register_code.  _unsupported tries it on a probe
+    # before the fork server serves: should a Python register -c sources otherwise, the probe's
+    # traceback quotes the wrong text and the tests exec every process.  Tracebacks of forked
+    # and exec'd programs are compared by test_daemon's test_forked_programs_and_daemons_...
     linecache = sys.modules.get("linecache")
     for key in list(linecache.cache) if linecache is not None else ():
         if key == "<string>":
@@ -403,7 +431,6 @@ def _compiled(program, script, g, sys=sys):
         elif getattr(key, "co_filename", None) == "<string>":
             del linecache.cache[key]
             linecache._register_code(code, program, "<string>")
-    return code
 
 
 def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
@@ -416,6 +443,7 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
     # fails), a last collection -- but for the teardown of every module, which would copy the fork
     # server's memory page by page (0.06 s of CPU a process): objects still referenced then are not
     # finalized, and what a finalizer would print is not printed.
+    # (sys._getframe: documented, as a CPython detail; its caller is the fork server's module code)
     ours, previous = {sys._getframe().f_code, sys._getframe(1).f_code, compiled.__code__}, sys.excepthook
 
     def excepthook(kind, value, tb):
@@ -449,10 +477,26 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
     except BaseException as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
         interrupted, status = isinstance(exc, KeyboardInterrupt), 1
+    _finish(status, interrupted)
+
+
+def _finish(status, interrupted=False, sys=sys, os=os):
+    # Py_FinalizeEx but for the teardown of the modules, then os._exit.  Two private functions,
+    # for want of public ones:
+    # - threading._shutdown(), Py_FinalizeEx's first step (wait_for_thread_shutdown): it runs what
+    #   threading._register_atexit registered (concurrent.futures tells its idle workers to exit:
+    #   non-daemon threads since 3.9, and the daemon has an executor) and joins the non-daemon
+    #   threads.  Joining threading.enumerate() here instead would wait forever for those workers.
+    # - atexit._run_exitfuncs(): the atexit functions, last registered first, what they raise
+    #   printed (3.8 also raises the last one again).  Nothing public runs them.
+    # Should either go, or change so that a program no longer ends as an exec'd one does (its
+    # threads cut short, a hang, atexit output lost), _unsupported sees it before the fork server
+    # serves and the tests exec every process (test_daemon's test_a_fork_server_...); what the
+    # check does not try, test_daemon's test_forked_programs_and_daemons_... compares.
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
     try:
-        __import__("atexit")._run_exitfuncs()     # (it prints what they raise; 3.8 raises it again)
+        __import__("atexit")._run_exitfuncs()
     except BaseException:
         pass
     for stream in (sys.stdout, sys.stderr):
@@ -467,6 +511,56 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
+
+
+def _unsupported():
+    # Why a forked program would not be what an exec'd one is on this Python (None: it would):
+    # the CPython internals used above are there and do what they did, tried on probes.
+    import select, time, traceback
+    for module, name in (("sys", "_getframe"), ("threading", "_shutdown"), ("atexit", "_run_exitfuncs")):
+        if not callable(getattr(__import__(module), name, None)):
+            return "this Python has no %%s.%%s" %% (module, name)
+    # a -c program's traceback quotes its own source where this Python's python -c does so
+    quotes = traceback.extract_stack(sys._getframe())[-1].line     # (the fork server is a -c program)
+    probe = "raise LookupError('a probe of the fork server')\n"
+    code = compile(probe, "<string>", "exec")
+    try:
+        _register_source(code, probe)
+        exec(code, {})
+    except LookupError as exc:
+        quoted = traceback.extract_tb(exc.__traceback__)[-1].line or ""
+    except Exception as exc:
+        return "registering a -c program's source failed: %%r" %% (exc,)
+    if quoted != (probe.strip() if quotes else ""):
+        return "a -c program's traceback would quote %%r" %% (quoted,)
+    # a program's end: its threads joined (an idle executor's worker told to exit), then atexit
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            import atexit, threading
+            from concurrent.futures import ThreadPoolExecutor
+            ThreadPoolExecutor(1).submit(int).result()
+            threading.Thread(target=lambda: (time.sleep(0.01), os.write(w, b"thread, "))).start()
+            atexit.register(os.write, w, b"atexit")
+            _finish(3)
+        finally:
+            os._exit(99)
+    os.close(w)
+    said, deadline = b"", time.monotonic() + 10
+    while select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(r, 100)
+        if not chunk:
+            break
+        said += chunk
+    else:
+        os.kill(pid, 9)
+    os.close(r)
+    status = os.waitpid(pid, 0)[1]
+    if said != b"thread, atexit" or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 3:
+        return "a program would end otherwise than an exec'd one: %%r, wait status %%d" %% (said, status)
+    return None
 
 
 _program = _serve(int(sys.argv[1]))
@@ -512,8 +606,9 @@ class ForkedProcess:
     communicate(input, timeout), send_signal(), terminate(), kill(), a with block.  The exit
     status is the real one (negative: the signal that killed it)."""
 
-    def __init__(self, args, pid, conn, stdin=None, stdout=None, stderr=None):
+    def __init__(self, args, pid, conn, stdin=None, stdout=None, stderr=None, running=None):
         self.args, self.pid, self.returncode = args, pid, None
+        self._running = running if running is not None else set()     # its fork server's, it in it
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._conn, self._lock, self._pumps = conn, threading.Lock(), None
 
@@ -524,7 +619,7 @@ class ForkedProcess:
                     return False
                 msg = self._conn.recv(4096)
                 self._conn.close()      # the monitor now reaps the process and exits
-                _forked.discard(self)
+                self._running.discard(self)
                 if not msg:
                     raise ServerError("the monitor of process %d ended without its exit status" % self.pid)
                 self.returncode = marshal.loads(msg)[1]
@@ -597,20 +692,34 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program or a
-    ``python SCRIPT``."""
+    """A fork server (see ZYGOTE): unsupported() waits until it has started and says why it cannot
+    serve on this Python (None: it can); then spawn() starts a ``python -c`` program or a ``python
+    SCRIPT``.  *before_check*: Python code it runs after its imports, before it checks this Python
+    (for tests of that check)."""
 
-    def __init__(self, env):
-        self.env, self.forked = env, 0
+    def __init__(self, env, before_check=""):
+        self.env, self.forked, self._why_not = env, 0, False
+        self.running = set()        # the ForkedProcess it started whose exit status is not known yet
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE % {"preload": _preload_source()},
-                                          str(theirs.fileno())], env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         pass_fds=[theirs.fileno()])
+            program = ZYGOTE % {"preload": _preload_source(), "before_check": before_check}
+            self.proc = subprocess.Popen([sys.executable, "-c", program, str(theirs.fileno())], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()])
         finally:
             theirs.close()
         self.sock, self._lock = ours, threading.Lock()
+
+    def unsupported(self, timeout=60):
+        """None once it serves; or why it will not on this Python (it has exited then)."""
+        if self._why_not is False:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                raise ServerError("the fork server (pid %d) did not start within %s s" % (self.proc.pid, timeout))
+            msg = self.sock.recv(4096)
+            if not msg:
+                raise ServerError("the fork server ended as it started (status %s)" % self.proc.wait(10))
+            self._why_not = marshal.loads(msg)[1]
+        return self._why_not
 
     def serves(self, env):
         """Whether a program with environment *env* is the same program forked from here: the same
@@ -619,8 +728,9 @@ class ForkServer:
 
     def spawn(self, argv, env, cwd=None, stdin=None, stdout=None, stderr=None, text=False, finalize=False):
         """Popen([sys.executable] + *argv*, ...) for argv = ["-c", PROGRAM, ARGS...] or [SCRIPT, ARGS...]."""
-        umask = os.umask(0o22)
-        os.umask(umask)
+        umask = current_umask()
+        if umask is None:
+            raise ServerError("the umask cannot be read without changing it")
         program, script, args = (argv[1], None, argv[2:]) if argv[0] == "-c" else (None, str(argv[0]), argv[1:])
         request = marshal.dumps({"program": program, "script": script, "finalize": finalize,
                                  "args": [str(a) for a in args], "env": dict(env),
@@ -672,14 +782,14 @@ class ForkServer:
         if kind != "pid":
             conn.close()
             raise ServerError("the fork server could not start a process: %s" % value)
-        proc = ForkedProcess([sys.executable] + list(argv), value, conn, *ours)
-        _forked.add(proc)
+        proc = ForkedProcess([sys.executable] + list(argv), value, conn, *ours, running=self.running)
+        self.running.add(proc)
         self.forked += 1
         return proc
 
     def close(self):
         """Stop what it started that still runs (a test should have, by pid), then it."""
-        for proc in list(_forked):
+        for proc in list(self.running):
             if proc.poll() is None:
                 sys.stderr.write("support: process %d (%s) was still running: stopped\n"
                                  % (proc.pid, " ".join(proc.args[2:])[:60]))
@@ -692,8 +802,22 @@ class ForkServer:
             self.proc.wait(10)
 
 
-_forked = set()                 # ForkedProcess whose exit status is not known yet
-_fork_server = [None, None]     # the environment it runs with (None: exec everything), the ForkServer
+def current_umask():
+    """This process's umask, or None where it cannot be read without changing it: os.umask() reads
+    it only by setting it, and files another thread creates meanwhile would get the wrong mode.
+    Linux shows it in /proc/self/status (since 4.7)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return None
+
+
+# the environment it runs with, the ForkServer, and why every process is exec'd (None: they are not)
+_fork_server = {"env": None, "server": None, "off": "use_fork_server() was not called"}
 _fork_server_lock = threading.Lock()
 
 
@@ -701,25 +825,47 @@ def use_fork_server(enabled=True):
     """Start ``python -c`` programs (daemons among them) through a fork server from now on (the
     tests; the benchmark execs every daemon), one that runs with clean_env() as it is now.  With
     TESTS_EXEC_DAEMONS=1 (any value but 0) in the environment, every process is exec'd."""
-    enabled = enabled and os.environ.get("TESTS_EXEC_DAEMONS", "") in ("", "0")
-    _fork_server[0] = clean_env() if enabled else None
+    if os.environ.get("TESTS_EXEC_DAEMONS", "") not in ("", "0"):
+        enabled, _fork_server["off"] = False, "TESTS_EXEC_DAEMONS is set"
+    elif not enabled:
+        _fork_server["off"] = "use_fork_server(False)"
+    elif current_umask() is None:
+        enabled, _fork_server["off"] = False, "the umask cannot be read here without changing it"
+    _fork_server["env"] = clean_env() if enabled else None
+    if enabled:
+        _fork_server["off"] = None
 
 
 def fork_server():
-    """This process's ForkServer, started on first use; None when every process is exec'd."""
+    """This process's ForkServer, started on first use; None when every process is exec'd (then
+    fork_server_off() says why).  A fork server that finds this Python lacking what it needs is
+    stopped, and every process is exec'd from then on: a fork server never runs a program
+    otherwise than an exec'd Python would."""
     with _fork_server_lock:
-        if _fork_server[0] is None:
+        if _fork_server["env"] is None:
             return None
-        if _fork_server[1] is None:
-            _fork_server[1] = ForkServer(_fork_server[0])
-        return _fork_server[1]
+        if _fork_server["server"] is None:
+            server = ForkServer(_fork_server["env"])
+            why_not = server.unsupported()
+            if why_not:
+                server.close()
+                _fork_server["env"], _fork_server["off"] = None, "no fork server: " + why_not
+                sys.stderr.write("support: %s; every process is exec'd\n" % _fork_server["off"])
+                return None
+            _fork_server["server"] = server
+        return _fork_server["server"]
+
+
+def fork_server_off():
+    """Why every process is exec'd (None: programs are forked where they can be)."""
+    return _fork_server["off"]
 
 
 @atexit.register
 def stop_fork_server():
     """Stop the fork server (by pid, and what it started first); the next program starts another."""
     with _fork_server_lock:
-        server, _fork_server[1] = _fork_server[1], None
+        server, _fork_server["server"] = _fork_server["server"], None
     if server is not None:
         server.close()
 

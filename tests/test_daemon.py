@@ -4,12 +4,15 @@ import datetime
 import os
 import socket
 import subprocess
+import sys
 import threading
 import xmlrpc.client
 
 import pytest
 
-from support import FAST_REAP, free_range, post, wait_until
+import support
+from support import (FAST_REAP, ForkedProcess, ForkServer, clean_env, fork_server, fork_server_off, free_range,
+                     popen_python, post, run_python, wait_until)
 
 
 def fault_code(call, *args):
@@ -203,7 +206,17 @@ print(json.dumps({
 }))
 sys.stderr.write("to stderr\n")
 __import__("atexit").register(sys.stderr.write, "at exit\n")
+import concurrent.futures, threading, time
+concurrent.futures.ThreadPoolExecutor(1).submit(int).result()     # an idle worker, told to end at exit
+threading.Thread(target=lambda: (time.sleep(0.05), sys.stderr.write("thread done\n"))).start()
 sys.exit(7)
+"""
+
+#: An uncaught exception: its traceback (the program's own frames and source lines only), status 1.
+RAISES = """import sys
+def fails(why):
+    raise LookupError(why)
+fails(sys.argv[1:])
 """
 
 
@@ -216,25 +229,31 @@ kept = Kept()
 
 
 def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_factory):
-    import subprocess
-    import sys
-    from support import ForkedProcess, clean_env, fork_server, run_python
     if fork_server() is None:
-        pytest.skip("TESTS_EXEC_DAEMONS is set: every process is exec'd")
+        pytest.skip("every process is exec'd: %s" % fork_server_off())
     env = clean_env(NODEMNGR_PORT=1, EXTRA="x")     # (not the fork server's: the product's variables differ)
     env.pop("EXTRA")
     how = dict(cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=30)
     forked = run_python(["-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
     execd = subprocess.run([sys.executable, "-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
-    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\nat exit\n")
+    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (
+        7, "to stderr\nthread done\nat exit\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
+    # an uncaught exception, in a -c program and in a script
+    script = tmp_path / "raises.py"
+    script.write_text(RAISES)
+    for argv in (["-c", RAISES, "an", "argument"], [str(script), "an", "argument"]):
+        forked = run_python(argv, **how)
+        execd = subprocess.run([sys.executable] + argv, **how)
+        assert forked.returncode == execd.returncode == 1
+        assert forked.stderr == execd.stderr and "LookupError: ['an', 'argument']" in forked.stderr, argv
     # a script, ending with the interpreter's whole teardown (an object left referenced is finalized)
     script = tmp_path / "seen.py"
     script.write_text(SEEN_FROM_INSIDE.replace("sys.exit(7)", FINALIZED + "sys.exit(7)"))
     forked = run_python([str(script), "an", "argument"], finalize=True, **how)
     execd = subprocess.run([sys.executable, str(script), "an", "argument"], **how)
     assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (
-        7, "to stderr\nat exit\nfinalized\n")
+        7, "to stderr\nthread done\nat exit\nfinalized\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
 
     a = daemon_factory(exec_only=True, state=str(tmp_path / "a.sqlite3"))
@@ -322,3 +341,40 @@ def _results(results):
         except xmlrpc.client.Fault as fault:
             out.append(fault)
     return out
+
+
+#: What a Python could lack, or do otherwise, of what the fork server relies on (support.ZYGOTE),
+#: as code run in a fork server before it checks this Python; and what it then says.
+LACKING = {
+    "no threading._shutdown": ("import threading\ndel threading._shutdown", "threading._shutdown"),
+    "threads not joined": ("import threading\nthreading._shutdown = lambda: None", "end otherwise"),
+    "no atexit._run_exitfuncs": ("import atexit\ndel atexit._run_exitfuncs", "atexit._run_exitfuncs"),
+    "atexit not run": ("import atexit\natexit._run_exitfuncs = lambda: None", "end otherwise"),
+    "no sys._getframe": ("del sys._getframe", "sys._getframe"),
+    "-c sources kept otherwise": ("import linecache\nlinecache.getlines = lambda *a, **k: ['not it\\n'] * 99",
+                                  "traceback would quote"),
+}
+
+
+def test_a_fork_server_that_finds_this_python_lacking_is_not_used(monkeypatch):
+    servers = {case: ForkServer(clean_env(), before_check=code) for case, (code, _) in LACKING.items()}
+    try:
+        for case, server in servers.items():
+            why_not = server.unsupported()
+            assert why_not and LACKING[case][1] in why_not, (case, why_not)
+            assert server.proc.wait(10) == 0, case
+    finally:
+        for server in servers.values():
+            server.close()
+
+    class Lacking(ForkServer):
+        def __init__(self, env):
+            super().__init__(env, before_check=LACKING["threads not joined"][0])
+    # with such a fork server, every program is exec'd (not only that one: a test would fail)
+    monkeypatch.setattr(support, "ForkServer", Lacking)
+    for key, value in {"env": clean_env(), "server": None, "off": None}.items():
+        monkeypatch.setitem(support._fork_server, key, value)
+    for _ in range(2):
+        proc = popen_python(["-c", "print('exec')"], stdout=subprocess.PIPE, text=True)
+        assert type(proc) is subprocess.Popen and proc.communicate()[0] == "exec\n"
+    assert "end otherwise" in fork_server_off()
