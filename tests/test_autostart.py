@@ -400,7 +400,9 @@ def _hold_turn(path):
 def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp_path, env):
     # start_daemon(timeout=T) computes its deadline before the in-process lock, but the wait for
     # the spawn turn is "now + T/2" from whenever the in-process lock came: a thread queued
-    # behind another gets T/2 more for each thread before it (seen: 4.0, 6.0, 8.1 s for T = 4).
+    # behind another gets T/2 more for each thread before it (seen: 4.0, 6.0, 8.1 s for T = 4;
+    # here T = 1: 1.0, 1.5, 2.0 s before the fix).
+    timeout = 1.0
     port = free_port()
     env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
     env.setenv("NODEMNGR_FIRST_PORT", "61100")     # a daemon that cannot start: first > last
@@ -412,7 +414,7 @@ def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp
 
         def client():
             try:
-                nodemngr_proxy.start_daemon(port=port, timeout=2.0)
+                nodemngr_proxy.start_daemon(port=port, timeout=timeout)
             except NodeMngrException:
                 pass
             took.append(time.monotonic() - began)
@@ -424,7 +426,7 @@ def test_threads_waiting_for_a_stuck_turn_still_give_up_within_their_timeout(tmp
     finally:
         holder.stdin.close()
         holder.wait(10)
-    assert max(took) < 2.0 + 0.5, "start_daemon(timeout=2) took %s s" % ["%.1f" % t for t in sorted(took)]
+    assert max(took) < timeout + 0.5, "start_daemon(timeout=%g) took %s s" % (timeout, ["%.1f" % t for t in sorted(took)])
 
 
 FORKS_WHILE_ITS_TURN = textwrap.dedent("""
