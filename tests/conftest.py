@@ -1,5 +1,5 @@
-"""Fixtures and pytest hooks only: real daemons in real subprocesses, on free ports, with state
-under tmp_path.
+"""Fixtures, pytest hooks and the session's set-up, nothing else: real daemons in real
+subprocesses, on free ports, with state under tmp_path.
 
 Every process started here is stopped in teardown by its pid; nothing is ever killed by name.
 Plain helpers and constants live in support.py (no pytest there), which bench/bench.py shares:

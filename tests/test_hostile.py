@@ -24,7 +24,8 @@ from datetime import datetime
 
 import pytest
 
-from support import Daemon, RawConnection, daemon_settings, free_port, http_request, post, rpc_body, wait_until
+from support import (Daemon, RawConnection, daemon_settings, free_port, http_request, memory_kib, post, rpc_body,
+                     wait_until)
 
 from hypothesis import assume, event, given, settings, strategies as st
 
@@ -147,15 +148,9 @@ def assert_served(d):
     assert isinstance(value, str) and value.startswith("NodeMngr at ") and value.endswith(" is alive"), value
 
 
-def rss_kib(d):
-    with open("/proc/%d/status" % d.proc.pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS for the daemon")
-
-
 def registered(d):
+    """{port: listPorts entry}, asked over a raw connection and checked as rpc() checks (support's
+    registered() asks with xmlrpc.client)."""
     return {e["port"]: e for e in rpc(d, "listPorts")}
 
 
@@ -537,7 +532,7 @@ def test_xml_bombs_refused_memory_flat(daemon):
     try:
         for _ in range(20):     # warm up: the daemon's steady state before the attack
             assert_served(daemon)
-        rss0 = rss_kib(daemon)
+        rss0 = memory_kib(daemon.proc.pid)
         t0 = time.monotonic()
         with RawConnection(daemon) as c:     # one keep-alive connection: a fault does not close it
             for _ in range(30):
@@ -548,7 +543,7 @@ def test_xml_bombs_refused_memory_flat(daemon):
                     assert len(r.body) < 1024 and b"lol" not in r.body and b"aaaa" not in r.body
                     assert b"root:" not in r.body and "DOCTYPE" in f.faultString
         assert time.monotonic() - t0 < 10, "refusing 180 bombs took too long: something was expanded"
-        rss1 = rss_kib(daemon)
+        rss1 = memory_kib(daemon.proc.pid)
         assert rss1 - rss0 < 8 * 1024, "RSS grew from %d to %d KiB" % (rss0, rss1)
         assert rpc(daemon, "listPorts") == [], "an entity-bearing newPort registered something"
         sel = selectors.DefaultSelector()
@@ -845,7 +840,7 @@ def test_connection_flood(daemon):
     with bounded memory, and once they close a normal call is served."""
     for _ in range(10):
         assert_served(daemon)
-    rss0 = rss_kib(daemon)
+    rss0 = memory_kib(daemon.proc.pid)
     conns = []
     try:
         for _ in range(300):
@@ -889,14 +884,14 @@ def test_connection_flood(daemon):
         # measured once the daemon holds all of it: nothing left unread in its sockets' queues
         assert wait_until(lambda: unread_by(daemon.port) == 0, timeout=5.0), unread_by(daemon.port)
         assert daemon.proc.poll() is None
-        rss1 = rss_kib(daemon)
+        rss1 = memory_kib(daemon.proc.pid)
         assert rss1 < FLOOD_RSS_KIB, "daemon RSS %d KiB under a flood" % rss1
     finally:
         for s in conns:
             s.close()
     assert wait_until(lambda: _ping_ok(daemon), timeout=5.0), "not served after the flood closed"
     assert_served(daemon)
-    assert rss_kib(daemon) < FLOOD_RSS_KIB and rss0 < FLOOD_RSS_KIB
+    assert memory_kib(daemon.proc.pid) < FLOOD_RSS_KIB and rss0 < FLOOD_RSS_KIB
 
 
 def unread_by(port):
