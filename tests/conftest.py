@@ -1,7 +1,9 @@
-"""Shared fixtures: real daemons in real subprocesses, on free ports, with state under tmp_path.
+"""Fixtures, pytest hooks and the session's set-up, nothing else: real daemons in real
+subprocesses, on free ports, with state under tmp_path.
 
 Every process started here is stopped in teardown by its pid; nothing is ever killed by name.
-The helpers themselves live in support.py (no pytest there), which bench/bench.py shares.
+Plain helpers and constants live in support.py (no pytest there), which bench/bench.py shares:
+test modules import them from there, never from this file.
 """
 import gc
 import os
@@ -10,9 +12,8 @@ import sys
 
 import pytest
 
-from support import (NODEMNGR, PRODUCT_VARS, ROOT, Daemon, ServerError, clean_env,  # noqa: F401
-                     free_port, free_range, launcher, nodemngr_argv, pid_alive, popen_python, port_is_free,
-                     reserve_range, run_python, stop_fork_server, stop_pid, use_fork_server, wait_until)
+from support import (PRODUCT_VARS, ROOT, Daemon, clean_env, reserve_range, stop_fork_server, stop_pid,
+                     use_fork_server)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.
@@ -35,17 +36,6 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     stop_fork_server()      # (an xdist worker may end without running atexit)
-
-# Settings whose names the transport rewrite may change: tests name them only through these, so
-# that a rename is one edit here (the launcher refuses a setting the daemon does not have).
-#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).  Tests that
-#: check a port is *kept* wait a few of these, so it sets their length: a pass over a few owners
-#: takes microseconds, and 0.2 s leaves the loop idle nearly all the time.
-REAP_INTERVAL = 0.2
-#: Short limits for tests that wait for the owner check.
-FAST_REAP = {"NodeMngrServer.reap_interval": REAP_INTERVAL}
-#: How long a daemon waits for a state file another daemon holds.
-SHORT_LOCK_WAIT = {"StateStore.lock_wait": 0.2}
 
 
 @pytest.fixture
@@ -149,3 +139,12 @@ def sleeper(reap_pids):
     yield proc
     proc.kill()
     proc.wait()
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """This process's environment without the product's variables (for the client in this process,
+    which reads them); returns monkeypatch, to set some."""
+    for var in PRODUCT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch

@@ -1,5 +1,6 @@
-"""Helpers shared by the tests (through conftest.py) and the benchmark (bench/bench.py): ports, the
-product's environment, processes stopped by pid, and a real daemon in a subprocess.
+"""Helpers shared by the tests and the benchmark (bench/bench.py): ports, the product's environment,
+the daemon's settings, processes stopped by pid, a real daemon in a subprocess, and raw HTTP.
+Test modules import them from here (conftest.py holds only fixtures and hooks).
 
 Standard library only, and no pytest: bench/bench.py imports this module with the tests folder put
 on sys.path.
@@ -11,6 +12,7 @@ import os
 import random
 import resource
 import select
+import selectors
 import signal
 import socket
 import struct
@@ -185,6 +187,40 @@ sys.exit(nodemngr.main())
 """
 
 
+#: The daemon's settings that tests change, by the short names tests use, as the "Class.attribute"
+#: of nodemngr.py that the launcher sets before the daemon serves (it refuses one the daemon lacks).
+#: The one place these names are written: a rename in nodemngr.py is one edit here.
+SETTINGS = {
+    "reap_interval": "NodeMngrServer.reap_interval",    # between two owner checks (2 s)
+    "busy_retry": "NodeMngrServer.busy_retry",          # before a port found busy is probed again
+    "stall_timeout": "NodeMngrServer.stall_timeout",    # a client stalled mid-request is cut (10 s)
+    "idle_timeout": "NodeMngrServer.idle_timeout",      # an idle keep-alive connection is closed (30 s)
+    "linger": "NodeMngrServer.linger",                  # after its last reply, for what a client still sends
+    "max_connections": "NodeMngrServer.max_connections",    # at once (128)
+    "max_pending_bytes": "NodeMngrServer.max_pending_bytes",    # of replies waiting for slow readers
+    "stop_grace": "NodeMngrServer.stop_grace",          # a stop waits this long for incomplete requests
+    "tick": "NodeMngrServer.tick",                      # between two sweeps for deadlines
+    "lock_wait": "StateStore.lock_wait",                # for a state file another daemon holds
+    "cluster_resync": "ClusterView.resync_interval",    # between two comparisons of what it published and the registry
+}
+
+
+def daemon_settings(**values):
+    """``Daemon(settings=...)`` from short names: ``daemon_settings(stall_timeout=0.5)`` is
+    ``{"NodeMngrServer.stall_timeout": 0.5}`` (KeyError for a name SETTINGS does not have)."""
+    return {SETTINGS[name]: value for name, value in values.items()}
+
+
+#: Seconds between two owner checks in the daemons of FAST_REAP (2 s by default).  Tests that
+#: check a port is *kept* wait a few of these, so it sets their length: a pass over a few owners
+#: takes microseconds, and 0.2 s leaves the loop idle nearly all the time.
+REAP_INTERVAL = 0.2
+#: Short limits for tests that wait for the owner check.
+FAST_REAP = daemon_settings(reap_interval=REAP_INTERVAL)
+#: How long a daemon waits for a state file another daemon holds.
+SHORT_LOCK_WAIT = daemon_settings(lock_wait=0.2)
+
+
 def launcher(script=NODEMNGR, settings=None):
     """The ``python -c`` program that runs *script* (a nodemngr.py) with *settings* applied."""
     return LAUNCHER % {"script": os.path.abspath(script), "settings": dict(settings or {})}
@@ -222,7 +258,7 @@ def stop_process(proc, timeout=10.0):
 # sys.path[0], a __main__ of its own) and runs the program; it ends as the interpreter ends one
 # (SystemExit("text") printed and status 1, an uncaught exception's traceback and status 1,
 # KeyboardInterrupt's death by SIGINT, non-daemon threads joined, atexit functions, stdout and
-# stderr flushed, status 120 if that fails), then os._exit: see _run.  The monitor tells the test
+# stderr flushed, status 120 if that fails), then os._exit: see _finish.  The monitor tells the test
 # process the pid, then the exit status; it reaps the process only once the test process has that
 # status (the test process closes its end then), so a pid is not reused before it is known dead,
 # as with Popen.  A -c program costs about 15 ms of CPU this way, a daemon 40 ms (its readiness
@@ -241,19 +277,33 @@ def stop_process(proc, timeout=10.0):
 # is not finalized (what the program closed, flushed or collected is).  Tests that check that a
 # process prints nothing more, even at exit, ask for finalize=True (0.07 s more).  test_daemon
 # compares both kinds with exec'd ones.
+#
+# Ending a program as the interpreter does, and quoting a -c program's source in its tracebacks,
+# takes CPython internals that nothing public offers (threading._shutdown, atexit._run_exitfuncs,
+# linecache's registry of -c sources: see _finish and _register_source).  Before it serves, the
+# fork server checks that this Python has them and that they still do what they did, on probes
+# (_unsupported); where they do not, there is no fork server: every process is exec'd, as with
+# TESTS_EXEC_DAEMONS=1, and fork_server_off() says why.  The umask a program is given is read from
+# /proc/self/status, not by setting it (current_umask).
 
 ZYGOTE = r"""__import__("sys")._fork_main = dict(globals())     # __main__ as python -c makes it
 import os, sys
 %(preload)s
+%(before_check)s
 
 
 def _serve(ctl_fd):
-    # A monitor per request; returns None when the test process hangs up, and in the program's
-    # process, the program.
+    # First what this Python lacks, if anything (the test process then execs every program);
+    # then a monitor per request.  Returns None when the test process hangs up, and in the
+    # program's process, the program.
     import gc, marshal, select, socket, struct
+    ctl = socket.socket(fileno=ctl_fd)
+    why_not = _unsupported()
+    ctl.send(marshal.dumps(("unsupported", why_not) if why_not else ("ready", None)))
+    if why_not:
+        return None
     gc.collect()
     gc.freeze()     # what is here now stays: no collection in a child copies its pages
-    ctl = socket.socket(fileno=ctl_fd)
     while True:
         while True:             # monitors that are done
             try:
@@ -360,6 +410,20 @@ def _compiled(program, script, g, sys=sys):
         with open(script, "rb") as f:
             return compile(f.read(), script, "exec")
     code = compile(program, "<string>", "exec")
+    _register_source(code, program)
+    return code
+
+
+def _register_source(code, program, sys=sys):
+    # python -c registers its source for tracebacks since 3.13 (3.13.0 under the name "<string>"
+    # in linecache.cache, later ones under the code object, through linecache._register_code).
+    # The fork server, a -c program itself, has its own source there: a program's must replace
+    # it, or the program's tracebacks would quote the fork server.  No public function registers
+    # source text: this writes linecache.cache (a module dict the documentation does not
+    # mention) and calls the private linecache._register_code.  _unsupported tries it on a probe
+    # before the fork server serves: should a Python register -c sources otherwise, the probe's
+    # traceback quotes the wrong text and the tests exec every process.  Tracebacks of forked
+    # and exec'd programs are compared by test_daemon's test_forked_programs_and_daemons_...
     linecache = sys.modules.get("linecache")
     for key in list(linecache.cache) if linecache is not None else ():
         if key == "<string>":
@@ -367,7 +431,6 @@ def _compiled(program, script, g, sys=sys):
         elif getattr(key, "co_filename", None) == "<string>":
             del linecache.cache[key]
             linecache._register_code(code, program, "<string>")
-    return code
 
 
 def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
@@ -380,6 +443,7 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
     # fails), a last collection -- but for the teardown of every module, which would copy the fork
     # server's memory page by page (0.06 s of CPU a process): objects still referenced then are not
     # finalized, and what a finalizer would print is not printed.
+    # (sys._getframe: documented, as a CPython detail; its caller is the fork server's module code)
     ours, previous = {sys._getframe().f_code, sys._getframe(1).f_code, compiled.__code__}, sys.excepthook
 
     def excepthook(kind, value, tb):
@@ -413,10 +477,26 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
     except BaseException as exc:
         sys.excepthook(type(exc), exc, exc.__traceback__)
         interrupted, status = isinstance(exc, KeyboardInterrupt), 1
+    _finish(status, interrupted)
+
+
+def _finish(status, interrupted=False, sys=sys, os=os):
+    # Py_FinalizeEx but for the teardown of the modules, then os._exit.  Two private functions,
+    # for want of public ones:
+    # - threading._shutdown(), Py_FinalizeEx's first step (wait_for_thread_shutdown): it runs what
+    #   threading._register_atexit registered (concurrent.futures tells its idle workers to exit:
+    #   non-daemon threads since 3.9, and the daemon has an executor) and joins the non-daemon
+    #   threads.  Joining threading.enumerate() here instead would wait forever for those workers.
+    # - atexit._run_exitfuncs(): the atexit functions, last registered first, what they raise
+    #   printed (3.8 also raises the last one again).  Nothing public runs them.
+    # Should either go, or change so that a program no longer ends as an exec'd one does (its
+    # threads cut short, a hang, atexit output lost), _unsupported sees it before the fork server
+    # serves and the tests exec every process (test_daemon's test_a_fork_server_...); what the
+    # check does not try, test_daemon's test_forked_programs_and_daemons_... compares.
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
     try:
-        __import__("atexit")._run_exitfuncs()     # (it prints what they raise; 3.8 raises it again)
+        __import__("atexit")._run_exitfuncs()
     except BaseException:
         pass
     for stream in (sys.stdout, sys.stderr):
@@ -431,6 +511,56 @@ def _run(program, script, finalize, sys=sys, os=os, compiled=_compiled):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     os._exit(status)
+
+
+def _unsupported():
+    # Why a forked program would not be what an exec'd one is on this Python (None: it would):
+    # the CPython internals used above are there and do what they did, tried on probes.
+    import select, time, traceback
+    for module, name in (("sys", "_getframe"), ("threading", "_shutdown"), ("atexit", "_run_exitfuncs")):
+        if not callable(getattr(__import__(module), name, None)):
+            return "this Python has no %%s.%%s" %% (module, name)
+    # a -c program's traceback quotes its own source where this Python's python -c does so
+    quotes = traceback.extract_stack(sys._getframe())[-1].line     # (the fork server is a -c program)
+    probe = "raise LookupError('a probe of the fork server')\n"
+    code = compile(probe, "<string>", "exec")
+    try:
+        _register_source(code, probe)
+        exec(code, {})
+    except LookupError as exc:
+        quoted = traceback.extract_tb(exc.__traceback__)[-1].line or ""
+    except Exception as exc:
+        return "registering a -c program's source failed: %%r" %% (exc,)
+    if quoted != (probe.strip() if quotes else ""):
+        return "a -c program's traceback would quote %%r" %% (quoted,)
+    # a program's end: its threads joined (an idle executor's worker told to exit), then atexit
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            import atexit, threading
+            from concurrent.futures import ThreadPoolExecutor
+            ThreadPoolExecutor(1).submit(int).result()
+            threading.Thread(target=lambda: (time.sleep(0.01), os.write(w, b"thread, "))).start()
+            atexit.register(os.write, w, b"atexit")
+            _finish(3)
+        finally:
+            os._exit(99)
+    os.close(w)
+    said, deadline = b"", time.monotonic() + 10
+    while select.select([r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+        chunk = os.read(r, 100)
+        if not chunk:
+            break
+        said += chunk
+    else:
+        os.kill(pid, 9)
+    os.close(r)
+    status = os.waitpid(pid, 0)[1]
+    if said != b"thread, atexit" or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 3:
+        return "a program would end otherwise than an exec'd one: %%r, wait status %%d" %% (said, status)
+    return None
 
 
 _program = _serve(int(sys.argv[1]))
@@ -476,8 +606,9 @@ class ForkedProcess:
     communicate(input, timeout), send_signal(), terminate(), kill(), a with block.  The exit
     status is the real one (negative: the signal that killed it)."""
 
-    def __init__(self, args, pid, conn, stdin=None, stdout=None, stderr=None):
+    def __init__(self, args, pid, conn, stdin=None, stdout=None, stderr=None, running=None):
         self.args, self.pid, self.returncode = args, pid, None
+        self._running = running if running is not None else set()     # its fork server's, it in it
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
         self._conn, self._lock, self._pumps = conn, threading.Lock(), None
 
@@ -488,7 +619,7 @@ class ForkedProcess:
                     return False
                 msg = self._conn.recv(4096)
                 self._conn.close()      # the monitor now reaps the process and exits
-                _forked.discard(self)
+                self._running.discard(self)
                 if not msg:
                     raise ServerError("the monitor of process %d ended without its exit status" % self.pid)
                 self.returncode = marshal.loads(msg)[1]
@@ -561,20 +692,34 @@ class ForkedProcess:
 
 
 class ForkServer:
-    """The fork server of this process (see ZYGOTE): spawn() starts a ``python -c`` program or a
-    ``python SCRIPT``."""
+    """A fork server (see ZYGOTE): unsupported() waits until it has started and says why it cannot
+    serve on this Python (None: it can); then spawn() starts a ``python -c`` program or a ``python
+    SCRIPT``.  *before_check*: Python code it runs after its imports, before it checks this Python
+    (for tests of that check)."""
 
-    def __init__(self, env):
-        self.env, self.forked = env, 0
+    def __init__(self, env, before_check=""):
+        self.env, self.forked, self._why_not = env, 0, False
+        self.running = set()        # the ForkedProcess it started whose exit status is not known yet
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE % {"preload": _preload_source()},
-                                          str(theirs.fileno())], env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         pass_fds=[theirs.fileno()])
+            program = ZYGOTE % {"preload": _preload_source(), "before_check": before_check}
+            self.proc = subprocess.Popen([sys.executable, "-c", program, str(theirs.fileno())], env=env,
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, pass_fds=[theirs.fileno()])
         finally:
             theirs.close()
         self.sock, self._lock = ours, threading.Lock()
+
+    def unsupported(self, timeout=60):
+        """None once it serves; or why it will not on this Python (it has exited then)."""
+        if self._why_not is False:
+            if not select.select([self.sock], [], [], timeout)[0]:
+                raise ServerError("the fork server (pid %d) did not start within %s s" % (self.proc.pid, timeout))
+            msg = self.sock.recv(4096)
+            if not msg:
+                raise ServerError("the fork server ended as it started (status %s)" % self.proc.wait(10))
+            self._why_not = marshal.loads(msg)[1]
+        return self._why_not
 
     def serves(self, env):
         """Whether a program with environment *env* is the same program forked from here: the same
@@ -583,8 +728,9 @@ class ForkServer:
 
     def spawn(self, argv, env, cwd=None, stdin=None, stdout=None, stderr=None, text=False, finalize=False):
         """Popen([sys.executable] + *argv*, ...) for argv = ["-c", PROGRAM, ARGS...] or [SCRIPT, ARGS...]."""
-        umask = os.umask(0o22)
-        os.umask(umask)
+        umask = current_umask()
+        if umask is None:
+            raise ServerError("the umask cannot be read without changing it")
         program, script, args = (argv[1], None, argv[2:]) if argv[0] == "-c" else (None, str(argv[0]), argv[1:])
         request = marshal.dumps({"program": program, "script": script, "finalize": finalize,
                                  "args": [str(a) for a in args], "env": dict(env),
@@ -636,14 +782,14 @@ class ForkServer:
         if kind != "pid":
             conn.close()
             raise ServerError("the fork server could not start a process: %s" % value)
-        proc = ForkedProcess([sys.executable] + list(argv), value, conn, *ours)
-        _forked.add(proc)
+        proc = ForkedProcess([sys.executable] + list(argv), value, conn, *ours, running=self.running)
+        self.running.add(proc)
         self.forked += 1
         return proc
 
     def close(self):
         """Stop what it started that still runs (a test should have, by pid), then it."""
-        for proc in list(_forked):
+        for proc in list(self.running):
             if proc.poll() is None:
                 sys.stderr.write("support: process %d (%s) was still running: stopped\n"
                                  % (proc.pid, " ".join(proc.args[2:])[:60]))
@@ -656,8 +802,22 @@ class ForkServer:
             self.proc.wait(10)
 
 
-_forked = set()                 # ForkedProcess whose exit status is not known yet
-_fork_server = [None, None]     # the environment it runs with (None: exec everything), the ForkServer
+def current_umask():
+    """This process's umask, or None where it cannot be read without changing it: os.umask() reads
+    it only by setting it, and files another thread creates meanwhile would get the wrong mode.
+    Linux shows it in /proc/self/status (since 4.7)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return None
+
+
+# the environment it runs with, the ForkServer, and why every process is exec'd (None: they are not)
+_fork_server = {"env": None, "server": None, "off": "use_fork_server() was not called"}
 _fork_server_lock = threading.Lock()
 
 
@@ -665,25 +825,47 @@ def use_fork_server(enabled=True):
     """Start ``python -c`` programs (daemons among them) through a fork server from now on (the
     tests; the benchmark execs every daemon), one that runs with clean_env() as it is now.  With
     TESTS_EXEC_DAEMONS=1 (any value but 0) in the environment, every process is exec'd."""
-    enabled = enabled and os.environ.get("TESTS_EXEC_DAEMONS", "") in ("", "0")
-    _fork_server[0] = clean_env() if enabled else None
+    if os.environ.get("TESTS_EXEC_DAEMONS", "") not in ("", "0"):
+        enabled, _fork_server["off"] = False, "TESTS_EXEC_DAEMONS is set"
+    elif not enabled:
+        _fork_server["off"] = "use_fork_server(False)"
+    elif current_umask() is None:
+        enabled, _fork_server["off"] = False, "the umask cannot be read here without changing it"
+    _fork_server["env"] = clean_env() if enabled else None
+    if enabled:
+        _fork_server["off"] = None
 
 
 def fork_server():
-    """This process's ForkServer, started on first use; None when every process is exec'd."""
+    """This process's ForkServer, started on first use; None when every process is exec'd (then
+    fork_server_off() says why).  A fork server that finds this Python lacking what it needs is
+    stopped, and every process is exec'd from then on: a fork server never runs a program
+    otherwise than an exec'd Python would."""
     with _fork_server_lock:
-        if _fork_server[0] is None:
+        if _fork_server["env"] is None:
             return None
-        if _fork_server[1] is None:
-            _fork_server[1] = ForkServer(_fork_server[0])
-        return _fork_server[1]
+        if _fork_server["server"] is None:
+            server = ForkServer(_fork_server["env"])
+            why_not = server.unsupported()
+            if why_not:
+                server.close()
+                _fork_server["env"], _fork_server["off"] = None, "no fork server: " + why_not
+                sys.stderr.write("support: %s; every process is exec'd\n" % _fork_server["off"])
+                return None
+            _fork_server["server"] = server
+        return _fork_server["server"]
+
+
+def fork_server_off():
+    """Why every process is exec'd (None: programs are forked where they can be)."""
+    return _fork_server["off"]
 
 
 @atexit.register
 def stop_fork_server():
     """Stop the fork server (by pid, and what it started first); the next program starts another."""
     with _fork_server_lock:
-        server, _fork_server[1] = _fork_server[1], None
+        server, _fork_server["server"] = _fork_server["server"], None
     if server is not None:
         server.close()
 
@@ -799,7 +981,7 @@ class Daemon(ServerProcess):
     Attributes: host, port, first, last, state (path or "none"), log (path), proc, url, env (the
     environment a client of this daemon needs: NODEMNGR_HOST/PORT set, autostart off).
     settings: {"Class.attribute": value} set in the daemon before it serves, e.g.
-    {"NodeMngrServer.stall_timeout": 1.0}.  script: the nodemngr.py to run (the benchmark's
+    daemon_settings(stall_timeout=1.0).  script: the nodemngr.py to run (the benchmark's
     --baseline runs an older copy).  preexec_fn: run in the child before it starts (rlimits).
     cwd: its working folder (default: this process's).  exec_only: exec it even where the fork
     server could start it (see ZYGOTE).
@@ -865,3 +1047,236 @@ class Daemon(ServerProcess):
         """SIGTERM; return the exit status."""
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+
+def registered(daemon):
+    """{port: listPorts entry} of *daemon* (a Daemon), asked with xmlrpc.client."""
+    return {e["port"]: e for e in daemon.rpc().listPorts()}
+
+
+def assert_one_sentence(exc, port=None):
+    """*exc* is a NodeMngrException whose text is one line, with no class repr or traceback (and
+    names 127.0.0.1:*port*, if given): what every failed call of the client must be."""
+    text = str(exc)
+    assert isinstance(exc, nodemngr.NodeMngrException), repr(exc)
+    assert text and "\n" not in text and "\r" not in text, repr(text)
+    assert "<class" not in text and "Error(" not in text and "Traceback" not in text, text
+    if port is not None:
+        assert "127.0.0.1:%d" % port in text, text
+
+
+# ----------------------------------------------------------------------------- a daemon's load
+
+def memory_kib(pid, field="VmRSS"):
+    """A memory figure of /proc/PID/status in KiB: VmRSS (now) or VmHWM (the peak so far)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError("no %s in /proc/%d/status" % (field, pid))
+
+
+def fill_registry(daemon, count, info_bytes=3900):
+    """Register *count* ports with big infos (about *info_bytes* each), so that one listPorts reply
+    is megabytes: count=1000 makes it about 4 MB."""
+    rpc = daemon.rpc()
+    per_batch = 60000 // (info_bytes + 100)
+    for first in range(0, count, per_batch):
+        multi = xmlrpc.client.MultiCall(rpc)
+        for i in range(first, min(count, first + per_batch)):
+            multi.newPort("%05d" % i + "x" * (info_bytes - 5))
+        multi()
+
+
+# ----------------------------------------------------------------------------- raw HTTP
+#
+# For tests that must write or read the bytes themselves: requests malformed on purpose, cut short
+# or pipelined, replies nobody reads, headers the daemon writes.  http_request() builds a request;
+# RawConnection sends any bytes, on a connection of its own or on a socket the test made, and reads
+# complete replies; post() is one request and its reply on a fresh connection.  An ordinary call is
+# made with xmlrpc.client (Daemon.rpc()), not with these.
+
+def rpc_body(method, *params):
+    """An XML-RPC methodCall as xmlrpc.client writes it, as bytes."""
+    return xmlrpc.client.dumps(params, method).encode()
+
+
+def http_request(body=b"", method="POST", path="/RPC2", version="HTTP/1.1", headers=(), length=True):
+    """The bytes of one request: the request line, ``Host: 127.0.0.1``, ``Content-Type: text/xml``,
+    *headers* ("Name: value" strs, written as given and in order), ``Content-Length: len(body)``, a
+    blank line, *body*.  *length* an int: that Content-Length instead (a body cut short); false: none
+    (a test writes its own among *headers*, or tests its absence).  What this cannot write (no Host,
+    a broken request line) a test writes as bytes."""
+    lines = ["%s %s %s" % (method, path, version), "Host: 127.0.0.1", "Content-Type: text/xml"]
+    lines += list(headers)
+    if length is True:
+        lines.append("Content-Length: %d" % len(body))
+    elif length is not False and length is not None:
+        lines.append("Content-Length: %d" % length)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+class Reply:
+    """One HTTP reply read by RawConnection: version ("HTTP/1.1"), status (int), reason (str),
+    headers ({lower-case name: value}), body (bytes)."""
+
+    __slots__ = ("version", "status", "reason", "headers", "body")
+
+    def __init__(self, version, status, reason, headers, body):
+        self.version, self.status, self.reason, self.headers, self.body = version, status, reason, headers, body
+
+    def result(self):
+        """The XML-RPC result it carries: the value (bytes and datetime as Python's), or the
+        xmlrpc.client.Fault; AssertionError unless it is a 200 text/xml reply."""
+        assert self.status == 200, self
+        assert self.headers.get("content-type", "").startswith("text/xml"), self
+        try:
+            (value,), _ = xmlrpc.client.loads(self.body, use_builtin_types=True)
+        except xmlrpc.client.Fault as fault:
+            return fault
+        return value
+
+    def __repr__(self):
+        return "<Reply %s %d %s %r %r>" % (self.version, self.status, self.reason, self.headers, self.body[:300])
+
+
+class RawConnection:
+    """One TCP connection, for bytes.  ``RawConnection(daemon)`` (anything with .host and .port) or
+    ``RawConnection((host, port))`` connects; ``RawConnection(sock)`` uses a socket the test made (with
+    a small receive buffer, say).  *timeout* bounds every send and read; *read_size* is the most one
+    read takes, and *read_pause* the seconds between two reads (a slow but steady reader).
+
+    send(data) sends all of *data*, whatever it is; reply() reads one complete reply (EOFError if
+    the peer closes first); replies(n) reads n, or fewer if the peer closes first; at_eof() says
+    whether the peer closes next.  Reading checks what it needs to split replies and what every
+    reply of the daemon must be: an ``HTTP/1.1 NNN reason`` status line, no header twice, a body
+    framed by Content-Length (never chunked), none for a 1xx.  Bytes past the replies read are kept
+    for the next read: none is lost, however the peer split or joined them."""
+
+    def __init__(self, to, timeout=10.0, read_size=1 << 20, read_pause=0.0):
+        self.read_size, self.read_pause = read_size, read_pause
+        if isinstance(to, socket.socket):
+            self.sock = to
+        else:
+            self.sock = socket.create_connection((to.host, to.port) if hasattr(to, "port") else to, timeout=timeout)
+        self.sock.settimeout(timeout)
+        self._data, self._at = bytearray(), 0       # what was received; where the next reply begins
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def reply(self):
+        replies = self.replies(1)
+        if not replies:
+            raise EOFError("the peer closed the connection; unread: %r" % bytes(self._data[self._at:self._at + 200]))
+        return replies[0]
+
+    def replies(self, count):
+        replies = []
+        while len(replies) < count:
+            reply = self._next()
+            if reply is not None:
+                replies.append(reply)
+                continue
+            if self.read_pause and self._data:
+                time.sleep(self.read_pause)
+            chunk = self.sock.recv(self.read_size)
+            if not chunk:
+                break
+            self._data += chunk
+        return replies
+
+    def _next(self):
+        """The next complete reply in what was received, or None."""
+        data, at = self._data, self._at
+        end = data.find(b"\r\n\r\n", at)
+        if end < 0:
+            return None
+        lines = bytes(data[at:end]).decode("latin-1").split("\r\n")
+        version, status, reason = (lines[0].split(" ", 2) + [""])[:3]
+        assert version == "HTTP/1.1" and status.isdigit() and len(status) == 3, "status line %r" % lines[0]
+        headers = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            assert colon and name.strip() == name, "header line %r" % line
+            assert name.lower() not in headers, "header %s twice" % name
+            headers[name.lower()] = value.strip()
+        assert "transfer-encoding" not in headers, "a reply with Transfer-Encoding: %r" % lines
+        if 100 <= int(status) < 200:
+            length = 0
+        else:
+            assert headers.get("content-length", "").isdigit(), "no Content-Length: %r" % lines
+            length = int(headers["content-length"])
+        start = end + 4
+        if len(data) < start + length:
+            return None
+        reply = Reply(version, int(status), reason, headers, bytes(data[start:start + length]))
+        self._at = start + length
+        if self._at > 1 << 20:      # drop what was read now and then, not at every reply
+            del data[:self._at]
+            self._at = 0
+        return reply
+
+    def at_eof(self, timeout=3.0):
+        """Whether the peer closes (FIN or reset) within *timeout* seconds, sending nothing more
+        (AssertionError if it sends more)."""
+        assert self._at == len(self._data), "unexpected bytes after the replies: %r" % bytes(self._data[self._at:][:200])
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+        finally:
+            self.sock.settimeout(previous)
+        assert not data, "unexpected bytes after the replies: %r" % data[:200]
+        return True
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def post(to, body=b"", timeout=10.0, **request):
+    """One request, ``http_request(body, **request)``, on a fresh connection to *to* (as for
+    RawConnection): its Reply."""
+    with RawConnection(to, timeout) as c:
+        c.send(http_request(body, **request))
+        return c.reply()
+
+
+def slow_readers(daemon, count, request):
+    """*count* connections (sockets) that each send *request* and read nothing, with small receive
+    buffers: the daemon's replies wait in it."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((daemon.host, daemon.port))
+        s.sendall(request)
+        socks.append(s)
+    return socks
+
+
+def count_turned_away(socks, wait=0.2):
+    """How many of *socks* have a 503 waiting to be read, or arriving within *wait* seconds (all of
+    them watched at once)."""
+    count, deadline = 0, time.monotonic() + wait
+    with selectors.DefaultSelector() as sel:
+        for s in socks:
+            sel.register(s, selectors.EVENT_READ)
+        while sel.get_map():
+            ready = sel.select(max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for key, _ in ready:
+                sel.unregister(key.fileobj)
+                count += key.fileobj.recv(100).startswith(b"HTTP/1.1 503 ")
+    return count

@@ -6,11 +6,16 @@ process where the process is the point: the script's entry point (a ping that wo
 fails), and ``serve``, which binds, installs signal handlers and runs a loop."""
 import os
 import shutil
+import socket
 import subprocess
+import threading
+import xmlrpc.client
 
 import pytest
 
-from conftest import NODEMNGR, ROOT, clean_env, free_port, run_python, wait_until
+from support import NODEMNGR, ROOT, clean_env, free_port, post, run_python, wait_until
+
+import nodemngr
 
 
 def cli(*args, env=None, timeout=30):
@@ -154,3 +159,74 @@ def test_single_file_serves_in_isolated_mode(python, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# --- errors in one line, and what listings print --------------------------------------------------
+
+def test_cli_errors_are_one_line(any_daemon, run_cli):
+    daemon = any_daemon
+    for args, expected in ((["new", "x", "--pid", "3000000000"], 2), (["del", "3000000000"], 2),
+                           (["serve", "--port", "70000"], 2), (["del", "0"], 2),
+                           (["serve", "--state", "none", "--port", str(free_port()),
+                             "--log-file", "/nonexistent/x.log"], 1)):
+        run = cli if expected == 1 else run_cli     # usage errors in this process; serve's own as one
+        code, _, err = run(*args, env=daemon.env)
+        assert code == expected, (args, err)
+        assert "Traceback" not in err and err.count("\n") == 1, (args, err)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stop = threading.Event()
+
+    def speak_ssh():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"SSH-2.0-OpenSSH_9.0\r\n")
+            conn.close()
+    threading.Thread(target=speak_ssh, daemon=True).start()
+    try:
+        code, _, err = run_cli("ping", env=clean_env(NODEMNGR_PORT=listener.getsockname()[1]))
+    finally:
+        stop.set()
+        listener.close()
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_carriage_returns_round_trip_and_listings_escape_control_characters(any_daemon, run_cli):
+    daemon = any_daemon
+    nm = daemon.proxy()
+    tricky = "a\rb\r\nc"
+    port = nm.newPort(tricky, 0)
+    forged = "real\r\n%d  0    0s   forged\x9b2J" % (port + 1)
+    nm.newPort(forged, 0)
+    assert [e["info"] for e in nm.listPorts()] == [tricky, forged]
+    code, out, err = run_cli("list", env=daemon.env)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[2].endswith("real\\r\\n%d  0    0s   forged\\x9b2J" % (port + 1))
+    assert "\x9b" not in out
+
+
+def test_more_errors_in_one_line(any_daemon, run_cli):
+    daemon = any_daemon
+    for args, env in ((["ping", "--host", "127.0.0.1:5"], clean_env(NODEMNGR_PORT=free_port())),
+                      (["stop"], clean_env(NODEMNGR_HOST="[::1", NODEMNGR_PORT=free_port())),
+                      (["new", "a\x1bb"], daemon.env)):
+        code, _, err = run_cli(*args, env=env)
+        assert code == 1 and "Traceback" not in err and err.count("\n") == 1, (args, err)
+    assert "U+001B" in err
+    with pytest.raises(nodemngr.BadArgumentError) as info:
+        daemon.proxy().newPort("a\x01b")
+    assert "U+0001" in str(info.value)
+    with pytest.raises(xmlrpc.client.Fault) as fault:
+        daemon.rpc()._ServerProxy__request("newPort", ())  # a warm-up that is well-formed: arity fault
+    assert fault.value.faultCode == -32602
+    body = (b"<?xml version='1.0'?><methodCall><methodName>newPort</methodName><params><param><value>"
+            b"<struct><member><value><int>1</int></value></member></struct></value></param></params></methodCall>")
+    fault = post(daemon, body, headers=["Connection: close"]).result()
+    assert isinstance(fault, xmlrpc.client.Fault), fault
+    assert fault.faultCode == -32600 and "<name>" in fault.faultString

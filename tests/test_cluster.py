@@ -8,7 +8,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, wait_until
+from support import FAST_REAP, RawConnection, daemon_settings, http_request, rpc_body, wait_until
 from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
@@ -199,13 +199,6 @@ def test_https_with_a_ca_and_a_client_certificate(daemon_factory, tmp_path):
 
 # --- what an adversarial run found (each failed before its fix) ------------------------------------
 
-def raw_locate(d, name):
-    s = __import__("socket").create_connection((d.host, d.port), timeout=20)
-    body = xmlrpc.client.dumps((name,), "locate").encode()
-    s.sendall(b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-    return s
-
-
 def test_a_hung_etcd_holds_up_neither_other_calls_nor_the_stop(daemon_factory, etcd):
     import signal
     d = host_daemon(daemon_factory, etcd, "host-a", size=20)
@@ -213,13 +206,15 @@ def test_a_hung_etcd_holds_up_neither_other_calls_nor_the_stop(daemon_factory, e
     os.kill(etcd.proc.pid, signal.SIGSTOP)
     waiting = []
     try:
-        waiting = [raw_locate(d, "x") for _ in range(12)]
+        for _ in range(12):
+            waiting.append(RawConnection(d, timeout=20))
+            waiting[-1].send(http_request(rpc_body("locate", "x")))
         refused = 0
-        for s in waiting:
-            s.settimeout(0.5)
+        for c in waiting:
+            c.sock.settimeout(0.5)
             try:
-                refused += b"in flight already" in s.recv(4096)
-            except OSError:
+                refused += b"in flight already" in c.reply().body
+            except (OSError, EOFError):     # (waiting: timed out)
                 pass
         assert refused >= 4, "beyond 8 waiting, a locate is refused at once"
         assert d.rpc().newPort("served meanwhile") == d.first
@@ -229,8 +224,8 @@ def test_a_hung_etcd_holds_up_neither_other_calls_nor_the_stop(daemon_factory, e
         assert time.monotonic() - began < 6, "the stop waited for etcd"
     finally:
         os.kill(etcd.proc.pid, signal.SIGCONT)
-        for s in waiting:
-            s.close()
+        for c in waiting:
+            c.close()
 
 
 def test_large_infos_are_published_in_transactions_etcd_accepts(daemon_factory, etcd):
@@ -274,7 +269,7 @@ def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path
 
 
 def test_a_key_deleted_in_etcd_is_put_back(daemon_factory, etcd):
-    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"ClusterView.resync_interval": 1.0})
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings=daemon_settings(cluster_resync=1.0))
     port = d.rpc().newPort("kept")
     key = "nodemngr/v1/ports/host-a/%d" % port
     assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5)

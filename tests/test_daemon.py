@@ -1,13 +1,18 @@
-"""The daemon over the wire: allocation, concurrency, host checks, faults, restart after kill -9."""
+"""The daemon over the wire: allocation, concurrency, faults, status and introspection, listings,
+a full range, restart after kill -9; and daemons forked by the tests are what exec would start."""
 import datetime
 import os
 import socket
+import subprocess
+import sys
 import threading
 import xmlrpc.client
 
 import pytest
 
-from conftest import free_range
+import support
+from support import (FAST_REAP, ForkedProcess, ForkServer, clean_env, fork_server, fork_server_off, free_range,
+                     popen_python, post, run_python, wait_until)
 
 
 def fault_code(call, *args):
@@ -44,23 +49,6 @@ def test_sixteen_threads_get_1600_distinct_ports(daemon_factory):
         p: "t%d-%d" % (i, n) for i, per in enumerate(got) for n, p in enumerate(per)}
 
 
-def test_ports_bound_by_others_are_skipped(daemon_factory):
-    first, last = free_range(10)
-    tcp = socket.socket()
-    tcp.bind(("127.0.0.1", first))
-    tcp.listen()
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", first + 2))
-    try:
-        d = daemon_factory(first=first, last=last)
-        rpc = d.rpc()
-        assert [rpc.newPort("x") for _ in range(3)] == [first + 1, first + 3, first + 4]
-        assert [e["port"] for e in rpc.listPorts()] == [first + 1, first + 3, first + 4]
-    finally:
-        tcp.close()
-        udp.close()
-
-
 def test_exhaustion_is_fault_2_and_the_daemon_serves_on(daemon_factory):
     d = daemon_factory(size=3)
     rpc = d.rpc()
@@ -90,11 +78,8 @@ def test_fault_codes_over_the_wire(any_daemon):
     assert fault_code(getattr(rpc, "_dispatch"), "ping", []) == -32601
     assert fault_code(rpc.ping, 1) == -32602
     assert fault_code(rpc.newPort) == -32602
-    with socket.create_connection((daemon.host, daemon.port)) as s:
-        body = b"<methodCall><methodName>ping</methodName>"
-        s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        reply = s.recv(65536)
-    assert b"<name>faultCode</name>\n<value><int>-32700</int>" in reply
+    reply = post(daemon, b"<methodCall><methodName>ping</methodName>")       # not well-formed
+    assert b"<name>faultCode</name>\n<value><int>-32700</int>" in reply.body, reply
     assert rpc.ping().startswith("NodeMngr at ")
 
 
@@ -221,7 +206,17 @@ print(json.dumps({
 }))
 sys.stderr.write("to stderr\n")
 __import__("atexit").register(sys.stderr.write, "at exit\n")
+import concurrent.futures, threading, time
+concurrent.futures.ThreadPoolExecutor(1).submit(int).result()     # an idle worker, told to end at exit
+threading.Thread(target=lambda: (time.sleep(0.05), sys.stderr.write("thread done\n"))).start()
 sys.exit(7)
+"""
+
+#: An uncaught exception: its traceback (the program's own frames and source lines only), status 1.
+RAISES = """import sys
+def fails(why):
+    raise LookupError(why)
+fails(sys.argv[1:])
 """
 
 
@@ -234,25 +229,31 @@ kept = Kept()
 
 
 def test_forked_programs_and_daemons_are_what_exec_would_start(tmp_path, daemon_factory):
-    import subprocess
-    import sys
-    from support import ForkedProcess, clean_env, fork_server, run_python
     if fork_server() is None:
-        pytest.skip("TESTS_EXEC_DAEMONS is set: every process is exec'd")
+        pytest.skip("every process is exec'd: %s" % fork_server_off())
     env = clean_env(NODEMNGR_PORT=1, EXTRA="x")     # (not the fork server's: the product's variables differ)
     env.pop("EXTRA")
     how = dict(cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=30)
     forked = run_python(["-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
     execd = subprocess.run([sys.executable, "-c", SEEN_FROM_INSIDE, "an", "argument"], **how)
-    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (7, "to stderr\nat exit\n")
+    assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (
+        7, "to stderr\nthread done\nat exit\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
+    # an uncaught exception, in a -c program and in a script
+    script = tmp_path / "raises.py"
+    script.write_text(RAISES)
+    for argv in (["-c", RAISES, "an", "argument"], [str(script), "an", "argument"]):
+        forked = run_python(argv, **how)
+        execd = subprocess.run([sys.executable] + argv, **how)
+        assert forked.returncode == execd.returncode == 1
+        assert forked.stderr == execd.stderr and "LookupError: ['an', 'argument']" in forked.stderr, argv
     # a script, ending with the interpreter's whole teardown (an object left referenced is finalized)
     script = tmp_path / "seen.py"
     script.write_text(SEEN_FROM_INSIDE.replace("sys.exit(7)", FINALIZED + "sys.exit(7)"))
     forked = run_python([str(script), "an", "argument"], finalize=True, **how)
     execd = subprocess.run([sys.executable, str(script), "an", "argument"], **how)
     assert (forked.returncode, forked.stderr) == (execd.returncode, execd.stderr) == (
-        7, "to stderr\nat exit\nfinalized\n")
+        7, "to stderr\nthread done\nat exit\nfinalized\n")
     assert json_of(forked.stdout) == json_of(execd.stdout)
 
     a = daemon_factory(exec_only=True, state=str(tmp_path / "a.sqlite3"))
@@ -283,3 +284,97 @@ def seen_from_outside(d):
     seen["stdio"] = [os.readlink("/proc/%d/fd/%d" % (pid, fd)).replace(d.log, "LOG") for fd in (0, 1, 2)]
     seen["exe"] = os.readlink("/proc/%d/exe" % pid)
     return seen
+
+
+# --- listings and a full range --------------------------------------------------------------------
+
+def test_listings_follow_every_change(daemon_factory, reap_pids):
+    d = daemon_factory(settings=FAST_REAP)
+    rpc = d.rpc()
+    assert rpc.listPorts() == []
+    a = rpc.newPort("a", 0)
+    assert [e["port"] for e in rpc.listPorts()] == [a]
+    owner = subprocess.Popen(["sleep", "60"])
+    reap_pids.append(owner.pid)
+    b = rpc.newPort("b", owner.pid)
+    assert [e["port"] for e in rpc.listPorts()] == [a, b]
+    rpc.delPort(a)
+    assert [e["port"] for e in rpc.listPorts()] == [b]
+    owner.kill()
+    owner.wait()
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=5), "a reaped port stayed listed"
+
+
+def test_failing_calls_sweep_the_range_once_per_interval(daemon_factory, sleeper):
+    first, last = free_range(20, check=20)      # the test binds half of them
+    d = daemon_factory(first=first, last=last)
+    rpc = d.rpc()
+    for _ in range(10):
+        rpc.newPort("owned", sleeper.pid)
+    foreign = []
+    try:
+        for port in range(d.first + 10, d.last + 1):
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            foreign.append(s)
+        faults = []
+        for _ in range(2):
+            multi = xmlrpc.client.MultiCall(rpc)
+            for _ in range(150):
+                multi.newPort("one too many", 0)
+            faults += [f for f in _results(multi()) if isinstance(f, xmlrpc.client.Fault)]
+        assert len(faults) == 300 and {f.faultCode for f in faults} == {2}
+        assert faults[0].faultString == "no free port in %d-%d: 10 registered, 10 held by other programs" % (d.first, d.last)
+        assert d.read_log().count("no port free: swept the owners") == 1
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def _results(results):
+    """A MultiCall's results, with each fault as a Fault in its place."""
+    out = []
+    for i in range(len(results.results)):
+        try:
+            out.append(results[i])
+        except xmlrpc.client.Fault as fault:
+            out.append(fault)
+    return out
+
+
+#: What a Python could lack, or do otherwise, of what the fork server relies on (support.ZYGOTE),
+#: as code run in a fork server before it checks this Python; and what it then says.
+LACKING = {
+    "no threading._shutdown": ("import threading\ndel threading._shutdown", "threading._shutdown"),
+    "threads not joined": ("import threading\nthreading._shutdown = lambda: None", "end otherwise"),
+    "no atexit._run_exitfuncs": ("import atexit\ndel atexit._run_exitfuncs", "atexit._run_exitfuncs"),
+    "atexit not run": ("import atexit\natexit._run_exitfuncs = lambda: None", "end otherwise"),
+    "no sys._getframe": ("del sys._getframe", "sys._getframe"),
+    "-c sources kept otherwise": ("import linecache\nlinecache.getlines = lambda *a, **k: ['not it\\n'] * 99",
+                                  "traceback would quote"),
+}
+
+
+def test_a_fork_server_that_finds_this_python_lacking_is_not_used(monkeypatch):
+    servers = {case: ForkServer(clean_env(), before_check=code) for case, (code, _) in LACKING.items()}
+    try:
+        for case, server in servers.items():
+            why_not = server.unsupported()
+            assert why_not and LACKING[case][1] in why_not, (case, why_not)
+            assert server.proc.wait(10) == 0, case
+    finally:
+        for server in servers.values():
+            server.close()
+
+    class Lacking(ForkServer):
+        def __init__(self, env):
+            super().__init__(env, before_check=LACKING["threads not joined"][0])
+    # with such a fork server, every program is exec'd (not only that one: a test would fail)
+    monkeypatch.setattr(support, "ForkServer", Lacking)
+    for key, value in {"env": clean_env(), "server": None, "off": None}.items():
+        monkeypatch.setitem(support._fork_server, key, value)
+    for _ in range(2):
+        proc = popen_python(["-c", "print('exec')"], stdout=subprocess.PIPE, text=True)
+        assert type(proc) is subprocess.Popen and proc.communicate()[0] == "exec\n"
+    assert "end otherwise" in fork_server_off()

@@ -12,14 +12,13 @@ import xmlrpc.client
 
 import pytest
 
-from support import free_range, wait_until
+from support import free_range, http_request, rpc_body, wait_until
 
 import nodemngr
 from nodemngr import Deferred, Dispatcher, Handover, NodeMngr
 
 
-def body(method, *params):
-    return xmlrpc.client.dumps(params, method).encode("utf-8")
+body = rpc_body
 
 
 def answer(reply):
@@ -226,8 +225,7 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     with local_connection(daemon) as s:         # and one refused: closed without a reply
         s.sendall(b"1\n")
         assert s.recv(100) == b""
-    request = body("newSocket", "pipelined")
-    request = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(request), request)
+    request = http_request(rpc_body("newSocket", "pipelined"))
     with local_connection(daemon) as s:         # two handovers pipelined: the second cannot go
         s.sendall(request * 2)                  # (both answered before this client reads any)
         assert wait_until(lambda: metric(daemon, "nodemngr_requests_total", "method").get("newSocket") == 2)

@@ -3,16 +3,14 @@ import base64
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 import uuid
-import xmlrpc.client
 
 import pytest
 
-from conftest import ROOT, clean_env, free_port, nodemngr_argv, run_python
+from support import ROOT, clean_env, free_port, nodemngr_argv, post, rpc_body, run_python
 
 import nodemngr
 
@@ -25,37 +23,23 @@ def token_file(tmp_path):
     return path
 
 
-def raw_status(daemon, authorization=None):
-    body = xmlrpc.client.dumps((), "ping").encode()
-    head = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n" % len(body)
-    if authorization is not None:
-        head += b"Authorization: " + authorization + b"\r\n"
-    with socket.create_connection((daemon.host, daemon.port), timeout=10) as s:
-        s.sendall(head + b"\r\n" + body)
-        reply = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
-            if reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"</methodResponse>\n"):
-                break
-    return reply
+PING = rpc_body("ping")
 
 
 def basic(password, user=b"nodemngr"):
-    return b"Basic " + base64.b64encode(user + b":" + password)
+    """An Authorization header for HTTP Basic auth."""
+    return "Authorization: Basic " + base64.b64encode(user + b":" + password).decode()
 
 
 def test_token_is_required_and_checked(daemon_factory, token_file):
     d = daemon_factory(extra_args=["--token-file", str(token_file)])
-    reply = raw_status(d)
-    assert reply.startswith(b"HTTP/1.1 401 ")
-    assert b'WWW-Authenticate: Basic realm="nodemngr"' in reply
-    assert raw_status(d, basic(b"wrong")).startswith(b"HTTP/1.1 401 ")
-    assert raw_status(d, b"Basic !!!notbase64").startswith(b"HTTP/1.1 401 ")
-    assert raw_status(d, basic(b"s3cret/with:odd@chars")).startswith(b"HTTP/1.1 200 ")
-    assert raw_status(d, basic(b"s3cret/with:odd@chars", user=b"anyone")).startswith(b"HTTP/1.1 200 ")
+    reply = post(d, PING)
+    assert reply.status == 401
+    assert reply.headers["www-authenticate"].startswith('Basic realm="nodemngr"'), reply
+    assert post(d, PING, headers=[basic(b"wrong")]).status == 401
+    assert post(d, PING, headers=["Authorization: Basic !!!notbase64"]).status == 401
+    assert post(d, PING, headers=[basic(b"s3cret/with:odd@chars")]).status == 200
+    assert post(d, PING, headers=[basic(b"s3cret/with:odd@chars", user=b"anyone")]).status == 200
 
 
 def test_proxy_and_cli_use_the_token_file(daemon_factory, token_file, run_cli):
@@ -165,3 +149,19 @@ def test_terminate_from_any_address_of_this_host_is_local(daemon_factory, token_
     assert nm.status()["registered"] == 0
     assert nm.terminate() is True       # from this host's address on the veth, not loopback
     assert d.proc.wait(10) == 0
+
+
+def test_an_address_any_socket_can_bind_is_not_this_host():
+    # With ip_nonlocal_bind (keepalived, HAProxy hosts) every address can be bound: a remote peer
+    # must still not count as this host (terminate would be allowed to it).
+    unshare = shutil.which("unshare")
+    script = ("import sys; sys.path.insert(0, %r); import nodemngr; "
+              "print(nodemngr.is_this_host('8.8.8.8'), nodemngr.is_this_host('192.0.2.7'), "
+              "nodemngr.is_this_host('127.0.0.1'))" % ROOT)
+    shell = ("ip link set lo up && echo 1 > /proc/sys/net/ipv4/ip_nonlocal_bind && exec %s -c %s"
+             % (sys.executable, "'%s'" % script.replace("'", "'\\''")))
+    if unshare is None or subprocess.run([unshare, "-n", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -n (a network namespace of its own), which this machine refuses")
+    out = subprocess.run([unshare, "-n", "sh", "-c", shell], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"]

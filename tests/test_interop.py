@@ -6,10 +6,11 @@ ruby-xmlrpc; npm: xmlrpc into tests/clients/node). A client that is not installe
 import os
 import re
 import shutil
-import socket
 import subprocess
 
 import pytest
+
+from support import RawConnection, http_request
 
 CLIENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clients")
 NODE_MODULES = os.path.join(CLIENTS, "node", "node_modules")
@@ -71,53 +72,18 @@ CALL = ('<?xml version="1.0"?>\r\n<methodCall><methodName>%s</methodName>'
         '<params><param><value>%s</value></param></params></methodCall>\r\n')
 
 
-class RawConnection:
-    """One TCP connection that sends HTTP/1.1 POSTs and reads replies by hand."""
-
-    def __init__(self, host, port):
-        self.host, self.port = host, port
-        self.sock = socket.create_connection((host, port), timeout=10)
-        self.buf = b""
-
-    def close(self):
-        self.sock.close()
-
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise AssertionError("server closed the connection; had %r" % self.buf)
-        self.buf += chunk
-
-    def post(self, body, path="/RPC2"):
-        body = body.encode("utf-8")
-        head = ("POST %s HTTP/1.1\r\n"
-                "Host: %s:%d\r\n"
-                "User-Agent: nodemngr-raw-test\r\n"
-                "Content-Type: text/xml\r\n"
-                "Content-Length: %d\r\n"
-                "\r\n") % (path, self.host, self.port, len(body))
-        self.sock.sendall(head.encode("ascii") + body)
-        return self.read_reply()
-
-    def read_reply(self):
-        while b"\r\n\r\n" not in self.buf:
-            self._fill()
-        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-        lines = head.decode("iso-8859-1").split("\r\n")
-        status = re.match(r"HTTP/(\d\.\d) (\d{3})(?: (.*))?$", lines[0])
-        assert status, "bad status line %r" % lines[0]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            assert sep, "bad header line %r" % line
-            headers[name.strip().lower()] = value.strip()
-        assert "transfer-encoding" not in headers, "reply is %s, expected Content-Length" % headers
-        assert "content-length" in headers, "reply has no Content-Length: %r" % head
-        length = int(headers["content-length"])
-        while len(self.buf) < length:
-            self._fill()
-        body, self.buf = self.buf[:length], self.buf[length:]
-        return status.group(1), int(status.group(2)), headers, body.decode("utf-8")
+def call(conn, method, value):
+    """Send one call with a <value> written by hand on *conn* (a RawConnection); its reply body,
+    checked as a well-behaved client would need it."""
+    conn.send(http_request((CALL % (method, value)).encode("utf-8"), headers=["User-Agent: nodemngr-raw-test"]))
+    reply = conn.reply()    # (an HTTP/1.1 reply framed by Content-Length: RawConnection checks it)
+    assert reply.status == 200, reply
+    assert reply.headers.get("content-type", "").split(";")[0].strip() == "text/xml", reply
+    assert reply.headers.get("connection", "").lower() != "close", "daemon closed a keep-alive connection"
+    body = reply.body.decode("utf-8")
+    assert "<methodResponse>" in body, body
+    assert not re.search(r"<(\w+:)?nil\b", body), "reply carries a nil: %r" % body
+    return body
 
 
 def _int_value(body):
@@ -126,35 +92,21 @@ def _int_value(body):
     return int(m.group(2))
 
 
-def _check_reply(version, status, headers, body):
-    assert version == "1.1", "reply is HTTP/%s, expected HTTP/1.1" % version
-    assert status == 200, (status, body)
-    assert headers.get("content-type", "").split(";")[0].strip() == "text/xml", headers
-    assert headers.get("connection", "").lower() != "close", "daemon closed a keep-alive connection"
-    assert "<methodResponse>" in body, body
-    assert not re.search(r"<(\w+:)?nil\b", body), "reply carries a nil: %r" % body
-
-
 def test_raw_http_keepalive(any_daemon):
     daemon = any_daemon
-    conn = RawConnection(daemon.host, daemon.port)
-    try:
+    with RawConnection(daemon) as conn:
         # newPort("raw socket") -> the lowest free port.
-        reply = conn.post(CALL % ("newPort", "<string>raw socket</string>"))
-        _check_reply(*reply)
-        port = _int_value(reply[3])
-        assert daemon.first <= port <= daemon.last, reply
+        body = call(conn, "newPort", "<string>raw socket</string>")
+        port = _int_value(body)
+        assert daemon.first <= port <= daemon.last, body
 
         # Same connection: delPort(port) -> 0.
-        reply = conn.post(CALL % ("delPort", "<int>%d</int>" % port))
-        _check_reply(*reply)
-        assert "<fault>" not in reply[3], reply
-        assert _int_value(reply[3]) == 0, reply
+        body = call(conn, "delPort", "<int>%d</int>" % port)
+        assert "<fault>" not in body, body
+        assert _int_value(body) == 0, body
 
         # Same connection: delPort of a port no longer registered -> fault 1.
-        reply = conn.post(CALL % ("delPort", "<int>%d</int>" % port))
-        _check_reply(*reply)
-        body = reply[3]
+        body = call(conn, "delPort", "<int>%d</int>" % port)
         fault = re.search(r"<fault>(.*)</fault>", body, re.S)
         assert fault, "no <fault> in %r" % body
         code = re.search(r"<name>\s*faultCode\s*</name>\s*<value>\s*<(int|i4)>\s*(-?\d+)\s*</\1>",
@@ -165,6 +117,4 @@ def test_raw_http_keepalive(any_daemon):
         assert text, "no faultString in %r" % body
         assert "Node manager: Unknown port:" in text.group(1), body
         assert text.group(1).strip().endswith(str(port)), body
-    finally:
-        conn.close()
     assert daemon.rpc().listPorts() == []

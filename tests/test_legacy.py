@@ -1,12 +1,15 @@
-"""The 1999 module's usage runs unchanged, and a client with no daemon starts exactly one."""
+"""The 1999 module's usage runs unchanged, and a client with no daemon starts exactly one;
+nodemngr.py alone gives every legacy name, and ``nm`` costs nothing until it is used."""
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
-from conftest import (NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, port_is_free,
+from support import (NODEMNGR, ROOT, clean_env, free_port, free_range, pid_alive, popen_python, port_is_free,
                       run_python, stop_pid, wait_until)
+
+import nodemngr
 
 LEGACY_SCRIPT = textwrap.dedent("""
     import json, socket, sys
@@ -150,3 +153,9 @@ def test_eight_racing_processes_end_with_one_daemon(tmp_path, reap_pids):
     # answered all the others (eight Pythons started for one daemon cost a busy machine 3 s of CPU)
     log = (tmp_path / ("%d.log" % port)).read_text()
     assert log.count("serving on 127.0.0.1:%d" % port) == 1 and "already serving" not in log, log
+
+
+def test_nm_can_be_copied_without_being_used():
+    import copy
+    clone = copy.copy(nodemngr.nm)
+    assert clone is not None and nodemngr.nm._proxy is None

@@ -1,45 +1,34 @@
-"""Connection limits: idle keep-alive connections make room; busy ones get a 503 beyond 128."""
+"""Connection limits: idle keep-alive connections make room; beyond max_connections (128) busy
+ones, newcomers are answered 503."""
 import select
-import socket
 import xmlrpc.client
 
-import nodemngr
-from conftest import wait_until
+import pytest
 
-PING = xmlrpc.client.dumps((), "ping").encode()
-REQUEST = b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(PING), PING)
+import nodemngr
+from support import RawConnection, daemon_settings, http_request, rpc_body, wait_until
+
+PING_REQUEST = http_request(rpc_body("ping"))
 
 
 def served_once(daemon):
-    s = socket.create_connection((daemon.host, daemon.port), timeout=10)
-    s.sendall(REQUEST)
-    reply = b""
-    while not reply.endswith(b"</methodResponse>\n"):
-        chunk = s.recv(65536)
-        assert chunk, reply
-        reply += chunk
-    assert reply.startswith(b"HTTP/1.1 200 OK")
-    return s
-
-
-def status_line(s):
-    s.settimeout(10)
-    try:
-        return s.recv(65536).split(b"\r\n", 1)[0]
-    except ConnectionResetError:
-        return b"reset"
+    """A connection to *daemon* that was served one call, and is now idle (kept alive)."""
+    c = RawConnection(daemon)
+    c.send(PING_REQUEST)
+    assert c.reply().status == 200
+    return c
 
 
 def test_idle_keepalive_connections_make_room_for_a_new_client(daemon):
     idle = [served_once(daemon) for _ in range(nodemngr.MAX_CONNECTIONS)]
     try:
         assert daemon.rpc().ping().startswith("NodeMngr at "), "a new client is served, not turned away"
-        readable, _, _ = select.select(idle, [], [], 5)
-        assert readable and all(status_line(s) in (b"", b"reset") for s in readable)
-        assert readable[0] in idle[:3], "the longest-idle connection was the one closed"
+        readable, _, _ = select.select([c.sock for c in idle], [], [], 5)
+        assert readable and all(c.at_eof(10) for c in idle if c.sock in readable), "closed, with nothing sent"
+        assert readable[0] in [c.sock for c in idle[:3]], "the longest-idle connection was the one closed"
     finally:
-        for s in idle:
-            s.close()
+        for c in idle:
+            c.close()
 
 
 def test_beyond_128_busy_connections_new_ones_get_503(any_daemon):
@@ -49,15 +38,14 @@ def test_beyond_128_busy_connections_new_ones_get_503(any_daemon):
     busy = []
     try:
         for _ in range(nodemngr.MAX_CONNECTIONS):
-            s = socket.create_connection((daemon.host, daemon.port), timeout=10)
-            s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: t\r\n")      # stalls mid-request
-            busy.append(s)
-        extra = socket.create_connection((daemon.host, daemon.port), timeout=10)
-        assert status_line(extra) == b"HTTP/1.1 503 Service Unavailable"
-        extra.close()
+            busy.append(RawConnection(daemon))
+            busy[-1].send(b"POST /RPC2 HTTP/1.1\r\nHost: t\r\n")      # stalls mid-request
+        with RawConnection(daemon) as extra:
+            reply = extra.reply()
+        assert (reply.status, reply.reason) == (503, "Service Unavailable"), reply
     finally:
-        for s in busy:
-            s.close()
+        for c in busy:
+            c.close()
     def served():
         try:
             return daemon.rpc().ping().startswith("NodeMngr at ")
@@ -65,3 +53,19 @@ def test_beyond_128_busy_connections_new_ones_get_503(any_daemon):
             assert exc.errcode == 503
             return False
     assert wait_until(served, 5), "once they close, calls are served"
+
+
+def test_newcomers_turned_away_read_a_503(daemon_factory):
+    d = daemon_factory(settings=daemon_settings(max_connections=8))
+    held = []
+    try:
+        for _ in range(8):
+            held.append(RawConnection(d))
+            held[-1].send(http_request(b"<?xml", length=100))
+        for _ in range(20):
+            with pytest.raises(xmlrpc.client.ProtocolError) as info:
+                d.rpc().ping()
+            assert info.value.errcode == 503
+    finally:
+        for s in held:
+            s.close()

@@ -15,12 +15,12 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import (FAST_REAP, NODEMNGR, ROOT, clean_env, free_range, pid_alive, popen_python, run_python,
-                      stop_pid, wait_until)
+from support import (FAST_REAP, NODEMNGR, ROOT, RawConnection, clean_env, daemon_settings, free_range,
+                     http_request, pid_alive, popen_python, rpc_body, run_python, stop_pid, wait_until)
 
 import nodemngr
 
-SHORT_STALL = dict(FAST_REAP, **{"NodeMngrServer.stall_timeout": 0.5})
+SHORT_STALL = dict(FAST_REAP, **daemon_settings(stall_timeout=0.5))
 
 
 def local_address(d):
@@ -114,9 +114,9 @@ def test_portserver_requests_good_dead_stalled_and_unread(daemon_factory, reap_p
         stalled.close()
         unread.close()
     # on TCP a pid is just a bad HTTP request
-    with socket.create_connection((d.host, d.port), timeout=5) as s:
-        s.sendall(b"%d\n\n" % os.getpid())
-        assert s.recv(100).startswith(b"HTTP/1.1 400 ")
+    with RawConnection(d, timeout=5) as c:
+        c.send(b"%d\n\n" % os.getpid())
+        assert c.reply().status == 400
     assert len(holders(d)) == 3
 
 
@@ -494,8 +494,7 @@ def test_a_new_socket_from_another_pid_namespace_is_owned_by_the_caller(daemon_f
 
 
 def test_new_socket_without_a_pid_is_owned_by_its_caller_and_one_is_in_flight_per_connection(daemon):
-    body = xmlrpc.client.dumps(("no pid given",), "newSocket").encode()
-    request = b"POST /RPC2 HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    request = http_request(rpc_body("newSocket", "no pid given"))
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(nodemngr.local_sockaddr(local_address(daemon)))
@@ -568,5 +567,5 @@ def test_an_auto_started_daemon_gets_a_relative_local_path_made_absolute(tmp_pat
 
 
 def nodemngr_port_and_range():
-    from conftest import free_port
+    from support import free_port
     return free_port(), free_range(10)

@@ -14,7 +14,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, wait_until
+from support import FAST_REAP, ROOT, daemon_settings, wait_until
 
 OLD_RELEASE = os.path.join(ROOT, "tests", "data", "nodemngr-1.0.0.py")   # 482246a's, unchanged
 
@@ -280,7 +280,7 @@ def test_a_names_table_edited_by_hand_is_checked_at_start(daemon_factory, tmp_pa
 
 
 def test_a_name_keeps_its_port_while_another_program_holds_it_for_a_moment(daemon_factory):
-    d = daemon_factory(size=10, state="none", settings={"NodeMngrServer.busy_retry": 0.2})
+    d = daemon_factory(size=10, state="none", settings=daemon_settings(busy_retry=0.2))
     rpc = d.rpc()
     rpc.newPort("below")
     db = rpc.newPort({"name": "db"})

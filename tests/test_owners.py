@@ -1,18 +1,26 @@
-"""Owners and crashes: a dead process never keeps a port, and nothing acknowledged is ever lost."""
+"""Owners and crashes: a dead process never keeps a port (a reused pid included), a live one never
+loses it (a process whose main thread ended, an owner the daemon cannot see under hidepid, checks
+that fail for want of descriptors), a thread's id is not an owner, the owner check runs in slices,
+and nothing acknowledged is lost to a kill -9."""
 import os
+import pathlib
 import random
+import resource
+import shlex
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
+import tempfile
 import textwrap
 import time
 import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, SHORT_LOCK_WAIT, popen_python, wait_until
+from support import (FAST_REAP, NODEMNGR, REAP_INTERVAL, ROOT, RawConnection, clean_env, free_port, free_range,
+                     http_request, launcher, popen_python, registered, rpc_body, wait_until)
+
+import nodemngr
 
 HOLDER = textwrap.dedent("""
     import sys, time
@@ -28,10 +36,6 @@ def start_holder(daemon):
     """A child process that takes a port with its own pid and then sleeps; (Popen, port)."""
     proc = popen_python(["-c", HOLDER], env=daemon.env, stdout=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
-
-
-def registered(daemon):
-    return {e["port"]: e for e in daemon.rpc().listPorts()}
 
 
 def test_a_killed_owner_frees_its_port_within_5s(daemon_factory):
@@ -138,164 +142,156 @@ def test_kill_9_under_load_loses_nothing_acknowledged(daemon_factory, delay):
     assert not set(fresh) & set(held)
 
 
-def test_garbage_state_file_is_moved_aside(daemon_factory, tmp_path):
-    state = tmp_path / "garbage.sqlite3"
-    state.write_bytes(b"this is not a database\n" * 100)
-    d = daemon_factory(state=state)
-    log = d.read_log()
-    asides = [p for p in os.listdir(str(tmp_path)) if p.startswith("garbage.sqlite3.bad-")]
-    assert len(asides) == 1
-    assert (tmp_path / asides[0]).read_bytes() == b"this is not a database\n" * 100
-    assert "WARNING" in log and str(state) in log and str(tmp_path / asides[0]) in log
-    assert d.rpc().newPort("fresh start") == d.first
+# --- owners the daemon must not take for dead -----------------------------------------------------
 
-
-def test_truncated_state_file_is_moved_aside(daemon_factory, tmp_path):
-    state = tmp_path / "trunc.sqlite3"
-    d = daemon_factory(state=state, size=400)
-    for batch in range(3):      # a request body stays under 64 KiB
-        multi = xmlrpc.client.MultiCall(d.rpc())
-        for i in range(100):
-            multi.newPort("padding %d %s" % (i, "x" * 200))
-        multi()
-    assert d.terminate() == 0
-    size = state.stat().st_size
-    with open(str(state), "r+b") as f:
-        f.truncate(size // 2)
-    d.start()
-    asides = [p for p in os.listdir(str(tmp_path)) if p.startswith("trunc.sqlite3.bad-")]
-    assert len(asides) == 1 and str(tmp_path / asides[0]) in d.read_log()
-    assert registered(d) == {}
-
-
-def test_a_state_file_of_another_schema_is_moved_aside(daemon_factory, tmp_path):
-    import sqlite3
-    state = tmp_path / "other.sqlite3"
-    db = sqlite3.connect(str(state))
-    db.execute("CREATE TABLE accounts(id INTEGER, owner TEXT)")
-    db.execute("INSERT INTO accounts VALUES (1, 'somebody else')")
-    db.commit()
-    db.close()
-    d = daemon_factory(state=state)
-    assert any(p.startswith("other.sqlite3.bad-") for p in os.listdir(str(tmp_path)))
-    assert d.rpc().ping()
-
-
-def test_a_second_daemon_cannot_share_a_state_file(daemon, daemon_factory):
-    other = daemon_factory(state=daemon.state, start=False, settings=SHORT_LOCK_WAIT)
-    other.start(wait=False)
-    assert other.proc.wait(15) == 1
-    assert "in use by another process" in other.read_log()
-    assert not [p for p in os.listdir(os.path.dirname(daemon.state)) if ".bad-" in p]
-
-
-def chattr(flag, *paths):
-    return subprocess.run(["chattr", flag] + [str(p) for p in paths], capture_output=True, text=True)
-
-
-def test_state_folder_made_read_only_mid_run(daemon_factory, tmp_path):
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    d = daemon_factory(state=folder / "state.sqlite3")
-    rpc = d.rpc()
-    kept = [rpc.newPort("before") for _ in range(3)]
-    files = [folder] + sorted(folder.iterdir())
-    if shutil.which("chattr") is None or chattr("+i", *files).returncode != 0:
-        pytest.skip("the immutable attribute is not available here (needs root and ext4/xfs/btrfs)")
+def test_a_thread_id_is_not_an_owner(any_daemon):
+    daemon = any_daemon
+    script = textwrap.dedent("""
+        import sys, threading
+        ready, done = threading.Event(), threading.Event()
+        def run():
+            print(threading.get_native_id(), flush=True)
+            done.wait()
+        threading.Thread(target=run).start()
+        sys.stdin.read()
+        done.set()
+    """)
+    proc = popen_python(["-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        for call, args in ((rpc.newPort, ("during",)), (rpc.delPort, (kept[0],))):
-            with pytest.raises(xmlrpc.client.Fault) as info:
-                call(*args)
-            assert info.value.faultCode == -32603
-            assert "could not save the state to %s" % (folder / "state.sqlite3") in info.value.faultString
-            assert "Operation not permitted" in info.value.faultString
-        assert rpc.ping() and sorted(registered(d)) == kept, "the daemon serves on, unchanged"
+        tid = int(proc.stdout.readline())
+        assert tid != proc.pid
+        with pytest.raises(xmlrpc.client.Fault) as info:
+            daemon.rpc().newPort("thread", tid)
+        assert info.value.faultCode == 3 and "thread" in info.value.faultString
+        assert daemon.rpc().newPort("process", proc.pid) == daemon.first
     finally:
-        chattr("-i", *files)
-    assert rpc.newPort("after") == kept[-1] + 1
-    assert d.terminate() == 0
-    d.start()
-    assert sorted(registered(d)) == kept + [kept[-1] + 1], "nothing half-written"
+        for entry in daemon.rpc().listPorts():  # given back before its owner ends: the shared
+            daemon.rpc().delPort(entry["port"])  # daemon reaps nothing (its reaped count stays 0)
+        proc.stdin.close()
+        proc.wait(10)
 
 
-def test_full_disk_mid_run(daemon_factory, tmp_path):
-    folder = tmp_path / "small"
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        d = daemon_factory(state=folder / "state.sqlite3", size=2000)
-        rpc = d.rpc()
-        kept = [rpc.newPort("before") for _ in range(3)]
-        filler = folder / "filler"
-        fd = os.open(str(filler), os.O_WRONLY | os.O_CREAT, 0o600)
+ZOMBIE_LEADER = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    threading.Thread(target=lambda: (time.sleep(60), os._exit(0))).start()
+    print("ready", flush=True)
+    time.sleep(0.2)
+    ctypes.CDLL(None).pthread_exit(None)     # the main thread ends; the process runs on
+""")
+
+
+def test_a_process_whose_main_thread_ended_still_owns_its_port(daemon_factory, reap_pids):
+    d = daemon_factory(settings=FAST_REAP)
+    proc = popen_python(["-c", ZOMBIE_LEADER], stdout=subprocess.PIPE, text=True)
+    reap_pids.append(proc.pid)
+    assert proc.stdout.readline() == "ready\n"
+    assert wait_until(lambda: open("/proc/%d/stat" % proc.pid).read().rpartition(")")[2].split()[0] == "Z")
+    port = d.rpc().newPort("threads live on", proc.pid)
+    changed = wait_until(lambda: d.rpc().listPorts() == [], timeout=3 * REAP_INTERVAL)
+    assert not changed, "the port was freed while the process ran"
+    assert [(e["port"], e["pid"]) for e in d.rpc().listPorts()] == [(port, proc.pid)]
+    proc.kill()
+    proc.wait()
+    assert wait_until(lambda: d.rpc().listPorts() == [], timeout=5)
+
+
+@pytest.fixture
+def public_copy():
+    """A folder an unprivileged user can read (pytest's are root's alone), holding nodemngr.py."""
+    folder = tempfile.mkdtemp(prefix="nodemngr-public-")
+    os.chmod(folder, 0o755)
+    shutil.copy(NODEMNGR, folder)
+    yield pathlib.Path(folder)
+    shutil.rmtree(folder)
+
+
+HIDEPID_DAEMON = ("mount -t proc -o hidepid=2 proc /proc && exec setpriv --reuid=65534 --regid=65534 "
+                  "--clear-groups --inh-caps=-all %s -c %s serve --port %d --first-port %d --last-port %d "
+                  "--state none --log-level DEBUG")
+
+
+def test_hidden_owners_are_accepted_and_kept_while_they_exist(tmp_path, sleeper, reap_pids, public_copy):
+    """/proc mounted hidepid=2 and an unprivileged daemon: it cannot read root's processes, yet
+    kill(pid, 0) says they exist (EPERM), so they are owners until they are gone."""
+    if os.geteuid() != 0 or not all(os.path.exists(t) for t in ("/usr/bin/unshare", "/usr/bin/setpriv")):
+        pytest.skip("needs root and util-linux's unshare and setpriv")
+    python = "/usr/bin/python3"         # readable by an unprivileged user, unlike a root-only install
+    copy = public_copy
+    port, (first, last) = free_port(), free_range(3)
+    program = shlex.quote(launcher(str(copy / "nodemngr.py"), FAST_REAP))
+    cmd = HIDEPID_DAEMON % (python, program, port, first, last)
+    log = open(str(tmp_path / "hidepid.log"), "wb")
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", cmd],
+                            stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+    reap_pids.append(proc.pid)
+    rpc = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port)
+
+    def up():
+        if proc.poll() is not None:
+            pytest.skip("could not mount /proc hidepid=2 here: %s" % open(str(tmp_path / "hidepid.log")).read())
         try:
-            while os.write(fd, b"\0" * 4096):
-                pass
-        except OSError:     # the disk is full now
-            pass
-        finally:
-            os.close(fd)
-        faults = []
-        for i in range(200):    # the WAL has some slack; fill it
-            try:
-                kept.append(rpc.newPort("x" * 3000))
-            except xmlrpc.client.Fault as fault:
-                faults.append(fault)
-                break
-        assert faults and faults[0].faultCode == -32603 and "full" in faults[0].faultString
-        assert rpc.ping() and sorted(registered(d)) == kept
-        filler.unlink()
-        kept.append(rpc.newPort("room again"))
-        assert d.terminate() == 0
-        d.start()
-        assert sorted(registered(d)) == sorted(kept)
-        d.stop()
+            return rpc.ping()
+        except OSError:
+            return False
+    assert wait_until(up, timeout=10)
+    assert rpc.newPort("root's", sleeper.pid) == first
+    sleeper.kill()
+    sleeper.wait()
+    assert wait_until(lambda: rpc.listPorts() == [], timeout=5)
+    rpc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+def call_on(conn, method, *params):
+    """One XML-RPC call on an open RawConnection: the result, or the Fault."""
+    conn.send(http_request(rpc_body(method, *params)))
+    return conn.reply().result()
+
+
+def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, sleeper):
+    d = daemon_factory(size=3, settings=FAST_REAP,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40)))
+    rpc = d.rpc()
+    ports = [rpc.newPort("held by sleep", sleeper.pid) for _ in range(3)]
+    held = []
+    try:
+        for _ in range(45):
+            held.append(RawConnection(d))
+        # the first ones were accepted; later ones may be turned away, never a call in progress
+        assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
+        assert call_on(held[1], "newPort", "more", 0).faultCode == 2
+        # two owner checks pass while the connections are held, and take nothing from the owner
+        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * REAP_INTERVAL,
+                             interval=0.2)
+        assert not changed
+        assert call_on(held[2], "delPort", ports[2]) == 0
+        assert call_on(held[3], "newPort", "again", 0) == ports[2]
+        listing = call_on(held[4], "listPorts")
     finally:
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        for s in held:
+            s.close()
+    assert [(e["port"], e["pid"]) for e in listing] == [(p, sleeper.pid) for p in ports[:2]] + [(ports[2], 0)]
+    assert "has ended" not in d.read_log()
 
 
-def raw_new_port(sock, info):
-    body = xmlrpc.client.dumps((info,), "newPort").encode()
-    sock.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-
-
-def read_reply(sock):
-    data = b""
-    sock.settimeout(20)
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
+def test_the_owner_check_is_done_in_slices(reap_pids):
+    first, last = free_range(60)
+    procs = [subprocess.Popen(["sleep", "300"]) for _ in range(48)]
+    reap_pids.extend(p.pid for p in procs)
+    node = nodemngr.NodeMngr(first, last)
+    for p in procs:
+        node.newPort("owned", p.pid)
+    procs[0].kill()
+    procs[0].wait()
+    slices = 0
+    while True:
+        slices += 1
+        done, freed = node.reap_step(budget=0)
+        if done:
             break
-        body += chunk
-    return head + b"\r\n\r\n" + body
-
-
-def test_sigterm_answers_every_call_in_flight(daemon):
-    # ten idle keep-alive connections that served a call already, ten brand new ones
-    socks = [socket.create_connection((daemon.host, daemon.port)) for _ in range(20)]
-    for s in socks[:10]:
-        raw_new_port(s, "warm-up")
-        assert b"200 OK" in read_reply(s)
-    for i, s in enumerate(socks):
-        raw_new_port(s, "in flight %d" % i)
-    daemon.proc.send_signal(signal.SIGTERM)
-    replies = [read_reply(s) for s in socks]
-    for s in socks:
-        s.close()
-    ports = []
-    for reply in replies:
-        assert reply.startswith(b"HTTP/1.1 200 OK"), reply[:200]
-        ports.append(xmlrpc.client.loads(reply.partition(b"\r\n\r\n")[2])[0][0])
-    assert daemon.proc.wait(15) == 0
-    daemon.start()
-    held = registered(daemon)
-    assert set(ports) <= set(held) and len(held) == 30
+    assert slices >= 3, "a zero budget still looked at every owner in one slice"
+    assert node.reaped == 1 and len(node.allocator) == 47
+    for p in procs:
+        p.kill()
+        p.wait()

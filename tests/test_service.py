@@ -1,7 +1,7 @@
 """Running as a service (README, "Run it as a service"): socket activation under systemd's own
 systemd-socket-activate, readiness on a NOTIFY_SOCKET the test binds, the unit files checked by
 systemd-analyze, and GET /metrics read by a real Prometheus parser.  (SIGHUP and a rotated log:
-tests/test_promises.py.)"""
+tests/test_stop.py.)"""
 import base64
 import os
 import random
@@ -16,8 +16,7 @@ import xmlrpc.client
 
 import pytest
 
-from conftest import FAST_REAP, ROOT, clean_env, free_port, free_range, launcher, wait_until
-from support import ServerProcess
+from support import FAST_REAP, ROOT, ServerProcess, clean_env, free_port, free_range, launcher, wait_until
 
 import nodemngr
 
