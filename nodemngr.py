@@ -64,7 +64,7 @@ Where each feature lives (names of this module; tests/test_structure.py checks t
     metrics              Dispatcher.metrics, Dispatcher.add_gauge, read_head
     systemd              activated_sockets, sd_notifier, NodeMngrServer._tell
     settings             Settings, _parser, NodeMngrProxy
-    tokens and rights    Settings.token, Dispatcher.caller, Dispatcher.admits, Dispatcher.portserver
+    tokens and rights    Settings.token, Dispatcher.caller, Dispatcher.authorize, Dispatcher.portserver, privileged
     auto-start           NodeMngrProxy.call, start_daemon, _spawn_turn, _spawn_detached
 """
 
@@ -128,15 +128,17 @@ __all__ = [
     "NodeMngrException", "UnknownPortError", "NoFreePortError", "BadArgumentError", "UnsendableError",
     "ForbiddenError", "StoreError", "ClusterError", "exception_from_fault",
     # Owners, host checks
-    "process_start_time", "owner_alive", "is_thread_of_another", "pid_of_local_peer", "peer_credentials",
-    "port_is_bindable", "is_loopback", "is_this_host",
+    "process_start_time", "owner_alive", "is_thread_of_another", "process_uids", "is_kernel_thread", "PidNamespace",
+    "UNKNOWN_NAMESPACE", "pid_namespace", "pid_of_local_peer", "peer_credentials", "port_is_bindable", "is_loopback",
+    "is_this_host", "tcp_peer_uid", "tcp_listener_uid",
     # Values, XML-RPC bodies
     "dumps", "marshal_info", "unmarshal_info", "check_port", "utc", "printable", "describe", "parse_call",
     "marshal_reply",
     # Settings
     "bounded_int", "default_state_path", "ensure_private_folder", "read_token", "Settings",
     # The allocator, the state store, the service
-    "Registration", "name_of", "explicit_name", "PortAllocator", "StateStore", "Caller", "IN_PROCESS", "NodeMngr",
+    "Registration", "name_of", "explicit_name", "PortAllocator", "StateStore", "Caller", "IN_PROCESS", "privileged",
+    "NodeMngr",
     # The dispatcher, HTTP framing, the transport, the server
     "Busy", "Deferred", "Handover", "Dispatcher", "RequestHead", "read_head", "Connection", "local_sockaddr",
     "NodeMngrServer",
@@ -339,22 +341,95 @@ def is_thread_of_another(pid):
     return tgid is not None and tgid != pid
 
 
-def pid_of_local_peer(sent, peer_pid):
-    """The pid, as this daemon sees it, of the process that a client of the local socket named
-    *sent* (in its own pid namespace); peer_pid: the client's own pid as the kernel gave it here
-    (SO_PEERCRED), None if unknown.  None when *sent* cannot be translated: a client in another
-    pid namespace may name only itself."""
-    if peer_pid is None or sent == peer_pid:
-        return sent
+def process_uids(pid):
+    """The real and effective uid of process *pid* (a set), or None where /proc does not say
+    (no /proc, hidepid=, or no such process)."""
     try:
-        with open("/proc/%d/status" % peer_pid, "rb") as f:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            match = re.search(rb"\nUid:\s*(\d+)\s+(\d+)", f.read())
+    except OSError:
+        return None
+    return {int(match.group(1)), int(match.group(2))} if match else None
+
+
+def is_kernel_thread(pid):
+    """True if *pid* is a kernel thread (kthreadd and its children: PF_KTHREAD in /proc/PID/stat),
+    which never ends: a port it owned would be held for good."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return False
+    return len(fields) > 6 and fields[6].isdigit() and bool(int(fields[6]) & 0x00200000)
+
+
+PidNamespace = namedtuple("PidNamespace", "depth inode")
+PidNamespace.__doc__ = """The pid namespace of a local-socket client, as read when it connected:
+depth (1: the daemon's own; more: nested below it, a container's) and inode (the namespace's
+identity, from /proc/PID/ns/pid; None where the daemon may not read it).  UNKNOWN_NAMESPACE:
+the client could not be read (it had exited, or /proc hides it)."""
+UNKNOWN_NAMESPACE = PidNamespace(0, None)
+
+
+def pid_namespace(pid):
+    """The PidNamespace of process *pid*, read now (NSpid: of /proc/PID/status, which needs no
+    ptrace); UNKNOWN_NAMESPACE when it cannot be read."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
             match = re.search(rb"\nNSpid:\s*([\d\s]+?)\n", f.read())
     except OSError:
+        return UNKNOWN_NAMESPACE
+    if match is None:           # (a kernel without NSpid: no nested namespaces to tell apart)
+        return PidNamespace(1, None)
+    depth = len(match.group(1).split())
+    return PidNamespace(depth, _namespace_inode(pid) if depth > 1 else None)
+
+
+def _namespace_inode(pid):
+    try:
+        return os.stat("/proc/%d/ns/pid" % pid).st_ino
+    except OSError:
+        return None
+
+
+def pid_of_local_peer(sent, peer_pid, namespace, uid=None):
+    """The pid, as this daemon sees it, of the process that a client of the local socket named
+    *sent* in its own pid namespace; peer_pid: the client's pid here (SO_PEERCRED) and
+    namespace its PidNamespace, both read when it connected.  None when it cannot be told: the
+    client could not be read (fail closed), or no process of its namespace has that pid (a pid of
+    the host named from a container, say).  uid: look only among that user's processes."""
+    if namespace.depth == 1:
         return sent
+    if namespace.depth == 0 or peer_pid is None:
+        return None
+    if sent == _innermost_pid(peer_pid):
+        return peer_pid
+    if namespace.inode is None:     # (its namespace cannot be told from a sibling's)
+        return None
+    for name in os.listdir("/proc"):    # the process of that namespace whose pid there is sent
+        if name.isdigit() and (uid is None or _proc_owner(name) == uid) and (
+                _innermost_pid(int(name), namespace.depth) == sent and _namespace_inode(int(name)) == namespace.inode):
+            return int(name)
+    return None
+
+
+def _proc_owner(name):
+    try:
+        return os.stat("/proc/" + name).st_uid
+    except OSError:
+        return None
+
+
+def _innermost_pid(pid, depth=None):
+    """The pid of process *pid* in its own pid namespace (the last of NSpid:), if it lives *depth*
+    namespaces down (any depth when None); else None."""
+    try:
+        with open("/proc/%d/status" % pid, "rb") as f:
+            match = re.search(rb"\nNSpid:\s*([\d\s]+?)\n", f.read())
+    except OSError:
+        return None
     levels = match.group(1).split() if match else []
-    if len(levels) > 1:         # the client lives in a pid namespace below ours
-        return peer_pid if int(levels[-1]) == sent else None
-    return sent
+    return int(levels[-1]) if levels and (depth is None or len(levels) == depth) else None
 
 
 def peer_credentials(sock):
@@ -502,6 +577,64 @@ def is_this_host(address):
             return s.getsockname()[0].split("%")[0] == str(addr)           # a link-local keeps its scope)
     except OSError:
         return False
+
+
+_SOCK_DIAG_BY_FAMILY, _NETLINK_SOCK_DIAG, _TCP_LISTEN = 20, 4, 10
+
+
+def _sock_diag(family, states, local=("", 0), remote=("", 0), dump=False):
+    """The replies of the kernel's socket table (netlink sock_diag, as ss uses it) to one query for
+    TCP sockets: [(state, local port, uid)].  [] where there is no netlink (not Linux)."""
+    def packed(host):
+        return socket.inet_pton(family, host or ("::" if family == socket.AF_INET6 else "0.0.0.0")).ljust(16, b"\0")
+    sockid = (struct.pack("!HH", local[1], remote[1]) + packed(local[0]) + packed(remote[0])
+              + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))    # (any interface; no cookie)
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + sockid
+    flags = 1 | (0x300 if dump else 0)     # NLM_F_REQUEST, NLM_F_DUMP
+    found = []
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.sendto(struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request, (0, 0))
+            while True:
+                data, offset = nl.recv(1 << 16), 0
+                while offset + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if kind != _SOCK_DIAG_BY_FAMILY or length < 16 + 72:    # NLMSG_DONE, NLMSG_ERROR
+                        return found
+                    state, port = data[offset + 17], struct.unpack_from("!H", data, offset + 20)[0]
+                    found.append((state, port, struct.unpack_from("=I", data, offset + 16 + 64)[0]))
+                    offset += (length + 3) & ~3
+                if not dump:
+                    return found
+    except (OSError, AttributeError, ValueError):   # (no AF_NETLINK, a family the kernel lacks)
+        return found
+
+
+def tcp_peer_uid(local, peer):
+    """The uid that owns the TCP socket at *peer* connected to our socket at *local*, both
+    (address, port) as the server's socket sees them, from the kernel's socket table: one lookup
+    of that one connection.  None when it is not a socket of this host (a remote peer), or the
+    kernel cannot say."""
+    family, local_host, peer_host = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET, local[0], peer[0]
+    peer_addr, local_addr = _ip_address(peer_host), _ip_address(local_host)
+    if peer_addr is None or local_addr is None:
+        return None
+    if peer_addr.version == 4:      # (an IPv4 peer of a dual-stack socket: its socket is AF_INET)
+        family, peer_host, local_host = socket.AF_INET, str(peer_addr), str(local_addr)
+    found = _sock_diag(family, 0xFFFFFFFF, (peer_host.split("%")[0], peer[1]), (local_host.split("%")[0], local[1]))
+    return found[0][2] if found else None
+
+
+def tcp_listener_uid(host, port):
+    """The uid of the socket listening on TCP *port* of this host at *host* (or the wildcard
+    address), from the kernel's socket table; None when none listens or the kernel cannot say."""
+    addr = _ip_address(host)
+    family = socket.AF_INET6 if addr is not None and addr.version == 6 else socket.AF_INET
+    for state, local_port, uid in _sock_diag(family, 1 << _TCP_LISTEN, dump=True):
+        if local_port == port:
+            return uid
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -987,9 +1120,10 @@ class Settings:
 # ---------------------------------------------------------------------------------------------
 # Pure logic: no sockets, no files, an injected host check and clock.
 
-Registration = namedtuple("Registration", "port info pid start since blob")
+Registration = namedtuple("Registration", "port info pid start since blob uid", defaults=(-1,))
 Registration.__doc__ = """One held port: its info, owner (pid 0 = none, start time), since (epoch
-seconds) and blob (info marshalled, as the state file keeps it)."""
+seconds), blob (info marshalled, as the state file keeps it) and uid (of the user who registered
+it; -1: unknown)."""
 
 
 def name_of(info):
@@ -1032,7 +1166,7 @@ class PortAllocator:
         self._remembered_by = {p: n for n, p in self.remembered.items()}
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._busy_ports = set()    # the ports in it
-        self._probes, self._probed_at = 0.0, clock()   # a token bucket for probing those again
+        self._probes, self._probed_at = self.busy_probe_burst, clock()     # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
             self.hold(reg)
@@ -1056,9 +1190,7 @@ class PortAllocator:
         remembers, else the lowest that one does.  The set-aside ports due for another probe come
         back at busy_probe_rate a second at most: a thousand found busy together must not be probed
         again within one call (or multicall)."""
-        now = self._clock()
-        self._probes = min(self.busy_probe_burst, self._probes + (now - self._probed_at) * self.busy_probe_rate)
-        self._probed_at = now
+        now = self._refill()
         while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
             self._make_free(heapq.heappop(self._busy)[1])
             self._probes -= 1
@@ -1071,6 +1203,30 @@ class PortAllocator:
                 if port in self._is_free and (port in self._remembered_by) is kept and self._try(usable, port, now):
                     return port
         return None
+
+    def probe_busy_early(self, usable, limit=8):
+        """Probe up to *limit* of the ports set aside as busy before they are due, the soonest due
+        first, as far as the probing budget allows; stop at the first usable one, which becomes
+        free.  True if one did: called before saying that no port is free, so that a port its
+        holder has just let go is handed out at once."""
+        now = self._refill()
+        due = [heapq.heappop(self._busy) for _ in range(min(limit, int(self._probes), len(self._busy)))]
+        try:
+            while due:      # (each once: one found busy again goes back behind the others)
+                self._probes -= 1
+                if self._probe(usable, due.pop(0)[1], now):
+                    return True
+            return False
+        finally:
+            for entry in due:   # (not probed: as they were)
+                heapq.heappush(self._busy, entry)
+
+    def _refill(self):
+        """Refill the probing budget (a token bucket) for the time passed; return the time now."""
+        now = self._clock()
+        self._probes = min(self.busy_probe_burst, self._probes + (now - self._probed_at) * self.busy_probe_rate)
+        self._probed_at = now
+        return now
 
     def _try(self, usable, port, now):
         self._is_free.discard(port)
@@ -1160,16 +1316,20 @@ class PortAllocator:
         for _ in range(limit):
             if not self._busy or self._busy[0][0] > now:
                 return False
-            port = heapq.heappop(self._busy)[1]
-            free = False
-            try:
-                free = usable(port)
-            finally:    # (if the check failed, not the port, the port stays set aside)
-                if free:
-                    self._make_free(port)
-                else:
-                    self._set_aside(port, now)
+            self._probe(usable, heapq.heappop(self._busy)[1], now)
         return bool(self._busy) and self._busy[0][0] <= now
+
+    def _probe(self, usable, port, now):
+        """Probe *port*, taken out of the set-aside ones: free if usable(port), else set aside again."""
+        free = False
+        try:
+            free = usable(port)
+        finally:    # (if the check failed, not the port, the port stays set aside)
+            if free:
+                self._make_free(port)
+            else:
+                self._set_aside(port, now)
+        return free
 
     def _forget(self, name):
         port = self.remembered.pop(name, None)
@@ -1209,7 +1369,7 @@ class PortAllocator:
 # sqlite3, one row per held port, one transaction per change.
 
 _STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
-_STORE_SCHEMA = 2       # 1: 1.0's, ports only (migrated in place); 2: names' last ports too
+_STORE_SCHEMA = 3       # 1: 1.0's, ports only; 2: names' last ports too; 3: the registering uid too
 
 
 class _NotOurs(Exception):
@@ -1251,9 +1411,12 @@ def _create_regular_file(path):
                             "(or none)" % (path, kind))
 
 
-_INSERT_PORT = "INSERT INTO ports(port, info, pid, start, since) VALUES (?, ?, ?, ?, ?)"
-_REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
 _CREATE_NAMES = "CREATE TABLE names(name TEXT NOT NULL PRIMARY KEY, port INTEGER NOT NULL UNIQUE);"
+_INSERT_PORT = "INSERT INTO ports(port, info, pid, start, since, uid) VALUES (?, ?, ?, ?, ?, ?)"
+# How a file of each older schema becomes one of the next (each step in the migration's transaction).
+_MIGRATIONS = {1: _CREATE_NAMES, 2: "ALTER TABLE ports ADD COLUMN uid INTEGER NOT NULL DEFAULT -1;"}
+_RELEASE_OF_SCHEMA = {1: "1.0", 2: "1.1 and 1.2"}
+_REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
 
 
 class StateStore:
@@ -1280,14 +1443,14 @@ class StateStore:
         """Every saved Registration, and {explicit name: the port it had last}."""
         if self._db is None:
             return [], {}
-        rows = self._db.execute("SELECT port, info, pid, start, since FROM ports").fetchall()
-        return ([Registration(port, unmarshal_info(blob), pid, start, since, blob)
-                 for port, blob, pid, start, since in rows],
+        rows = self._db.execute("SELECT port, info, pid, start, since, uid FROM ports").fetchall()
+        return ([Registration(port, unmarshal_info(blob), pid, start, since, blob, uid)
+                 for port, blob, pid, start, since, uid in rows],
                 dict(self._db.execute("SELECT name, port FROM names")))
 
     def add(self, reg, memory=(None, False)):
         """Save *reg* with a PortAllocator.memory_change, in one transaction."""
-        row = (reg.port, reg.blob, reg.pid, reg.start, reg.since)
+        row = (reg.port, reg.blob, reg.pid, reg.start, reg.since, reg.uid)
         remember, forget = memory
         if remember is None and not forget:     # (nearly every call: one statement)
             self._write([(_INSERT_PORT, row)])
@@ -1379,8 +1542,8 @@ class StateStore:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(
                     "BEGIN; PRAGMA application_id=%d; PRAGMA user_version=%d;"
-                    "CREATE TABLE ports(port INTEGER PRIMARY KEY, info TEXT NOT NULL,"
-                    " pid INTEGER NOT NULL, start INTEGER NOT NULL, since REAL NOT NULL);%s COMMIT;"
+                    "CREATE TABLE ports(port INTEGER PRIMARY KEY, info TEXT NOT NULL, pid INTEGER NOT NULL,"
+                    " start INTEGER NOT NULL, since REAL NOT NULL, uid INTEGER NOT NULL DEFAULT -1);%s COMMIT;"
                     % (_STORE_APP_ID, _STORE_SCHEMA, _CREATE_NAMES))
             elif app_id != _STORE_APP_ID:
                 raise _NotOurs("application id %#x, not nodemngr's" % app_id)
@@ -1400,19 +1563,27 @@ class StateStore:
 
     @staticmethod
     def _migrate(db, path):
+        """Bring a state file of an older schema to this one, in place, in one transaction (its
+        registrations stay; a 1.0 file's names' memory starts empty, a 1.2 file's uids are -1)."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 1:    # 1.0's file: its registrations stay, the names' memory starts empty
+        if version > _STORE_SCHEMA:
+            raise NodeMngrException("state file %s was written by a later nodemngr (schema %d; this one knows %d at "
+                                    "most); it was left as it is: run that version, or give --state another file"
+                                    % (path, version, _STORE_SCHEMA))
+        if version not in _MIGRATIONS and version != _STORE_SCHEMA:
+            raise _NotOurs("schema version %d is not one this nodemngr knows (1 to %d)" % (version, _STORE_SCHEMA))
+        if version < _STORE_SCHEMA:
+            steps = "".join(_MIGRATIONS[v] for v in range(version, _STORE_SCHEMA))
             try:
-                db.executescript("BEGIN; %s PRAGMA user_version=%d; COMMIT;" % (_CREATE_NAMES, _STORE_SCHEMA))
-            except sqlite3.OperationalError as exc:     # (a full disk: the 1.0 file stays as it is)
+                db.executescript("BEGIN; %s PRAGMA user_version=%d; COMMIT;" % (steps, _STORE_SCHEMA))
+            except sqlite3.OperationalError as exc:     # (a full disk: the old file stays as it is)
                 if db.in_transaction:
                     db.rollback()
-                raise NodeMngrException("cannot migrate the state file %s from nodemngr 1.0 (%s); it was left as "
-                                        "it is" % (path, exc))
-            log.info("state file %s: migrated from the schema of nodemngr 1.0", path)
-            return
-        elif version != _STORE_SCHEMA:
-            raise _NotOurs("schema version %d is not one this nodemngr knows (1 or %d)" % (version, _STORE_SCHEMA))
+                raise NodeMngrException("cannot migrate the state file %s from nodemngr %s (%s); it was left as "
+                                        "it is" % (path, _RELEASE_OF_SCHEMA[version], exc))
+            log.info("state file %s: migrated from the schema of nodemngr %s", path, _RELEASE_OF_SCHEMA[version])
+        if [row[1] for row in db.execute("PRAGMA table_info(ports)")] != ["port", "info", "pid", "start", "since", "uid"]:
+            raise _NotOurs("its ports table is not nodemngr's")
         kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'names'").fetchone()
         if kind is None:    # (lost by hand: the registrations stay, the names' memory starts empty)
             db.executescript("BEGIN; %s COMMIT;" % _CREATE_NAMES)
@@ -1455,13 +1626,22 @@ def _rpc(*signatures, name=None, admin=False, slow=False, handover=False):
     return mark
 
 
-Caller = namedtuple("Caller", "door address uid pid trusted")
+Caller = namedtuple("Caller", "door address uid pid trusted token namespace")
 Caller.__doc__ = """Who makes a call, as far as its door can tell: door ("tcp", "local" for the
-local socket, "process" for a call made in this process), address (the peer's IP address over
-TCP, else None), uid and pid (the peer process's, from SO_PEERCRED on the local socket; else
-None), trusted (it needs no token: the local socket's peer is the daemon's own user or root).
-The Dispatcher makes one per connection."""
-IN_PROCESS = Caller("process", None, None, None, True)
+local socket, "process" for a call made in this process); address (the peer's IP address over
+TCP, else None); uid (the peer's: SO_PEERCRED on the local socket, the kernel's socket table over
+loopback TCP; -1 when unknown, as for a remote peer); pid (the local socket's peer process, else
+None); trusted (it needs no token: the local socket's peer is the daemon's own user or root);
+token (this request presented the token); namespace (the local socket peer's PidNamespace, in
+which the pids it names are read; None: the daemon's).  The Dispatcher makes one per connection,
+and one with token true for a request that carries the token."""
+_OWN_UID = os.getuid() if hasattr(os, "getuid") else -1
+IN_PROCESS = Caller("process", None, _OWN_UID, None, True, False, None)
+
+
+def privileged(caller):
+    """Whether *caller* may act for other users: root, or a holder of the token."""
+    return caller.uid == 0 or caller.token
 
 
 def _socket_kind(kind, host):
@@ -1495,7 +1675,7 @@ def _bound_socket(family, type_, host, port):
 
 def _listed(regs):
     return [{"port": r.port, "name": name_of(r.info) or "", "info": r.info, "pid": r.pid,
-             "since": utc(r.since)} for r in regs]
+             "since": utc(r.since), "uid": r.uid} for r in regs]
 
 
 class NodeMngr:
@@ -1528,7 +1708,7 @@ class NodeMngr:
         self.started = time.time()
         self.reaped = 0
         self._unchecked = []    # owners the current reap pass has yet to look at
-        self._processes = set()     # (pid, start) found to be a process, not a thread
+        self._owners_seen = set()   # (pid, start, uid checked or None) found to be a fitting owner
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.address, self.reap_interval = address, reap_interval
         self.on_terminate = self.on_change = self.cluster = None
@@ -1551,9 +1731,11 @@ class NodeMngr:
         gets the same port back whenever it is free ({"name": "db", ...} is sticky across
         delPort, the owner's death and restarts).  pid: optional, the process that holds the
         port; when it is non-zero the port is freed automatically once that process has ended.
+        A pid is read in the caller's pid namespace and must be a process of the caller's user
+        (root, or a caller with the token, may name any), never init or a kernel thread.
         Returns the explicit name's last port if free, else the lowest free port of the range
         that no other explicit name had last (those are handed out only when nothing else is
-        free).  Faults: 2 when no port is free, 3 for a bad info or a pid with no live process.
+        free).  Faults: 2 when no port is free, 3 for a bad info or a pid that does not fit.
         """
         return self._hold_port(*self._checked(info, pid, caller))
 
@@ -1571,7 +1753,8 @@ class NodeMngr:
         Faults: as newPort; 3 over TCP, in a multicall, or for a bad kind or host.
         """
         family, type_ = _socket_kind(kind, host)
-        checked = self._checked(info, caller.pid or 0 if pid is None else pid, caller)
+        checked = self._checked(info, caller.pid or 0, caller, named=False) if pid is None else (
+            self._checked(info, pid, caller))
         for _ in range(8):
             port = self._hold_port(*checked)
             try:
@@ -1585,16 +1768,20 @@ class NodeMngr:
         raise NodeMngrException("every port tried was taken between its check and the bind; try again")
 
     @_rpc(["int", "int"])
-    def delPort(self, port):
+    def delPort(self, port, *, caller=IN_PROCESS):
         """Give back a port that newPort returned; returns 0.
 
         Fault 1 ("Node manager: Unknown port: N") if the port is not registered, 3 if port is
-        not an integer from 1 to 65535.
+        not an integer from 1 to 65535, 4 if another user registered it (only that user, root,
+        or a caller with the token may free it).
         """
         check_port(port)
         reg = self.allocator.held.get(port)
         if reg is None:
             raise UnknownPortError(port)
+        if reg.uid not in (-1, caller.uid) and not privileged(caller):
+            raise ForbiddenError("port %d was registered by uid %d; only that user, root, or a caller with the token "
+                                 "may free it" % (port, reg.uid))
         self.store.remove([port])
         self.allocator.release(port)
         self._changed([(port, None)])
@@ -1605,7 +1792,7 @@ class NodeMngr:
     def listPorts(self):
         """Return every registered port as an array of structs, sorted by port:
         {port: int, name: string ("" when none), info: as given to newPort, pid: int (0 = none),
-        since: dateTime.iso8601 UTC}.
+        since: dateTime.iso8601 UTC, uid: int (the user who registered it; -1 when unknown)}.
         """
         return _listed(sorted(self.allocator.held.values()))
 
@@ -1724,10 +1911,11 @@ class NodeMngr:
         if self.on_change is not None:
             self.on_change(changes)
 
-    def _checked(self, info, pid, caller=IN_PROCESS):
-        """(info, blob, pid, start) for _hold_port, from a caller's info and pid.  A pid from the
-        local socket is the caller's view of it: translated when the caller lives in another pid
-        namespace (pid_of_local_peer)."""
+    def _checked(self, info, pid, caller=IN_PROCESS, named=True):
+        """(info, blob, pid, start, uid) for _hold_port, from a caller's info and pid.  named: the
+        caller named *pid*, which is then read in its pid namespace (translated for a client of
+        the local socket in a container) and must pass _owner_start's rules; else it is the
+        caller's own pid as this daemon sees it."""
         if info is None:
             info = ""           # a top-level nil means "no info": replies never carry nil
         blob = marshal_info(info)
@@ -1735,34 +1923,51 @@ class NodeMngr:
             pid = 0
         if type(pid) is not int or not 0 <= pid <= _INT32_MAX:
             raise BadArgumentError("pid must be an integer from 0 to %d, not %s" % (_INT32_MAX, describe(pid)))
-        if pid and caller.pid is not None:
-            seen = pid_of_local_peer(pid, caller.pid)
-            if seen is None:
-                raise BadArgumentError("pid %d is in another pid namespace than this node manager; give your own "
-                                       "pid (or 0)" % pid)
-            pid = seen
-        return info, blob, pid, self._owner_start(pid) if pid else 0
+        sent = pid
+        if pid and named and caller.namespace is not None:
+            pid = pid_of_local_peer(pid, caller.pid, caller.namespace, None if privileged(caller) else caller.uid)
+            if pid is None:
+                raise BadArgumentError("pid %d is not a process of your pid namespace that this node manager can "
+                                       "see; give your own pid, or 0" % sent)
+        return info, blob, pid, self._owner_start(pid, sent, caller, named) if pid else 0, caller.uid
 
-    def _owner_start(self, pid):
-        """The start time to record for owner *pid*; BadArgumentError unless it is a live process."""
+    def _owner_start(self, pid, sent, caller, named):
+        """The start time to record for owner *pid* (*sent*, as the caller named it);
+        BadArgumentError unless it is a live process, not a thread of one, and, when the caller
+        named it, neither init nor a kernel thread (which never end) and a process of the
+        caller's own user, unless the caller is root or holds the token (where /proc hides
+        whose it is, hidepid=, a live one is taken, as in 1.1)."""
         try:
             start = process_start_time(pid)
         except OSError as exc:
             raise NodeMngrException("cannot check pid %d now (%s); nothing was registered, try again"
-                                    % (pid, exc.strerror or exc))
+                                    % (sent, exc.strerror or exc))
         if start is None:
-            raise BadArgumentError("pid %d is not a live process on this host" % pid)
-        key = (pid, start)
-        if key not in self._processes:      # a client calls again and again with its own pid
-            if is_thread_of_another(pid):
-                raise BadArgumentError("pid %d is a thread, not a process; give the process id (getpid)" % pid)
-            if len(self._processes) >= 1024:
-                self._processes.clear()
-            self._processes.add(key)
+            raise BadArgumentError("pid %d is not a live process on this host" % sent)
+        key = (pid, start, caller.uid if named and not privileged(caller) else None)
+        if key in self._owners_seen:        # a client calls again and again with its own pid
+            return start
+        if is_thread_of_another(pid):
+            raise BadArgumentError("pid %d is a thread, not a process; give the process id (getpid)" % sent)
+        if named and (pid == 1 or is_kernel_thread(pid)):
+            raise BadArgumentError("pid %d is %s, which never ends; give the pid of the process that holds the "
+                                   "port, or 0" % (sent, "init" if pid == 1 else "a kernel thread"))
+        uids = process_uids(pid) if key[2] is not None else None
+        if uids is not None and caller.uid not in uids:
+            if caller.uid < 0:
+                raise BadArgumentError("this node manager cannot tell which user you are, so you may name no "
+                                       "process but 0 (or present the token)")
+            raise BadArgumentError("pid %d is not a process of yours (uid %d); only root, or a caller with the "
+                                   "token, may name another user's process" % (sent, caller.uid))
+        if len(self._owners_seen) >= 1024:
+            self._owners_seen.clear()
+        self._owners_seen.add(key)
         return start
 
-    def _hold_port(self, info, blob, pid, start):
+    def _hold_port(self, info, blob, pid, start, uid):
         name = explicit_name(info)
+        if name is not None:
+            self._reap_holder_of(name)
         try:
             port = self.allocator.take(self.host_check, name)
             if port is None:
@@ -1770,7 +1975,7 @@ class NodeMngr:
         except OSError as exc:
             raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
                                     "registered, try again" % (exc.strerror or exc))
-        reg = Registration(port, info, pid, start, time.time(), blob)
+        reg = Registration(port, info, pid, start, time.time(), blob, uid)
         memory = self.allocator.memory_change(port, info)
         try:
             self.store.add(reg, memory)
@@ -1782,12 +1987,22 @@ class NodeMngr:
         log.debug("gave port %d to pid %d (%s)", port, pid, _loggable(info))
         return port
 
+    def _reap_holder_of(self, name):
+        """If the port explicit name *name* remembers is held by an owner that has ended, free it
+        now rather than at the next owner check: `nodemngr run --name web` run again at once
+        gets its port back."""
+        held = self.allocator.held.get(self.allocator.remembered.get(name))
+        if held is not None and held.pid and not owner_alive(held.pid, held.start):
+            self._reap([(held.pid, held.start)])
+
     def _take_after_reaping(self, name):
-        """Called when take() found nothing: reap the ended owners first.  Failing calls advance
-        the pass over the owners that the server makes every reap interval, a slice each, and
-        start no new pass sooner: a stream of them must not read /proc for every owner again and
-        again.  Ports set aside as busy come back on their own timers, a few at a time: probing
-        a thousand at once would hold up every caller."""
+        """Called when take() found nothing: reap the ended owners, and probe again the ports set
+        aside as busy (another program may have let one go), before saying no port is free.
+        Failing calls advance the pass over the owners that the server makes every reap
+        interval, a slice each, and start no new pass sooner: a stream of them must not read /proc
+        for every owner again and again.  The probes come out of the allocator's budget
+        (busy_probe_rate a second, a few at a time): a thousand ports held by other programs
+        must not be probed on every failing call."""
         now = time.monotonic()
         if now >= self._next_sweep:
             done, reaped = self.reap_step(0.002)
@@ -1795,6 +2010,10 @@ class NodeMngr:
                 self._next_sweep = now + self.reap_interval
                 log.debug("no port free: swept the owners")
             port = self.allocator.take(self.host_check, name) if reaped else None
+            if port is not None:
+                return port
+        if self.allocator.probe_busy_early(self.host_check):
+            port = self.allocator.take(self.host_check, name)
             if port is not None:
                 return port
         a = self.allocator
@@ -1865,7 +2084,8 @@ class Dispatcher:
     one of these calls, and what they return into bytes on its connection.
 
     - caller(door, address, uid, pid): the Caller of a new connection.
-    - admits(caller, authorization): may this request be served (the token rule)?
+    - authorize(caller, authorization): the Caller a request is made as (holding the token or
+      not), or None when it may not be served (the token rule).
     - dispatch(caller, body, short_of_memory): the reply to an XML-RPC body: bytes, a Deferred
       (run it in a thread, then finish() it), or a Handover (bytes and sockets to pass); Busy.
     - call(caller, method, params): one call in this thread (in-process callers, tests).
@@ -1897,24 +2117,28 @@ class Dispatcher:
 
     # -- who calls -------------------------------------------------------------------------------
 
-    def caller(self, door, address=None, uid=None, pid=None):
+    def caller(self, door, address=None, uid=-1, pid=None, namespace=None):
         """The Caller of a connection made through *door*: trusted (no token needed) when it is
         the local socket and the kernel says the peer is the daemon's own user or root."""
-        return Caller(door, address, uid, pid, door == "local" and uid is not None and uid in (0, self._uid))
+        uid = -1 if uid is None else uid
+        return Caller(door, address, uid, pid, door == "local" and uid in (0, self._uid), False, namespace)
 
-    def admits(self, caller, authorization):
-        """Whether a request of *caller* that carries *authorization* (the header's bytes, or
-        None) may be served: no token is set, the caller is trusted, or the header is HTTP Basic
-        auth whose password is the token (compared in constant time)."""
-        if self.token is None or caller.trusted:
-            return True
+    def authorize(self, caller, authorization):
+        """The Caller to make a request of *caller* as, given the Authorization header it carries
+        (bytes, or None): itself, or itself holding the token when the header is HTTP Basic auth
+        whose password is the token (compared in constant time); None when it may not be served
+        (a token is set, the caller is not trusted, and it did not present the token)."""
+        if self.token is None or (authorization is None and caller.trusted):
+            return caller
         given = b""
         if authorization and authorization[:6].lower() == b"basic ":
             try:
                 given = base64.b64decode(authorization[6:].strip(), validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
                 given = b""
-        return hmac.compare_digest(given, self.token)
+        if hmac.compare_digest(given, self.token):
+            return caller._replace(token=True)
+        return caller if caller.trusted else None
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -1979,8 +2203,8 @@ class Dispatcher:
         try:
             if self.token is not None and not caller.trusted:
                 raise Fault(FORBIDDEN, "a token is set, and the client is not of the node manager's user")
-            if line is None or not line.isdigit() or int(line) < 2:
-                raise Fault(BAD_ARGUMENT, "not a pid above 1, in decimal, on a line of at most 20 bytes")
+            if line is None or not line.isdigit() or int(line) < 1:
+                raise Fault(BAD_ARGUMENT, "not a pid, in decimal, on a line of at most 20 bytes")
             return self._invoke(caller, "portserver", self.service.newPort, ("portserver", int(line)))
         except Fault as fault:
             self.faults[fault.faultCode] += 1
@@ -1989,16 +2213,21 @@ class Dispatcher:
 
     def handover_failed(self, handover, reason):
         """The reply to send instead of *handover*'s when its sockets could not be passed
-        (*reason*, an OSError): its ports are given back, and the fault is counted."""
+        (*reason*: an OSError, or None when the caller has not taken the previous socket yet):
+        its ports are given back, and the fault is counted."""
         for port in handover.ports:
             try:
                 self.service.delPort(port)
             except NodeMngrException:
                 pass
-        return self._reply(Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %s now (%s); "
-                                 "the port was given back, try again" % (
-                                     ", ".join(map(str, handover.ports)), getattr(reason, "strerror", None) or reason)),
-                           "the socket handover")
+        ports = ", ".join(map(str, handover.ports))
+        if reason is None:
+            fault = Fault(BAD_ARGUMENT, "one socket at a time on a connection: read the reply that carries the "
+                          "previous one before asking for the next (port %s was given back)" % ports)
+        else:
+            fault = Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %s now (%s); the port "
+                          "was given back, try again" % (ports, getattr(reason, "strerror", None) or reason))
+        return self._reply(fault, "the socket handover")
 
     # -- system methods --------------------------------------------------------------------------
 
@@ -2102,8 +2331,13 @@ class Dispatcher:
             wanted = str(least) if least == most else "%d to %d" % (least, most)
             raise Fault(INVALID_PARAMS, "%s takes %s parameter%s, not %d" % (
                 method, wanted, "" if wanted == "1" else "s", len(params)))
-        if func.rpc_admin and caller.address is not None and not is_this_host(caller.address):
-            raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, caller.address))
+        if func.rpc_admin:
+            if caller.address is not None and not is_this_host(caller.address):
+                raise Fault(FORBIDDEN, "%s is only allowed from this host, not from %s" % (method, caller.address))
+            if not (caller.token or caller.uid in (0, self._uid)):
+                raise Fault(FORBIDDEN, "%s is allowed to the node manager's own user (uid %d), root, or a caller "
+                            "with its token; you are %s" % (method, self._uid, "uid %d" % caller.uid
+                                                            if caller.uid >= 0 else "a user it cannot tell"))
         return func
 
     @staticmethod
@@ -2369,7 +2603,7 @@ class Connection(asyncio.BufferedProtocol):
     """
 
     __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "between", "served", "owed", "awaiting")
+                 "outbuf", "pending", "between", "served", "owed", "awaiting", "active", "request_caller")
 
     def __init__(self, server, sock, peer, caller):
         """peer: the client's address, for the log; caller: the Caller its calls are made as."""
@@ -2385,6 +2619,8 @@ class Connection(asyncio.BufferedProtocol):
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
         self.awaiting = None            # the head of a slow call running in a thread
+        self.active = time.monotonic()  # when the client last sent bytes or took some of a reply
+        self.request_caller = caller    # the Caller of the request whose body is awaited
 
     # -- what the server asks --------------------------------------------------------------------
 
@@ -2402,6 +2638,17 @@ class Connection(asyncio.BufferedProtocol):
     def idle(self):
         """Between requests, with nothing received and nothing to send."""
         return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.awaiting)
+
+    def quiet_since(self, window):
+        """When its client last sent bytes or took some of a reply, if it may be closed to make
+        room: idle (between requests, or before its first) or stalled (a request or a reply that
+        has not moved for *window* seconds).  None while it is busy: a slow call, a request just
+        in, or bytes moving."""
+        if self.awaiting is not None:
+            return None
+        if self.idle:
+            return None if _has_unread(self.sock) else self.active
+        return self.active if self.active <= time.monotonic() - window else None
 
     def quiet(self):
         """Idle, and the client has sent nothing more: closing it loses nothing."""
@@ -2438,6 +2685,7 @@ class Connection(asyncio.BufferedProtocol):
         if self.phase is not _READING:   # lingering: dropped
             return
         data = bytes(_READ_VIEW[:nbytes])
+        self.active = time.monotonic()
         if self.between:    # a request's first byte (blank lines before it count): it has
             self.between = False        # stall_timeout to finish
             self.deadline = time.monotonic() + self.server.stall_timeout
@@ -2465,6 +2713,7 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_writing(self):
+        self.active = time.monotonic()
         self.server.owed_bytes(-self.pending)
         self.pending = 0
         self._send(b"")
@@ -2503,13 +2752,13 @@ class Connection(asyncio.BufferedProtocol):
         self.transport.pause_reading()      # more may be complete: the next turn answers them
         server.loop.call_soon(self.answer_received)
 
-    def _answer(self, head, body):
+    def _answer(self, head, body, caller):
         dispatcher = self.server.dispatcher
         if head.page is not None:   # (GET /metrics, the only page)
             reply = dispatcher.metrics().encode("utf-8")
         else:
             try:
-                reply = dispatcher.dispatch(self.caller, body, self.server.short_of_memory())
+                reply = dispatcher.dispatch(caller, body, self.server.short_of_memory())
             except Busy as exc:
                 raise _HTTPError(503, str(exc))
             if type(reply) is Deferred:     # it waits for another server: answered when its thread is done
@@ -2554,8 +2803,8 @@ class Connection(asyncio.BufferedProtocol):
         that does not read cannot pile up the node manager's descriptors in its socket."""
         data = _reply_head(head, len(handover.reply)) + handover.reply
         try:
-            if _unsent_bytes(self.sock):
-                raise BlockingIOError(errno.EAGAIN, "the client has not read its previous reply yet")
+            if _unsent_bytes(self.sock):    # (the previous socket has not been taken)
+                return self.server.dispatcher.handover_failed(handover, None)
             fds = [sock.fileno() for sock in handover.sockets]
             rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))
             sent = self.sock.sendmsg([data], [rights])
@@ -2630,7 +2879,7 @@ class Connection(asyncio.BufferedProtocol):
                 self._sent_all()
 
     def _take_request(self):
-        """(head, body) of the next complete request received, or None; _HTTPError if bad."""
+        """(head, body, caller) of the next complete request received, or None; _HTTPError if bad."""
         buf, pos = self.inbuf, self.pos
         if self.head is None:
             while buf[pos:pos + 1] in (b"\r", b"\n"):
@@ -2639,11 +2888,13 @@ class Connection(asyncio.BufferedProtocol):
             if (blank.start() if blank else len(buf)) - pos > MAX_HEAD:
                 raise _HTTPError(400, "the request line and headers exceed %d bytes" % MAX_HEAD)
             if blank is None:
+                _check_request_line(buf, pos)
                 self.inbuf, self.pos = buf[pos:], 0
                 return None
             end, after = blank.span()
             head = read_head(buf[pos:end])
-            if not self.server.dispatcher.admits(self.caller, head.authorization):
+            self.request_caller = self.server.dispatcher.authorize(self.caller, head.authorization)
+            if self.request_caller is None:
                 raise _HTTPError(401, "this node manager needs HTTP Basic auth with its token as password",
                                  'WWW-Authenticate: Basic realm="nodemngr"\r\n')
             self.head = head
@@ -2662,7 +2913,7 @@ class Connection(asyncio.BufferedProtocol):
         self.head = None
         if head.encoding != b"identity":
             body = _decode_body(body, head.encoding)
-        return head, body
+        return head, body, self.request_caller
 
     def _send(self, data):
         """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
@@ -2722,6 +2973,17 @@ class Connection(asyncio.BufferedProtocol):
         self.outbuf.clear()
 
     connection_lost = close
+
+
+def _check_request_line(buf, pos):
+    """_HTTPError 400 once the first line of a request has come in and is not an HTTP request
+    line (a client that speaks another protocol is told at once, not when it times out)."""
+    end = buf.find(b"\n", pos)
+    if end >= 0:
+        parts = buf[pos:end].rstrip(b"\r").split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise _HTTPError(400, "malformed request line; this is an HTTP server (XML-RPC, and portpicker's "
+                             "portserver protocol on the local socket)")
 
 
 def _has_unread(sock):
@@ -2876,6 +3138,7 @@ class NodeMngrServer:
     reap_interval = REAP_INTERVAL   # seconds between two passes over the owners
     busy_retry = BUSY_RETRY         # a port another program holds is not probed again for this long
     tick = 0.25                     # seconds between two sweeps for deadlines and due busy ports
+    busy_window = 0.5               # a request or reply that moved this recently is not stalled
 
     def __init__(self, host="127.0.0.1", port=nmPort, local=None, activated=([], None)):
         """local: the address of the local (Unix) socket to serve too ("@name": Linux's abstract
@@ -3030,11 +3293,12 @@ class NodeMngrServer:
             if len(self.connections) >= self.connection_limit and not self._evict_idlest():
                 self._turn_away(sock)
                 continue
-            if local:
+            if local:   # (the peer's namespace is read now: the process may be gone when it names a pid)
                 pid, uid = peer_credentials(sock)
-                peer, caller = ("the local socket", 0), self.dispatcher.caller("local", uid=uid, pid=pid)
+                peer, caller = ("the local socket", 0), self.dispatcher.caller(
+                    "local", uid=uid, pid=pid, namespace=UNKNOWN_NAMESPACE if pid is None else pid_namespace(pid))
             else:
-                caller = self.dispatcher.caller("tcp", address=peer[0])
+                caller = self.dispatcher.caller("tcp", address=peer[0], uid=tcp_peer_uid(sock.getsockname(), peer))
             connection = Connection(self, sock, peer, caller)
             self.connections.add(connection)
             self.loop.create_task(self.loop.connect_accepted_socket(lambda c=connection: c, sock))
@@ -3046,14 +3310,17 @@ class NodeMngrServer:
             self._listening = False
 
     def _evict_idlest(self):
-        """Make room by closing the keep-alive connection idle the longest, if one has served a
-        request and sent nothing since: holding idle connections must not lock others out."""
-        for connection in sorted((c for c in self.connections if c.served and c.idle), key=lambda c: c.deadline):
-            if connection.quiet():
-                log.debug("closed idle connection from %s to make room", connection.peer)
-                connection.close()
-                return True
-        return False
+        """Make room by closing the connection idle or stalled the longest (between requests, or
+        before its first, or with a request or reply that has not moved for busy_window seconds),
+        if there is one: holding connections must not lock others out."""
+        quiet = [(c.quiet_since(self.busy_window), c) for c in self.connections]
+        quiet = [(since, c) for since, c in quiet if since is not None]
+        if not quiet:
+            return False
+        connection = min(quiet, key=lambda pair: pair[0])[1]
+        log.debug("closed %s connection from %s to make room", "idle" if connection.idle else "stalled", connection.peer)
+        connection.close()
+        return True
 
     def _turn_away(self, sock):
         """Answer 503 and close, after reading what the client sent and keeping the socket half-closed
@@ -3600,25 +3867,32 @@ def who_answers(host, port, token=None, timeout=2.0):
     return "nodemngr" if isinstance(text, str) and text.startswith("NodeMngr at ") else "other"
 
 
-def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0):
+def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0, token=None,
+                   server=None):
     """Ask the node manager at local socket *address* (default: Settings().unix) for a port and
     the socket it bound to it: (port, socket.socket).  pid: the owner (default: this process).
-    Fault, or OSError when nothing listens there.  The server must run as this user or root
-    (SO_PEERCRED: anyone can bind an abstract name), and what it passes must be a socket bound
-    to the port it names (TCP: listening), or NodeMngrException."""
+    token: the token (bytes) to present, or None.  Fault, or OSError when nothing listens there.
+
+    Anyone can bind an abstract name first, so the server must run as this user or root
+    (SO_PEERCRED), or, for a caller with the token, as the user that serves the node manager's
+    TCP port *server* (host, port); and what it passes must be a socket bound to the port it
+    names (TCP: listening); else NodeMngrException."""
     address = address or Settings().unix
     body = dumps((info, kind, host, os.getpid() if pid is None else pid), methodname="newSocket",
                  allow_none=False).encode("utf-8")
+    auth = b"Authorization: Basic %s\r\n" % base64.b64encode(b"nodemngr:" + token) if token else b""
     request = (b"POST /RPC2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
-               b"Connection: close\r\n\r\n%s" % (len(body), body))
+               b"%sConnection: close\r\n\r\n%s" % (len(body), auth, body))
     fds, reply = [], b""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(local_sockaddr(address))
         uid = peer_credentials(conn)[1]
-        if uid is not None and uid not in (0, os.getuid()):
-            raise NodeMngrException("the local socket %s is served by uid %d, neither you nor root: not a node "
-                                    "manager to trust with your ports; refusing it" % (address, uid))
+        if uid is not None and uid not in (0, os.getuid()) and not (
+                token and server is not None and tcp_listener_uid(*server) == uid):
+            raise NodeMngrException("the local socket %s is served by uid %d, neither you nor root%s: not a node "
+                                    "manager to trust with your ports; refusing it" % (
+                                        address, uid, ", nor the user serving its TCP port" if token else ""))
         conn.sendall(request)
         while len(reply) < MAX_HEAD + MAX_BODY:
             data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
@@ -3631,6 +3905,9 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
     try:
         head, _, body = reply.partition(b"\r\n\r\n")
         status = head.split(b" ", 2)[1:2]
+        if status == [b"401"]:
+            raise NodeMngrException("the node manager on the local socket %s wants a token: set NODEMNGR_TOKEN_FILE "
+                                    "or --token-file" % address)
         if status != [b"200"]:
             raise xmlrpc.client.ProtocolError("local socket %s" % address, int(status[0]) if status and status[0].isdigit()
                                               else 0, describe(body.decode("utf-8", "replace")), {})
@@ -3746,7 +4023,8 @@ class NodeMngrProxy:
             raise NodeMngrException("newSocket needs the node manager's local socket, and NODEMNGR_UNIX is none")
         for attempt in (0, 1):
             try:
-                return request_socket(info, kind, host, pid, address, self.timeout)[1]
+                return request_socket(info, kind, host, pid, address, self.timeout, read_token(self.token_file),
+                                      (self.host, self.port))[1]
             except Fault as fault:
                 raise exception_from_fault(fault) from None
             except OSError as exc:
@@ -4526,28 +4804,20 @@ def _run_command(parser, args):
         parser.error("--udp and --host say how to bind the socket that --socket passes; give --socket too")
     line = " ".join(shlex.quote(a) for a in cmd)
     info = line if args.name is None else {"name": args.name, "cmd": line}
-    settings = Settings(port=args.port, token_file=args.token_file)
-    host, port = settings.host, settings.port
+    proxy = NodeMngrProxy(port=args.port, token_file=args.token_file)   # (it starts a daemon if none answers)
     env = dict(os.environ)
-    with _calling(host, port):
-        if args.socket:
-            address = settings.unix
-            if address is None:
-                raise NodeMngrException("run --socket needs the node manager's local socket, and NODEMNGR_UNIX is none")
-            try:
-                given, sock = request_socket(info, "udp" if args.udp else "tcp", args.host, address=address)
-            except OSError as exc:
-                raise NodeMngrException("no node manager answers on the local socket %s: %s"
-                                        % (address, exc.strerror or exc))
-            if sock.fileno() == 3:      # (stdin was closed, so the socket came in as fd 3)
-                os.set_inheritable(sock.detach(), True)
-            else:
-                os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
-                sock.close()
-            env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
-                       LISTEN_FDNAMES=re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255])
+    if args.socket:
+        sock = proxy.newSocket(info, "udp" if args.udp else "tcp", args.host)
+        given = sock.getsockname()[1]
+        if sock.fileno() == 3:      # (stdin was closed, so the socket came in as fd 3)
+            os.set_inheritable(sock.detach(), True)
         else:
-            given = server_proxy(host, port, settings.token).newPort(info, os.getpid())
+            os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
+            sock.close()
+        env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
+                   LISTEN_FDNAMES=re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255])
+    else:
+        given = proxy.newPort(info)     # (owned by this process, which the command becomes)
     env["PORT"] = str(given)
     argv = [a.replace("{port}", str(given)) for a in cmd]
     for stream in (sys.stdout, sys.stderr):
@@ -4563,8 +4833,8 @@ def _run_command(parser, args):
             signal.signal(sig, handler)
         print("nodemngr: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
         try:
-            server_proxy(host, port, settings.token).delPort(given)
-        except (OSError, xmlrpc.client.Error):
+            proxy.delPort(given)
+        except NodeMngrException:
             pass
         return 127
 

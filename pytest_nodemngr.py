@@ -17,19 +17,39 @@ Every port is freed at the test's teardown, and by the node manager itself if th
 dies first.  Each port's info is the test's node id, so ``nodemngr list`` shows who holds what.
 """
 
+import time
+
 import pytest
 
-from nodemngr import NodeMngrProxy, UnknownPortError
+from nodemngr import NodeMngrException, NodeMngrProxy, UnknownPortError, read_token, who_answers
 
 __all__ = ["nodemngr_port", "nodemngr_port_factory", "nodemngr_socket"]
 
 
 @pytest.fixture(scope="session")
 def nodemngr_proxy():
-    """The NodeMngrProxy the fixtures share (one per test process)."""
+    """The NodeMngrProxy the fixtures share (one per test process).  If what holds the node
+    manager's port is not a node manager (it never answers, or answers something else), every
+    fixture fails at once with one sentence saying so, rather than each after its timeout."""
     proxy = NodeMngrProxy()
+    _check_what_answers(proxy)
     yield proxy
     proxy.close()
+
+
+def _check_what_answers(proxy, within=1.5):
+    deadline = time.monotonic() + within    # (a daemon another worker is starting answers well within it)
+    while True:
+        answer = who_answers(proxy.host, proxy.port, read_token(proxy.token_file), timeout=0.5)
+        if answer == "other":
+            raise NodeMngrException("%s:%d answers, but not as a node manager: another program holds the port; "
+                                    "set NODEMNGR_PORT to the node manager's" % (proxy.host, proxy.port))
+        if answer != "silent":
+            return
+        if time.monotonic() >= deadline:
+            raise NodeMngrException("%s:%d accepts connections but does not answer like a node manager: another "
+                                    "program holds the port; set NODEMNGR_PORT to the node manager's"
+                                    % (proxy.host, proxy.port))
 
 
 def _give_back(proxy, port):

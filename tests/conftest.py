@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from support import (PRODUCT_VARS, ROOT, Daemon, clean_env, reserve_range, stop_fork_server, stop_pid,
-                     use_fork_server)
+from support import (NOBODY, PRODUCT_VARS, ROOT, Daemon, OtherUser, clean_env, reserve_range, stop_fork_server,
+                     stop_pid, use_fork_server, why_not_other_users)
 
 # The tests start a few hundred Pythons that import nodemngr.py; where the machine forbids
 # bytecode files, each of them compiles it anew (about 40 ms of CPU). Let them keep it.
@@ -148,3 +148,16 @@ def env(monkeypatch):
     for var in PRODUCT_VARS:
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
+
+
+@pytest.fixture
+def nobody(tmp_path_factory):
+    """An OtherUser for the uid nobody (65534): processes of another user than the tests'
+    (skipped, with the reason, where this machine cannot make them; CI runs as root)."""
+    reason = why_not_other_users()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+    user = OtherUser(NOBODY, "/tmp")
+    yield user
+    shutil.rmtree(user.folder, ignore_errors=True)

@@ -197,6 +197,7 @@ SETTINGS = {
     "idle_timeout": "NodeMngrServer.idle_timeout",      # an idle keep-alive connection is closed (30 s)
     "linger": "NodeMngrServer.linger",                  # after its last reply, for what a client still sends
     "max_connections": "NodeMngrServer.max_connections",    # at once (128)
+    "busy_window": "NodeMngrServer.busy_window",        # a request or reply that moved this recently is not stalled
     "max_pending_bytes": "NodeMngrServer.max_pending_bytes",    # of replies waiting for slow readers
     "stop_grace": "NodeMngrServer.stop_grace",          # a stop waits this long for incomplete requests
     "tick": "NodeMngrServer.tick",                      # between two sweeps for deadlines
@@ -1280,3 +1281,74 @@ def count_turned_away(socks, wait=0.2):
                 sel.unregister(key.fileobj)
                 count += key.fileobj.recv(100).startswith(b"HTTP/1.1 503 ")
     return count
+
+
+# ----------------------------------------------------------------------------- other users, pid namespaces
+
+NOBODY = 65534                  # a uid that is not the tests': numeric uids need no account
+OTHER_PYTHON = "/usr/bin/python3"   # a Python any user may run (the tests' may sit in root's home)
+
+
+def as_user_argv(uid, argv):
+    """*argv* run as user *uid*, its group *uid* and no other (setpriv, as root)."""
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % uid, "--clear-groups"] + list(argv)
+
+
+def in_pid_namespace_argv(argv, uid=None):
+    """*argv* run in a pid namespace of its own with its own /proc, as a container's process is
+    (unshare, as root), as user *uid* when given.  The process running *argv* is not the
+    namespace's init: a shell of the same user is, and stays (the namespace's pid 1 is a process
+    of its own, and argv's own pid there is 2)."""
+    init = ["sh", "-c", '"$@"; exit $?', "init"] + list(argv)
+    return ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"] + (
+        init if uid is None else as_user_argv(uid, init))
+
+
+def why_not_other_users():
+    """Why processes of other users and pid namespaces cannot be made here, or None when they can."""
+    import shutil
+    if os.geteuid() != 0:
+        return "needs root to act as other users and make pid namespaces; .ci/run runs as root"
+    missing = [tool for tool in ("setpriv", "unshare") if shutil.which(tool) is None]
+    if missing or not os.path.exists(OTHER_PYTHON):
+        return "needs util-linux's setpriv and unshare and %s; .ci/run installs them" % OTHER_PYTHON
+    return None
+
+
+class OtherUser:
+    """Runs Python programs as user *uid*, with a folder of its own that holds a copy of the product
+    (nodemngr.py, nodemngr_proxy.py), readable by every user: ``folder``.  file(name, text,
+    mode) writes a file there that the user owns (a token file, say)."""
+
+    def __init__(self, uid, parent):
+        import shutil
+        import tempfile
+        self.uid = uid
+        self.folder = tempfile.mkdtemp(prefix="nodemngr-uid%d-" % uid, dir=parent)
+        for name in ("nodemngr.py", "nodemngr_proxy.py"):
+            shutil.copy(os.path.join(ROOT, name), self.folder)
+        os.chmod(self.folder, 0o755)
+        os.chown(self.folder, uid, uid)
+
+    def file(self, name, text, mode=0o600):
+        path = os.path.join(self.folder, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        os.chown(path, self.uid, self.uid)
+        return path
+
+    def argv(self, code, *args, namespace=False):
+        """The command line that runs Python program *code* with *args* as this user (in a pid
+        namespace of its own: in_pid_namespace_argv)."""
+        argv = [OTHER_PYTHON, "-c", "import sys; sys.path.insert(0, %r)\n" % self.folder + code] + [str(a) for a in args]
+        return in_pid_namespace_argv(argv, self.uid) if namespace else as_user_argv(self.uid, argv)
+
+    def run(self, code, *args, env=None, timeout=30, namespace=False):
+        """The CompletedProcess of *code* run as this user (stdout and stderr as text)."""
+        return subprocess.run(self.argv(code, *args, namespace=namespace), capture_output=True, text=True,
+                              timeout=timeout, cwd="/", env=clean_env(**(env or {})))
+
+    def popen(self, code, *args, env=None, namespace=False, **kw):
+        return subprocess.Popen(self.argv(code, *args, namespace=namespace), cwd="/", env=clean_env(**(env or {})),
+                                text=True, **kw)

@@ -528,3 +528,18 @@ def test_a_lease_on_the_lock_file_does_not_hold_the_client_beyond_its_timeout(tm
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_nodemngr_run_starts_a_daemon_when_none_answers(tmp_path, stop_at_ports):
+    port = free_port()
+    first, last = free_range(5)
+    stop_at_ports.append(port)
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=tmp_path / "state.sqlite3")
+    run = [os.path.join(ROOT, "nodemngr.py"), "run", "--", sys.executable, "-c", "import os; print(os.environ['PORT'])"]
+    out = run_python(run, env=dict(env, NODEMNGR_AUTOSTART="0"), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "auto-start is off" in out.stderr, out.stderr
+    out = run_python(run, env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert first <= int(out.stdout) <= last
+    assert daemon_pid_at(port), "a daemon was started, and serves on"

@@ -107,7 +107,8 @@ def test_nil_info_is_stored_as_empty_and_replies_carry_no_nil(any_daemon):
     daemon = any_daemon
     rpc = xmlrpc.client.ServerProxy(daemon.url, allow_none=True)
     port = rpc.newPort(None)
-    assert rpc.listPorts() == [{"port": port, "name": "", "info": "", "pid": 0, "since": rpc.listPorts()[0]["since"]}]
+    assert rpc.listPorts() == [{"port": port, "name": "", "info": "", "pid": 0, "since": rpc.listPorts()[0]["since"],
+                                "uid": os.getuid()}]
     assert fault_code(rpc.newPort, {"a": None}) == 3
 
 

@@ -113,39 +113,51 @@ def test_a_large_reply_is_refused_when_replies_wait_but_small_ones_are_served(di
     assert answer(dispatcher.dispatch(tcp, body("ping"), short_of_memory=True)).startswith("NodeMngr at ")
 
 
-def test_terminate_is_for_callers_on_this_host_only(dispatcher):
+def test_terminate_is_for_callers_on_this_host_of_its_own_user_root_or_the_token(dispatcher):
     stops = []
     dispatcher.service.on_terminate = stops.append
-    remote = dispatcher.caller("tcp", address="192.0.2.7")     # (TEST-NET-1: never this host's)
-    assert answer(dispatcher.dispatch(remote, body("terminate"))).faultCode == 4
+    dispatcher.token = b"s3cret"
+    remote = dispatcher.caller("tcp", address="192.0.2.7", uid=-1)     # (TEST-NET-1: never this host's)
+    assert answer(dispatcher.dispatch(remote._replace(token=True), body("terminate"))).faultCode == 4
+    other = dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid() + 4242)
+    fault = answer(dispatcher.dispatch(other, body("terminate")))
+    assert fault.faultCode == 4 and "own user (uid %d), root, or a caller with its token" % os.getuid() in (
+        fault.faultString)
+    unknown = dispatcher.caller("tcp", address="127.0.0.1")
+    assert answer(dispatcher.dispatch(unknown, body("terminate"))).faultCode == 4
     assert stops == []
-    assert answer(dispatcher.dispatch(dispatcher.caller("tcp", address="127.0.0.1"), body("terminate"))) is True
-    assert stops == ["terminate called"] and dispatcher.faults == {4: 1}
+    for allowed in (dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid()),
+                    dispatcher.caller("local", uid=0, pid=1), other._replace(token=True)):
+        assert answer(dispatcher.dispatch(allowed, body("terminate"))) is True
+    assert len(stops) == 3 and dispatcher.faults == {4: 3}
 
 
 def test_the_token_rule(dispatcher):
     dispatcher.token = b"s3cret"
     good = b"Basic " + __import__("base64").b64encode(b"anyone:s3cret")
-    tcp = dispatcher.caller("tcp", address="127.0.0.1")
-    assert not dispatcher.admits(tcp, None) and not dispatcher.admits(tcp, b"Basic eDp5")
-    assert dispatcher.admits(tcp, good)
+    tcp = dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid())
+    assert dispatcher.authorize(tcp, None) is None and dispatcher.authorize(tcp, b"Basic eDp5") is None
+    assert dispatcher.authorize(tcp, good) == tcp._replace(token=True)
     ours = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
     theirs = dispatcher.caller("local", uid=os.getuid() + 12345, pid=1)
     unknown = dispatcher.caller("local", uid=None, pid=None)
-    assert ours.trusted and dispatcher.admits(ours, None)
-    assert not theirs.trusted and not unknown.trusted and not dispatcher.admits(theirs, None)
-    assert dispatcher.admits(theirs, good)
+    assert ours.trusted and dispatcher.authorize(ours, None) is ours
+    assert not theirs.trusted and not unknown.trusted and dispatcher.authorize(theirs, None) is None
+    assert dispatcher.authorize(theirs, good).token and dispatcher.authorize(ours, good).token
+    assert dispatcher.authorize(ours, b"Basic eDp5") is ours, "a wrong token takes nothing from a trusted caller"
     assert dispatcher.portserver(theirs, b"%d" % os.getpid()) is None, "the portserver line carries no token"
     assert dispatcher.faults == {4: 1}
+    dispatcher.token = None
+    assert dispatcher.authorize(tcp, good) is tcp, "no token set: nobody holds it"
 
 
 def test_the_portserver_line_registers_to_its_pid_and_refusals_are_counted(dispatcher, local):
     port = dispatcher.portserver(local, b"%d" % os.getpid())
     [entry] = dispatcher.service.listPorts()
     assert (entry["port"], entry["pid"], entry["info"]) == (port, os.getpid(), "portserver")
-    for line in (None, b"", b"1", b"0", b"12a", b"%d" % (2 ** 31 - 1)):
+    for line in (None, b"", b"1", b"0", b"12a", b"%d" % (2 ** 31 - 1), b"2"):
         assert dispatcher.portserver(local, line) is None, line
-    assert dispatcher.requests["portserver"] == 7 and dispatcher.faults == {3: 6}
+    assert dispatcher.requests["portserver"] == 8 and dispatcher.faults == {3: 7}
 
 
 def test_new_socket_is_a_handover_on_the_local_socket_only(dispatcher, local, tcp):
@@ -156,10 +168,15 @@ def test_new_socket_is_a_handover_on_the_local_socket_only(dispatcher, local, tc
         assert sock.getsockname()[1] == handover.ports[0] == answer(handover.reply)
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     assert dispatcher.service.listPorts()[0]["pid"] == os.getpid(), "owned by the caller by default"
-    reply = dispatcher.handover_failed(handover, BlockingIOError(11, "the client has not read its previous reply"))
+    reply = dispatcher.handover_failed(handover, BrokenPipeError(32, "Broken pipe"))
     assert answer(reply).faultCode == -32603 and "given back" in answer(reply).faultString
     assert dispatcher.service.registered == 0
-    assert dispatcher.requests["newSocket"] == 2 and dispatcher.faults == {3: 1, -32603: 1}
+    again = dispatcher.dispatch(local, body("newSocket", "web"))
+    again.sockets[0].close()
+    reply = answer(dispatcher.handover_failed(again, None))
+    assert reply.faultCode == 3 and reply.faultString.startswith("one socket at a time on a connection")
+    assert dispatcher.service.registered == 0
+    assert dispatcher.requests["newSocket"] == 3 and dispatcher.faults == {3: 2, -32603: 1}
 
 
 def test_a_slow_call_is_deferred_run_in_a_thread_and_finished_counted(dispatcher, tcp):
@@ -223,7 +240,7 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
         s.sendall(b"%d\n" % os.getpid())
         assert daemon.first <= int(s.recv(100)) <= daemon.last
     with local_connection(daemon) as s:         # and one refused: closed without a reply
-        s.sendall(b"1\n")
+        s.sendall(b"0\n")
         assert s.recv(100) == b""
     request = http_request(rpc_body("newSocket", "pipelined"))
     with local_connection(daemon) as s:         # two handovers pipelined: the second cannot go
@@ -242,6 +259,5 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     requests = metric(daemon, "nodemngr_requests_total", "method")
     faults = metric(daemon, "nodemngr_faults_total", "code")
     assert requests["portserver"] == 2 and requests["newSocket"] == 2
-    assert faults.get("3", 0) - before.get("3", 0) == 1, "the refused portserver request"
-    assert faults.get("-32603", 0) - before.get("-32603", 0) == 1, "the handover that could not go"
+    assert faults.get("3", 0) - before.get("3", 0) == 2, "the refused portserver request, the second handover"
     assert wait_until(lambda: len(daemon.rpc().listPorts()) == 2), "the port of the failed handover was given back"

@@ -223,3 +223,29 @@ def test_a_probe_without_descriptors_answers_32603_and_keeps_the_port():
         assert code == -32603 and "Too many open files" in text and "\n" not in text
     assert "cannot check pid" in out["owned"][1]
     assert out["after"] == [first, first + 1, last], "the port probed without descriptors was lost"
+
+
+def test_no_free_port_is_never_said_while_a_port_its_holder_let_go_is_free(daemon_factory):
+    """A range full because other programs hold its ports: once one lets go, the very next newPort
+    gets it (the ports set aside as busy are probed again before fault 2), not fault 2 for up to a
+    second more."""
+    d = daemon_factory(size=4, state="none")
+    holders = []
+    for port in range(d.first, d.last + 1):
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", port))
+        holder.listen(1)
+        holders.append(holder)
+    rpc = d.rpc()
+    try:
+        for _ in range(3):
+            with pytest.raises(xmlrpc.client.Fault) as fault:
+                rpc.newPort("nothing is free")
+            assert fault.value.faultCode == 2
+        for holder in holders[2:]:
+            holder.close()
+        assert {rpc.newPort("let go"), rpc.newPort("let go too")} == {d.first + 2, d.first + 3}, (
+            "the ports were handed out at once")
+    finally:
+        for holder in holders:
+            holder.close()

@@ -1,12 +1,13 @@
 """Connection limits: idle keep-alive connections make room; beyond max_connections (128) busy
 ones, newcomers are answered 503."""
 import select
+import socket
 import xmlrpc.client
 
 import pytest
 
 import nodemngr
-from support import RawConnection, daemon_settings, http_request, rpc_body, wait_until
+from support import RawConnection, clean_env, daemon_settings, http_request, rpc_body, run_python, wait_until
 
 PING_REQUEST = http_request(rpc_body("ping"))
 
@@ -66,6 +67,33 @@ def test_newcomers_turned_away_read_a_503(daemon_factory):
             with pytest.raises(xmlrpc.client.ProtocolError) as info:
                 d.rpc().ping()
             assert info.value.errcode == 503
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_a_portserver_client_is_served_while_the_house_is_full_of_idlers(daemon_factory):
+    """Every connection taken by clients that sent nothing, or stopped mid-request: the one idle or
+    stalled the longest gives way, so a real portpicker client gets a port nodemngr registered
+    (an HTTP 503 is not its protocol: it would fall back, silently, to a port nobody registered)."""
+    portpicker = pytest.importorskip("portpicker", reason="portpicker is a test dependency (tox.ini installs it)")
+    assert portpicker
+    d = daemon_factory(size=10, state="none", settings=daemon_settings(max_connections=8, busy_window=0))
+    address = nodemngr.local_sockaddr("@nodemngr-%d" % d.port)
+    held = []
+    try:
+        for n in range(8):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(address)
+            if n % 2:
+                s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: x\r\n")      # stalls mid-request
+            held.append(s)
+        out = run_python(["-c", "import portpicker; print(portpicker.pick_unused_port())"], capture_output=True,
+                         text=True, timeout=30, env=clean_env(PORTSERVER_ADDRESS="@nodemngr-%d" % d.port))
+        assert out.returncode == 0, out.stderr
+        port = int(out.stdout)
+        assert [e["info"] for e in d.rpc().listPorts() if e["port"] == port] == ["portserver"], (
+            "the port came from nodemngr, not from portpicker's own fallback")
     finally:
         for s in held:
             s.close()

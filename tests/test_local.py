@@ -373,6 +373,57 @@ def test_the_pytest_plugin_gives_xdist_workers_ports_that_never_collide(daemon_f
     assert holders(d) == {}, "every port was freed at its test's teardown"
 
 
+def test_fixtures_say_at_once_when_what_holds_the_port_is_no_node_manager(tmp_path):
+    """Something that accepts connections and never answers, or answers something else, holds the
+    configured port: every fixture fails within about a second, in one sentence, not after the
+    client's 10 s timeout each."""
+    (tmp_path / "test_three.py").write_text(PLUGIN_TESTS % {"count": 3})
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)       # (the kernel takes the connections; nobody ever reads them)
+    other = socket.socket()
+    other.bind(("127.0.0.1", 0))
+    other.listen(16)
+    talker = threading.Thread(target=_answer_garbage, args=(other,), daemon=True)
+    talker.start()
+    try:
+        for listener, says in ((silent, "accepts connections but does not answer like a node manager"),
+                               (other, "answers, but not as a node manager")):
+            env = clean_env(NODEMNGR_PORT=listener.getsockname()[1], RECORD=tmp_path / "record", PYTHONPATH=ROOT,
+                            PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+            started = time.monotonic()
+            out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_nodemngr", "-p", "no:cacheprovider",
+                                  str(tmp_path / "test_three.py")], env=env, cwd=str(tmp_path), capture_output=True,
+                                 text=True, timeout=60)
+            took = time.monotonic() - started
+            assert out.returncode == 1 and "3 errors" in out.stdout and says in out.stdout, out.stdout[-2000:]
+            assert took < 8, "%.1f s: the client's timeout was waited for" % took
+    finally:
+        silent.close()
+        other.close()
+
+
+def _answer_garbage(listener):
+    """As an SSH server does: its banner first, then it waits for the client (here, to hang up)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        threading.Thread(target=_banner, args=(conn,), daemon=True).start()
+
+
+def _banner(conn):
+    with conn:
+        conn.settimeout(10)
+        try:
+            conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
 def _plugin_installed():
     """Whether pytest finds pytest_nodemngr among its entry points here.  The --fixtures run gets
     the repository on PYTHONPATH, so that it sees what this Python sees: the module, and the
@@ -511,7 +562,8 @@ def test_new_socket_without_a_pid_is_owned_by_its_caller_and_one_is_in_flight_pe
     replies = data.split(b"HTTP/1.1 200 OK")[1:]
     passed = [r for r in replies if b"<int>" in r and b"faultCode" not in r]
     assert len(passed) == len(fds) >= 1 and len(replies) == 20
-    assert all(b"not read its previous reply" in r for r in replies if b"faultCode" in r)
+    refused = [r for r in replies if b"faultCode" in r]
+    assert all(b"one socket at a time on a connection" in r and b"<int>3</int>" in r for r in refused)
     assert sorted(holders(daemon).values()) == [os.getpid()] * len(fds), "owned by the caller, the others given back"
 
 

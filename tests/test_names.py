@@ -14,7 +14,7 @@ import xmlrpc.client
 
 import pytest
 
-from support import FAST_REAP, ROOT, daemon_settings, wait_until
+from support import FAST_REAP, NODEMNGR, ROOT, daemon_settings, run_python, wait_until
 
 OLD_RELEASE = os.path.join(ROOT, "tests", "data", "nodemngr-1.0.0.py")   # 482246a's, unchanged
 
@@ -194,7 +194,7 @@ def test_a_1_0_state_file_is_migrated_in_place(daemon_factory, tmp_path):
     assert not [p for p in os.listdir(str(tmp_path)) if ".bad-" in p], "nothing was moved aside"
     db_file = sqlite3.connect(str(state))
     try:
-        assert db_file.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db_file.execute("PRAGMA user_version").fetchone()[0] == 3
     finally:
         db_file.close()
     assert names_table(str(state)) == {"db": db, "owned": owned}
@@ -302,3 +302,16 @@ def _sticky_again(rpc, port):
         return True
     rpc.delPort(got)
     return False
+
+
+def test_a_quick_rerun_of_nodemngr_run_with_a_name_gets_the_same_port(daemon_factory):
+    """The owner of a name's port has just ended: the next run with that name gets the port back
+    at once, without waiting for the owner check (2 s here, the default)."""
+    d = daemon_factory(size=10, state="none")
+    command = ["run", "--name", "web", "--", sys.executable, "-c", "import os; print(os.environ['PORT'])"]
+    ports = []
+    for _ in range(3):
+        out = run_python([NODEMNGR] + command, env=d.env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        ports.append(int(out.stdout))
+    assert ports == [d.first] * 3, ports

@@ -258,16 +258,17 @@ def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, slee
     try:
         for _ in range(45):
             held.append(RawConnection(d))
-        # the first ones were accepted; later ones may be turned away, never a call in progress
-        assert call_on(held[0], "newPort", "more", sleeper.pid).faultCode == 2
-        assert call_on(held[1], "newPort", "more", 0).faultCode == 2
+        # the newest are held (the oldest idle ones make room for them), never a call in progress
+        newest = held[-5:]
+        assert call_on(newest[0], "newPort", "more", sleeper.pid).faultCode == 2
+        assert call_on(newest[1], "newPort", "more", 0).faultCode == 2
         # two owner checks pass while the connections are held, and take nothing from the owner
-        changed = wait_until(lambda: len(call_on(held[2], "listPorts")) != 3, timeout=2.5 * REAP_INTERVAL,
+        changed = wait_until(lambda: len(call_on(newest[2], "listPorts")) != 3, timeout=2.5 * REAP_INTERVAL,
                              interval=0.2)
         assert not changed
-        assert call_on(held[2], "delPort", ports[2]) == 0
-        assert call_on(held[3], "newPort", "again", 0) == ports[2]
-        listing = call_on(held[4], "listPorts")
+        assert call_on(newest[2], "delPort", ports[2]) == 0
+        assert call_on(newest[3], "newPort", "again", 0) == ports[2]
+        listing = call_on(newest[4], "listPorts")
     finally:
         for s in held:
             s.close()
