@@ -733,13 +733,17 @@ class _loggable:
         return text if len(text) <= self.limit else text[:self.limit - 3] + "..."
 
 
+# What could forge lines of a table or drive a terminal: control characters (C0, DEL, C1), line
+# and paragraph separators, and the bidirectional overrides and isolates that reorder what follows.
+# (Not the joiners and spaces that text in many scripts needs: ZWNJ, ZWJ, no-break space.)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
 def printable(text, limit=None):
-    """*text* (any value, as str()) safe to show a user on one line: every character that is not
-    printable (line breaks, escape sequences, U+2028) written as its escape, so that a value
-    cannot forge lines of a table or drive a terminal; cut to *limit* characters with "..."."""
-    text = str(text)
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """*text* (any value, as str()) safe to show a user on one line: each character that could
+    forge lines of a table or drive a terminal written as its escape (\\n, \\x1b, \\u202e), the rest
+    as given; cut to *limit* characters with "..."."""
+    text = _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
     return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -966,6 +970,18 @@ def _port_from_environ(var, text):
     return port
 
 
+def _host_name_ok(host):
+    """Whether *host* is an IP address or a name the resolver can be asked about (IDNA refuses an
+    empty label, "a..b", and labels over 63 characters)."""
+    if _ip_address(host) is not None:
+        return True
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 class Settings:
     """The node manager's settings, each one the value given here (a flag, a constructor's
     argument; None or "" means not given), else its environment variable, else its default.
@@ -1021,7 +1037,7 @@ class Settings:
         host = self.given("host") or "127.0.0.1"
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
-        if not host or any(c in host for c in "[]/@ ") or (host.count(":") == 1):
+        if not host or any(c in host for c in "[]/@ ") or (host.count(":") == 1) or not _host_name_ok(host):
             raise NodeMngrException("%s is not a host name or address (give the port with --port or "
                                     "NODEMNGR_PORT)" % describe(host, 80))
         return host
@@ -2054,10 +2070,11 @@ class Deferred:
     """A call that waits for another server (etcd): the transport run()s it in a thread (which
     also marshals the reply, off the loop), then gives it to Dispatcher.finish on the loop."""
 
-    __slots__ = ("method", "function", "reply", "fault")
+    __slots__ = ("method", "function", "reply", "fault", "abandoned")
 
     def __init__(self, method, function):
         self.method, self.function, self.reply, self.fault = method, function, None, None
+        self.abandoned = False      # answered without its result (the stop came first)
 
     def run(self):
         try:
@@ -2087,7 +2104,8 @@ class Dispatcher:
     - authorize(caller, authorization): the Caller a request is made as (holding the token or
       not), or None when it may not be served (the token rule).
     - dispatch(caller, body, short_of_memory): the reply to an XML-RPC body: bytes, a Deferred
-      (run it in a thread, then finish() it), or a Handover (bytes and sockets to pass); Busy.
+      (run it in a thread, then finish() it, or abandon() it at the stop), or a Handover (bytes
+      and sockets to pass); Busy.
     - call(caller, method, params): one call in this thread (in-process callers, tests).
     - portserver(caller, text): the port for a portserver request, or None (refused).
     - handover_failed(handover, reason): the reply to send when the sockets could not go.
@@ -2185,7 +2203,10 @@ class Dispatcher:
             raise
 
     def finish(self, deferred):
-        """The reply of a Deferred that has run; its fault, if any, is counted here."""
+        """The reply of a Deferred that has run (its fault, if any, is counted here); None if it
+        was abandoned meanwhile."""
+        if deferred.abandoned:
+            return None
         self.slow_calls -= 1
         if deferred.reply is None:      # (it never ran: its thread could not be had)
             failed = Fault(INTERNAL_ERROR, "internal error: %s did not run; see the node manager's log" % deferred.method)
@@ -2193,6 +2214,14 @@ class Dispatcher:
         if deferred.fault is not None:
             self.faults[deferred.fault] += 1
         return deferred.reply
+
+    def abandon(self, deferred):
+        """The reply to a Deferred the stop will not wait for: fault 5, counted; whatever its thread
+        does later is dropped (finish() then returns None)."""
+        deferred.abandoned = True
+        self.slow_calls -= 1
+        return self._reply(Fault(CLUSTER_UNAVAILABLE, "the node manager is stopping; %s's answer from etcd was "
+                                 "not waited for" % deferred.method), deferred.method)
 
     def portserver(self, caller, line):
         """portpicker's portserver protocol: *line*, a request's bytes without the newline (a pid
@@ -2595,7 +2624,7 @@ class Connection(asyncio.BufferedProtocol):
     What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
     limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
     short_of_memory(), release(connection) and run_slow(deferred, done), which it calls.
-    What the server asks of it: expired(now), expire(), quiet(), deadline, partial_request(),
+    What the server asks of it: expired(now), expire(), quiet(), deadline, unfinished(),
     taking_replies(until), answer_the_rest(grace) and close().
 
     Every connection reads into one shared buffer, taken out at once: asyncio's own reads
@@ -2618,7 +2647,7 @@ class Connection(asyncio.BufferedProtocol):
         self.between = True             # between requests: no byte of the next one yet
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
-        self.awaiting = None            # the head of a slow call running in a thread
+        self.awaiting = None            # (head, Deferred) of a slow call running in a thread
         self.active = time.monotonic()  # when the client last sent bytes or took some of a reply
         self.request_caller = caller    # the Caller of the request whose body is awaited
 
@@ -2654,9 +2683,10 @@ class Connection(asyncio.BufferedProtocol):
         """Idle, and the client has sent nothing more: closing it loses nothing."""
         return self.idle and not _has_unread(self.sock)
 
-    def partial_request(self):
-        """Whether part of a request has come in (or waits unread in the kernel)."""
-        return self.head is not None or bool(self.inbuf) or _has_unread(self.sock)
+    def unfinished(self):
+        """Whether part of a request has come in (or waits unread in the kernel), or a slow
+        call's reply is still to come."""
+        return self.head is not None or bool(self.inbuf) or self.awaiting is not None or _has_unread(self.sock)
 
     def taking_replies(self, until):
         """Whether the client took some of its replies since the last look (what is left, ours, the
@@ -2762,16 +2792,21 @@ class Connection(asyncio.BufferedProtocol):
             except Busy as exc:
                 raise _HTTPError(503, str(exc))
             if type(reply) is Deferred:     # it waits for another server: answered when its thread is done
-                self.awaiting = head
-                self.transport.pause_reading()
-                self.server.run_slow(reply, functools.partial(self._slow_done, reply))
-                return
+                if self.server.stopping:    # (no new wait once the stop has begun)
+                    reply = dispatcher.abandon(reply)
+                else:
+                    self.awaiting = (head, reply)
+                    self.transport.pause_reading()
+                    self.server.run_slow(reply, functools.partial(self._slow_done, reply))
+                    return
         self._reply(head, reply)
 
     def _slow_done(self, deferred):
         reply = self.server.dispatcher.finish(deferred)
-        head, self.awaiting = self.awaiting, None
-        if self.phase is _CLOSED or head is None:    # (gone meanwhile: nobody is left to tell)
+        if reply is None or self.awaiting is None or self.awaiting[1] is not deferred:
+            return      # (answered already, at the stop)
+        head, self.awaiting = self.awaiting[0], None
+        if self.phase is _CLOSED:       # (gone meanwhile: nobody is left to tell)
             return
         self._reply(head, reply)
         self.answer_received()
@@ -2845,9 +2880,9 @@ class Connection(asyncio.BufferedProtocol):
         """Stopping, just before the state file closes: answer every complete request received,
         even those behind a reply not yet taken, drop what is incomplete, and close once the
         replies are taken (lingering: a reset would lose what the kernel has not sent)."""
-        if self.awaiting is not None:   # its slow call's reply comes; what follows it is dropped
-            self.inbuf, self.pos, self.head = b"", 0, None
-            return
+        if self.awaiting is not None:   # its slow call did not end within the stop's grace
+            (head, deferred), self.awaiting = self.awaiting, None
+            self._reply(head, self.server.dispatcher.abandon(deferred))
         if self.phase is _READING:
             try:
                 self.inbuf = self.inbuf[self.pos:] + self.sock.recv(
@@ -3188,10 +3223,17 @@ class NodeMngrServer:
         self.connections.discard(connection)
 
     def run_slow(self, deferred, done):
-        """Run *deferred* (a call waiting for etcd) in a thread, then done() on the loop."""
+        """Run *deferred* (a call waiting for etcd) in a thread, then done() on the loop; done()
+        at once if no thread can be started now (the deferred has not run, then)."""
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(self.dispatcher.max_slow_calls, "nodemngr-slow")
-        self.loop.run_in_executor(self._executor, deferred.run).add_done_callback(lambda future: done())
+        try:
+            future = self.loop.run_in_executor(self._executor, deferred.run)
+        except RuntimeError as exc:     # ("can't start new thread": a limit of the host, for a moment)
+            log.warning("cannot run %s now: %s", deferred.method, exc)
+            self.loop.call_soon(done)
+            return
+        future.add_done_callback(lambda future: done())
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -3371,7 +3413,7 @@ class NodeMngrServer:
         passed."""
         now = time.monotonic()
         if not self.released and (now >= self._release_at or not any(
-                c.partial_request() for c in self.connections)):
+                c.unfinished() for c in self.connections)):
             for connection in list(self.connections):
                 try:
                     connection.answer_the_rest(self.stop_grace)

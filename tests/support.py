@@ -1097,6 +1097,17 @@ def fill_registry(daemon, count, info_bytes=3900):
 # complete replies; post() is one request and its reply on a fresh connection.  An ordinary call is
 # made with xmlrpc.client (Daemon.rpc()), not with these.
 
+def counters(daemon, name):
+    """{label's value: count} of the labelled counter *name* (nodemngr_requests_total, say) in
+    *daemon*'s /metrics (its samples with one label)."""
+    found = {}
+    for line in post(daemon, method="GET", path="/metrics").body.decode().splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            found[labels.split("=", 1)[1].strip('"')] = float(value)
+    return found
+
+
 def rpc_body(method, *params):
     """An XML-RPC methodCall as xmlrpc.client writes it, as bytes."""
     return xmlrpc.client.dumps(params, method).encode()

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import xmlrpc.client
 
@@ -230,3 +231,41 @@ def test_more_errors_in_one_line(any_daemon, run_cli):
     fault = post(daemon, body, headers=["Connection: close"]).result()
     assert isinstance(fault, xmlrpc.client.Fault), fault
     assert fault.faultCode == -32600 and "<name>" in fault.faultString
+
+
+def test_list_shows_text_in_any_script_as_it_was_given(daemon_factory, tmp_path, run_cli):
+    """`nodemngr list` (and `lookup`) show an info as given, in any script: Persian needs its
+    zero-width non-joiner, emoji sequences their zero-width joiner, French its no-break spaces; only
+    what could forge rows or drive the terminal is escaped."""
+    d = daemon_factory(size=10, state="none")
+    infos = ["\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",         # Persian, with U+200C
+             "dev \U0001F469\u200d\U0001F4BB",                           # woman technologist (U+200D)
+             "caf\u00e9\u00a0au\u00a0lait",                              # no-break spaces
+             "\u0928\u092e\u0938\u094d\u200d\u0924\u0947"]              # Devanagari with U+200D
+    rpc = d.rpc()
+    for info in infos:
+        rpc.newPort(info)
+    code, out, err = run_cli("list", env=d.env)
+    assert code == 0, err
+    for info in infos:
+        assert info in out, "%r is not shown as given:\n%s" % (info, out)
+    code, out, err = run_cli("lookup", infos[0], env=d.env)
+    assert code == 0 and infos[0] in out, out
+    # what could forge rows or drive the terminal is escaped (a C1 CSI, a line break, a line separator)
+    rpc.newPort("a\u009b2Jb\nfake row\u2028x")     # (C1 CSI, a line break, a line separator)
+    code, out, err = run_cli("list", env=d.env)
+    assert code == 0 and not any(c in out for c in "\u009b\u2028") and "\nfake row" not in out, out
+
+
+@pytest.mark.parametrize("host", ["my..host", "a" * 64 + ".example"])
+def test_a_host_name_idna_refuses_is_one_line_and_exit_1(tmp_path, host):
+    """NODEMNGR_HOST with an empty label (a typo: two dots) or a label over 63 characters, which
+    the resolver's IDNA codec refuses (UnicodeError, not an OSError): one line and exit 1 from the
+    command line and from serve, not a traceback."""
+    env = clean_env(NODEMNGR_HOST=host, NODEMNGR_PORT=free_port(), NODEMNGR_AUTOSTART=0,
+                    NODEMNGR_STATE=tmp_path / "state.sqlite3", NODEMNGR_UNIX=tmp_path / "local.sock")
+    for args in (["ping"], ["list"], ["new", "x"], ["serve"]):
+        r = subprocess.run([sys.executable, NODEMNGR] + args, env=env, capture_output=True, text=True, timeout=30)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (
+            args, r.returncode, r.stderr[-600:])

@@ -12,7 +12,7 @@ import xmlrpc.client
 
 import pytest
 
-from support import free_range, http_request, rpc_body, wait_until
+from support import counters, free_range, http_request, rpc_body, wait_until
 
 import nodemngr
 from nodemngr import Deferred, Dispatcher, Handover, NodeMngr
@@ -214,19 +214,6 @@ def test_metrics_text_has_every_counter_and_the_gauges_others_keep(dispatcher, t
 
 # -- every door reaches the same counters, on a real daemon ---------------------------------------
 
-def metric(daemon, name, label):
-    """{label value: count} of counter *name* in the daemon's /metrics."""
-    import urllib.request
-    with urllib.request.urlopen("http://%s:%d/metrics" % (daemon.host, daemon.port), timeout=10) as reply:
-        text = reply.read().decode()
-    found = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name) + 1:].rsplit("} ", 1)
-            found[labels.split("=", 1)[1].strip('"')] = float(value)
-    return found
-
-
 def local_connection(daemon):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(10)
@@ -235,7 +222,7 @@ def local_connection(daemon):
 
 
 def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(daemon):
-    before = metric(daemon, "nodemngr_faults_total", "code")
+    before = counters(daemon, "nodemngr_faults_total")
     with local_connection(daemon) as s:         # a portserver request served
         s.sendall(b"%d\n" % os.getpid())
         assert daemon.first <= int(s.recv(100)) <= daemon.last
@@ -245,7 +232,7 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     request = http_request(rpc_body("newSocket", "pipelined"))
     with local_connection(daemon) as s:         # two handovers pipelined: the second cannot go
         s.sendall(request * 2)                  # (both answered before this client reads any)
-        assert wait_until(lambda: metric(daemon, "nodemngr_requests_total", "method").get("newSocket") == 2)
+        assert wait_until(lambda: counters(daemon, "nodemngr_requests_total").get("newSocket") == 2)
         data, fds = b"", []
         deadline = time.monotonic() + 10
         while data.count(b"</methodResponse>") < 2 and time.monotonic() < deadline:
@@ -256,8 +243,8 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     for fd in fds:
         os.close(fd)
     assert len(fds) == 1 and data.count(b"faultCode") == 1, data
-    requests = metric(daemon, "nodemngr_requests_total", "method")
-    faults = metric(daemon, "nodemngr_faults_total", "code")
+    requests = counters(daemon, "nodemngr_requests_total")
+    faults = counters(daemon, "nodemngr_faults_total")
     assert requests["portserver"] == 2 and requests["newSocket"] == 2
     assert faults.get("3", 0) - before.get("3", 0) == 2, "the refused portserver request, the second handover"
     assert wait_until(lambda: len(daemon.rpc().listPorts()) == 2), "the port of the failed handover was given back"

@@ -142,3 +142,49 @@ def test_unread_replies_are_bounded_in_memory(daemon_factory):
     assert turned_away > 0
     assert peak - base < 100 * 1024, "replies waiting for clients grew the daemon by %d KiB" % (peak - base)
     assert wait_until(lambda: memory_kib(d.proc.pid) - base < 40 * 1024, timeout=5), "memory stayed held"
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit") or not os.path.isdir("/proc/self"),
+                    reason="needs Linux's prlimit and /proc")
+def test_a_slow_call_whose_thread_cannot_start_gives_its_slot_back(daemon_factory, tmp_path):
+    """locate runs in a thread, and holds one of max_slow_calls slots meanwhile.  When no thread can
+    be started (the address space, or the host's process or thread limits, reached for a moment: a
+    local user can exhaust them), the call gets a one-sentence fault and its slot back; otherwise,
+    after max_slow_calls such moments, every locate would be refused until the daemon restarts."""
+    def big_thread_stacks():      # threads get 64 MiB stacks: a 16 MiB headroom cannot hold one
+        soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+        want = 64 << 20
+        if hard != resource.RLIM_INFINITY and hard < want:
+            want = hard
+        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
+
+    d = daemon_factory(size=5, state="none", preexec_fn=big_thread_stacks, exec_only=True,
+                       settings={"Dispatcher.max_slow_calls": 2})
+    pid = d.proc.pid
+    if resource.prlimit(pid, resource.RLIMIT_STACK)[0] < 64 << 20:
+        pytest.skip("thread stacks of 64 MiB cannot be had here (RLIMIT_STACK's hard limit)")
+    with open("/proc/%d/status" % pid) as f:
+        vm = [int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")][0]
+    unlimited = resource.prlimit(pid, resource.RLIMIT_AS)
+    request = http_request(rpc_body("locate", "db"), headers=["Connection: close"])
+    resource.prlimit(pid, resource.RLIMIT_AS, (vm + (16 << 20), unlimited[1]))
+    answers = []
+    try:
+        for _ in range(3):      # (no thread can be had now)
+            with RawConnection(d, timeout=10) as c:
+                c.send(request)
+                try:
+                    answers.append(c.reply())
+                except (EOFError, OSError) as exc:
+                    answers.append(exc)
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_AS, unlimited)
+    # threads can be had again: locate must work as it does on a daemon with no cluster view
+    with RawConnection(d, timeout=10) as c:
+        c.send(request)
+        fault = c.reply().result()
+    assert isinstance(fault, xmlrpc.client.Fault) and fault.faultCode == 5 and "no cluster view" in fault.faultString, (
+        "a slot of a call that never ran is still taken: %s" % getattr(fault, "faultString", fault))
+    assert all(not isinstance(a, Exception) for a in answers), (
+        "a call whose thread could not start got no reply at all: %r" % (answers,))
+    d.check_alive()

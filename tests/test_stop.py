@@ -11,11 +11,14 @@ import sqlite3
 import subprocess
 import threading
 import time
+import xmlrpc.client
 
 import pytest
 
-from support import (RawConnection, daemon_settings, fill_registry, http_request, memory_kib, registered, rpc_body,
-                     slow_readers, wait_until)
+from support import (RawConnection, counters, daemon_settings, fill_registry, http_request, memory_kib, registered,
+                     rpc_body, slow_readers, wait_until)
+
+import nodemngr
 
 
 # --- every request received in full is answered; nothing else holds the stop up -------------------
@@ -293,3 +296,94 @@ def test_signals_while_the_daemon_exits_do_not_kill_it(daemon):
         n += 1
         time.sleep(0.002)
     assert daemon.proc.wait(10) == 0, "a signal during the exit killed the daemon"
+
+
+def test_the_stop_keeps_replies_in_order_behind_a_slow_call(daemon_factory):
+    """At the stop, every complete request received is answered, in order, even behind a reply not
+    taken yet; a slow call (locate, run in a thread) among them is answered before what follows
+    it, not after."""
+    size = 250
+    d = daemon_factory(size=size + 5, state="none")
+    rpc = d.rpc()
+    info = "x" * 4000
+    for i in range(0, size, 10):    # a listing of about 1 MB: more than the local socket's buffers
+        rpc.system.multicall([{"methodName": "newPort", "params": [info, 0]}] * 10)
+    s = socket.socket(socket.AF_UNIX)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(nodemngr.local_sockaddr("@nodemngr-%d" % d.port))
+    with RawConnection(s, timeout=15) as c:
+        c.send(http_request(rpc_body("listPorts")) + http_request(rpc_body("locate", "db"))
+               + http_request(rpc_body("ping")))
+        assert wait_until(lambda: counters(d, "nodemngr_requests_total").get("listPorts") == 1), (
+            "the listing is being sent (and waits to be taken), the other two wait behind it")
+        assert rpc.terminate() is True
+        replies = c.replies(3)
+    assert len(replies) == 3, replies
+    listing, located, pinged = (r.result() for r in replies)
+    assert isinstance(listing, list) and len(listing) == size
+    assert isinstance(located, xmlrpc.client.Fault) and located.faultCode == 5, (
+        "the second reply is not locate's: %r" % (located,))
+    assert isinstance(pinged, str) and pinged.startswith("NodeMngr at "), (
+        "the third reply is not ping's: %r" % (pinged,))
+    assert d.proc.wait(15) == 0
+
+
+def hung_endpoint():
+    """A listening socket that never accepts: etcd that takes the connection and never answers."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    return s
+
+
+def cluster_daemon(daemon_factory, endpoint, etcd_timeout, **settings):
+    """A daemon publishing to *endpoint*; a call to it fails after etcd_timeout seconds."""
+    return daemon_factory(size=5, state="none", extra_args=[
+        "--cluster", "http://127.0.0.1:%d" % endpoint.getsockname()[1], "--advertise-host", "host-a"],
+        settings=dict(daemon_settings(**settings), **{"EtcdClient.timeout": etcd_timeout}))
+
+
+def test_a_request_pipelined_behind_a_slow_call_is_answered_at_the_stop(daemon_factory):
+    """A locate waiting for etcd when SIGTERM comes, and a ping pipelined behind it, received in
+    full: both are answered, in order (the stop waits stop_grace for etcd, then answers locate
+    with fault 5, "stopping"), and the daemon exits."""
+    endpoint = hung_endpoint()
+    try:
+        d = cluster_daemon(daemon_factory, endpoint, etcd_timeout=5.0)
+        with RawConnection(d, timeout=20) as c:
+            c.send(http_request(rpc_body("locate", "db")) + http_request(rpc_body("ping")))
+            assert wait_until(lambda: counters(d, "nodemngr_requests_total").get("locate") == 1)
+            began = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            replies = c.replies(2)
+            took = time.monotonic() - began
+        assert len(replies) == 2, "a request received in full was not answered: %r" % (replies,)
+        fault = replies[0].result()
+        assert isinstance(fault, xmlrpc.client.Fault) and fault.faultCode == 5 and "stopping" in fault.faultString
+        assert str(replies[1].result()).startswith("NodeMngr at ")
+        assert took < 3.0, "answered after %.1f s: etcd's 10 s were waited for" % took
+        assert d.proc.wait(15) == 0
+    finally:
+        endpoint.close()
+
+
+def test_a_slow_call_that_ends_after_the_stop_does_not_hold_the_exit(daemon_factory):
+    """A keep-alive client (xmlrpc.client, NodeMngrProxy's pool) whose locate waits for etcd when
+    SIGTERM comes gets its reply, and the daemon exits within about a second, not at the stall
+    limit."""
+    endpoint = hung_endpoint()
+    try:
+        d = cluster_daemon(daemon_factory, endpoint, etcd_timeout=1.0)
+        with RawConnection(d, timeout=20) as c:
+            c.send(http_request(rpc_body("locate", "db")))
+            assert wait_until(lambda: counters(d, "nodemngr_requests_total").get("locate") == 1)
+            began = time.monotonic()
+            d.proc.send_signal(signal.SIGTERM)
+            fault = c.reply().result()
+            assert isinstance(fault, xmlrpc.client.Fault) and fault.faultCode == 5
+            exited = wait_until(lambda: d.proc.poll() is not None, timeout=15, interval=0.05)
+            took = time.monotonic() - began
+        assert exited and d.proc.returncode == 0
+        assert took < 4.0, "the daemon took %.1f s to exit after SIGTERM, holding an idle connection" % took
+    finally:
+        endpoint.close()
