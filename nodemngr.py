@@ -133,7 +133,7 @@ __all__ = [
     "is_this_host", "tcp_peer_uid", "tcp_listener_uid",
     # Values, XML-RPC bodies
     "dumps", "marshal_info", "unmarshal_info", "check_port", "utc", "printable", "describe", "parse_call",
-    "marshal_reply",
+    "Marshalled", "marshal_reply",
     # Settings
     "bounded_int", "default_state_path", "ensure_private_folder", "read_token", "Settings",
     # The allocator, the state store, the service
@@ -143,7 +143,7 @@ __all__ = [
     "Busy", "Deferred", "Handover", "Dispatcher", "RequestHead", "read_head", "Connection", "local_sockaddr",
     "NodeMngrServer",
     # The cluster view
-    "CLUSTER_PREFIX", "published_entry", "EtcdClient", "ClusterView",
+    "CLUSTER_PREFIX", "MAX_CLUSTER_VALUE", "published_entry", "cluster_entry", "EtcdClient", "ClusterView",
     # The client
     "server_url", "server_proxy", "who_answers", "request_socket", "describe_call_error", "NodeMngrProxy",
     "start_daemon",
@@ -882,6 +882,12 @@ def _parse_call_expat(data):
         raise Fault(INVALID_REQUEST, "the request is not valid XML-RPC: expected a <methodCall> "
                     "with a <methodName> and <params>")
     return tuple(u._stack), method
+
+
+Marshalled = namedtuple("Marshalled", "reply")
+Marshalled.__doc__ = """A method's result already marshalled as an XML-RPC reply, in parts (a
+list of bytes): the transport sends them as they are (a listing of the cluster, joined from
+pieces made beforehand, a part at a time, so that no part holds the interpreter for long)."""
 
 
 def marshal_reply(response, method):
@@ -1827,21 +1833,27 @@ class NodeMngr:
     def status(self):
         """Return a struct describing the node manager: version, pid, host, port, firstPort,
         lastPort, registered, free, reaped (ports of dead owners freed since start),
-        uptime (seconds, double), state (the state file's path, or "" when none) and cluster
-        ("" when no cluster view is configured, "ok", or a sentence saying what is wrong).
+        uptime (seconds, double), state (the state file's path, or "" when none), cluster
+        ("" when no cluster view is configured, "ok", or a sentence saying what is wrong and since
+        when) and clusterSkipped (keys under the cluster's prefix skipped as not nodemngr's).
         """
         a = self.allocator
         return {"version": __version__, "pid": os.getpid(), "host": self.address[0],
                 "port": self.address[1], "firstPort": a.first, "lastPort": a.last, "registered": len(a),
                 "free": a.free_count, "reaped": self.reaped, "uptime": time.time() - self.started,
-                "state": self.store.path or "", "cluster": self.cluster.status() if self.cluster else ""}
+                "state": self.store.path or "", "cluster": self.cluster.status() if self.cluster else "",
+                "clusterSkipped": sum(list(self.cluster.skipped.values())) if self.cluster else 0}
 
     @_rpc(["array", "string"], slow=True)
     def locate(self, name):
         """Return the registrations named *name* (string) on every host of the cluster, as
-        published in etcd: an array of structs {host, port, name, info, pid, since}, sorted by host
-        then port (info as JSON carries it: dateTime as text, base64 as {base64: text}).  Fault 5
-        when no cluster view is configured or etcd cannot be reached, 3 when name is not a string.
+        published in etcd and mirrored here: an array of structs {host, port, name, info, pid,
+        since, stale, seen}, sorted by host then port (info as JSON carries it: dateTime as text,
+        base64 as {base64: text}).  stale (boolean): etcd has not confirmed the mirror within the
+        lease's TTL, or this host's own publishing is failing; seen: seconds since etcd last
+        confirmed it.  Answered from the mirror, never waiting for etcd.  Fault 5 when no cluster
+        view is configured, the mirror was never read, or it is stale and nothing matches; 3 when
+        name is not a string.
         """
         if type(name) is not str:
             raise BadArgumentError("name must be a string, not %s" % describe(name))
@@ -1849,8 +1861,9 @@ class NodeMngr:
 
     @_rpc(["array"], slow=True)
     def listCluster(self):
-        """Return every registration of every host of the cluster, as locate does for one name.
-        Fault 5 when no cluster view is configured or etcd cannot be reached."""
+        """Return every registration of every host of the cluster, as locate does for one name
+        (stale and seen included).  Fault 5 when no cluster view is configured, the mirror was
+        never read, or it is stale and empty."""
         return self._cluster().locate()
 
     @_rpc(["boolean"], admin=True)
@@ -2079,6 +2092,9 @@ class Deferred:
     def run(self):
         try:
             response = (self.function(),)
+            if type(response[0]) is Marshalled:
+                self.reply, self.fault = response[0].reply, None
+                return
         except NodeMngrException as exc:
             response = Fault(exc.faultCode, str(exc))
         except Exception as exc:
@@ -2128,7 +2144,7 @@ class Dispatcher:
         self.requests = collections.Counter()   # calls by method ("unknown": not offered; "portserver")
         self.faults = collections.Counter()     # faults answered, by code
         self.slow_calls = 0     # Deferred handed out and not finished yet
-        self._gauges = []       # (name, help, read) that others keep
+        self._families = []     # functions giving the families that others keep, for /metrics
         self._listing = (None, b"")     # (service.changes, listPorts reply)
         self._lookups = (None, None)    # (service.changes, {name: lookup reply})
         self._uid = os.getuid() if hasattr(os, "getuid") else None
@@ -2186,6 +2202,8 @@ class Dispatcher:
                 return Handover(self._reply((result,), method), [result], sockets)
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
+            if type(result) is Marshalled:
+                return result.reply
             response = (result,)
         except Fault as fault:
             response = fault
@@ -2317,7 +2335,11 @@ class Dispatcher:
 
     def add_gauge(self, name, text, read):
         """Serve the gauge *name* (help *text*) in /metrics, its value read() when asked."""
-        self._gauges.append((name, text, read))
+        self._families.append(lambda: [(name, "gauge", text, [("", read())])])
+
+    def add_families(self, read):
+        """Serve the families read() gives when asked: [(name, kind, help, [(labels, value)])]."""
+        self._families.append(read)
 
     def metrics(self):
         """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
@@ -2340,8 +2362,9 @@ class Dispatcher:
         family("nodemngr_faults_total", "counter", "Faults answered, by fault code (refused portserver "
                "requests and socket handovers included).",
                [('{code="%d"}' % c, n) for c, n in sorted(self.faults.items())])
-        for name, text, read in self._gauges:
-            family(name, "gauge", text, [("", read())])
+        for read in self._families:
+            for name, kind, text, samples in read():
+                family(name, kind, text, samples)
         family("nodemngr_uptime_seconds", "gauge", "Seconds since the node manager started.",
                [("", "%.3f" % status["uptime"])])
         return "\n".join(lines) + "\n"
@@ -2619,7 +2642,7 @@ class Connection(asyncio.BufferedProtocol):
     Nothing is read while a reply waits to be taken (the transport's high-water mark is 0, so any
     byte it cannot send at once pauses writing, and reading with it).  A long reply is handed over
     a chunk at a time, so a client that does not read costs one reply of memory (counted with the
-    server's owed_bytes), not copies of it.
+    server's owed_bytes from the moment it is queued), not copies of it.
 
     What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
     limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
@@ -2632,7 +2655,8 @@ class Connection(asyncio.BufferedProtocol):
     """
 
     __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "between", "served", "owed", "awaiting", "active", "request_caller")
+                 "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller",
+                 "more")
 
     def __init__(self, server, sock, peer, caller):
         """peer: the client's address, for the log; caller: the Caller its calls are made as."""
@@ -2643,13 +2667,15 @@ class Connection(asyncio.BufferedProtocol):
         self.inbuf, self.pos = b"", 0   # bytes received, and where the next request starts in them
         self.head = None                # the RequestHead of a request whose body is awaited
         self.outbuf = collections.deque()   # what waits to be given to the transport
-        self.pending = 0                # bytes held for the client when writing paused
+        self.pending = 0                # bytes the transport holds for the client when writing paused
+        self.queued = 0                 # bytes of outbuf (both are counted in the server's owed bytes)
         self.between = True             # between requests: no byte of the next one yet
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
         self.awaiting = None            # (head, Deferred) of a slow call running in a thread
         self.active = time.monotonic()  # when the client last sent bytes or took some of a reply
         self.request_caller = caller    # the Caller of the request whose body is awaited
+        self.more = False               # the next chunk of a long reply is due at the next turn
 
     # -- what the server asks --------------------------------------------------------------------
 
@@ -2666,7 +2692,7 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def idle(self):
         """Between requests, with nothing received and nothing to send."""
-        return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.awaiting)
+        return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.outbuf or self.awaiting)
 
     def quiet_since(self, window):
         """When its client last sent bytes or took some of a reply, if it may be closed to make
@@ -2736,7 +2762,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self):
         """A reply waits to be taken: count it, and read nothing more until it has left."""
-        size = self.transport.get_write_buffer_size() + sum(map(len, self.outbuf))
+        size = self.transport.get_write_buffer_size()
         self.server.owed_bytes(size - self.pending)
         self.pending = size
         if self.phase is _READING:
@@ -2747,7 +2773,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server.owed_bytes(-self.pending)
         self.pending = 0
         self._send(b"")
-        if not self.pending:
+        if not self.pending and not self.outbuf:
             self._sent_all()
             self.answer_received()
 
@@ -2758,7 +2784,7 @@ class Connection(asyncio.BufferedProtocol):
         per turn, so that one connection's pipeline cannot hold up the others."""
         server = self.server
         for _ in range(_TURN_REQUESTS):
-            if (self.pending or self.awaiting or server.released
+            if (self.pending or self.outbuf or self.awaiting or server.released
                     or (self.phase is not _READING and self.phase is not _DRAINING)):
                 return
             try:
@@ -2812,7 +2838,8 @@ class Connection(asyncio.BufferedProtocol):
         self.answer_received()
 
     def _reply(self, head, reply):
-        """Send *reply* (bytes, or a Handover) to the request whose head is *head*."""
+        """Send *reply* (bytes, a list of the bytes of one reply, or a Handover) to the request
+        whose head is *head*."""
         self.served += 1
         if not head.keep_alive:
             self.phase = _CLOSING
@@ -2820,12 +2847,16 @@ class Connection(asyncio.BufferedProtocol):
             reply = self._hand_over(head, reply)    # (what is left to send: a fault, if it could not)
         if reply is None:
             pass
+        elif type(reply) is list:   # (a listing of the cluster, in pieces made beforehand)
+            self._send(_reply_head(head, sum(map(len, reply))))
+            for part in reply:
+                self._send(part)
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
             self.transport.write(_reply_head(head, len(reply)) + reply)
         else:   # a listing, which clients share, is sent as it is, not copied
             self._send(_reply_head(head, len(reply)))
             self._send(reply)
-        if not self.pending:
+        if not self.pending and not self.outbuf:
             self._sent_all()
 
     def _hand_over(self, head, handover):
@@ -2951,26 +2982,44 @@ class Connection(asyncio.BufferedProtocol):
         return head, body, self.request_caller
 
     def _send(self, data):
-        """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time,
-        each once the previous one has left (resume_writing sends the next): a reply the client
-        does not read is then held once, not copied into the transport's buffer."""
+        """Give *data* to the transport after what waits in outbuf, _CHUNK bytes at most at a time:
+        the next once the previous one has left (resume_writing sends it) and not before the next
+        turn of the loop.  A reply the client does not read is then held once, not copied into the
+        transport's buffer, and one of megabytes that it reads as fast as it comes does not hold
+        the others up while it all goes."""
         if not self.outbuf and not self.pending and len(data) <= _CHUNK:
             self.transport.write(data)
             return
         outbuf = self.outbuf
         if data:
             outbuf.append(data)
-            if self.pending:    # it waits behind a reply not taken (at a stop): counted too
-                self.pending += len(data)
-                self.server.owed_bytes(len(data))
-        while outbuf and not self.pending:
+            self._queue(len(data))
+        if outbuf and not self.pending and not self.more:
             piece = outbuf[0]
             if len(piece) > _CHUNK:
                 view = memoryview(piece)
                 outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
             else:
                 outbuf.popleft()
+            self._queue(-len(piece))
             self.transport.write(piece)
+            if outbuf and not self.pending:
+                self.more = True
+                self.server.loop.call_soon(self._send_more)
+
+    def _queue(self, delta):
+        self.queued += delta
+        self.server.owed_bytes(delta)
+
+    def _send_more(self):
+        """The next chunk of a long reply, a turn of the loop after the one before it."""
+        self.more = False
+        if self.phase is _CLOSED or self.pending:   # (resume_writing goes on once it is taken)
+            return
+        self._send(b"")
+        if not self.pending and not self.outbuf:
+            self._sent_all()
+            self.answer_received()
 
     def _sent_all(self):
         """Everything queued has left: close, linger, or wait (idle, or for a pipelined request)."""
@@ -3003,8 +3052,8 @@ class Connection(asyncio.BufferedProtocol):
         self.server.release(self)
         if self.transport is not None:
             self.transport.abort()
-        self.server.owed_bytes(-self.pending)
-        self.pending = 0
+        self.server.owed_bytes(-self.pending - self.queued)
+        self.pending = self.queued = 0
         self.outbuf.clear()
 
     connection_lost = close
@@ -3452,10 +3501,15 @@ class NodeMngrServer:
 # ---------------------------------------------------------------------------------------------
 # The cluster view
 # ---------------------------------------------------------------------------------------------
-# Every host's registry published to etcd, and read back (README, "Many hosts").  It is handed a
-# snapshot of the registry and told of its changes; it never calls the service.
+# Every host's registry published to etcd, and every host's read back into a local mirror that
+# an etcd watch keeps current (README, "Many hosts").  It is handed a snapshot of the registry and
+# told of its changes; it never calls the service, and no local call waits for etcd.
 
 CLUSTER_PREFIX = "nodemngr/v1/ports/"
+MAX_CLUSTER_VALUE = 64 * 1024   # bytes of a published value; a larger one is skipped, never decoded
+_CLUSTER_KEY = re.compile(r"nodemngr/v1/ports/([^/]+)/([1-9][0-9]{0,4})\Z")
+_OVERSIZED = "!"                # what stands for a value over MAX_CLUSTER_VALUE (it is not base64)
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 
 def _b64(text):
@@ -3477,27 +3531,6 @@ def _json_value(value):
     return value
 
 
-_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
-
-
-def _cluster_entry(value):
-    """The struct a published value stands for, or None when it is not one nodemngr would write
-    (another program, or a hand, may have put anything there)."""
-    try:
-        entry = json.loads(value)
-        if not (isinstance(entry, dict) and type(entry.get("host")) is str and type(entry.get("name")) is str
-                and type(entry.get("port")) is int and 1 <= entry["port"] <= 65535
-                and type(entry.get("pid")) is int and 0 <= entry["pid"] <= _INT32_MAX):
-            return None
-        entry = {k: entry[k] for k in ("host", "port", "name", "info", "pid", "since")}
-        entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
-        if _XML_UNSAFE.search(marshal_info(entry["info"]) + entry["host"] + entry["name"]):
-            return None
-        return entry
-    except (ValueError, KeyError, TypeError, NodeMngrException):
-        return None
-
-
 def published_entry(host, reg):
     """The etcd key and JSON value that publish Registration *reg* of *host*."""
     return "%s%s/%d" % (CLUSTER_PREFIX, host, reg.port), json.dumps(
@@ -3506,10 +3539,58 @@ def published_entry(host, reg):
         sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def cluster_entry(key, value, lease):
+    """(the struct a published key stands for, None), or (None, why it is skipped): only what
+    nodemngr writes is passed on, a key HOST/PORT whose value agrees with it and which hangs on a
+    lease.  value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
+    match = _CLUSTER_KEY.match(key)
+    if match is None or int(match.group(2)) > 65535:
+        return None, "key"
+    if value == _OVERSIZED:
+        return None, "size"
+    if not lease:
+        return None, "lease"
+    try:
+        entry = json.loads(base64.b64decode(value, validate=True))
+        if not (isinstance(entry, dict) and type(entry.get("host")) is str and type(entry.get("name")) is str
+                and type(entry.get("port")) is int and type(entry.get("pid")) is int
+                and 0 <= entry["pid"] <= _INT32_MAX):
+            return None, "value"
+        if entry["host"] != match.group(1) or entry["port"] != int(match.group(2)):
+            return None, "disagrees"
+        entry = {k: entry[k] for k in ("host", "port", "name", "info", "pid", "since")}
+        entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
+        if _XML_UNSAFE.search(marshal_info(entry["info"]) + entry["host"] + entry["name"]):
+            return None, "value"
+    except (ValueError, KeyError, TypeError, binascii.Error, NodeMngrException):
+        return None, "value"
+    return entry, None
+
+
+def _loads_within_bound(body):
+    """json.loads of a reply of etcd's gateway, each base64 "value" of more than MAX_CLUSTER_VALUE
+    bytes replaced by _OVERSIZED first: a huge value is neither decoded nor copied, and nothing
+    holds the interpreter for long (searching bytes is fast; decoding megabytes of JSON is not)."""
+    limit = (MAX_CLUSTER_VALUE + 2) // 3 * 4
+    if len(body) <= limit:
+        return json.loads(body)
+    pieces, kept, at = [], 0, 0
+    while True:
+        start = body.find(b'"value":"', at)
+        end = body.find(b'"', start + 9) if start >= 0 else -1
+        if end < 0:
+            break
+        if end - start - 9 > limit:     # (base64 holds no quote: the next one ends the value)
+            pieces += [body[kept:start + 9], _OVERSIZED.encode()]
+            kept = end
+        at = end + 1
+    return json.loads(b"".join(pieces + [body[kept:]]) if pieces else body)
+
+
 def _read_within(conn, reply, deadline, limit):
     """A reply's body, read by pieces until *deadline* (a trickle must not hold a call forever)
     and *limit* bytes (nor fill the memory)."""
-    body = b""
+    pieces, size = [], 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -3518,20 +3599,24 @@ def _read_within(conn, reply, deadline, limit):
             conn.sock.settimeout(left)
         piece = reply.read1(65536) if hasattr(reply, "read1") else reply.read(65536)
         if not piece:
-            return body
-        body += piece
-        if len(body) > limit:
+            return b"".join(pieces)
+        pieces.append(piece)
+        size += len(piece)
+        if size > limit:
             raise ValueError("etcd's reply is over %d bytes" % limit)
 
 
 class EtcdClient:
-    """The few calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
-    gateway, with the standard library.  Each call tries the endpoints in turn, within
-    2 x timeout in all; ClusterError (one sentence) when none answers.  user_file: a file holding
-    "USER:PASSWORD" (never a flag)."""
+    """The calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
+    gateway, with the standard library.  Each call tries the endpoints in turn, the one that
+    answered last first, each within its own timeout (a call may give a shorter one) and all
+    within twice that; ClusterError (one sentence) when none answers.  user_file: a file holding
+    "USER:PASSWORD" (never a flag).  Safe to share between threads: each call has a connection of
+    its own."""
 
-    timeout = 2.0
+    timeout = 2.0       # seconds one endpoint has to answer
     max_reply = 64 * 1024 * 1024
+    page = 1000         # keys a range reads at once
 
     def __init__(self, urls, ca_file=None, cert_file=None, key_file=None, user_file=None):
         self.endpoints = []
@@ -3545,7 +3630,6 @@ class EtcdClient:
                 raise NodeMngrException("cluster endpoint %s is not an http:// or https:// URL with a valid "
                                         "port" % describe(url, 80))
             self.endpoints.append(endpoint)
-        self.config = (ca_file, cert_file, key_file, user_file)
         self._tls = None
         try:
             if any(scheme == "https" for scheme, _, _ in self.endpoints):
@@ -3558,48 +3642,61 @@ class EtcdClient:
         self._user = _read_user_file(user_file) if user_file else None
         self._token = None
         self._lock = threading.Lock()   # (for the token)
+        self._first = 0                 # the endpoint that answered last: tried first
+        self._watching = None           # the connection of the watch in progress
 
-    def call(self, path, body):
-        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError.  Calls run
-        side by side; only getting a token is done one at a time."""
+    def call(self, path, body, timeout=None):
+        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError."""
         try:
-            return self._post(path, body, self._auth_token())
+            return self._post(path, body, self._auth_token(timeout), timeout)
         except ClusterError as exc:
             if self._user is None or "invalid auth token" not in str(exc):
                 raise
             with self._lock:
                 self._token = None      # expired: authenticate again, once
-        return self._post(path, body, self._auth_token())
+        return self._post(path, body, self._auth_token(timeout), timeout)
 
-    def _auth_token(self):
+    def _auth_token(self, timeout):
         if self._user is None:
             return None
         with self._lock:
             if self._token is None:
                 self._token = self._post("auth/authenticate", {"name": self._user[0], "password": self._user[1]},
-                                         None).get("token")
+                                         None, timeout).get("token")
             return self._token
 
-    def _post(self, path, body, token):
+    def _connect(self, index, timeout):
+        scheme, host, port = self.endpoints[index]
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
+        return http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def _order(self):
+        first = self._first
+        return [first] + [i for i in range(len(self.endpoints)) if i != first]
+
+    def _post(self, path, body, token, timeout=None):
         data = json.dumps(body).encode("utf-8")
+        timeout = timeout or self.timeout
+        headers = dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {}))
         reasons = []
-        deadline = time.monotonic() + 2 * self.timeout     # the whole call, whatever the endpoints do
-        for scheme, host, port in self.endpoints:
+        deadline = time.monotonic() + 2 * timeout     # the whole call, whatever the endpoints do
+        for index in self._order():
+            scheme, host, port = self.endpoints[index]
             left = deadline - time.monotonic()
             if left <= 0:
                 reasons.append("%s:%d: no time left" % (host, port))
                 continue
-            conn = (http.client.HTTPSConnection(host, port, timeout=min(left, self.timeout), context=self._tls)
-                    if scheme == "https" else http.client.HTTPConnection(host, port, timeout=min(left, self.timeout)))
+            conn, reply = self._connect(index, min(left, timeout)), None
             try:
-                conn.request("POST", "/v3/" + path, data, dict({"Content-Type": "application/json"},
-                                                               **({"Authorization": token} if token else {})))
+                conn.request("POST", "/v3/" + path, data, headers)
                 reply = conn.getresponse()
-                answer = json.loads(_read_within(conn, reply, deadline, self.max_reply) or b"{}")
+                answer = _loads_within_bound(_read_within(conn, reply, min(deadline, time.monotonic() + timeout),
+                                                          self.max_reply) or b"{}")
                 if not isinstance(answer, dict):
                     raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                status = getattr(locals().get("reply"), "status", None)
+                status = getattr(reply, "status", None)
                 reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or (
                     "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))))
                 continue
@@ -3608,43 +3705,114 @@ class EtcdClient:
             if reply.status != 200 or "error" in answer:
                 reason = " ".join(str(answer.get("message") or answer.get("error") or reply.reason).split())
                 raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
+            self._first = index
             return answer
         raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
 
-    def copy(self):
-        """Another client to the same etcd, with a connection and lock of its own."""
-        return EtcdClient(["%s://%s:%d" % (scheme, "[%s]" % host if ":" in host else host, port)
-                           for scheme, host, port in self.endpoints], *self.config)
-
-    def grant(self, ttl):
-        lease = self.call("lease/grant", {"TTL": ttl}).get("ID")
+    def grant(self, ttl, timeout=None):
+        lease = self.call("lease/grant", {"TTL": ttl}, timeout).get("ID")
         if lease is None:
             raise ClusterError("etcd answered a lease grant without a lease: not etcd's v3 API?")
         return lease
 
-    def keepalive(self, lease):
+    def keepalive(self, lease, timeout=None):
         """The lease's TTL left after renewing it; 0 when etcd no longer knows it."""
-        return int(self.call("lease/keepalive", {"ID": lease}).get("result", {}).get("TTL", 0))
+        return int(self.call("lease/keepalive", {"ID": lease}, timeout).get("result", {}).get("TTL", 0))
 
-    def revoke(self, lease):
-        self.call("lease/revoke", {"ID": lease})
+    def revoke(self, lease, timeout=None):
+        self.call("lease/revoke", {"ID": lease}, timeout)
 
     def range(self, prefix):
-        """{key: (value, lease)} of the keys under *prefix*."""
-        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (value base64, or
+        _OVERSIZED) read at one revision, page keys at a time; yields (page, revision)."""
+        end, key, revision = _b64(_prefix_end(prefix)), _b64(prefix), None
+        while True:
+            body = {"key": key, "range_end": end, "limit": self.page}
+            if revision is not None:
+                body["revision"] = revision
+            reply = self.call("kv/range", body)
+            try:
+                revision = int(reply["header"]["revision"])
+                page = [_kv(kv) for kv in reply.get("kvs", [])]
+            except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
+                raise ClusterError("etcd answered a range with something that is not etcd's v3 JSON")
+            yield page, revision
+            if not reply.get("more") or not page:
+                return
+            key = _b64(page[-1][0] + "\0")
+
+    def count(self, prefix):
+        """(revision, how many keys there are under *prefix*): cheap, whatever their number."""
+        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)), "count_only": True})
         try:
-            return {base64.b64decode(kv["key"]).decode("utf-8"): (
-                base64.b64decode(kv.get("value", "")).decode("utf-8", "replace"), int(kv.get("lease", 0)))
-                for kv in reply.get("kvs", [])}
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise ClusterError("etcd answered a range with something that is not etcd's v3 JSON")
+            return int(reply["header"]["revision"]), int(reply.get("count", 0))
+        except (KeyError, TypeError, ValueError):
+            raise ClusterError("etcd answered a count with something that is not etcd's v3 JSON")
 
     def txn(self, puts, deletes, lease):
-        """Put {key: value} with *lease* and delete *deletes*, in one transaction."""
+        """Put {key: value} with *lease* and delete *deletes*, in one transaction; its revision."""
         ops = [{"requestDeleteRange": {"key": _b64(key)}} for key in deletes]
         ops += [{"requestPut": {"key": _b64(key), "value": _b64(value), "lease": lease}} for key, value in puts.items()]
-        self.call("kv/txn", {"success": ops})
+        try:
+            return int(self.call("kv/txn", {"success": ops})["header"]["revision"])
+        except (KeyError, TypeError, ValueError):
+            raise ClusterError("etcd answered a transaction with something that is not etcd's v3 JSON")
+
+    def watch(self, prefix, start_revision):
+        """The changes under *prefix* from *start_revision* on, as etcd streams them: yields lists of
+        [(key, value or None when deleted, lease, mod_revision)] (empty at first) until the stream ends
+        (ClusterError) or close_watch() cuts it.  ClusterError("compacted") when etcd no longer
+        has that revision: read the prefix again."""
+        index = self._order()[0]
+        scheme, host, port = self.endpoints[index]
+        conn = self._connect(index, self.timeout)
+        body = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                   "start_revision": start_revision}}
+        token = self._auth_token(None)
+        try:
+            conn.request("POST", "/v3/watch", json.dumps(body).encode("utf-8"),
+                         dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {})))
+            reply = conn.getresponse()
+            if reply.status != 200:
+                raise ClusterError("etcd at %s:%d refused a watch: HTTP %d" % (host, port, reply.status))
+            conn.sock.settimeout(None)  # (a quiet prefix sends nothing for hours; close_watch() cuts it)
+            self._watching = conn
+            while True:
+                line = reply.readline(self.max_reply)
+                if not line:
+                    raise ClusterError("etcd at %s:%d ended the watch" % (host, port))
+                result = _loads_within_bound(line).get("result") or {}
+                if result.get("compact_revision") or result.get("canceled"):
+                    raise ClusterError("compacted")
+                events = [(_kv(e["kv"])[:2] if e.get("type") != "DELETE" else (_kv(e["kv"])[0], None))
+                          + _kv(e["kv"])[2:] for e in result.get("events", [])]
+                yield events
+        except OSError as exc:
+            raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, exc.strerror or describe(exc)))
+        except (http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ClusterError("the watch on etcd at %s:%d broke: %s" % (host, port, describe(exc)))
+        finally:
+            self._watching = None
+            conn.close()
+
+    def close_watch(self):
+        """Cut the watch in progress (from another thread): its generator raises ClusterError."""
+        conn = self._watching
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def _prefix_end(prefix):
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _kv(kv):
+    """(key, value, lease, mod_revision) of a KeyValue of etcd's JSON (value base64, or _OVERSIZED)."""
+    return (base64.b64decode(kv["key"]).decode("utf-8", "replace"), kv.get("value", ""), int(kv.get("lease", 0)),
+            int(kv.get("mod_revision", 0)))
 
 
 def _read_user_file(path):
@@ -3658,41 +3826,83 @@ def _read_user_file(path):
     return user, password
 
 
+def _when(epoch):
+    """A moment for a status sentence: UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+_REPLY_HEAD = "<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
+_REPLY_FOOT = "</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
+_STRUCT_END = "</struct></value>\n"
+
+
+def _struct_piece(entry):
+    """The XML of *entry* as a struct in an array, but for its stale and seen members and its end
+    (_STRUCT_END): what ClusterView.answer joins for a listing."""
+    text = dumps((entry,), allow_none=False)
+    return text[len("<params>\n<param>\n"):-len(_STRUCT_END + "</param>\n</params>\n")]
+
+
 class ClusterView:
-    """Publishes a registry under nodemngr/v1/ports/HOST/ in etcd, from a thread of its own: a
-    local call never waits for etcd.  snapshot(): the Registrations held, read once, at start();
-    from then on changed() tells it of each change, from the service's thread.  It keeps its own
-    copy of the registry, under its own lock, which the service never takes.  Changes are
-    coalesced (a burst of calls is a few transactions), all keys hang on one lease kept alive
-    every ttl/3 seconds, and at start, after a lost lease and when etcd answers again after an
-    outage, the HOST prefix is rewritten to match the registry exactly.  An outage is logged
-    once; status() says what is wrong."""
+    """The cluster view: this host's registry published under nodemngr/v1/ports/HOST/ in etcd,
+    and every host's entries read back into a mirror, which locate and listCluster answer from.
+
+    snapshot(): the Registrations held, read once, at start(); from then on changed() tells it of
+    each change (from the service's thread: it only notes it).  Three threads of its own talk to
+    etcd, so that none waits behind another:
+    - the keeper renews the lease every ttl/3 seconds, each endpoint given a small share of that,
+      grants a new lease when etcd has lost it (the publisher then writes every key back), and
+      every ttl/6 confirms the mirror: etcd's count of the keys under the prefix must be its own;
+    - the publisher writes changes, coalesced (a burst is a few transactions of at most txn_ops
+      operations and txn_bytes), and makes the HOST prefix match the registry at start, after a
+      lost lease, and when it sees a key there that it did not write;
+    - the watcher reads the prefix in pages, then follows it with an etcd watch from that
+      revision, reading it again after a compaction or a broken watch.
+    Only entries of nodemngr's exact shape with a live lease are mirrored; the others are counted
+    by reason.  Each answer says whether it is stale (not confirmed within ttl, or this host's
+    own publishing failing) and how many seconds ago it was seen current.  Nothing here is ever
+    locked by the service: the mirror has a lock of its own, taken by the watcher and by the
+    threads answering locate."""
 
     coalesce = 0.02     # seconds to gather changes into one transaction
     retry = 0.5         # seconds between two tries while etcd cannot be reached (doubling to 4)
     txn_ops = 128       # operations per transaction: etcd's default --max-txn-ops
     txn_bytes = 1 << 20     # and bytes (etcd's default --max-request-bytes is 1.5 MiB)
-    resync_interval = 30.0  # seconds between two comparisons of the published prefix with the registry
+    resync_interval = 30.0  # seconds between two comparisons of this host's prefix with the registry
 
     def __init__(self, client, host, ttl, snapshot):
         self.client, self.host, self.ttl, self._snapshot = client, host, ttl, snapshot
         self.prefix = "%s%s/" % (CLUSTER_PREFIX, host)
-        self.health = "connecting to etcd"      # status(): "ok", or what is wrong
-        self.transactions = 0
+        self.lease_losses = self.rewrites = self.transactions = 0
         self._lease = None
+        self._problems = {}         # what is wrong: "keeper", "publisher", "watcher" -> (since, sentence)
+        self._lost_at = self._written_back_at = None
         self._registry = {}         # port -> Registration: the registry as changed() told it
-        self._published = {}        # key -> value as etcd holds it, as far as we know
+        self._published = {}        # key -> value this host wrote and etcd holds, as far as it knows
+        self._wrote = {}            # key -> (base64 value or None: deleted, lease): this host's last write
         self._dirty = set()         # ports changed since the last flush
-        self._wake = threading.Condition()      # (guards _registry and _dirty)
+        self._rewrite = "start"     # why the whole prefix must be made to match, or None
+        self._reload = False        # the watcher must read the whole prefix again
+        self._wake = threading.Condition()      # (guards the publisher's part: the above)
         self._stop = threading.Event()
-        self._next_keepalive = self._next_check = 0.0
-        self.reader = client.copy()     # locate's: it must not hold up the writes and keepalives
-        self._thread = threading.Thread(target=self._run, name="nodemngr-cluster", daemon=True)
+        self._mirror = threading.Lock()         # (guards the mirror: what follows)
+        self._pieces = {}           # host -> {port: struct piece}: listCluster's
+        self._named = {}            # name -> {(host, port): struct piece}: locate's
+        self._keys = {}             # every key under the prefix -> (host, port, name) or why skipped
+        self._revision = None       # the revision the mirror reflects (None: never read)
+        self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
+        self.skipped = collections.Counter()    # keys skipped now, by reason
+        self._threads = [threading.Thread(target=target, name="nodemngr-cluster-" + name, daemon=True)
+                         for name, target in (("keeper", self._keep), ("publisher", self._publish),
+                                              ("watcher", self._follow))]
+
+    # -- what the daemon calls -------------------------------------------------------------------
 
     def start(self):
-        """Read the registry (snapshot()) and start publishing it."""
+        """Read the registry (snapshot()) and start publishing it and following the others'."""
         self._registry = {reg.port: reg for reg in self._snapshot()}
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def changed(self, changes):
         """The registry changed: *changes* is a list of (port, its Registration, or None when it
@@ -3707,85 +3917,170 @@ class ClusterView:
             self._wake.notify()
 
     def status(self):
-        """"ok", or one sentence saying what is wrong."""
-        return self.health
+        """"ok", or one sentence saying what is wrong and since when."""
+        problems = list(self._problems.values())
+        if problems:
+            since, sentence = min(problems)
+            return "%s (since %s)" % (sentence, _when(since))
+        lost, back = self._lost_at, self._written_back_at
+        if lost is not None and (back is None or back < lost):
+            return "etcd lost this host's lease at %s; its keys are being written back" % _when(lost)
+        if self._revision is None:
+            return "reading the cluster view from etcd"
+        seen = self.seen()
+        if seen > self.ttl:
+            return "etcd has not confirmed the cluster view for %d s" % seen
+        return "ok"
 
-    def stop(self, timeout=2.0):
-        """Stop publishing and drop the lease: this host's keys go at once (a restart puts them back)."""
+    def seen(self):
+        """Seconds since etcd last confirmed the mirror current (inf: never)."""
+        confirmed = self._confirmed
+        return math.inf if confirmed is None else time.monotonic() - confirmed
+
+    def stale(self):
+        return self.seen() > self.ttl or "publisher" in self._problems or self._lease is None
+
+    def metrics(self):
+        """(name, kind, help, samples) of the cluster view's families for /metrics."""
+        seen = self.seen()
+        return [("nodemngr_cluster_entries", "gauge", "Entries of the cluster view (every host's).",
+                 [("", sum(len(p) for p in list(self._pieces.values())))]),
+                ("nodemngr_cluster_skipped", "gauge", "Keys under the prefix that nodemngr would not write, "
+                 "skipped, by reason.", [('{reason="%s"}' % r, n) for r, n in sorted(self.skipped.items())]),
+                ("nodemngr_cluster_seen_seconds", "gauge", "Seconds since etcd last confirmed the cluster view.",
+                 [("", "%.3f" % seen if seen != math.inf else "+Inf")]),
+                ("nodemngr_cluster_lease_losses_total", "counter", "Times etcd lost this host's lease.",
+                 [("", self.lease_losses)]),
+                ("nodemngr_cluster_rewrites_total", "counter", "Times this host's keys in etcd were found not to "
+                 "match its registry and were written back.", [("", self.rewrites)]),
+                ("nodemngr_cluster_lease_lost_timestamp_seconds", "gauge", "When etcd last lost this host's lease "
+                 "(0: never).", [("", self._lost_at or 0)]),
+                ("nodemngr_cluster_written_back_timestamp_seconds", "gauge", "When this host's keys were last "
+                 "written back under a new lease (0: never).", [("", self._written_back_at or 0)])]
+
+    def locate(self, name=None):
+        """Every host's entries (those named *name* when given), sorted by host then port, each
+        with stale and seen: Marshalled (in parts of a thousand entries).  ClusterError when the mirror was never filled, or is
+        stale and has nothing that matches."""
+        stale, seen = self.stale(), self.seen()
+        with self._mirror:
+            if self._revision is None:
+                raise ClusterError("the cluster view has not been read from etcd yet: %s" % self.status())
+            if name is None:
+                pieces = [(host, sorted(ports.items())) for host, ports in self._pieces.items()]
+                pieces = [piece for _, ports in sorted(pieces) for _, piece in ports]
+            else:
+                pieces = [piece for _, piece in sorted(self._named.get(name, {}).items())]
+        if stale and not pieces:
+            raise ClusterError("the cluster view is stale (%s) and has %s" % (
+                self.status(), "no entry" if name is None else "no port named %s" % describe(name)))
+        tail = ("<member>\n<name>stale</name>\n<value><boolean>%d</boolean></value>\n</member>\n<member>\n"
+                "<name>seen</name>\n<value><double>%r</double></value>\n</member>\n" % (
+                    stale, round(min(seen, 1e9), 3))) + _STRUCT_END
+        parts = [(tail.join(pieces[i:i + 1000]) + tail).encode("utf-8") for i in range(0, len(pieces), 1000)]
+        return Marshalled([_REPLY_HEAD.encode("ascii")] + parts + [_REPLY_FOOT.encode("ascii")])
+
+    def stop(self, timeout=0.5):
+        """Stop publishing and drop the lease: this host's keys go at once (a restart puts them
+        back).  Within about *timeout* seconds, whatever etcd does."""
         with self._wake:
             self._stop.set()
             self._wake.notify()
-        self._thread.join(timeout)
-        if self._lease is not None:     # (a client of its own: the thread may hold the other's lock)
-            revoker = self.client.copy()
-            revoker.timeout = 0.5
+        self.client.close_watch()
+        lease = self._lease
+        if lease is not None:
             try:
-                revoker.revoke(self._lease)
+                self.client.revoke(lease, timeout / 2)
             except (ClusterError, NodeMngrException):
                 pass
 
-    def locate(self, name=None):
-        """Every host's published registrations (those named *name* when given), sorted by host then
-        port, as structs {host, port, name, info, pid, since}; ClusterError when etcd cannot say."""
-        found = []
-        for key, (value, _) in self.reader.range(CLUSTER_PREFIX).items():
-            entry = _cluster_entry(value)
-            if entry is None:
-                log.debug("skipping a cluster entry that is not nodemngr's: %s", _loggable(key))
-            elif name is None or entry["name"] == name:
-                found.append(entry)
-        return sorted(found, key=lambda e: (str(e.get("host")), e.get("port", 0)))
+    # -- the keeper: the lease, and the mirror's confirmation -----------------------------------
 
-    # -- the publisher's thread ------------------------------------------------------------------
+    def _keep(self):
+        share = max(0.2, self.ttl / 3.0 / (len(self.client.endpoints) + 1))   # each endpoint's time
+        renew_at = 0.0
+        while not self._stop.is_set():
+            if time.monotonic() >= renew_at:
+                renew_at = time.monotonic() + self.ttl / 3.0
+                self._renew(share)
+            self._confirm()
+            self._stop.wait(max(0.0, min(renew_at - time.monotonic(), self.ttl / 6.0)))
 
-    def _run(self):
-        delay, outage = self.retry, None
+    def _renew(self, share):
+        """Renew the lease (grant a new one when etcd has lost it: its keys are then written back)."""
+        try:
+            if self._lease is not None and self.client.keepalive(self._lease, share) <= 0:
+                self._lease, self._lost_at = None, time.time()
+                self.lease_losses += 1
+                log.warning("etcd lost this host's lease; writing its keys back")
+            if self._lease is None:
+                self._lease = int(self.client.grant(self.ttl, share))
+                with self._wake:
+                    self._rewrite = self._rewrite or "a new lease"
+                    self._wake.notify()
+            self._solved("keeper")
+        except ClusterError as exc:
+            self._problem("keeper", str(exc))
+
+    def _confirm(self):
+        """Ask etcd whether the mirror is current: it holds as many keys as etcd has under the
+        prefix (asked again a few times while changes on their way make them differ).  The watch
+        itself says when it breaks; this finds an etcd that hangs, and a mirror that drifted."""
+        if self._revision is None:
+            return
+        for _ in range(3):
+            try:
+                _, total = self.client.count(CLUSTER_PREFIX)
+            except ClusterError:
+                return
+            with self._mirror:
+                if total == len(self._keys) and not self._reload:
+                    self._confirmed = time.monotonic()
+                    return
+            if self._stop.wait(0.05):
+                return
+        if self.seen() > 2 * self.ttl:      # the mirror drifted, or the watch hangs: read it again
+            log.warning("the cluster view was not confirmed for %d s; reading it again", self.seen())
+            self._reload = True
+            self.client.close_watch()
+
+    # -- the publisher: this host's registry -> etcd --------------------------------------------
+
+    def _publish(self):
+        delay = self.retry
         while not self._stop.is_set():
             try:
-                if self._lease is not None and self._keepalive_due() and self.client.keepalive(self._lease) <= 0:
-                    log.warning("etcd lost this host's lease; publishing the registry again")
-                    self._lease = None      # (renewed before any write: a write etcd refuses must not cost it)
-                if self._lease is None:
-                    self._lease = self.client.grant(self.ttl)
-                    self._resync()
-                if time.monotonic() >= self._next_check:    # a restored backup, an operator's del
-                    self._published = None
-                self._flush()
-                if outage is not None:
-                    log.warning("etcd answers again after %.0f s; published this host's registry anew",
-                                time.monotonic() - outage)
-                outage, delay, self.health = None, self.retry, "ok"
+                if self._lease is not None:
+                    if self._rewrite or time.monotonic() >= self._next_resync:
+                        self._resync(self._rewrite)
+                    else:
+                        self._flush()
+                    if "publisher" in self._problems:
+                        log.warning("etcd takes this host's writes again; its keys match its registry")
+                    self._solved("publisher")
+                    delay = self.retry
                 self._wait_for_changes()
             except ClusterError as exc:
-                if outage is None:      # once per outage, not per call
-                    outage = time.monotonic()
-                    log.warning("cluster view unavailable: %s; serving on, and trying again", exc)
-                self.health = str(exc)
-                self._lease = None if "lease" in str(exc) else self._lease
-                self._published = None      # unknown now: the next success rewrites the prefix
+                self._problem("publisher", str(exc))
                 self._stop.wait(delay)      # (changes meanwhile only gather: calls must not wake it)
                 delay = min(delay * 2, 4.0)
             except Exception:       # a bug must not end publishing for good (logged once)
-                if outage is None:
-                    outage = time.monotonic()
+                if "publisher" not in self._problems:
                     log.exception("cluster view failed")
-                self.health = "the cluster view failed; the node manager's log has the details"
-                self._published = None
+                self._problem("publisher", "the cluster view failed; the node manager's log has the details")
                 self._stop.wait(delay)
                 delay = min(delay * 2, 4.0)
 
+    _next_resync = 0.0
+
     def _wait_for_changes(self):
         with self._wake:
-            if not self._dirty and not self._stop.is_set():
-                self._wake.wait(max(0.0, min(self._next_keepalive, self._next_check) - time.monotonic()))
+            if self._lease is None:     # (the keeper says when it has one)
+                self._wake.wait(1.0)
+            elif not self._dirty and not self._rewrite and not self._stop.is_set():
+                self._wake.wait(max(0.05, self._next_resync - time.monotonic()))
         if self._dirty:
             time.sleep(self.coalesce)   # let a burst gather
-
-    def _keepalive_due(self):
-        if time.monotonic() < self._next_keepalive:
-            return False
-        self._next_keepalive = time.monotonic() + self.ttl / 3.0
-        return True
 
     def _desired(self, ports=None):
         """{key: value} of the registry (of *ports* only, when given)."""
@@ -3794,56 +4089,190 @@ class ClusterView:
                 self._registry[p] for p in ports if p in self._registry]
         return dict(published_entry(self.host, reg) for reg in regs)
 
-    def _resync(self):
+    def _resync(self, why):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
-        the current lease (a key of an earlier lease would expire with it).  Done again every
-        resync_interval seconds, so that a restored backup of etcd or a key deleted by hand is repaired."""
-        self._next_check = time.monotonic() + self.resync_interval
+        the current lease (a key of an earlier lease would expire with it).  why: what asked for
+        it (None: the periodic comparison, which repairs a restored backup or a hand's change)."""
+        lease = self._lease
         with self._wake:
             self._dirty.clear()
-        actual = self.client.range(self.prefix)
+            self._rewrite = None
+        actual = {key: (value, kv_lease) for page, _ in self.client.range(self.prefix)
+                  for key, value, kv_lease, _ in page}
         desired = self._desired()
-        puts = {k: v for k, v in desired.items() if actual.get(k) != (v, self._lease)}
-        self._write(puts, [k for k in actual if k not in desired])
-        self._published = desired
+        puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
+        deletes = [k for k in actual if k not in desired]
+        try:
+            self._write(puts, deletes, lease)
+        except ClusterError:
+            with self._wake:
+                self._rewrite = self._rewrite or why or "the periodic comparison"
+            raise
+        with self._wake:
+            self._published, self._next_resync = desired, time.monotonic() + self.resync_interval
+        if why == "a new lease":
+            self._written_back_at = time.time()
+        if (puts or deletes) and why != "start":
+            self.rewrites += 1
+            log.warning("wrote %d keys of this host back to etcd and deleted %d (%s)", len(puts), len(deletes),
+                        why or "they did not match its registry")
 
     def _flush(self):
-        if self._published is None:
-            self._resync()
-            return
         with self._wake:
             ports, self._dirty = self._dirty, set()
         if not ports:
             return
         desired = self._desired(ports)
         keys = {"%s%d" % (self.prefix, p) for p in ports}
-        puts = {k: v for k, v in desired.items() if self._published.get(k) != v}
-        deletes = [k for k in keys if k not in desired and k in self._published]
+        with self._wake:
+            puts = {k: v for k, v in desired.items() if self._published.get(k) != v}
+        deletes = [k for k in keys if k not in desired]
         try:
-            self._write(puts, deletes)
+            self._write(puts, deletes, self._lease)
         except ClusterError:
             with self._wake:
                 self._dirty.update(ports)
             raise
-        for k in deletes:
-            del self._published[k]
-        self._published.update(puts)
+        with self._wake:
+            for k in deletes:
+                self._published.pop(k, None)
+            self._published.update(puts)
 
-    def _write(self, puts, deletes):
+    def _write(self, puts, deletes, lease):
         """In transactions of txn_ops operations and txn_bytes at most (one, when the change is
-        that small)."""
+        that small).  What each key becomes is noted first, so that the watcher tells this host's
+        writes from others' (which it repairs)."""
         ops = [("delete", k, None) for k in deletes] + [("put", k, v) for k, v in puts.items()]
+        self._wrote.update((k, (None if v is None else _b64(v), lease)) for _, k, v in ops)
         chunk, size = [], 0
         for op in ops + [None]:
             cost = 0 if op is None else (len(op[1]) + len((op[2] or "").encode("utf-8"))) * 4 // 3 + 64
             if chunk and (op is None or len(chunk) >= self.txn_ops or size + cost > self.txn_bytes):
                 self.client.txn({k: v for o, k, v in chunk if o == "put"}, [k for o, k, _ in chunk if o == "delete"],
-                                self._lease)
+                                lease)
                 self.transactions += 1
                 chunk, size = [], 0
             if op is not None:
                 chunk.append(op)
                 size += cost
+
+    # -- the watcher: every host's entries -> the mirror ----------------------------------------
+
+    def _follow(self):
+        delay = self.retry
+        while not self._stop.is_set():
+            try:
+                if self._revision is None or self._reload:
+                    self._load()
+                for events in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
+                    if events:
+                        self._apply(events)
+                    self._solved("watcher")
+                    delay = self.retry
+            except ClusterError as exc:
+                if self._stop.is_set():
+                    return
+                if str(exc) == "compacted":
+                    self._reload = True
+                else:
+                    self._problem("watcher", str(exc))
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, 4.0)
+            except Exception:       # (a bug: logged once, and the view read again)
+                if "watcher" not in self._problems:
+                    log.exception("cluster view failed")
+                self._problem("watcher", "the cluster view failed; the node manager's log has the details")
+                self._stop.wait(delay)
+
+    def _load(self):
+        """Read the whole prefix, a page at a time, into a new mirror, then put it in place (after
+        a compaction or a broken watch this host's own prefix is compared with its registry too)."""
+        pieces, named, keys, skipped, revision = {}, {}, {}, collections.Counter(), 0
+        for page, revision in self.client.range(CLUSTER_PREFIX):
+            for key, value, lease, _ in page:
+                self._enter(key, value, lease, pieces, named, keys, skipped)
+        with self._mirror:
+            first = self._revision is None
+            self._pieces, self._named, self._keys, self.skipped = pieces, named, keys, skipped
+            self._revision, self._confirmed, self._reload = revision, time.monotonic(), False
+        if not first:
+            with self._wake:
+                self._rewrite = self._rewrite or "the cluster view was read again"
+                self._wake.notify()
+
+    def _apply(self, events):
+        """Changes the watch brought: into the mirror; one of this host's keys that it did not
+        write so is repaired."""
+        with self._mirror:
+            for key, value, lease, revision in events:
+                self._leave(key)
+                if value is not None:
+                    self._enter(key, value, lease, self._pieces, self._named, self._keys, self.skipped)
+                self._revision = max(self._revision, revision)
+        own = []
+        for key, value, lease, _ in events:
+            wrote = self._wrote.get(key) if key.startswith(self.prefix) else (value, lease)
+            if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
+                own.append(key)     # (put, or deleted, by another than this host)
+        if own:
+            self._repair(own)
+
+    @staticmethod
+    def _enter(key, value, lease, pieces, named, keys, skipped):
+        entry, why = cluster_entry(key, value, lease)
+        if entry is None:
+            keys[key] = why
+            skipped[why] += 1
+            return
+        where = (entry["host"], entry["port"])
+        piece = _struct_piece(entry)
+        pieces.setdefault(where[0], {})[where[1]] = piece
+        named.setdefault(entry["name"], {})[where] = piece
+        keys[key] = where + (entry["name"],)
+
+    def _leave(self, key):
+        was = self._keys.pop(key, None)
+        if isinstance(was, str):
+            self.skipped[was] -= 1
+            if not self.skipped[was]:
+                del self.skipped[was]
+        elif was is not None:
+            host, port, name = was
+            self._pieces.get(host, {}).pop(port, None)
+            if not self._pieces.get(host, True):
+                del self._pieces[host]
+            self._named.get(name, {}).pop((host, port), None)
+            if not self._named.get(name, True):
+                del self._named[name]
+
+    def _repair(self, keys):
+        """Keys under this host's prefix that another writer changed: made to match the registry."""
+        ports = set()
+        for key in keys:
+            tail = key[len(self.prefix):]
+            if tail.isdigit() and 1 <= int(tail) <= 65535 and str(int(tail)) == tail:
+                ports.add(int(tail))
+            else:       # (not a port's key: deleted by the next rewrite)
+                with self._wake:
+                    self._rewrite = self._rewrite or "a key that is not a port's"
+        log.info("repairing %d keys of this host that another writer changed in etcd", len(keys))
+        with self._wake:
+            self._dirty.update(ports)
+            for port in ports:      # (what etcd holds is not what this host wrote)
+                self._published.pop("%s%d" % (self.prefix, port), None)
+            self._wake.notify()
+
+    # -- what is wrong ---------------------------------------------------------------------------
+
+    def _problem(self, part, sentence):
+        if not self._problems:      # once per outage, not per call
+            log.warning("cluster view unavailable: %s; serving on, and trying again", sentence)
+        since = self._problems.get(part, (time.time(), None))[0]
+        self._problems[part] = (since, sentence)
+
+    def _solved(self, part):
+        if self._problems.pop(part, None) is not None and not self._problems:
+            log.warning("etcd answers again; the cluster view is current")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4089,8 +4518,9 @@ class NodeMngrProxy:
 
     def locate(self, name):
         """The ports named *name* on every host of the cluster (etcd): a list of {host, port, name,
-        info, pid, since} dicts, sorted by host then port.  ClusterError when there is no cluster
-        view or etcd cannot be reached."""
+        info, pid, since, stale, seen} dicts, sorted by host then port, from the daemon's mirror
+        (stale: not confirmed current by etcd lately; seen: seconds since it was).  ClusterError
+        when there is no cluster view, or the view is stale and has no such port."""
         return self.call("locate", name)
 
     def listCluster(self):
@@ -4499,9 +4929,11 @@ def run_daemon(settings, activated=([], None)):
         log.info("node manager %s serving on %s:%d and %s, ports %d-%d, state %s, pid %d", __version__,
                  server.address[0], server.port, server.local_address or "no local socket", first, last,
                  state or "none", os.getpid())
-        server.serve(Dispatcher(service, token),
-                     housekeeping=[(server.reap_interval, lambda: not service.reap_step()[0]),
-                                   (server.tick, service.probe_busy_step)],
+        dispatcher = Dispatcher(service, token)
+        if view is not None:
+            dispatcher.add_families(view.metrics)
+        server.serve(dispatcher, housekeeping=[(server.reap_interval, lambda: not service.reap_step()[0]),
+                                               (server.tick, service.probe_busy_step)],
                      summary=service.summary, on_release=service.close)
         log.info("node manager stopped (%s)", server.stop_reason)
         return 0
@@ -4882,17 +5314,20 @@ def _run_command(parser, args):
 
 
 def format_table(entries, now=None, header=True, with_host=False):
-    """listPorts entries as an aligned text table: PORT PID AGE INFO (HOST first, with_host).
-    Every value is printable(): an info cannot forge rows or drive the terminal."""
+    """listPorts entries as an aligned text table: PORT PID AGE INFO; with_host, the cluster view's
+    (locate's), HOST PORT PID AGE SEEN INFO, SEEN saying how long ago etcd confirmed the view, and
+    "stale" when that is too long ago.  Every value is printable(): an info cannot forge rows or
+    drive the terminal."""
     now = utc(time.time()) if now is None else now
-    rows = [("HOST",) * with_host + ("PORT", "PID", "AGE", "INFO")] if header else []
+    rows = [("HOST",) * with_host + ("PORT", "PID", "AGE") + ("SEEN",) * with_host + ("INFO",)] if header else []
     for e in entries:
         since = e["since"]
         if not isinstance(since, datetime):
             since = datetime.strptime(str(since), "%Y%m%dT%H:%M:%S")
         info = printable(e["info"] if isinstance(e["info"], str) else repr(e["info"]))
+        seen = (_age(e.get("seen", 0)) + (" stale" if e.get("stale") else ""),) * with_host
         rows.append((printable(e.get("host")),) * with_host + (
-            str(e["port"]), str(e["pid"]), _age((now - since).total_seconds()), info))
+            str(e["port"]), str(e["pid"]), _age((now - since).total_seconds())) + seen + (info,))
     columns = len(rows[0]) - 1 if rows else 0
     widths = [max(len(r[i]) for r in rows) for i in range(columns)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(columns)) + "  " + r[-1] for r in rows)

@@ -20,6 +20,7 @@ multicalls run, and again with nothing else running (the periodic owner check). 
 only; everything started is stopped by pid and every temporary directory is removed, whatever happens.
 """
 import argparse
+import base64
 import hashlib
 import http.client
 import json
@@ -46,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The helpers the test suite uses too (ports, environment, daemons in subprocesses): one copy.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from support import (NODEMNGR, RESERVED_PORT, Daemon, ServerError, ServerProcess,  # noqa: E402
-                     clean_env, port_is_free, scan_free_range)
+                     clean_env, memory_kib, port_is_free, scan_free_range)
 from etcd_support import Etcd, etcd_binary  # noqa: E402
 
 PROXY_MODULE = os.path.join(ROOT, "nodemngr_proxy.py")
@@ -99,6 +100,7 @@ PINGER = r'''
 import json, select, socket, sys, time, xmlrpc.client
 
 url, period, limit = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+pairs = sys.argv[4:] == ["pairs"]           # a newPort/delPort pair each time, not a ping
 perf = time.perf_counter
 hard_end = perf() + limit                   # never runs past this, whatever the parent does
 socket.setdefaulttimeout(limit)            # longer than any failing batch may take
@@ -116,7 +118,10 @@ try:
         if select.select([sys.stdin], [], [], wait)[0]:
             break                           # "stop" or EOF from the benchmark
         t0 = perf()
-        proxy.ping()
+        if pairs:
+            proxy.delPort(proxy.newPort("pinger", 0))
+        else:
+            proxy.ping()
         t1 = perf()
         lat.append(t1 - t0)
         next_t = max(next_t + period, t1)   # a late ping is not followed by a burst
@@ -429,6 +434,89 @@ def run_cluster(picker, tmp, first, last, durations, results, rnd):
         etcd.stop()
 
 
+# ----------------------------------------------------------------------------- scenario 8: cluster scale
+
+SCALE_HOSTS, SCALE_ENTRIES = 50, 1000   # scenario 8: simulated hosts, and entries of each, in etcd
+
+
+def fill_cluster(etcd, hosts=SCALE_HOSTS, entries=SCALE_ENTRIES):
+    """Publish *hosts* x *entries* registrations in etcd as that many daemons would: in the exact
+    shape, each host's keys on a lease of its own."""
+    def b64(text):
+        return base64.b64encode(text.encode()).decode()
+    for h in range(hosts):
+        host = "host-%02d" % h
+        lease = etcd.call("lease/grant", {"TTL": 3600})["ID"]
+        ops = []
+        for n in range(entries):
+            port = 20000 + n
+            value = json.dumps({"host": host, "port": port, "name": "svc-%d" % n, "info": {"name": "svc-%d" % n,
+                                "replica": h}, "pid": 0, "since": "2026-01-01T00:00:00Z"}, separators=(",", ":"))
+            ops.append({"requestPut": {"key": b64("nodemngr/v1/ports/%s/%d" % (host, port)), "value": b64(value),
+                                       "lease": lease}})
+            if len(ops) == 128:     # (etcd's default --max-txn-ops)
+                etcd.call("kv/txn", {"success": ops})
+                ops = []
+        if ops:
+            etcd.call("kv/txn", {"success": ops})
+
+
+def run_cluster_scale(picker, tmp, first, last, results, label, script, etcd):
+    """Scenario 8: a daemon (ours or the baseline) joins a cluster of SCALE_HOSTS hosts of
+    SCALE_ENTRIES entries each in etcd.  While a separate client makes newPort/delPort pairs (one
+    every 10 ms), it times the daemon's first locate once its view is read, the median of 20 more,
+    and of 3 listCluster (every host's entries); then it counts etcd's revisions for 1,000 local
+    changes (500 pairs), and reads the daemon's RSS."""
+    state_dir = tempfile.mkdtemp(prefix="state-scale-%s-" % label, dir=tmp)
+    srv = Daemon(state_dir, first, last, port=picker.take(), log_level="WARNING", name="scale-" + label, cwd=ROOT,
+                 script=script, extra_args=["--cluster", etcd.url, "--advertise-host", "bench-" + label])
+    srv.start()
+    try:
+        proxy = xmlrpc.client.ServerProxy(srv.url)
+        began = time.monotonic()
+        while time.monotonic() - began < 60 and proxy.status()["cluster"] != "ok":
+            time.sleep(0.05)
+        results.add("scale_ready", label, (time.monotonic() - began) * 1e3)
+        pinger = Pinger(srv.url, tmp, 300, pairs=True)
+        try:
+            pinger.wait_ready()
+            times = []
+            for n in range(21):
+                t0 = time.perf_counter()
+                found = proxy.locate("svc-%d" % (n * 37 % SCALE_ENTRIES))
+                times.append(time.perf_counter() - t0)
+                if len(found) != SCALE_HOSTS:
+                    raise BenchError("locate found %d entries, not %d" % (len(found), SCALE_HOSTS))
+            listings = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                listed = proxy.listCluster()
+                listings.append(time.perf_counter() - t0)
+                if len(listed) < SCALE_HOSTS * SCALE_ENTRIES:
+                    raise BenchError("listCluster listed %d entries, not %d" % (len(listed), SCALE_HOSTS * SCALE_ENTRIES))
+            pairs = pinger.finish()
+        finally:
+            pinger.kill()
+        results.add("scale_locate_first", label, times[0] * 1e3)
+        results.add("scale_locate", label, statistics.median(times[1:]) * 1e3)
+        results.add("scale_list", label, statistics.median(listings) * 1e3)
+        results.add("scale_pair_worst", label, max(pairs) * 1e3)
+        results.add("scale_pair_p99", label, percentile(pairs, 0.99) * 1e3)
+        before = int(etcd.call("kv/range", {"key": "eA=="})["header"]["revision"])
+        for _ in range(500):
+            proxy.delPort(proxy.newPort("change", 0))
+        own = "nodemngr/v1/ports/bench-%s/" % label
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and etcd.get_prefix(own):     # (the last delete reached etcd)
+            time.sleep(0.05)
+        time.sleep(0.5)         # (and nothing more is on its way)
+        results.add("scale_revisions", label, int(etcd.call("kv/range", {"key": "eA=="})["header"]["revision"]) - before)
+        results.add("scale_rss", label, memory_kib(srv.proc.pid) / 1024.0)
+        srv.check_alive()
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------- scenario 6: stalls
 
 def raise_nofile(need):
@@ -538,14 +626,15 @@ def bind_foreign(ports):
 class Pinger:
     """The PINGER script as a subprocess; finish() stops it and returns its latencies (s)."""
 
-    def __init__(self, url, tmp, limit):
+    def __init__(self, url, tmp, limit, pairs=False):
         script = os.path.join(tmp, "pinger.py")
         if not os.path.exists(script):
             with open(script, "w") as f:
                 f.write(PINGER)
         self.errpath = os.path.join(tmp, "pinger.err")
         with open(self.errpath, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, script, url, repr(PING_PERIOD), repr(limit)],
+            self.proc = subprocess.Popen([sys.executable, script, url, repr(PING_PERIOD), repr(limit)]
+                                         + ["pairs"] * pairs,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          env=clean_env(), cwd=tmp, bufsize=0)
 
@@ -993,6 +1082,22 @@ def render(res, floor, args, cmdline, elapsed, load):
         row(num, "ours, newPort/delPort pair: no --cluster → --cluster, %s" % what, "µs/pair", "–", "",
             "ERROR (see below)" if p is None else "%s → %s" % (fmt_num(p), fmt_num(c)),
             "n/a" if p is None else "%.2fx" % (c / p), "", "within noise", "", "", "", per)
+    scale = (("8a", "scale_ready", "cluster scale: from start to a view read whole", "ms", ""),
+             ("8b", "scale_locate_first", "cluster scale: first locate (one name, %d hosts)" % SCALE_HOSTS, "ms",
+              "< 50 ms"),
+             ("8c", "scale_locate", "cluster scale: locate, median of 20", "ms", "< 50 ms"),
+             ("8d", "scale_list", "cluster scale: listCluster (%s entries), median of 3"
+              % fmt_num(SCALE_HOSTS * SCALE_ENTRIES), "ms", ""),
+             ("8e", "scale_pair_worst", "cluster scale: worst local newPort/delPort pair meanwhile", "ms", "<= 50 ms"),
+             ("8f", "scale_pair_p99", "cluster scale: 99th-percentile pair meanwhile", "ms", ""),
+             ("8g", "scale_revisions", "cluster scale: etcd revisions for 1,000 local changes", "revisions", ""),
+             ("8h", "scale_rss", "cluster scale: the daemon's RSS at the end", "MiB", "< 100 MiB"))
+    for num, key, what, unit, target in scale:
+        if not any(res.data.get((key, x)) for x in labels):
+            continue
+        o, b = res.median(key, "ours"), res.median(key, B)
+        row(num, what, unit, "–", cell(res, key, B), cell(res, key, "ours"), "",
+            fmt_ratio(o, b) if o is not None and b else "", target, "", "", "", "")
     if floor:
         rtt, req_len, resp_len, bind = floor
         row("5a", "floor: loopback TCP round trip, %d B request / %d B reply (echo thread)"
@@ -1240,6 +1345,19 @@ def main(argv=None):
                 run_cluster(picker, tmp, first, last, d, res, rnd)
             except ERRORS as exc:
                 res.error("cluster", "ours", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+        if have_ours and etcd_binary() and not args.no_cluster:    # scenario 8, once: ours and the baseline
+            etcd = Etcd(tempfile.mkdtemp(prefix="etcd-scale-", dir=tmp)).start()
+            try:
+                fill_cluster(etcd)
+                for label, script in daemons:
+                    try:
+                        run_cluster_scale(picker, tmp, first, last, res, label, script, etcd)
+                    except ERRORS as exc:
+                        res.error("scale", label, "%s: %s" % (type(exc).__name__, exc))
+            except ERRORS as exc:
+                res.error("scale", "ours", "filling etcd: %s: %s" % (type(exc).__name__, exc))
+            finally:
+                etcd.stop()
         rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
         floor = (rtt, req_len, resp_len, bind_close_us())
     except Watchdog as exc:
