@@ -406,11 +406,46 @@ def pid_of_local_peer(sent, peer_pid, namespace, uid=None):
         return peer_pid
     if namespace.inode is None:     # (its namespace cannot be told from a sibling's)
         return None
-    for name in os.listdir("/proc"):    # the process of that namespace whose pid there is sent
-        if name.isdigit() and (uid is None or _proc_owner(name) == uid) and (
-                _innermost_pid(int(name), namespace.depth) == sent and _namespace_inode(int(name)) == namespace.inode):
-            return int(name)
-    return None
+    return _NAMESPACE_PIDS.find(sent, namespace, uid)
+
+
+class _NamespacePids:
+    """{pid in a pid namespace: pid here}, for the namespaces that clients name pids from, made by
+    reading /proc (whose cost grows with the host's processes) at most rebuild_rate times a second
+    in all: a client that names pid after pid, or namespace after namespace, finds the map it has,
+    and a pid it does not hold is refused rather than looked for again."""
+
+    rebuild_rate, rebuild_burst, kept = 4.0, 4.0, 64
+
+    def __init__(self):
+        self._maps = collections.OrderedDict()      # (namespace inode, uid) -> {pid there: pid here}
+        self._budget, self._at = self.rebuild_burst, time.monotonic()
+
+    def find(self, sent, namespace, uid):
+        key = (namespace.inode, uid)
+        here = self._maps.get(key, {}).get(sent)
+        if here is not None and _innermost_pid(here, namespace.depth) == sent and (
+                _namespace_inode(here) == namespace.inode):
+            return here
+        now = time.monotonic()
+        self._budget = min(self.rebuild_burst, self._budget + (now - self._at) * self.rebuild_rate)
+        self._at = now
+        if self._budget < 1:
+            return None
+        self._budget -= 1
+        self._maps[key] = found = {}
+        self._maps.move_to_end(key)
+        if len(self._maps) > self.kept:
+            self._maps.popitem(last=False)
+        for name in os.listdir("/proc"):    # every process of that namespace, by its pid there
+            if name.isdigit() and (uid is None or _proc_owner(name) == uid):
+                inner = _innermost_pid(int(name), namespace.depth)
+                if inner is not None and _namespace_inode(int(name)) == namespace.inode:
+                    found[inner] = int(name)
+        return found.get(sent)
+
+
+_NAMESPACE_PIDS = _NamespacePids()
 
 
 def _proc_owner(name):
@@ -579,21 +614,29 @@ def is_this_host(address):
         return False
 
 
-_SOCK_DIAG_BY_FAMILY, _NETLINK_SOCK_DIAG, _TCP_LISTEN = 20, 4, 10
+_SOCK_DIAG_BY_FAMILY, _NETLINK_SOCK_DIAG = 20, 4
+_TCP_LISTEN = 10
 
 
 def _sock_diag(family, states, local=("", 0), remote=("", 0), dump=False):
-    """The replies of the kernel's socket table (netlink sock_diag, as ss uses it) to one query for
-    TCP sockets: [(state, local port, uid)].  [] where there is no netlink (not Linux)."""
+    """The kernel's socket table (netlink sock_diag, as ss uses it) for one query of TCP sockets:
+    [(state, local port, local address as 16 bytes, uid, inode)]; None where netlink cannot be
+    used (not Linux, or a service manager's RestrictAddressFamilies), so that the caller may read
+    /proc.  A closed socket the kernel keeps for a while (TIME_WAIT, or FIN_WAIT2 once closed) has
+    no owner left: inode 0, and uid 0, which says nothing."""
     def packed(host):
         return socket.inet_pton(family, host or ("::" if family == socket.AF_INET6 else "0.0.0.0")).ljust(16, b"\0")
     sockid = (struct.pack("!HH", local[1], remote[1]) + packed(local[0]) + packed(remote[0])
               + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF))    # (any interface; no cookie)
     request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + sockid
     flags = 1 | (0x300 if dump else 0)     # NLM_F_REQUEST, NLM_F_DUMP
+    try:
+        nl = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    except (OSError, AttributeError):
+        return None
     found = []
     try:
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        with nl:
             nl.settimeout(1.0)
             nl.sendto(struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, flags, 1, 0) + request, (0, 0))
             while True:
@@ -602,39 +645,81 @@ def _sock_diag(family, states, local=("", 0), remote=("", 0), dump=False):
                     length, kind = struct.unpack_from("=IH", data, offset)
                     if kind != _SOCK_DIAG_BY_FAMILY or length < 16 + 72:    # NLMSG_DONE, NLMSG_ERROR
                         return found
-                    state, port = data[offset + 17], struct.unpack_from("!H", data, offset + 20)[0]
-                    found.append((state, port, struct.unpack_from("=I", data, offset + 16 + 64)[0]))
+                    found.append((data[offset + 17], struct.unpack_from("!H", data, offset + 20)[0],
+                                  data[offset + 24:offset + 40]) + struct.unpack_from("=II", data, offset + 80))
                     offset += (length + 3) & ~3
                 if not dump:
                     return found
-    except (OSError, AttributeError, ValueError):   # (no AF_NETLINK, a family the kernel lacks)
+    except (OSError, ValueError):
         return found
+
+
+def _tcp_table(family):
+    """What /proc/net/tcp (or tcp6) says, in _sock_diag's shape: [(state, local port, local
+    address, uid, inode, remote port, remote address)].  Read only where netlink cannot be used:
+    its cost grows with the host's sockets."""
+    found = []
+    try:
+        with open("/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()
+        try:
+            (local, lport), (remote, rport) = (field.split(":") for field in fields[1:3])
+            found.append((int(fields[3], 16), int(lport, 16), _table_address(local), int(fields[7]), int(fields[9]),
+                          int(rport, 16), _table_address(remote)))
+        except (ValueError, IndexError):
+            continue
+    return found
+
+
+def _table_address(text):
+    """The 16 bytes (as sock_diag gives them) of an address written as /proc/net/tcp writes it:
+    32-bit words in the host's byte order."""
+    raw = bytes.fromhex(text)
+    return b"".join(struct.pack("=I", struct.unpack(">I", raw[i:i + 4])[0]) for i in range(0, len(raw), 4)).ljust(16, b"\0")
 
 
 def tcp_peer_uid(local, peer):
     """The uid that owns the TCP socket at *peer* connected to our socket at *local*, both
-    (address, port) as the server's socket sees them, from the kernel's socket table: one lookup
-    of that one connection.  None when it is not a socket of this host (a remote peer), or the
-    kernel cannot say."""
+    (address, port) as the server's socket sees them, from the kernel's socket table (netlink's
+    sock_diag: one lookup of that one connection; /proc/net/tcp where netlink is refused).  None
+    when it is not a socket of this host (a remote peer), when it has closed (no owner is left to
+    name), or when the kernel cannot say."""
     family, local_host, peer_host = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET, local[0], peer[0]
     peer_addr, local_addr = _ip_address(peer_host), _ip_address(local_host)
     if peer_addr is None or local_addr is None:
         return None
     if peer_addr.version == 4:      # (an IPv4 peer of a dual-stack socket: its socket is AF_INET)
         family, peer_host, local_host = socket.AF_INET, str(peer_addr), str(local_addr)
-    found = _sock_diag(family, 0xFFFFFFFF, (peer_host.split("%")[0], peer[1]), (local_host.split("%")[0], local[1]))
-    return found[0][2] if found else None
+    peer_host, local_host = peer_host.split("%")[0], local_host.split("%")[0]
+    found = _sock_diag(family, 0xFFFFFFFF, (peer_host, peer[1]), (local_host, local[1]))
+    if found is None:
+        want = (peer[1], socket.inet_pton(family, peer_host).ljust(16, b"\0"), local[1],
+                socket.inet_pton(family, local_host).ljust(16, b"\0"))
+        found = [row[:5] for row in _tcp_table(family) if (row[1], row[2], row[5], row[6]) == want]
+    found = [uid for _, _, _, uid, inode in found if inode]
+    return found[0] if found else None
 
 
 def tcp_listener_uid(host, port):
-    """The uid of the socket listening on TCP *port* of this host at *host* (or the wildcard
-    address), from the kernel's socket table; None when none listens or the kernel cannot say."""
+    """The uid of the socket listening on TCP *port* at address *host* (or at the wildcard
+    address) of this host, from the kernel's socket table; None when none listens there, when
+    sockets of different users do, or when the kernel cannot say."""
     addr = _ip_address(host)
-    family = socket.AF_INET6 if addr is not None and addr.version == 6 else socket.AF_INET
-    for state, local_port, uid in _sock_diag(family, 1 << _TCP_LISTEN, dump=True):
-        if local_port == port:
-            return uid
-    return None
+    if addr is None:
+        return None
+    uids = set()
+    for family in ([socket.AF_INET6] if addr.version == 6 else [socket.AF_INET, socket.AF_INET6]):
+        wanted = {bytes(16), socket.inet_pton(family, str(addr) if family == socket.AF_INET or addr.version == 6
+                                              else "::ffff:" + str(addr)).ljust(16, b"\0")}
+        found = _sock_diag(family, 1 << _TCP_LISTEN, dump=True)
+        if found is None:
+            found = [row[:5] for row in _tcp_table(family) if row[0] == _TCP_LISTEN]
+        uids.update(uid for _, local_port, address, uid, _ in found if local_port == port and address in wanted)
+    return uids.pop() if len(uids) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1962,10 +2047,10 @@ class NodeMngr:
 
     def _owner_start(self, pid, sent, caller, named):
         """The start time to record for owner *pid* (*sent*, as the caller named it);
-        BadArgumentError unless it is a live process, not a thread of one, and, when the caller
-        named it, neither init nor a kernel thread (which never end) and a process of the
-        caller's own user, unless the caller is root or holds the token (where /proc hides
-        whose it is, hidepid=, a live one is taken, as in 1.1)."""
+        BadArgumentError unless it is a live process, not a thread of one, a process of the
+        caller's own user (unless the caller is root or holds the token; where /proc hides whose
+        it is, hidepid=, a live one is taken, as in 1.1) and, when the caller named it, neither
+        init nor a kernel thread (which never end)."""
         try:
             start = process_start_time(pid)
         except OSError as exc:
@@ -1973,7 +2058,7 @@ class NodeMngr:
                                     % (sent, exc.strerror or exc))
         if start is None:
             raise BadArgumentError("pid %d is not a live process on this host" % sent)
-        key = (pid, start, caller.uid if named and not privileged(caller) else None)
+        key = (pid, start, None if privileged(caller) else caller.uid)     # (named or not: a pid reused)
         if key in self._owners_seen:        # a client calls again and again with its own pid
             return start
         if is_thread_of_another(pid):

@@ -5,14 +5,21 @@ daemon, free a port, or name a pid as a port's owner; pids named from a pid name
 Real users (nobody, 65534, by setpriv), real pid namespaces (unshare --pid --mount-proc), real
 daemons; the tests run as root in CI, and the daemon runs as root unless a test says otherwise.
 """
+import base64
+import configparser
+import ctypes
 import os
+import platform
+import signal
 import socket
+import struct
 import subprocess
+import time
 import xmlrpc.client
 
 import pytest
 
-from support import NOBODY, OTHER_PYTHON, Daemon, registered, wait_until
+from support import NOBODY, OTHER_PYTHON, ROOT, Daemon, registered, wait_until
 
 import nodemngr
 
@@ -311,3 +318,300 @@ def test_with_a_token_a_daemon_of_another_user_is_trusted_only_if_it_serves_the_
         assert "nor the user serving its TCP port" in str(exc.value)
     finally:
         d.stop()
+
+
+def rpc_request(method, *params):
+    body = nodemngr.dumps(params, methodname=method).encode()
+    return (b"POST /RPC2 HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n\r\n"
+            % len(body) + body)
+
+
+# -- a TCP client whose socket has closed is not root ---------------------------------------------
+#
+# The daemon asks the kernel's socket table (sock_diag) for the uid of the connecting socket when it
+# accepts the connection.  A client that sends its request and closes at once leaves a socket in
+# FIN_WAIT2 or TIME_WAIT, which the kernel keeps as a "timewait" mini-socket that has no owner:
+# sock_diag says uid 0 for it.  A daemon that accepts the connection only then (it was busy for a
+# moment) must not answer its request as root's.  Here that moment is made certain by stopping the
+# daemon (SIGSTOP) until the kernel shows the client's socket in that state.
+
+CONNECT_SEND_CLOSE = """
+import socket, sys, time
+host, port, request = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+s = socket.create_connection((host, port))
+s.sendall(request)
+s.shutdown(socket.SHUT_WR)
+mine = ":%04X " % s.getsockname()[1]
+deadline = time.monotonic() + 5         # until the kernel has the FIN acknowledged (FIN_WAIT2): the close
+while time.monotonic() < deadline:      # then leaves a timewait socket at once
+    if any(mine in line and line.split()[3] == "05" for table in ("/proc/net/tcp", "/proc/net/tcp6")
+           for line in open(table)):
+        break
+    time.sleep(0.005)
+print(s.getsockname()[1], flush=True)
+s.close()
+"""
+
+
+def tcp_sockets():
+    """[(local port, remote port, state, inode)] of the host's TCP sockets (state in hex, as /proc
+    writes it; inode 0: a timewait socket, which has no owner)."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                found.append((int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16), fields[3],
+                              int(fields[9])))
+    return found
+
+
+def send_and_close_while_daemon_waits(daemon, user, request):
+    """*user* connects to *daemon*, sends *request* and closes, while the daemon is stopped; the
+    daemon runs again once the kernel holds the client's socket as a timewait socket (FIN_WAIT2 or
+    TIME_WAIT, no inode).
+    Returns once the daemon is done with that connection (it has closed its end, or has exited)."""
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        out = user.run(CONNECT_SEND_CLOSE, daemon.host, daemon.port, request.hex(), env=daemon.env)
+        assert out.returncode == 0, out.stderr
+        client = int(out.stdout)
+        assert wait_until(lambda: [e for e in tcp_sockets() if e[0] == client and e[2] in ("05", "06") and e[3] == 0],
+                          timeout=5), [e for e in tcp_sockets() if e[0] == client]
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    assert wait_until(lambda: daemon.proc.poll() is not None or not [
+        e for e in tcp_sockets() if e[:2] == (daemon.port, client) and e[2] != "07"], timeout=10)
+
+
+def test_a_tcp_client_that_closed_its_socket_may_not_stop_the_daemon(daemon, nobody):
+    """nobody sends terminate and closes; accepted late, the connection's socket is a timewait one
+    (uid 0 says nothing of its owner): the daemon serves on."""
+    send_and_close_while_daemon_waits(daemon, nobody, rpc_request("terminate"))
+    assert nodemngr.who_answers(daemon.host, daemon.port) == "nodemngr", (
+        "user nobody stopped root's daemon:\n" + daemon.log_tail())
+
+
+def test_a_tcp_client_that_closed_its_socket_may_not_free_anothers_port(daemon, nobody):
+    """...nor frees root's port for it."""
+    port = daemon.rpc().newPort("root's", 0)
+    send_and_close_while_daemon_waits(daemon, nobody, rpc_request("delPort", port))
+    assert port in registered(daemon), "user nobody freed root's port %d" % port
+
+
+def test_a_tcp_client_that_closed_its_socket_may_not_name_anothers_process(daemon, nobody, sleeper):
+    """...nor pins a port to root's process for it."""
+    send_and_close_while_daemon_waits(daemon, nobody, rpc_request("newPort", "pinned", sleeper.pid))
+    pinned = [e for e in registered(daemon).values() if e["pid"] == sleeper.pid]
+    assert not pinned, "user nobody registered a port to root's process: %s" % pinned
+
+
+# -- the token is never sent to a squatter of the local socket -----------------------------------
+#
+# newSocket trusts a local socket served by another user when it holds the token and that user is
+# also the one serving the node manager's TCP port: the listener at that address (or the wildcard),
+# not one on 127.0.0.2:PORT, which does not conflict with the daemon's 127.0.0.1:PORT.
+
+SQUATTER = """
+import socket, subprocess, sys
+port = int(sys.argv[1])
+local = socket.socket(socket.AF_UNIX)
+local.bind("\\0nodemngr-%d" % port)
+local.listen(8)
+print("squatting", flush=True)
+sys.stdin.readline()                    # the daemon serves 127.0.0.1:PORT now
+held = []
+for last in range(2, 200):              # until the kernel's dump of the port's listeners has ours first
+    s = socket.socket()
+    s.bind(("127.0.0.%d" % last, port))
+    s.listen(8)
+    held.append(s)
+    first = subprocess.run(["ss", "-4Htlne", "sport = :%d" % port], capture_output=True, text=True).stdout
+    if first.splitlines() and "uid:%d " % __import__("os").getuid() in first.splitlines()[0] + " ":
+        print("first", flush=True)
+        break
+else:
+    print("never first", flush=True)
+    sys.exit(0)
+local.settimeout(20)
+conn, _ = local.accept()
+conn.settimeout(5)
+got = b""
+try:
+    while b"\\r\\n\\r\\n" not in got:
+        data = conn.recv(65536)
+        if not data:
+            break
+        got += data
+except OSError:
+    pass
+print(got.hex(), flush=True)
+"""
+
+
+def test_a_squatter_of_the_local_socket_on_another_loopback_address_gets_no_token(daemon_factory, nobody, tmp_path):
+    """nobody binds @nodemngr-PORT before root's daemon starts (which then serves TCP only, as the
+    README says) and listens on 127.0.0.x:PORT too, listed first by the kernel: root's newSocket
+    with the token refuses it, and the token never reaches it."""
+    if subprocess.run(["ss", "-V"], capture_output=True).returncode != 0:
+        pytest.skip("needs iproute2's ss to see the order of the kernel's listener dump")
+    token = tmp_path / "token"
+    token.write_text("s3cret-of-root")
+    token.chmod(0o600)
+    d = daemon_factory(start=False, size=10, state="none", extra_args=["--token-file", str(token)])
+    squatter = nobody.popen(SQUATTER, d.port, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline().strip() == "squatting"
+        d.start()
+        squatter.stdin.write("go\n")
+        squatter.stdin.flush()
+        if squatter.stdout.readline().strip() != "first":
+            pytest.skip("the kernel's dump never listed a squatter's listener before the daemon's")
+        with pytest.raises(nodemngr.NodeMngrException):
+            nodemngr.NodeMngrProxy(port=d.port, autostart=False, token_file=str(token)).newSocket("mine")
+        squatter.stdin.close()
+        got = bytes.fromhex(squatter.stdout.readline().strip())
+    finally:
+        squatter.kill()
+        squatter.wait()
+    assert base64.b64encode(b"nodemngr:s3cret-of-root") not in got, "the token went to user nobody's squatter"
+
+
+# -- pids named from a container cost the others nothing ------------------------------------------
+#
+# A pid that a client in a pid namespace names and that is not its own is looked for in /proc,
+# whose cost grows with the host's processes: a few times a second at most, whatever the clients
+# ask (a system.multicall of 230 such calls, from a user with a few hundred processes).
+
+SCAN_FLOOD = """
+import os, signal, socket, sys, time, xmlrpc.client
+port, processes, calls = map(int, sys.argv[1:4])
+kids = []
+for _ in range(processes):
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+        os._exit(0)
+    kids.append(pid)
+body = xmlrpc.client.dumps(([{"methodName": "newPort", "params": ["", 77777]}] * calls,), "system.multicall").encode()
+print("ready", flush=True)
+sys.stdin.readline()
+s = socket.socket(socket.AF_UNIX)
+s.connect("\\0nodemngr-%d" % port)
+started = time.monotonic()
+s.sendall(b"POST /RPC2 HTTP/1.1\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
+got = b""
+while b"</methodResponse>" not in got:
+    data = s.recv(1 << 20)
+    if not data:
+        break
+    got += data
+print("answered in %.2f s" % (time.monotonic() - started), flush=True)
+for pid in kids:
+    os.kill(pid, signal.SIGKILL)
+"""
+
+
+def test_pids_named_from_a_container_do_not_hold_up_other_clients(daemon, nobody):
+    """One 61 KB request from a container (nobody, 300 idle processes of its own): a ping every
+    10 ms from another client meanwhile waits well under half a second."""
+    flood = nobody.popen(SCAN_FLOOD, daemon.port, 300, 230, namespace=True, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        assert flood.stdout.readline().strip() == "ready"
+        rpc = daemon.rpc()
+        rpc.ping()
+        flood.stdin.write("go\n")
+        flood.stdin.flush()
+        worst, deadline = 0.0, time.monotonic() + 60
+        while flood.poll() is None and time.monotonic() < deadline:
+            started = time.monotonic()
+            rpc.ping()
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.01)
+        said = flood.stdout.read()
+    finally:
+        flood.kill()
+        flood.wait()
+    assert "answered" in said, said
+    assert worst < 0.5, "a ping waited %.2f s while a container named pids (%s)" % (worst, said.strip())
+
+
+# -- under the service unit's address families, and where netlink is refused ----------------------
+#
+# The shipped contrib/systemd/nodemngr.service restricts the families of socket() (systemd's
+# RestrictAddressFamilies=); it must allow AF_NETLINK, which the kernel's socket table is asked
+# through, and where netlink is refused all the same the daemon reads /proc/net/tcp instead, so
+# that it still knows each TCP caller's user.  The daemon runs here under such a restriction, made
+# by the kernel as systemd makes it (a seccomp filter on socket()'s family).
+
+AF_NUMBERS = {"AF_UNIX": 1, "AF_LOCAL": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16, "AF_PACKET": 17}
+
+
+def unit_address_families():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read(os.path.join(ROOT, "contrib", "systemd", "nodemngr.service"))
+    return unit["Service"]["RestrictAddressFamilies"].split()
+
+
+def restrict_address_families(families):
+    """A preexec_fn: from then on socket() of any family not in *families* fails with
+    EAFNOSUPPORT, as systemd's RestrictAddressFamilies= makes it (x86_64)."""
+    allowed = [AF_NUMBERS[name] for name in families]
+
+    def apply():
+        def ins(code, jt, jf, k):
+            return struct.pack("HBBI", code, jt, jf, k)
+        ld, jeq, ret = 0x20, 0x15, 0x06
+        allow = 6 + len(allowed)                # index of the final "allow"
+        prog = [ins(ld, 0, 0, 4), ins(jeq, 0, allow - 2, 0xC000003E),     # arch x86_64, else allow
+                ins(ld, 0, 0, 0), ins(jeq, 0, allow - 4, 41),              # socket(), else allow
+                ins(ld, 0, 0, 16)]                                         # its family
+        for i, family in enumerate(allowed):
+            prog.append(ins(jeq, allow - (5 + i) - 1, 0, family))
+        prog += [ins(ret, 0, 0, 0x00050000 | 97), ins(ret, 0, 0, 0x7FFF0000)]    # ERRNO(EAFNOSUPPORT), ALLOW
+        code = ctypes.create_string_buffer(b"".join(prog))
+        fprog = struct.pack("HxxxxxxQ", len(prog), ctypes.addressof(code))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0):    # NO_NEW_PRIVS, SECCOMP
+            os.write(2, b"seccomp failed\n")
+            os._exit(120)
+    return apply
+
+
+@pytest.fixture(params=["the unit's", "no netlink"])
+def unit_daemon(daemon_factory, request):
+    """A daemon (root) whose socket() families are those the shipped service unit allows, or those
+    less AF_NETLINK."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the seccomp filter here is written for x86_64")
+    families = unit_address_families()
+    assert "AF_INET" in families and "AF_UNIX" in families and "AF_NETLINK" in families, families
+    if request.param == "no netlink":
+        families = [f for f in families if f != "AF_NETLINK"]
+    return daemon_factory(size=10, state="none", preexec_fn=restrict_address_families(families))
+
+
+def test_under_the_service_units_address_families_the_own_user_sees_no_change(unit_daemon, env):
+    """Root's NodeMngrProxy.newPort (it names its own pid) is registered as root's, and root's
+    nodemngr stop stops it: callers of one user see no change."""
+    d = unit_daemon
+    port = d.proxy().newPort("a client's port")
+    assert registered(d)[port]["uid"] == 0
+    env.setenv("NODEMNGR_PORT", str(d.port))
+    assert nodemngr.main(["stop"]) == 0
+    assert d.proc.wait(10) == 0
+
+
+def test_under_the_service_units_address_families_another_user_may_not_free_your_port(unit_daemon, nobody):
+    """A port root registered over TCP is root's, which nobody may free."""
+    d = unit_daemon
+    port = d.rpc().newPort("root's", 0)
+    out = nobody.run("import sys, xmlrpc.client\n"
+                     "try:\n"
+                     "    print(xmlrpc.client.ServerProxy(sys.argv[1]).delPort(int(sys.argv[2])))\n"
+                     "except xmlrpc.client.Fault as f:\n"
+                     "    print('fault', f.faultCode)\n", d.url, port)
+    assert out.stdout.strip() == "fault 4", (out.stdout, out.stderr)
+    assert port in registered(d)
