@@ -3966,6 +3966,7 @@ class ClusterView:
         self._published = {}        # key -> value this host wrote and etcd holds, as far as it knows
         self._wrote = {}            # key -> (base64 value or None: deleted, lease): this host's last write
         self._dirty = set()         # ports changed since the last flush
+        self._forced = set()        # of them, those to put whatever this host thinks etcd holds
         self._rewrite = "start"     # why the whole prefix must be made to match, or None
         self._reload = False        # the watcher must read the whole prefix again
         self._wake = threading.Condition()      # (guards the publisher's part: the above)
@@ -3975,6 +3976,7 @@ class ClusterView:
         self._named = {}            # name -> {(host, port): struct piece}: locate's
         self._keys = {}             # every key under the prefix -> (host, port, name) or why skipped
         self._revision = None       # the revision the mirror reflects (None: never read)
+        self._live = False          # the watch runs (etcd answered it), and nothing broke it since
         self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
         self.skipped = collections.Counter()    # keys skipped now, by reason
         self._threads = [threading.Thread(target=target, name="nodemngr-cluster-" + name, daemon=True)
@@ -4082,17 +4084,17 @@ class ClusterView:
     # -- the keeper: the lease, and the mirror's confirmation -----------------------------------
 
     def _keep(self):
-        share = max(0.2, self.ttl / 3.0 / (len(self.client.endpoints) + 1))   # each endpoint's time
+        share = max(0.2, self.ttl / 3.0 / len(self.client.endpoints))     # each endpoint's time
         renew_at = 0.0
         while not self._stop.is_set():
-            if time.monotonic() >= renew_at:
-                renew_at = time.monotonic() + self.ttl / 3.0
-                self._renew(share)
+            if time.monotonic() >= renew_at:    # (every third of the TTL; a sixth after a failure)
+                renew_at = time.monotonic() + self.ttl / (3.0 if self._renew(share) else 6.0)
             self._confirm()
             self._stop.wait(max(0.0, min(renew_at - time.monotonic(), self.ttl / 6.0)))
 
     def _renew(self, share):
-        """Renew the lease (grant a new one when etcd has lost it: its keys are then written back)."""
+        """Renew the lease (grant a new one when etcd has lost it: its keys are then written back);
+        whether etcd answered."""
         try:
             if self._lease is not None and self.client.keepalive(self._lease, share) <= 0:
                 self._lease, self._lost_at = None, time.time()
@@ -4104,13 +4106,16 @@ class ClusterView:
                     self._rewrite = self._rewrite or "a new lease"
                     self._wake.notify()
             self._solved("keeper")
+            return True
         except ClusterError as exc:
             self._problem("keeper", str(exc))
+            return False
 
     def _confirm(self):
-        """Ask etcd whether the mirror is current: it holds as many keys as etcd has under the
-        prefix (asked again a few times while changes on their way make them differ).  The watch
-        itself says when it breaks; this finds an etcd that hangs, and a mirror that drifted."""
+        """Ask etcd whether the mirror is current: the watch runs, and the mirror holds as many keys
+        as etcd has under the prefix (asked again a few times while changes on their way make them
+        differ).  The watch itself says when it breaks; this finds an etcd that hangs, and a
+        mirror that drifted."""
         if self._revision is None:
             return
         for _ in range(3):
@@ -4119,7 +4124,7 @@ class ClusterView:
             except ClusterError:
                 return
             with self._mirror:
-                if total == len(self._keys) and not self._reload:
+                if total == len(self._keys) and self._live and not self._reload:
                     self._confirmed = time.monotonic()
                     return
             if self._stop.wait(0.05):
@@ -4181,6 +4186,7 @@ class ClusterView:
         lease = self._lease
         with self._wake:
             self._dirty.clear()
+            self._forced.clear()
             self._rewrite = None
         actual = {key: (value, kv_lease) for page, _ in self.client.range(self.prefix)
                   for key, value, kv_lease, _ in page}
@@ -4205,18 +4211,20 @@ class ClusterView:
     def _flush(self):
         with self._wake:
             ports, self._dirty = self._dirty, set()
+            forced, self._forced = {"%s%d" % (self.prefix, p) for p in self._forced}, set()
         if not ports:
             return
         desired = self._desired(ports)
         keys = {"%s%d" % (self.prefix, p) for p in ports}
         with self._wake:
-            puts = {k: v for k, v in desired.items() if self._published.get(k) != v}
+            puts = {k: v for k, v in desired.items() if k in forced or self._published.get(k) != v}
         deletes = [k for k in keys if k not in desired]
         try:
             self._write(puts, deletes, self._lease)
         except ClusterError:
             with self._wake:
                 self._dirty.update(ports)
+                self._forced.update(int(k[len(self.prefix):]) for k in forced)
             raise
         with self._wake:
             for k in deletes:
@@ -4252,9 +4260,11 @@ class ClusterView:
                 for events in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
                     if events:
                         self._apply(events)
+                    self._live = True
                     self._solved("watcher")
                     delay = self.retry
             except ClusterError as exc:
+                self._live = False
                 if self._stop.is_set():
                     return
                 if str(exc) == "compacted":
@@ -4341,10 +4351,9 @@ class ClusterView:
                 with self._wake:
                     self._rewrite = self._rewrite or "a key that is not a port's"
         log.info("repairing %d keys of this host that another writer changed in etcd", len(keys))
-        with self._wake:
+        with self._wake:       # (what etcd holds is not what this host wrote: put it, whatever it thinks)
             self._dirty.update(ports)
-            for port in ports:      # (what etcd holds is not what this host wrote)
-                self._published.pop("%s%d" % (self.prefix, port), None)
+            self._forced.update(ports)
             self._wake.notify()
 
     # -- what is wrong ---------------------------------------------------------------------------

@@ -126,7 +126,7 @@ def test_an_etcd_outage_costs_nothing_locally_and_the_view_comes_back(daemon_fac
     for d, host in ((a, "host-a"), (b, "host-b")):
         assert wait_until(lambda: matches(etcd, d, host), timeout=8), (published(etcd, host), registry(d, host))
     assert wait_until(lambda: rpc.status()["cluster"] == "ok", timeout=8), rpc.status()["cluster"]
-    assert [e["stale"] for e in rpc.locate("during 1")] == [False], "current again"
+    assert wait_until(lambda: [e["stale"] for e in rpc.locate("during 1")] == [False], timeout=5), "current again"
     assert "etcd answers again" in a.read_log()
     assert sorted(p for _, p in published(etcd, "host-a")) == sorted(before[1:3] + during[1:])
 
@@ -303,7 +303,8 @@ def test_a_key_deleted_in_etcd_is_put_back(daemon_factory, etcd):
     assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5)
     import base64 as b64
     assert etcd.call("kv/deleterange", {"key": b64.b64encode(key.encode()).decode()}).get("deleted") == "1"
-    assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5), "a key deleted by hand stays deleted"
+    assert wait_until(lambda: key in etcd.get_prefix("nodemngr/"), timeout=5), (
+        "a key deleted by hand stays deleted", d.rpc().status(), d.log_tail())
 
 
 def test_an_endpoint_that_is_not_etcd_is_one_sentence_in_status(daemon_factory):

@@ -97,7 +97,7 @@ def test_no_section_uses_a_name_defined_by_a_section_below_it():
 def test_the_feature_index_names_what_exists():
     named = 0
     for line in docstring_block("Where each feature lives"):
-        names = line.strip() if line.startswith(" " * 12) else re.split(r"\s{2,}", line.strip(), 1)[-1]
+        names = line.strip() if line.startswith(" " * 12) else re.split(r"\s{2,}", line.strip(), maxsplit=1)[-1]
         for name in filter(None, re.split(r",\s*", names)):
             obj = nodemngr
             for part in name.strip().split("."):
