@@ -59,12 +59,13 @@ def test_two_hosts_publish_and_each_locates_both(daemon_factory, etcd, run_cli):
     pb = b.rpc().newPort({"name": "db", "shard": 2}, os.getpid())
     b.rpc().newPort("web")
     assert wait_until(lambda: len(published(etcd)) == 3, timeout=5), published(etcd)
-    for d in (a, b):
+    for d in (a, b):    # (each daemon's mirror follows etcd within milliseconds: a watch)
+        assert wait_until(lambda: len(d.rpc().locate("db")) == 2, timeout=5)
         found = d.rpc().locate("db")
         assert [(e["host"], e["port"]) for e in found] == [("host-a", pa), ("host-b", pb)]
         assert found[1]["pid"] == os.getpid() and found[1]["info"] == {"name": "db", "shard": 2}
         assert d.rpc().locate("nobody") == []
-        assert d.rpc().status()["cluster"] == "ok"
+        assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=5), d.rpc().status()
     # keys and values exactly as the contract says
     value = etcd.get_prefix("nodemngr/v1/ports/host-a/%d" % pa)["nodemngr/v1/ports/host-a/%d" % pa]
     since = value.pop("since")
@@ -171,7 +172,7 @@ def test_an_etcd_user_from_a_file_is_what_publishes(daemon_factory, etcd, tmp_pa
     assert wait_until(lambda: a.rpc().status()["cluster"] == "ok", timeout=5), a.rpc().status()["cluster"]
     assert wait_until(lambda: "authentication failed" in b.rpc().status()["cluster"], timeout=5), \
         b.rpc().status()["cluster"]
-    assert [(e["host"], e["port"]) for e in a.rpc().locate("db")] == [("host-a", port)]
+    assert wait_until(lambda: [(e["host"], e["port"]) for e in a.rpc().locate("db")] == [("host-a", port)], timeout=5)
     assert not [line for line in command_lines() if "rootpw" in line], "never on a command line"
 
 
@@ -267,7 +268,9 @@ def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory
     reasons = {"value": 6, "lease": 1, "disagrees": 1, "key": 2, "size": 1}
     for d in (a, b):
         assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 11, timeout=5), d.rpc().status()
-        assert [(e["host"], e["port"]) for e in d.rpc().locate("db")] == [("host-a", port), ("hz", 7)]
+        def located(d=d):
+            return [(e["host"], e["port"]) for e in d.rpc().locate("db")]
+        assert wait_until(lambda: located() == [("host-a", port), ("hz", 7)], timeout=5), located()
         assert len(d.rpc().listCluster()) == 2
         assert counters(d, "nodemngr_cluster_skipped") == reasons
     put(etcd, "nodemngr/v1/ports/hz/8", dict(good, port=8), lease)     # mended: counted no more
@@ -279,8 +282,8 @@ def put(etcd, key, value, lease=None):
     import base64 as b64
     import json
     text = value if isinstance(value, str) else json.dumps(value)
-    etcd.call("kv/put", dict({"key": b64.b64encode(key.encode()).decode(), "value": b64.b64encode(text.encode()).decode()},
-                             **({"lease": lease} if lease else {})))
+    body = {"key": b64.b64encode(key.encode()).decode(), "value": b64.b64encode(text.encode()).decode()}
+    etcd.call("kv/put", dict(body, **({"lease": lease} if lease else {})))
 
 
 def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path):
