@@ -1402,6 +1402,13 @@ class PortAllocator:
             self._forget(remember)
             self.remembered[remember], self._remembered_by[reg.port] = reg.port, remember
 
+    def restore(self, registrations, remembered):
+        """Start again from a saved state: the changes since it could not be saved.  The count of
+        changes goes on (a listing made before is not current)."""
+        changes = self.changes
+        self.__init__(self.first, self.last, registrations, remembered, self._clock, self.busy_retry)
+        self.changes = changes + 1
+
     def remember_held(self):
         """Let each explicit name of a held port that remembers none remember its lowest such
         port (a state file from 1.0, which had no memory); return the (name, port) pairs added."""
@@ -1529,7 +1536,8 @@ _REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
 class StateStore:
     """The held ports, saved in a sqlite3 file so that they survive a crash of the daemon.
 
-    Every change is its own transaction, committed before the caller is answered.  A commit has
+    Every change is its own transaction, committed before the caller is answered, or one of a
+    group (begin(), then commit(): the calls of a system.multicall).  A commit has
     reached the operating system when it returns, which is all that a ``kill -9`` of the daemon
     can lose.  WAL, not fsynced (synchronous=OFF): README, "Owners and crashes", says why and what
     that risks.  Exclusive locking: a second process cannot use the file
@@ -1543,6 +1551,7 @@ class StateStore:
     def __init__(self, path):
         self.path = path
         self._db = None
+        self._held = None       # between begin() and commit(): the statements of the group
         if path is not None:
             self._db = self._open_or_move_aside(path)
 
@@ -1573,13 +1582,26 @@ class StateStore:
     def remove(self, ports):
         self._write([("DELETE FROM ports WHERE port = ?", (p,)) for p in ports])
 
+    def begin(self):
+        """Hold the changes from now on until commit() saves them together."""
+        self._held = []
+
+    def commit(self):
+        """Save the changes held since begin() in one transaction: all of them, or none and
+        StoreError."""
+        held, self._held = self._held, None
+        self._write(held)
+
     def close(self):
         if self._db is not None:
             self._db.close()
             self._db = None
 
     def _write(self, statements):
-        """Run [(sql, args)] as one transaction: all or nothing."""
+        """Run [(sql, args)] as one transaction: all or nothing (held for commit() in a group)."""
+        if self._held is not None:
+            self._held.extend(statements)
+            return
         if self._db is None or not statements:
             return
         try:
@@ -1819,6 +1841,7 @@ class NodeMngr:
         self._next_sweep = 0.0  # _take_after_reaping sweeps again from then
         self.address, self.reap_interval = address, reap_interval
         self.on_terminate = self.on_change = self.cluster = None
+        self._group = None      # between begin_group() and end_group(): the changes made
         self.reap_step(budget=None)     # owners that ended while no daemon ran
 
     # -- wire methods ------------------------------------------------------------------------
@@ -1962,6 +1985,24 @@ class NodeMngr:
 
     # -- what the dispatcher and the server ask ------------------------------------------------
 
+    def begin_group(self):
+        """Save the changes of the calls made from now on together, at end_group(): one
+        transaction for the calls of a system.multicall, each acknowledged only after it."""
+        self.store.begin()
+        self._group = []
+
+    def end_group(self):
+        """Save the changes made since begin_group() in one transaction, then tell on_change.  If
+        that fails, every one of them is undone (the registry is read back from the state file,
+        which the failed transaction left as it was) and StoreError says so."""
+        changes, self._group = self._group, None
+        try:
+            self.store.commit()
+        except StoreError as exc:
+            self._read_back()
+            raise StoreError("%s; none of the %d changes of these calls was made" % (exc, len(changes)))
+        self._changed(changes)
+
     @property
     def changes(self):
         """A count of the changes to the registry: a listing made at the same count is current."""
@@ -2022,8 +2063,18 @@ class NodeMngr:
         return self.cluster
 
     def _changed(self, changes):
-        if self.on_change is not None:
+        if self._group is not None:     # (told once the group is saved)
+            self._group.extend(changes)
+        elif self.on_change is not None and changes:
             self.on_change(changes)
+
+    def _read_back(self):
+        """The registry as the state file has it: after a group of changes could not be saved."""
+        try:
+            self.allocator.restore(*self.store.load())
+        except sqlite3.Error as exc:
+            log.error("could not read the state back after a failed save (%s); the registry in memory "
+                      "keeps the changes that were not saved until a restart", exc)
 
     def _checked(self, info, pid, caller=IN_PROCESS, named=True):
         """(info, blob, pid, start, uid) for _hold_port, from a caller's info and pid.  named: the
@@ -2383,9 +2434,18 @@ class Dispatcher:
         """Run several calls in one request.  calls: an array of structs {methodName, params};
         returns an array whose items are [result] or a fault struct {faultCode, faultString}.
         listPorts may appear once; lookups may list as many entries together as are registered.
+        The changes of all the calls are saved in one transaction before the reply: if that fails,
+        none of them is made and the whole request gets fault -32603.
         """
         if not isinstance(calls, list):
             raise BadArgumentError("system.multicall takes an array of {methodName, params} structs")
+        self.service.begin_group()
+        try:
+            return self._multicall(caller, calls)
+        finally:
+            self.service.end_group()
+
+    def _multicall(self, caller, calls):
         results = []
         listings = looked = 0
         for call in calls:

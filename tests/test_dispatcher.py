@@ -248,3 +248,25 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     assert requests["portserver"] == 2 and requests["newSocket"] == 2
     assert faults.get("3", 0) - before.get("3", 0) == 2, "the refused portserver request, the second handover"
     assert wait_until(lambda: len(daemon.rpc().listPorts()) == 2), "the port of the failed handover was given back"
+
+
+def test_the_changes_of_a_multicall_are_told_once_after_they_are_saved(dispatcher, tcp, tmp_path):
+    service = NodeMngr(dispatcher.service.allocator.first, dispatcher.service.allocator.last,
+                       store=nodemngr.StateStore(str(tmp_path / "state.sqlite3")))
+    told = []
+    service.on_change = lambda changes: told.append((list(changes), service.store._held))
+    grouped = Dispatcher(service)
+    try:
+        kept = answer(grouped.dispatch(tcp, body("newPort", "kept")))
+        del told[:]
+        calls = [{"methodName": "newPort", "params": ["a"]}, {"methodName": "newPort", "params": ["b"]},
+                 {"methodName": "delPort", "params": [kept]}, {"methodName": "delPort", "params": [1]}]
+        results = answer(grouped.dispatch(tcp, body("system.multicall", calls)))
+        assert [r if isinstance(r, dict) else r[0] for r in results][:3] == [kept + 1, kept + 2, 0]
+        assert results[3]["faultCode"] == 1, "a call that fails is a fault of its own, the others are made"
+        assert len(told) == 1, "the cluster view hears of a multicall once"
+        changes, held = told[0]
+        assert held is None, "told after the transaction, not during it"
+        assert [(port, reg is not None) for port, reg in changes] == [(kept + 1, True), (kept + 2, True), (kept, False)]
+    finally:
+        service.close()

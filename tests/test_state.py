@@ -212,3 +212,31 @@ def test_full_disk_mid_run(daemon_factory, tmp_path):
         d.stop()
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+# --- a system.multicall is saved in one transaction ----------------------------------------------
+
+def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
+    import resource
+    folder = tmp_path / "state"
+    folder.mkdir()
+    d = daemon_factory(size=400, state=folder / "state.sqlite3")
+    rpc = d.rpc()
+    kept = [rpc.newPort("before %d" % i) for i in range(3)]
+    # A disk nearly full: no file of the state may grow by more than 24 KiB from now on.
+    limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + 24 * 1024
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    calls = [{"methodName": "newPort", "params": ["x" * 300]} for _ in range(100)]  # 30 KB of rows
+    calls.append({"methodName": "delPort", "params": [kept[0]]})
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        rpc.system.multicall(calls)
+    assert info.value.faultCode == -32603
+    assert "could not save the state" in info.value.faultString
+    assert "none of the 101 changes of these calls was made" in info.value.faultString
+    assert sorted(registered(d)) == kept, "not one call of the group took effect, the delPort neither"
+    small = rpc.system.multicall([{"methodName": "newPort", "params": ["after %d" % i]} for i in range(5)])
+    assert [r[0] for r in small] == [kept[-1] + 1 + i for i in range(5)], "the failed group's ports are free again"
+    assert rpc.newPort("alone") == kept[-1] + 6
+    d.kill()    # acknowledged only once saved: a kill -9 right after the reply loses nothing
+    d.start()
+    assert sorted(registered(d)) == kept + [kept[-1] + 1 + i for i in range(6)]
