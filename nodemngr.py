@@ -909,15 +909,25 @@ _SIMPLE_CALL = re.compile(
     rb"</methodName>%(ws)s(?:<params>%(ws)s((?:<param>%(ws)s%(value)s%(ws)s</param>%(ws)s)*)</params>%(ws)s)?"
     rb"</methodCall>%(ws)s\Z" % {b"ws": _XML_WS, b"value": _SIMPLE_VALUE.replace(b"\\1", b"\\3")})
 _SIMPLE_PARAM = re.compile(_SIMPLE_VALUE)
+# A system.multicall of such calls, as xmlrpc.client writes it (each call a struct of methodName,
+# then params), is read the same way: expat costs about 15 us per call of a multicall, this 2.
+_ITEM_VALUE = rb"<value>(?:<(?P<tag>int|i4)>-?[0-9]{1,10}</(?P=tag)>|<string>[^<>&\r\x00-\x08\x0b\x0c\x0e-\x1f]*</string>)</value>"
+_SIMPLE_ITEM = (rb"<value><struct>%(ws)s<member>%(ws)s<name>methodName</name>%(ws)s<value><string>([A-Za-z0-9_.:]{1,100})"
+                rb"</string></value>%(ws)s</member>%(ws)s<member>%(ws)s<name>params</name>%(ws)s<value><array><data>%(ws)s"
+                rb"((?:%(value)s%(ws)s)*)</data></array></value>%(ws)s</member>%(ws)s</struct></value>"
+                % {b"ws": _XML_WS, b"value": _ITEM_VALUE})
+_SIMPLE_MULTICALL = re.compile(
+    rb"(?:<\?xml version=(?:'1\.0'|\"1\.0\")\?>)?%(ws)s<methodCall>%(ws)s<methodName>system\.multicall</methodName>%(ws)s"
+    rb"<params>%(ws)s<param>%(ws)s<value><array><data>%(ws)s((?:%(item)s%(ws)s)*)</data></array></value>%(ws)s</param>%(ws)s"
+    rb"</params>%(ws)s</methodCall>%(ws)s\Z" % {b"ws": _XML_WS, b"item": _SIMPLE_ITEM})
+_SIMPLE_ITEMS = re.compile(_SIMPLE_ITEM)
 
 
-def _parse_simple_call(data):
-    """(params, method) of a body of the shape above, or None for expat to read it."""
-    match = _SIMPLE_CALL.match(data)
-    if match is None:
-        return None
+def _simple_params(text):
+    """The params (a list) of the <value>s in *text*, of the shape above; None if a string is
+    not UTF-8 or holds a non-character, for expat to refuse."""
     params = []
-    for tag, number, text in _SIMPLE_PARAM.findall(match.group(2) or b""):
+    for tag, number, text in _SIMPLE_PARAM.findall(text):
         if tag:
             params.append(int(number))
         else:
@@ -928,12 +938,37 @@ def _parse_simple_call(data):
             if "\ufffe" in text or "\uffff" in text:     # not XML characters: expat's error
                 return None
             params.append(text)
-    return tuple(params), match.group(1).decode("ascii")
+    return params
+
+
+def _parse_simple_call(data):
+    """(params, method) of a body of the shape above, or None for expat to read it."""
+    match = _SIMPLE_CALL.match(data)
+    if match is None:
+        return None
+    params = _simple_params(match.group(2) or b"")
+    return None if params is None else (tuple(params), match.group(1).decode("ascii"))
+
+
+def _parse_simple_multicall(data):
+    """(params, "system.multicall") of a multicall of the shape above, or None for expat."""
+    match = _SIMPLE_MULTICALL.match(data)
+    if match is None:
+        return None
+    calls = []
+    for item in _SIMPLE_ITEMS.finditer(match.group(1)):
+        params = _simple_params(item.group(2))
+        if params is None:
+            return None
+        calls.append({"methodName": item.group(1).decode("ascii"), "params": params})
+    return (calls,), "system.multicall"
 
 
 def parse_call(data):
     """(params, method) of an XML-RPC request body; Fault -32700 or -32600 when it is not one."""
     simple = _parse_simple_call(data)
+    if simple is None and b"<methodName>system.multicall<" in data[:200]:
+        simple = _parse_simple_multicall(data)
     if simple is not None:
         return simple
     return _parse_call_expat(data)

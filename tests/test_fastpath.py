@@ -75,6 +75,60 @@ def test_common_calls_take_the_fast_path(params, name):
     assert nodemngr._parse_simple_call(body) == (tuple(params), name)
 
 
+CALLS = st.lists(st.tuples(NAMES, PARAMS32), max_size=6)
+
+
+def render_multicall(calls, ws, int_tag):
+    """A system.multicall as a client might write it: whitespace and int tag vary."""
+    def value(p):
+        if isinstance(p, int):
+            return b"<value><%s>%d</%s></value>" % (int_tag, p, int_tag)
+        return b"<value><string>" + xmlrpc.client.escape(p).encode("utf-8", "surrogatepass") + b"</string></value>"
+    items = [b"<value><struct>%(w)s<member>%(w)s<name>methodName</name>%(w)s<value><string>%(n)s</string></value>%(w)s"
+             b"</member>%(w)s<member>%(w)s<name>params</name>%(w)s<value><array><data>%(w)s%(p)s</data></array></value>"
+             b"%(w)s</member>%(w)s</struct></value>" % {b"w": ws, b"n": name.encode(),
+                                                        b"p": b"".join(value(p) + ws for p in params)}
+             for name, params in calls]
+    return (b"<?xml version='1.0'?>%(w)s<methodCall>%(w)s<methodName>system.multicall</methodName>%(w)s<params>%(w)s"
+            b"<param>%(w)s<value><array><data>%(w)s%(i)s</data></array></value>%(w)s</param>%(w)s</params>%(w)s"
+            b"</methodCall>%(w)s" % {b"w": ws, b"i": b"".join(item + ws for item in items)})
+
+
+@SETTINGS
+@given(CALLS, st.sampled_from([b"", b"\n", b" \t", b"\r\n", b"\x0b"]), st.sampled_from([b"int", b"i4", b"i8"]))
+def test_fast_multicall_reader_agrees_with_expat(calls, ws, int_tag):
+    body = render_multicall(calls, ws, int_tag)
+    fast = nodemngr._parse_simple_multicall(body)
+    if fast is not None:
+        assert fast == expat(body)
+
+
+@SETTINGS
+@given(CALLS, st.lists(st.tuples(st.integers(0, 10 ** 6), st.binary(max_size=3)), min_size=1, max_size=4))
+def test_mutated_multicalls_never_read_differently(calls, edits):
+    body = bytearray(xmlrpc.client.dumps(([{"methodName": n, "params": p} for n, p in calls],), "system.multicall")
+                     .encode("utf-8", "surrogatepass"))
+    for position, insert in edits:
+        position %= len(body) + 1
+        body[position:position + (len(insert) % 2)] = insert
+    body = bytes(body)
+    fast = nodemngr._parse_simple_multicall(body)
+    if fast is not None:
+        assert fast == expat(body)
+
+
+@SETTINGS
+@given(st.lists(st.tuples(NAMES, st.lists(st.one_of(
+    st.integers(-2 ** 31, 2 ** 31 - 1), st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFFFD,
+                                                              blacklist_characters="<>&", blacklist_categories=("Cs",)))),
+    max_size=3)), max_size=5))
+def test_common_multicalls_take_the_fast_path(calls):
+    listed = [{"methodName": n, "params": p} for n, p in calls]
+    body = xmlrpc.client.dumps((listed,), "system.multicall").encode("utf-8")
+    assert nodemngr._parse_simple_multicall(body) == ((listed,), "system.multicall")
+    assert nodemngr.parse_call(body) == ((listed,), "system.multicall")
+
+
 # -- the xmlrpc.client internals nodemngr's expat reader relies on --------------------------------
 # nodemngr._parse_call_expat and nodemngr._Unmarshaller drive xmlrpc.client.Unmarshaller through
 # private attributes and its dispatch table.  They are not an API, and a Python release may change
