@@ -209,3 +209,16 @@ def test_the_xmlrpc_client_internals_the_expat_reader_drives_are_unchanged():
     liberal = EVERY_KIND.replace(b"<boolean>1</boolean>", b"<boolean> true </boolean>").replace(
         b">20240102T03:04:05<", b"> 20240102T03:04:05\n<")
     assert nodemngr._parse_call_expat(liberal) == (EVERY_VALUE, "m.n")
+
+
+@SETTINGS
+@given(st.text(st.characters(max_codepoint=0x7F), max_size=30) | st.text(max_size=5))
+def test_a_string_reply_is_written_as_the_marshaller_writes_it(name):
+    service = nodemngr.NodeMngr(40000, 40009)
+    try:
+        service.hostname = name
+        dispatcher = nodemngr.Dispatcher(service)
+        reply = dispatcher.dispatch(dispatcher.caller("tcp", "127.0.0.1"), xmlrpc.client.dumps((), "ping").encode())
+        assert reply == nodemngr.marshal_reply(("NodeMngr at %s is alive" % name,), "ping")[0]
+    finally:
+        service.close()
