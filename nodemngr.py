@@ -68,27 +68,22 @@ Where each feature lives (names of this module; tests/test_structure.py checks t
     auto-start           NodeMngrProxy.call, start_daemon, _spawn_turn, _spawn_detached
 """
 
-import argparse
-import asyncio
 import base64
 import binascii
 import collections
-import concurrent.futures
 import contextlib
 import email.utils
 import errno
 import functools
 import heapq
-import hmac
 import http.client
-import inspect
 import ipaddress
-import json
 import logging
 import math
 import os
 import re
 import reprlib
+import select
 import shlex
 import signal
 import socket
@@ -96,9 +91,7 @@ import sqlite3
 import ssl
 import stat
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -109,6 +102,11 @@ from collections import namedtuple
 from datetime import datetime, timezone
 from xml.parsers import expat
 from xmlrpc.client import Fault
+# Imported where they are used, so that a client (importing nodemngr, making a proxy, calling) does
+# not pay for what only the daemon or the command line needs, about 25 ms together: asyncio (the
+# server), concurrent.futures (its threads for slow calls), json (the cluster view), hmac (the
+# token check), inspect (system.methodHelp), argparse (the command line), subprocess (spawning
+# where there is no fork), tempfile (the default state folder without XDG_RUNTIME_DIR).
 
 try:
     import fcntl
@@ -1046,6 +1044,7 @@ def default_state_path(port):
     if runtime:
         folder = os.path.join(runtime, "nodemngr")
     else:
+        import tempfile
         uid = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
         folder = os.path.join(tempfile.gettempdir(), "nodemngr-%s" % uid)
     return os.path.join(folder, "%d.sqlite3" % port)
@@ -1780,12 +1779,13 @@ def _rpc(*signatures, name=None, admin=False, slow=False, handover=False):
     the local socket can carry, one call per request.  A method that wants to know its caller
     (a Caller) declares a keyword-only parameter ``caller``."""
     def mark(func):
-        params = list(inspect.signature(func).parameters.values())[1:]     # (after self)
-        positional = [p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        code = func.__code__
+        positional = code.co_argcount - 1   # (after self)
+        keyword_only = code.co_varnames[code.co_argcount:code.co_argcount + code.co_kwonlyargcount]
         func.rpc_name = name or func.__name__
         func.rpc_signatures = [list(s) for s in signatures]
-        func.rpc_arity = (sum(1 for p in positional if p.default is p.empty), len(positional))
-        func.rpc_caller = any(p.name == "caller" and p.kind is p.KEYWORD_ONLY for p in params)
+        func.rpc_arity = (positional - len(func.__defaults__ or ()), positional)
+        func.rpc_caller = "caller" in keyword_only
         func.rpc_admin, func.rpc_slow, func.rpc_handover = admin, slow, handover
         return func
     return mark
@@ -2342,6 +2342,7 @@ class Dispatcher:
                 given = base64.b64decode(authorization[6:].strip(), validate=True).partition(b":")[2]
             except (binascii.Error, ValueError):
                 given = b""
+        import hmac
         if hmac.compare_digest(given, self.token):
             return caller._replace(token=True)
         return caller if caller.trusted else None
@@ -2460,6 +2461,7 @@ class Dispatcher:
     @_rpc(["string", "string"], name="system.methodHelp")
     def system_methodHelp(self, name):
         """Return the help text of method *name*, for callers in any language."""
+        import inspect
         return inspect.getdoc(self._method(name)) or ""
 
     @_rpc(["array", "string"], name="system.methodSignature")
@@ -2819,8 +2821,8 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")    # the end of a request's head (CRLF or 
 _READING, _DRAINING, _CLOSING, _LINGERING, _CLOSED = "reading", "draining", "closing", "lingering", "closed"
 
 
-class Connection(asyncio.BufferedProtocol):
-    """One client connection on the server's loop: bytes come in, each request is answered once it
+class Connection:
+    """One client connection on the server's loop (an asyncio.BufferedProtocol: see _as_protocol): bytes come in, each request is answered once it
     is complete, replies go out.  A slow or stalled client only ever holds its own connection.
     Nothing is read while a reply waits to be taken (the transport's high-water mark is 0, so any
     byte it cannot send at once pauses writing, and reading with it).  A long reply is handed over
@@ -3253,6 +3255,14 @@ def _check_request_line(buf, pos):
                              "portserver protocol on the local socket)")
 
 
+@functools.lru_cache(maxsize=None)
+def _as_protocol(connection, base):
+    """*connection* (the class) as a subclass of *base*, asyncio.BufferedProtocol, which asyncio's
+    transports ask isinstance of; made when a server starts, so that a client, which never serves,
+    never imports asyncio (14 ms of its import)."""
+    return type(connection.__name__, (connection, base), {"__slots__": ()})
+
+
 def _has_unread(sock):
     """Whether the peer has sent bytes that were not read yet."""
     try:
@@ -3412,6 +3422,7 @@ class NodeMngrServer:
         namespace; else a path), or None.  activated: (inet, unix) listening sockets a service
         manager passed (activated_sockets()), served instead of binding host:port and local."""
         self.dispatcher = self.loop = self.notify = None
+        self._connection_type = None    # Connection as asyncio's protocol, once serving
         self.stop_reason = None     # why it stops, once asked
         self.stopping = False       # it takes no new request (set once the stop has begun)
         self.released = False       # stopping, and no request will be answered any more
@@ -3458,6 +3469,7 @@ class NodeMngrServer:
         """Run *deferred* (a call waiting for etcd) in a thread, then done() on the loop; done()
         at once if no thread can be started now (the deferred has not run, then)."""
         if self._executor is None:
+            import concurrent.futures
             self._executor = concurrent.futures.ThreadPoolExecutor(self.dispatcher.max_slow_calls, "nodemngr-slow")
         try:
             future = self.loop.run_in_executor(self._executor, deferred.run)
@@ -3476,6 +3488,8 @@ class NodeMngrServer:
         self._summary = summary or self._summary
         self._on_release = on_release or self._on_release
         dispatcher.add_gauge("nodemngr_connections", "Client connections open now.", lambda: len(self.connections))
+        import asyncio
+        self._connection_type = _as_protocol(Connection, asyncio.BufferedProtocol)
         self.loop = loop = asyncio.new_event_loop()
         loop.set_exception_handler(_loop_error)
         self.connection_limit = min(self.max_connections, max(1, _spare_descriptors() - self.fd_reserve))
@@ -3573,7 +3587,7 @@ class NodeMngrServer:
                     "local", uid=uid, pid=pid, namespace=UNKNOWN_NAMESPACE if pid is None else pid_namespace(pid))
             else:
                 caller = self.dispatcher.caller("tcp", address=peer[0], uid=tcp_peer_uid(sock.getsockname(), peer))
-            connection = Connection(self, sock, peer, caller)
+            connection = self._connection_type(self, sock, peer, caller)
             self.connections.add(connection)
             self.loop.create_task(self.loop.connect_accepted_socket(lambda c=connection: c, sock))
 
@@ -3716,6 +3730,7 @@ def _json_value(value):
 
 def published_entry(host, reg):
     """The etcd key and JSON value that publish Registration *reg* of *host*."""
+    import json
     return "%s%s/%d" % (CLUSTER_PREFIX, host, reg.port), json.dumps(
         {"host": host, "port": reg.port, "name": name_of(reg.info) or "", "info": _json_value(reg.info),
          "pid": reg.pid, "since": datetime.fromtimestamp(int(reg.since), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")},
@@ -3726,6 +3741,7 @@ def cluster_entry(key, value, lease):
     """(the struct a published key stands for, None), or (None, why it is skipped): only what
     nodemngr writes is passed on, a key HOST/PORT whose value agrees with it and which hangs on a
     lease.  value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
+    import json
     match = _CLUSTER_KEY.match(key)
     if match is None or int(match.group(2)) > 65535:
         return None, "key"
@@ -3754,6 +3770,7 @@ def _loads_within_bound(body):
     """json.loads of a reply of etcd's gateway, each base64 "value" of more than MAX_CLUSTER_VALUE
     bytes replaced by _OVERSIZED first: a huge value is neither decoded nor copied, and nothing
     holds the interpreter for long (searching bytes is fast; decoding megabytes of JSON is not)."""
+    import json
     limit = (MAX_CLUSTER_VALUE + 2) // 3 * 4
     if len(body) <= limit:
         return json.loads(body)
@@ -3859,6 +3876,7 @@ class EtcdClient:
         return [first] + [i for i in range(len(self.endpoints)) if i != first]
 
     def _post(self, path, body, token, timeout=None):
+        import json
         data = json.dumps(body).encode("utf-8")
         timeout = timeout or self.timeout
         headers = dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {}))
@@ -3946,6 +3964,7 @@ class EtcdClient:
         [(key, value or None when deleted, lease, mod_revision)] (empty at first) until the stream ends
         (ClusterError) or close_watch() cuts it.  ClusterError("compacted") when etcd no longer
         has that revision: read the prefix again."""
+        import json
         index = self._order()[0]
         scheme, host, port = self.endpoints[index]
         conn = self._connect(index, self.timeout)
@@ -4871,22 +4890,25 @@ def start_daemon(host=None, port=None, timeout=SPAWN_TIMEOUT, token_file=None):
         except NodeMngrException:       # (NODEMNGR_LOG_FILE set: the state folder was not needed)
             lock_path = None
         # half the time at most for the turn: a holder stuck (stopped) must not fail the others
-        with _spawn_turn(lock_path, deadline - timeout / 2, lambda: who_answers(host, port)):
-            _spawn_until_answered(host, port, log_path, _daemon_argv(settings, log_path), deadline, timeout)
+        turn = _spawn_turn(lock_path, deadline - timeout / 2, lambda: who_answers(host, port))
+        with turn, _ReadySignal() as ready:
+            _spawn_until_answered(host, port, log_path, _daemon_argv(settings, log_path),
+                                  _daemon_env(ready.address), deadline, timeout, ready.wait)
     finally:
         _spawn_lock.release()
 
 
-def _spawn_until_answered(host, port, log_path, argv, deadline, timeout):
-    """start_daemon's loop: spawn, and spawn again while nothing listens, until one answers."""
+def _spawn_until_answered(host, port, log_path, argv, env, deadline, timeout, wait):
+    """start_daemon's loop: spawn, and spawn again while nothing listens, until one answers.
+    wait(seconds): sleep that long, or less if a daemon said it is ready."""
     # (another thread of ours, or the client whose turn came first, may have started one)
     answer = who_answers(host, port)
     daemon, spawned_at, delay = None, None, 0.005
     while answer not in _SOMEONE:
         now = time.monotonic()
         if answer is None and _time_to_spawn(daemon, spawned_at, now):
-            daemon, spawned_at, delay = _spawn_detached(argv, log_path), now, 0.005
-        time.sleep(delay)
+            daemon, spawned_at, delay = _spawn_detached(argv, env, log_path), now, 0.005
+        wait(delay)
         delay = min(delay * 2, 0.1)
         answer = who_answers(host, port)
         if answer not in _SOMEONE and time.monotonic() >= deadline:
@@ -4922,8 +4944,10 @@ def _last_words(log_path):
 def _daemon_argv(settings, log_path):
     """The daemon's command line.  It runs in "/", so every path it is given is absolute,
     including the relative ones the environment holds (NODEMNGR_STATE, NODEMNGR_TOKEN_FILE,
-    NODEMNGR_UNIX)."""
-    argv = [os.path.abspath(sys.executable), os.path.abspath(__file__), "serve",
+    NODEMNGR_UNIX).  It imports this file (_SERVE_BY_IMPORT) rather than run it as a script, so
+    that its bytecode cache serves: a script is compiled every time, 25 to 50 ms of a cold start.
+    The file's path is on the command line all the same, for ps to show."""
+    argv = [os.path.abspath(sys.executable), "-c", _SERVE_BY_IMPORT, os.path.abspath(__file__), "serve",
             "--host", settings.host, "--port", str(settings.port), "--log-file", log_path]
     state = settings.given("state")
     if state and state.lower() != "none":
@@ -4934,6 +4958,68 @@ def _daemon_argv(settings, log_path):
     if local and local.lower() != "none" and not local.startswith("@"):
         argv += ["--unix", os.path.abspath(local)]
     return argv
+
+
+# python -c this FILE serve ...: the module at FILE, imported by its path (bytecode cache and all)
+# whatever sys.path holds, runs main() with the arguments after FILE.
+_SERVE_BY_IMPORT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('nodemngr', sys.argv[1]); "
+                    "module = importlib.util.module_from_spec(spec); sys.modules['nodemngr'] = module; "
+                    "spec.loader.exec_module(module); sys.exit(module.main(sys.argv[2:]))")
+
+
+def _daemon_env(ready_address):
+    """The daemon's environment: ours, with NOTIFY_SOCKET set to *ready_address* (or removed: a
+    daemon started by a program that systemd runs must not speak to systemd as that program)."""
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    if ready_address is not None:
+        env["NOTIFY_SOCKET"] = ready_address
+    return env
+
+
+class _ReadySignal:
+    """Where a daemon being spawned says "READY=1" once it listens (the sd_notify protocol, which
+    it speaks to systemd too), so that its spawner asks at once rather than at its next poll, a
+    poll that could come up to 100 ms late.  A datagram socket at an abstract address (Linux);
+    elsewhere, or if it cannot be made, address is None and wait() just sleeps.  Only datagrams
+    of this user count (SO_PASSCRED): another user's cannot make a spawner spin."""
+
+    def __init__(self):
+        self.address, self._sock = None, None
+        if not sys.platform.startswith("linux") or not hasattr(socket, "SO_PASSCRED"):
+            return
+        name = "nodemngr-spawn-%d-%s" % (os.getpid(), os.urandom(6).hex())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | getattr(socket, "SOCK_CLOEXEC", 0))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            sock.bind("\0" + name)
+        except OSError:
+            sock.close()
+            return
+        self.address, self._sock = "@" + name, sock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._sock is not None:
+            self._sock.close()
+
+    def wait(self, seconds):
+        """Sleep *seconds*, or less: until this user's daemon sends something."""
+        end = time.monotonic() + seconds
+        while self._sock is not None:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([self._sock], [], [], left)[0]:
+                return
+            try:
+                _, ancillary, _, _ = self._sock.recvmsg(64, socket.CMSG_SPACE(12), socket.MSG_DONTWAIT)
+            except OSError:
+                continue
+            for level, kind, data in ancillary:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS) and len(data) >= 12 and \
+                        struct.unpack("3i", data[:12])[1] == os.getuid():
+                    return
+        time.sleep(max(0.0, end - time.monotonic()))
 
 
 @contextlib.contextmanager
@@ -4972,7 +5058,7 @@ def _spawn_turn(path, until, answers):
             os.close(fd)
 
 
-def _spawn_detached(argv, log_path):
+def _spawn_detached(argv, env, log_path):
     """fork, setsid, fork, exec: the daemon has its own session, no terminal and is not our child.
     It inherits no descriptor but 0 (/dev/null), 1 and 2 (its log), so a lock or a pipe end the
     caller holds is released when the caller ends; and it runs in "/", pinning no mount point.
@@ -4985,7 +5071,8 @@ def _spawn_detached(argv, log_path):
                                 % (log_path, exc.strerror or exc)) from None
     try:
         if not hasattr(os, "fork"):
-            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+            import subprocess
+            subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env,
                              close_fds=True, start_new_session=True, cwd=os.path.abspath(os.sep))
             return None         # (os.kill(pid, 0) would terminate it on Windows)
         null_fd = _open_above_stdio(os.devnull, os.O_RDWR)
@@ -5009,7 +5096,7 @@ def _spawn_detached(argv, log_path):
                         os.chdir("/")
                         if hasattr(signal, "pthread_sigmask"):  # a mask survives exec: SIGTERM must get in
                             signal.pthread_sigmask(signal.SIG_SETMASK, ())
-                        os.execv(argv[0], argv)
+                        os.execve(argv[0], argv, env)
                 finally:
                     os._exit(0)
             os.close(pid_w)
@@ -5208,18 +5295,25 @@ def activated_sockets():
 
 def sd_notifier():
     """A function sending sd_notify lines ("READY=1", "STATUS=...", "STOPPING=1") to the
-    service manager at NOTIFY_SOCKET ("@name" is abstract), or None when it is not set."""
+    service manager at NOTIFY_SOCKET ("@name" is abstract), or None when it is not set.  A client
+    that spawns a daemon listens there too, for READY=1 (_ReadySignal); once nobody listens at that
+    address any more (that client has its answer), it says nothing more."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or not hasattr(socket, "AF_UNIX"):
         return None
     address = local_sockaddr(address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    gone = []
 
     def notify(*lines):
+        if gone:
+            return
         try:
             sock.sendto("\n".join(lines).encode("utf-8"), address)
         except OSError as exc:
             log.debug("could not notify the service manager at %r: %s", address, exc)
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+                gone.append(exc)
     return notify
 
 
@@ -5312,6 +5406,7 @@ def _int_arg(low, high, what):
         try:
             return bounded_int(text, low, high, what)
         except NodeMngrException as exc:
+            import argparse
             raise argparse.ArgumentTypeError(str(exc))
     return parse
 
@@ -5320,13 +5415,14 @@ _port_arg = _int_arg(1, 65535, "a port")
 _pid_arg = _int_arg(0, _INT32_MAX, "a pid")
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        """One line, as every other error of the command line (argparse prints the usage too)."""
-        self.exit(2, "%s: %s (see %s --help)\n" % (self.prog, message, self.prog))
-
-
 def _parser():
+    import argparse
+
+    class _ArgumentParser(argparse.ArgumentParser):
+        def error(self, message):
+            """One line, as every other error of the command line (argparse prints the usage too)."""
+            self.exit(2, "%s: %s (see %s --help)\n" % (self.prog, message, self.prog))
+
     common = _ArgumentParser(add_help=False)
     common.add_argument("--host", help="address of the node manager (env NODEMNGR_HOST, default 127.0.0.1)")
     common.add_argument("--port", type=_port_arg, help="its port (env NODEMNGR_PORT, default %d)" % nmPort)

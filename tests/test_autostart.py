@@ -543,3 +543,61 @@ def test_nodemngr_run_starts_a_daemon_when_none_answers(tmp_path, stop_at_ports)
     assert out.returncode == 0, out.stderr
     assert first <= int(out.stdout) <= last
     assert daemon_pid_at(port), "a daemon was started, and serves on"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cold start: the daemon imports its file (bytecode cache), and says when it is ready
+# ---------------------------------------------------------------------------------------------
+
+COLD_CLIENT = textwrap.dedent("""
+    import sys
+    sys.dont_write_bytecode = True          # (only the daemon may write the file's bytecode)
+    sys.path.insert(0, sys.argv[1])
+    before = set(sys.modules)
+    import nodemngr
+    print(sorted(set(sys.modules) - before))
+    print(nodemngr.NodeMngrProxy().status()["pid"])
+""")
+SERVER_ONLY = {"asyncio", "concurrent.futures", "json", "hmac", "inspect", "argparse", "subprocess", "tempfile"}
+
+
+def test_the_daemon_started_imports_its_file_so_that_its_bytecode_cache_serves(tmp_path, stop_at_ports):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "nodemngr.py").write_bytes(open(os.path.join(ROOT, "nodemngr.py"), "rb").read())
+    port = free_port()
+    first, last = free_range(5)
+    stop_at_ports.append(port)
+    env = clean_env(NODEMNGR_PORT=port, NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=tmp_path / "state.sqlite3", NOTIFY_SOCKET="@the-callers-own-service-manager")
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    out = subprocess.run([sys.executable, "-c", COLD_CLIENT, str(app)], env=env, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    imported, pid = out.stdout.splitlines()
+    assert not set(eval(imported)) & SERVER_ONLY, "a client imports only what a client needs: " + imported
+    argv = open("/proc/%s/cmdline" % pid, "rb").read().split(b"\0")
+    assert argv[1] == b"-c" and argv[3] == str(app / "nodemngr.py").encode() and argv[4] == b"serve", argv
+    cached = os.listdir(str(app / "__pycache__"))
+    assert [name for name in cached if name.startswith("nodemngr.")], "the daemon imported its file: %s" % cached
+    environ = dict(line.split(b"=", 1) for line in open("/proc/%s/environ" % pid, "rb").read().split(b"\0") if line)
+    assert environ[b"NOTIFY_SOCKET"].startswith(b"@nodemngr-spawn-"), "never the caller's own service manager"
+
+
+def test_a_spawner_wakes_when_its_user_says_ready_and_not_for_another_user(nobody):
+    with nodemngr._ReadySignal() as ready:
+        assert ready.address.startswith("@nodemngr-spawn-%d-" % os.getpid())
+        sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        address = "\0" + ready.address[1:]
+        try:
+            nobody.run("import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'READY=1', %r)"
+                       % address).check_returncode()
+            started = time.monotonic()
+            ready.wait(1.0)
+            assert time.monotonic() - started >= 0.9, "another user's datagram woke the spawner"
+            sender.sendto(b"READY=1", address)
+            started = time.monotonic()
+            ready.wait(30.0)
+            assert time.monotonic() - started < 10, "READY=1 from this user did not wake the spawner"
+        finally:
+            sender.close()
