@@ -1,23 +1,33 @@
 #!/usr/bin/env python3
-"""nodemngr benchmark: our daemon against the twenty-line stdlib server a user would write.
+"""nodemngr benchmark: our daemon against release 1.0.0, the stdlib server a user would write, and a no-op server.
 
 Run from the repository root::
 
-    python3 bench/bench.py             # full run (3 rounds)
-    python3 bench/bench.py --quick     # short smoke run
+    python3 bench/bench.py                      # full run (3 rounds), about 4 minutes
+    python3 bench/bench.py --quick              # short smoke run
+    python3 bench/bench.py --only speed         # just the speed table (issue 22), about 2 minutes
+    python3 bench/bench.py --only speed --quick # the same, about 20 s
     python3 bench/bench.py --rounds 5
-    git show 482246a:nodemngr.py > /tmp/nodemngr-1.0.0.py
-    python3 bench/bench.py --baseline /tmp/nodemngr-1.0.0.py     # before/after in one run
+    git show HEAD~5:nodemngr.py > /tmp/nodemngr-before.py
+    python3 bench/bench.py --baseline /tmp/nodemngr-before.py     # before/after in one run
 
-Both servers run as subprocesses on 127.0.0.1, on ports found free at start, and are measured with
-the same plain ``xmlrpc.client.ServerProxy`` client.  Rounds alternate stdlib / ours; the table shows
-the median over rounds and every round's value.  With ``--baseline PATH`` every scenario of ours also
-runs against that older copy of nodemngr.py (ours and the baseline swap order every round) and the
-table gains baseline columns.  Scenario 6 ("one call can stall everyone", issue 8 item 4) runs a
-daemon whose range of 2,000 ports is full: 1,000 registered to live owner processes (``sleep``),
-1,000 bound by the benchmark itself; a second process pings every 10 ms while failing newPort
-multicalls run, and again with nothing else running (the periodic owner check).  Standard library
-only; everything started is stopped by pid and every temporary directory is removed, whatever happens.
+Every server runs as a subprocess on 127.0.0.1, on a port found free at start, and is measured with
+the same clients.  The speed table (issue 22) has five columns, all from the same run: the bare
+stdlib server, release 1.0.0 (tests/data/nodemngr-1.0.0.py, started exactly as ours), the baseline
+(only with ``--baseline PATH``), ours, and a no-op asyncio server that parses just enough HTTP to
+answer each call with a canned reply: the ceiling no daemon can beat for these clients.  Each round
+starts every server afresh, in an order reversed every other round so that drift hits all alike; the
+table shows the median over rounds.  Its rows: one and four ServerProxy clients making newPort/delPort
+pairs, multicall batches, the daemon's CPU per call (utime+stime of the serving pid over the one-client
+window), wrk (``-t1 -c4``, where it is installed) with pairs and with ping, ``import nodemngr`` in a
+fresh interpreter, and the cold first call (a fresh client process whose first newPort starts the
+daemon).  The second table keeps the scenarios that run for ours and the baseline only: the
+NodeMngrProxy client, flat cost (4), the physical floor (5), one call can stall everyone (6: a daemon
+whose range of 2,000 ports is full, 1,000 registered to live ``sleep`` owners and 1,000 bound by the
+benchmark; a second process pings every 10 ms while failing newPort multicalls run, and again with
+nothing else running), ``--cluster`` cost (7) and cluster scale (8), those two where etcd is installed.
+Standard library only (wrk optional); everything started is stopped by pid and every temporary
+directory is removed, whatever happens.
 """
 import argparse
 import base64
@@ -47,10 +57,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The helpers the test suite uses too (ports, environment, daemons in subprocesses): one copy.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from support import (NODEMNGR, RESERVED_PORT, Daemon, ServerError, ServerProcess,  # noqa: E402
-                     clean_env, memory_kib, port_is_free, scan_free_range)
+                     clean_env, memory_kib, port_is_free, scan_free_range, stop_pid, stop_process)
 from etcd_support import Etcd, etcd_binary  # noqa: E402
 
 PROXY_MODULE = os.path.join(ROOT, "nodemngr_proxy.py")
+RELEASE_1_0_0 = os.path.join(ROOT, "tests", "data", "nodemngr-1.0.0.py")         # 482246a's nodemngr.py
+RELEASE_1_0_0_PROXY = os.path.join(ROOT, "tests", "data", "nodemngr_proxy-1.0.0.py")    # and its client
 BATCH = 250                     # newPort calls per system.multicall batch
 FLAT_MANY = 25000               # registered ports for the "flat cost" case
 WIDE_RANGE = (20000, 59999)     # range for the 25,000-registered daemon
@@ -59,9 +71,13 @@ STALL_OWNERS = 1000             #   this many registered, one each to a live own
 STALL_BATCH = 300               #   the rest bound by the benchmark; failing newPort per multicall
 PING_PERIOD = 0.010             # scenario 6: the pinger sends one ping every 10 ms
 STALL_BATCH_TIMEOUT = 45.0      # scenario 6: a failing batch with no answer by then is an error
+WRK_ARGS = ["-t1", "-c4"]       # the speed table's wrk rows: one wrk thread, four connections
+IMPORT_SAMPLES = 15             # speed table: `import nodemngr` samples per version (quick: 5)
+COLD_SAMPLES = 7                # speed table: cold first calls per version (quick: 3), after one warm-up
+COLD_TIMEOUT = 10.0             # a cold client still running after this is stopped, and the sample an error
 
 # (a) The bare stdlib server, as a user would write it: default SimpleXMLRPCServer, a dict, a loop.
-# The one extra line a user adds for scenario 3 is register_multicall_functions().
+# The one extra line a user adds for the multicall row (s3) is register_multicall_functions().
 STDLIB_SERVER = r'''
 import sys
 from xmlrpc.server import SimpleXMLRPCServer
@@ -132,6 +148,193 @@ sys.stdout.write(json.dumps(out) + "\n")
 sys.stdout.flush()
 '''
 
+# (d) The no-op server of the speed table (issue 22): the ceiling for these clients.  asyncio on the
+# default loop, one plain Protocol per connection, HTTP/1.1 keep-alive (closing after the reply for
+# HTTP/1.0 or `Connection: close`).  It parses only the head's end, Content-Length and the text
+# between <methodName> tags, and answers each call with a canned reply shaped and sized like ours
+# (the same headers, the same XML): newPort -> FIRST, delPort -> 0, ping -> a string, else a fault.
+# No multicall.
+NOOP_SERVER = r'''
+import asyncio
+import sys
+import time
+from email.utils import formatdate
+
+PORT, GIVEN = int(sys.argv[1]), int(sys.argv[2])
+MAX_REQUEST = 1 << 20
+
+
+def _reply(value):
+    return ("<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value>%s</value>\n</param>\n"
+            "</params>\n</methodResponse>\n" % value).encode()
+
+
+BODIES = {b"newPort": _reply("<int>%d</int>" % GIVEN), b"delPort": _reply("<int>0</int>"),
+          b"ping": _reply("<string>NodeMngr at bench is alive</string>")}
+FAULT = (b"<?xml version='1.0'?>\n<methodResponse>\n<fault>\n<value><struct>\n<member>\n<name>faultCode</name>\n"
+         b"<value><int>-32601</int></value>\n</member>\n<member>\n<name>faultString</name>\n"
+         b"<value><string>method not offered by the no-op server</string></value>\n</member>\n</struct></value>\n"
+         b"</fault>\n</methodResponse>\n")
+HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr-noop/0\r\nContent-Type: text/xml\r\nDate: %s\r\n"
+        "Content-Length: %d\r\n%s\r\n")
+_date = [0, ""]
+
+
+def head(n, close):
+    now = int(time.time())
+    if now != _date[0]:
+        _date[0], _date[1] = now, formatdate(now, usegmt=True)
+    return (HEAD % (_date[1], n, "Connection: close\r\n" if close else "")).encode()
+
+
+class NoOp(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buf = transport, b""
+
+    def data_received(self, data):
+        buf = self.buf + data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_REQUEST:
+                    return self.refuse(b"413 Payload Too Large")
+                break
+            lower = buf[:end].lower()
+            at = lower.find(b"\r\ncontent-length:")
+            if at < 0:
+                return self.refuse(b"411 Length Required")
+            stop = lower.find(b"\r\n", at + 2)
+            try:
+                length = int(lower[at + 17:stop if stop >= 0 else end])
+            except ValueError:
+                return self.refuse(b"400 Bad Request")
+            total = end + 4 + length
+            if length < 0 or total > MAX_REQUEST:
+                return self.refuse(b"413 Payload Too Large")
+            if len(buf) < total:
+                break
+            body = buf[end + 4:total]
+            buf = buf[total:]
+            a = body.find(b"<methodName>")
+            b = body.find(b"</methodName>", a)
+            reply = BODIES.get(body[a + 12:b].strip() if 0 <= a < b else b"", FAULT)
+            eol = lower.find(b"\r\n")
+            close = (lower[:eol] if eol >= 0 else lower).endswith(b"http/1.0") or b"\r\nconnection: close" in lower
+            self.transport.write(head(len(reply), close) + reply)
+            if close:
+                self.transport.close()
+                return
+        self.buf = buf
+
+    def refuse(self, status):
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        self.transport.close()
+
+
+async def main():
+    server = await asyncio.get_running_loop().create_server(NoOp, "127.0.0.1", PORT, reuse_address=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+'''
+
+# (e) wrk's Lua scripts (speed table).  Both count, per wrk thread, the responses, those whose body
+# holds a <fault> and those whose status is not 200; done() prints them on one NODEMNGR-BENCH line
+# (with wrk's own socket error counts) for bench to read: any fault or bad status makes the cell an
+# ERROR.  The counters are globals so that done() can read each thread's with thread:get.
+WRK_COUNT = r'''
+responses, faults, bad_status = 0, 0, 0
+
+local function count(status, body)     -- true if the response is a good one
+   responses = responses + 1
+   if status ~= 200 then bad_status = bad_status + 1 end
+   if string.find(body, "<fault>", 1, true) then
+      faults = faults + 1
+      return false
+   end
+   return status == 200
+end
+
+local threads = {}
+function setup(thread) threads[#threads + 1] = thread end
+
+function done(summary, latency, requests)
+   local r, f, b = 0, 0, 0
+   for _, t in ipairs(threads) do
+      r, f, b = r + t:get("responses"), f + t:get("faults"), b + t:get("bad_status")
+   end
+   local e = summary.errors
+   io.write(string.format("NODEMNGR-BENCH responses=%d faults=%d bad_status=%d " ..
+                          "connect=%d read=%d write=%d status=%d timeout=%d\n",
+                          r, f, b, e.connect, e.read, e.write, e.status, e.timeout))
+end
+'''
+
+# newPort("bench") / delPort(a port newPort gave): one queue of ports per wrk thread (module level,
+# shared by its connections); request() sends delPort of a queued port if there is one, else newPort;
+# response() queues the port of each newPort reply (delPort's is int 0).
+WRK_PAIRS = WRK_COUNT + r'''
+local NEW = "<?xml version='1.0'?>\n<methodCall>\n<methodName>newPort</methodName>\n<params>\n<param>\n" ..
+            "<value><string>bench</string></value>\n</param>\n</params>\n</methodCall>\n"
+local DEL = "<?xml version='1.0'?>\n<methodCall>\n<methodName>delPort</methodName>\n<params>\n<param>\n" ..
+            "<value><int>%d</int></value>\n</param>\n</params>\n</methodCall>\n"
+local headers = {["Content-Type"] = "text/xml"}
+local queue = {}
+
+function request()
+   local n = #queue
+   if n > 0 then
+      local port = queue[n]
+      queue[n] = nil
+      return wrk.format("POST", "/RPC2", headers, string.format(DEL, port))
+   end
+   return wrk.format("POST", "/RPC2", headers, NEW)
+end
+
+function response(status, hdrs, body)
+   if count(status, body) then
+      local port = tonumber(string.match(body, "<int>%s*(%d+)%s*</int>") or string.match(body, "<i4>%s*(%d+)%s*</i4>"))
+      if port and port > 0 then queue[#queue + 1] = port end
+   end
+end
+'''
+
+# Every request a ping (wrk's static request: no Lua per request).
+WRK_PING = WRK_COUNT + r'''
+wrk.method = "POST"
+wrk.path = "/RPC2"
+wrk.headers["Content-Type"] = "text/xml"
+wrk.body = "<?xml version='1.0'?>\n<methodCall>\n<methodName>ping</methodName>\n<params>\n</params>\n</methodCall>\n"
+
+function response(status, hdrs, body)
+   count(status, body)
+end
+'''
+
+# (f) `import nodemngr` in a fresh interpreter, timed around the import only; argv[1] is the folder
+# holding the version's copy as nodemngr.py (every version imports by the same name).
+IMPORT_TIMER = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+t0 = time.perf_counter()
+import nodemngr
+t1 = time.perf_counter()
+if not nodemngr.__file__.startswith(sys.argv[1]):
+    sys.exit("imported %s, not the copy in %s" % (nodemngr.__file__, sys.argv[1]))
+print(repr(t1 - t0))
+'''
+
+# (g) The cold first call: a fresh client whose first newPort starts the daemon (auto-start), the
+# daemon's port, range and state given by the environment.  argv[1]: the version's folder; argv[2]:
+# the sample's folder (unused here: it marks the process and its forks for the clean-up).
+COLD_CLIENT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+from %s import NodeMngrProxy
+print(NodeMngrProxy().newPort("bench"))
+'''
+
 
 class BenchError(Exception):
     """A server failed or misbehaved; the message says how."""
@@ -199,13 +402,58 @@ def start_ours(picker, tmp, first, last, tag, script=NODEMNGR, name="ours"):
                   cwd=ROOT).start(wait=False)
 
 
+def start_noop(picker, tmp, first):
+    """The no-op server (NOOP_SERVER); its newPort always answers *first*."""
+    script = os.path.join(tmp, "noop_server.py")
+    if not os.path.exists(script):
+        with open(script, "w") as f:
+            f.write(NOOP_SERVER)
+    port = picker.take()
+    argv = [sys.executable, script, str(port), str(first)]
+    return ServerProcess("noop", argv, port, os.path.join(tmp, "noop-%d.log" % port), cwd=ROOT).start(wait=False)
+
+
+def _cmdline(pid):
+    """The arguments of process *pid* ([] if it is gone or unreadable)."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def serving_pid(server):
+    """The pid of the process that serves *server*, whose CPU the speed table reads.  A nodemngr
+    says its own in status(); the stdlib and no-op servers are the Python that runs their script
+    (ServerProcess execs it: the benchmark never uses the tests' fork server), checked by its
+    command line."""
+    if isinstance(server, Daemon):
+        pid = xmlrpc.client.ServerProxy(server.url).status()["pid"]
+        if not any(os.path.abspath(server.script) in a for a in _cmdline(pid)):     # (in the launcher)
+            raise BenchError("status() says pid %d, whose command line is not %s's" % (pid, server.name))
+        return pid
+    pid = server.proc.pid
+    if server.argv()[1] not in _cmdline(pid):
+        raise BenchError("pid %d does not run %s; cannot read the server's CPU" % (pid, server.argv()[1]))
+    return pid
+
+
+def cpu_seconds(pid):
+    """utime + stime of process *pid* (all its threads) in seconds: fields 14 and 15 of /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid, "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()      # (the name, field 2, may hold spaces)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")      # fields[0] is field 3
+
+
 # ----------------------------------------------------------------------------- client workloads
 
-def pairs_loop(proxy, duration):
-    """newPort("bench")/delPort(p) pairs for *duration* seconds; returns (calls, elapsed)."""
+def pairs_loop(proxy, duration, cpu_pid=None):
+    """newPort("bench")/delPort(p) pairs for *duration* seconds; returns (calls, elapsed, cpu): cpu
+    is the CPU seconds process *cpu_pid* used over the same window (None without cpu_pid)."""
     for _ in range(3):                                  # warm-up: connection, caches
         proxy.delPort(proxy.newPort("bench"))
     pairs = 0
+    cpu0 = cpu_seconds(cpu_pid) if cpu_pid else None
     t0 = time.perf_counter()
     end = t0 + duration
     now = t0
@@ -215,7 +463,8 @@ def pairs_loop(proxy, duration):
             raise BenchError("delPort(%r) did not return 0" % port)
         pairs += 1
         now = time.perf_counter()
-    return 2 * pairs, now - t0
+    cpu = cpu_seconds(cpu_pid) - cpu0 if cpu_pid else None
+    return 2 * pairs, now - t0, cpu
 
 
 def _worker(url, duration, barrier, results, index):
@@ -224,7 +473,7 @@ def _worker(url, duration, barrier, results, index):
         proxy = xmlrpc.client.ServerProxy(url)
         proxy.delPort(proxy.newPort("bench"))           # warm-up before the common start
         barrier.wait(30)
-        calls, elapsed = pairs_loop(proxy, duration)
+        calls, elapsed, _ = pairs_loop(proxy, duration)
         results.put((index, calls, elapsed, None))
     except BaseException as exc:                        # reported by the parent, never lost
         try:
@@ -335,25 +584,249 @@ def pair_samples(proxies, duration, chunk=20, op=new_del_pair):
 
 # ----------------------------------------------------------------------------- scenarios per server
 
-def run_common(server, durations, results, label, proxy_factory=None):
-    """Scenarios 1-3 (and the NodeMngrProxy row) against one running server."""
-    d = durations
-    proxy = xmlrpc.client.ServerProxy(server.url)
-    calls, elapsed = pairs_loop(proxy, d["pairs"])
-    results.add("one", label, calls / elapsed)
-    server.check_alive()
-    results.add("four", label, four_clients(server.url, d["pairs"]))
-    server.check_alive()
-    results.add("multi", label, multicall_rate(proxy, d["multi"]))
-    server.check_alive()
-    if proxy_factory is not None:
+def run_wrk(url, script, seconds, cwd):
+    """wrk WRK_ARGS for *seconds* with the Lua *script* against *url*; returns (requests/s, counts)
+    where counts are the script's NODEMNGR-BENCH line (responses, faults, bad_status, and wrk's
+    socket errors: connect, read, write, status, timeout).  BenchError if any response was a fault
+    or not a 200, or wrk failed."""
+    argv = [shutil.which("wrk") or "wrk"] + WRK_ARGS + ["-d%ds" % seconds, "-s", script, url]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=cwd)
+    try:
+        out, _ = proc.communicate(timeout=seconds + 30)
+    except subprocess.TimeoutExpired:
+        raise BenchError("wrk did not finish within %d s" % (seconds + 30))
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+        proc.stdout.close()
+    text = out.decode("utf-8", "replace")
+    rate = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
+    line = re.search(r"^NODEMNGR-BENCH (.*)$", text, re.M)
+    if proc.returncode != 0 or not rate or not line:
+        raise BenchError("wrk (status %s) printed no result: %s" % (proc.returncode, " ".join(text.split())[-300:]))
+    counts = {k: int(v) for k, v in (kv.split("=") for kv in line.group(1).split())}
+    if counts["faults"] or counts["bad_status"]:
+        raise BenchError("%d faults and %d statuses other than 200 in %d responses" % (
+            counts["faults"], counts["bad_status"], counts["responses"]))
+    return float(rate.group(1)), counts
+
+
+def run_speed(server, label, d, res, rnd, wrk_scripts, tmp, proxy_factory=None):
+    """The speed table's scenarios (issue 22) against one running server; a failure is recorded
+    against its row and the next row still runs, unless the server is gone.  *wrk_scripts*:
+    [(key, Lua script path)], empty where wrk is not installed."""
+    url = server.url
+
+    def one():          # one client, and the serving process's CPU over the same window
+        pid = serving_pid(server)
+        calls, elapsed, cpu = pairs_loop(xmlrpc.client.ServerProxy(url), d["pairs"], cpu_pid=pid)
+        res.add("one", label, calls / elapsed)
+        res.add("cpu", label, cpu / calls * 1e6)
+
+    def wrk(key, script):
+        rate, counts = run_wrk(url, script, d["wrk"], tmp)
+        res.add(key, label, rate)
+        socket_errors = sum(counts[k] for k in ("connect", "read", "write", "timeout"))
+        if socket_errors:
+            res.add(key + "_socket_errors", label, socket_errors)
+
+    def proxy():        # (the second table's 1p row: ours and the baseline only)
         nm = proxy_factory(server.port)
         try:
-            calls, elapsed = pairs_loop(nm, d["pairs"])
+            calls, elapsed, _ = pairs_loop(nm, d["pairs"])
         finally:
             nm.close()
-        results.add("proxy", label, calls / elapsed)
-        server.check_alive()
+        res.add("proxy", label, calls / elapsed)
+
+    steps = [(("one", "cpu"), one),
+             (("four",), lambda: res.add("four", label, four_clients(url, d["pairs"])))]
+    if label != "noop":                             # (the no-op server has no multicall)
+        steps.append((("multi",), lambda: res.add("multi", label, multicall_rate(
+            xmlrpc.client.ServerProxy(url), d["multi"]))))
+    for key, script in wrk_scripts:
+        steps.append(((key,), lambda key=key, script=script: wrk(key, script)))
+    if proxy_factory is not None:
+        steps.append((("proxy",), proxy))
+    for n, (keys, fn) in enumerate(steps):
+        try:
+            fn()
+            server.check_alive()
+        except ERRORS as exc:
+            for key in keys:
+                res.error(key, label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+            if server.proc.poll() is not None:
+                for later, _ in steps[n + 1:]:
+                    for key in later:
+                        res.error(key, label, "round %d: not run, the server had exited" % (rnd + 1))
+                return
+
+
+# ----------------------------------------------------------------------------- speed table: import, cold start
+
+def has_client_class(script):
+    """Whether the nodemngr.py *script* defines NodeMngrProxy itself (1.3 and later) rather than
+    in nodemngr_proxy.py (1.0.0 to 1.2, whose nodemngr.py at most forwards the name there)."""
+    with open(script, "rb") as f:
+        return re.search(rb"^class NodeMngrProxy\b", f.read(), re.M) is not None
+
+
+def proxy_beside(script):
+    """The nodemngr_proxy.py that goes with the nodemngr.py *script*: beside it under that name,
+    or with the same suffix (tests/data/nodemngr-1.0.0.py -> nodemngr_proxy-1.0.0.py); or None."""
+    folder, name = os.path.split(script)
+    names = ["nodemngr_proxy.py"]
+    if name.startswith("nodemngr") and name != "nodemngr.py":
+        names.append("nodemngr_proxy" + name[len("nodemngr"):])
+    for candidate in names:
+        if os.path.isfile(os.path.join(folder, candidate)):
+            return os.path.join(folder, candidate)
+    return None
+
+
+def version_folders(tmp, versions, res):
+    """For each (label, nodemngr.py) of *versions*, a folder holding it as nodemngr.py, and the
+    client's nodemngr_proxy.py beside it when the client lives there: [(label, folder, client
+    module)].  A version whose client cannot be found gets module None (its cold row an error)."""
+    out = []
+    for label, script in versions:
+        folder = os.path.join(tmp, "version-" + label)
+        os.mkdir(folder)
+        shutil.copyfile(script, os.path.join(folder, "nodemngr.py"))
+        module = "nodemngr"
+        if not has_client_class(script):
+            proxy = RELEASE_1_0_0_PROXY if script == RELEASE_1_0_0 else proxy_beside(script)
+            if proxy is None and script == NODEMNGR and os.path.exists(PROXY_MODULE):
+                proxy = PROXY_MODULE
+            if proxy is None:
+                module = None
+                res.error("cold", label, "%s has no NodeMngrProxy and there is no nodemngr_proxy.py beside it"
+                          % script)
+            else:
+                shutil.copyfile(proxy, os.path.join(folder, "nodemngr_proxy.py"))
+                module = "nodemngr_proxy"
+        if module:
+            res.info[("cold", label)] = "`from %s import NodeMngrProxy`" % module
+        out.append((label, folder, module))
+    return out
+
+
+def python_env(**extra):
+    """clean_env(**extra) for a fresh Python of the speed table; bytecode files written and read
+    (the warm-up's __pycache__ serves every sample, as it does for a user)."""
+    env = clean_env(**extra)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def import_times(folders, samples, res):
+    """`import nodemngr` of each version in a fresh interpreter, *samples* times, versions
+    alternating; ms into res ("import").  One untimed run each first (bytecode cache)."""
+    env = python_env()
+    live = list(folders)
+    for i in range(-1, samples):
+        for label, folder, _ in (live if i % 2 == 0 else live[::-1]):
+            try:
+                done = subprocess.run([sys.executable, "-c", IMPORT_TIMER, folder], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=folder,
+                                      timeout=30)
+                text = done.stdout.decode("utf-8", "replace").strip()
+                if done.returncode != 0:
+                    raise BenchError("status %d: %s" % (done.returncode, text[-300:]))
+                seconds = float(text.splitlines()[-1])
+            except (ERRORS + (ValueError, IndexError)) as exc:
+                res.error("import", label, "%s: %s" % (type(exc).__name__, exc))
+                live = [v for v in live if v[0] != label]
+                continue
+            if i >= 0:
+                res.add("import", label, seconds * 1e3)
+
+
+def pids_of_folder(folder):
+    """Processes of this user with *folder* (or a path in it) among their arguments: a cold sample's
+    client, its forks, and the daemon it started (whose --state or --log-file is in *folder*)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        if any(a == folder or a.startswith(folder + os.sep) for a in _cmdline(int(name))):
+            found.append(int(name))
+    return found
+
+
+def stop_cold_daemon(port, folder):
+    """Stop what a cold sample started: the daemon that answers at *port* (its pid from status(),
+    checked by its command line), then anything else still running with *folder* among its
+    arguments; each by pid, SIGTERM then SIGKILL.  Returns the daemon's pid, or None."""
+    pid = None
+    try:
+        pid = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % port).status()["pid"]
+    except ERRORS:
+        pass
+    mine = pids_of_folder(folder)
+    if pid is not None and pid in mine:
+        stop_pid(pid)
+    for other in mine:
+        stop_pid(other)
+    if pid is not None and pid not in mine:
+        raise BenchError("status() at port %d says pid %d, which is not a daemon started for this sample"
+                         % (port, pid))
+    return pid
+
+
+def cold_sample(folder, module, picker, tmp, started):
+    """One cold first call: a fresh client process (python -c COLD_CLIENT) whose newPort starts the
+    daemon, on a fresh port, range and state folder given by the environment; ms of wall time from
+    starting the client to its exit, as this process sees it.  The daemon is stopped afterwards.
+    *started*: the sample folders, for the clean-up of whatever still runs."""
+    port = picker.take()
+    first, last = free_range(20)
+    work = tempfile.mkdtemp(prefix="cold-", dir=tmp)
+    started.append(work)
+    env = python_env(NODEMNGR_HOST="127.0.0.1", NODEMNGR_PORT=port, NODEMNGR_STATE=os.path.join(work, "state.sqlite3"),
+                     NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last)
+    outpath = os.path.join(work, "client.out")
+    try:
+        with open(outpath, "wb") as out:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-c", COLD_CLIENT % module, folder, work],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    cwd=folder)
+            try:
+                status = proc.wait(COLD_TIMEOUT)
+                elapsed = time.perf_counter() - t0
+            except subprocess.TimeoutExpired:
+                raise BenchError("the client had not ended after %g s" % COLD_TIMEOUT)
+            finally:
+                if proc.poll() is None:
+                    stop_process(proc)
+        with open(outpath, "rb") as f:
+            text = f.read().decode("utf-8", "replace").strip()
+        if status != 0 or not text.isdigit():
+            raise BenchError("the client failed (status %d): %s" % (status, " ".join(text.split())[-300:]))
+        if not first <= int(text) <= last:
+            raise BenchError("newPort gave %s, outside the range %d-%d given by the environment" % (text, first, last))
+    finally:
+        pid = stop_cold_daemon(port, work)
+    if pid is None:
+        raise BenchError("the client ended, and no daemon answered status() at port %d" % port)
+    return elapsed * 1e3
+
+
+def cold_times(folders, samples, res, picker, tmp, started):
+    """The cold first call of each version, *samples* times, versions alternating, after one
+    untimed sample each (bytecode cache); ms into res ("cold").  A version stops at its first error."""
+    live = [v for v in folders if v[2] is not None]
+    for i in range(-1, samples):
+        for label, folder, module in (live if i % 2 == 0 else live[::-1]):
+            try:
+                ms = cold_sample(folder, module, picker, tmp, started)
+            except ERRORS as exc:
+                res.error("cold", label, "%s: %s" % (type(exc).__name__, exc))
+                live = [v for v in live if v[0] != label]
+                continue
+            if i >= 0:
+                res.add("cold", label, ms)
 
 
 def run_flat(few_srv, many_srv, durations, results, label="ours"):
@@ -404,9 +877,10 @@ def held_info(i):
 
 # ----------------------------------------------------------------------------- scenario 7: etcd
 
-def run_cluster(picker, tmp, first, last, durations, results, rnd):
+def run_cluster(picker, tmp, first, last, durations, results, rnd, etcd_down=True):
     """Scenario 7 (ours only): pair cost on a daemon publishing to etcd, with etcd up (7a) and
-    stopped (7b), against a daemon without --cluster, pairs alternating between the two."""
+    stopped (7b, unless not *etcd_down*), against a daemon without --cluster, pairs alternating
+    between the two."""
     etcd = Etcd(tempfile.mkdtemp(prefix="etcd-r%d-" % rnd, dir=tmp)).start()
     plain = clustered = None
     try:
@@ -417,7 +891,7 @@ def run_cluster(picker, tmp, first, last, durations, results, rnd):
                            ).start()
         plain.wait_ready(15.0)
         proxies = [xmlrpc.client.ServerProxy(plain.url), xmlrpc.client.ServerProxy(clustered.url)]
-        for key in ("etcd_up", "etcd_down"):
+        for key in ("etcd_up", "etcd_down") if etcd_down else ("etcd_up",):
             if key == "etcd_down":
                 etcd.stop()
                 deadline = time.monotonic() + 10
@@ -917,6 +1391,7 @@ class Results:
     def __init__(self):
         self.data = {}
         self.errors = {}
+        self.info = {}          # (key, label): text for the notes
 
     def add(self, key, label, value):
         self.data.setdefault((key, label), []).append(value)
@@ -981,7 +1456,129 @@ def file_id(path):
     return "version %s, git blob %s" % (m.group(1).decode() if m else "?", blob[:12])
 
 
-def render(res, floor, args, cmdline, elapsed, load):
+SPEED_HEADS = {"stdlib": "stdlib", "1.0.0": "1.0.0", "baseline": "baseline", "ours": "ours", "noop": "no-op"}
+
+
+def render_speed(res, args, out, wrk_path):
+    """The speed table (issue 22): every server of the same run in its own column.  Returns its notes."""
+    labels = ["stdlib", "1.0.0"] + (["baseline"] if args.baseline else []) + ["ours", "noop"]
+
+    def line(cells, pad=True):
+        out("|" + "|".join((" %s " % c if pad else str(c)) if c != "" else " " for c in cells) + "|")
+
+    line(["#", "scenario", "unit"] + [SPEED_HEADS[x] for x in labels]
+         + ["ours/1.0.0", "ours/no-op", "target", "met", "ours per round", "1.0.0 per round"])
+    line(["---"] * 3 + ["---:"] * (len(labels) + 2) + ["---"] * 4, pad=False)
+
+    def value(key, label, blank):
+        if label in blank:
+            return "–"
+        if res.errors.get((key, label)):
+            return "ERROR (see below)"
+        return fmt_num(res.median(key, label))
+
+    def per_round(key, label, samples=False):
+        v = res.data.get((key, label))
+        if not v or res.errors.get((key, label)):
+            return ""
+        if samples:
+            return "%d samples: %s–%s" % (len(v), fmt_num(min(v)), fmt_num(max(v)))
+        return fmt_rounds(v)
+
+    rate_target = ">= 1.0.0 and >= 70% no-op"
+    rows = [
+        ("s1", "one client, ServerProxy, newPort/delPort pairs", "one", "calls/s", "rate", rate_target, ()),
+        ("s2", "four client processes, aggregate", "four", "calls/s", "rate", rate_target, ()),
+        ("s3", "system.multicall, batches of %d newPort (newPort batches timed)" % BATCH, "multi", "newPort/s",
+         "multi", ">= 1.25x stdlib and >= 1.0.0", ("noop",)),
+        ("s4", "daemon CPU per call (utime+stime of its pid over row s1's window)", "cpu", "µs/call", "time",
+         "<= 1.0.0", ()),
+        ("s5", "wrk %s, newPort/delPort pairs" % " ".join(WRK_ARGS), "wrk_pairs", "calls/s", "wrk", ">= 1.0.0", ()),
+        ("s6", "wrk %s, ping" % " ".join(WRK_ARGS), "wrk_ping", "calls/s", "ping",
+         ">= 1.0.0 (aim: 75% no-op)", ()),
+        ("s7", "`import nodemngr`, fresh interpreter", "import", "ms", "time", "<= 1.0.0", ("stdlib", "noop")),
+        ("s8", "cold first call: a fresh client's newPort starts the daemon", "cold", "ms", "time", "<= 1.0.0",
+         ("stdlib", "noop")),
+    ]
+    for num, name, key, unit, kind, target, blank in rows:
+        if key.startswith("wrk") and not wrk_path:
+            line([num, name, unit, "wrk not installed"] + [""] * (len(labels) - 1) + [""] * 6)
+            continue
+        o, v, n, st = (res.median(key, x) for x in ("ours", "1.0.0", "noop", "stdlib"))
+        judged = ["ours", "1.0.0"] + {"rate": ["noop"], "multi": ["stdlib"]}.get(kind, [])
+        met = ""
+        if not any(res.errors.get((key, x)) for x in judged) and o is not None and v is not None:
+            if kind == "rate" and n is not None:
+                met = "yes" if o >= v and o >= 0.7 * n else "**no**"
+            elif kind == "multi" and st:
+                met = ("yes" if o >= 1.25 * st and o >= v else "**no**") + " (%s stdlib)" % fmt_ratio(o, st)
+            elif kind == "time":
+                met = "yes" if o <= v else "**no**"
+            elif kind in ("wrk", "ping"):
+                met = "yes" if o >= v else "**no**"
+                if kind == "ping" and n:
+                    met += "; aim %s" % ("yes" if o >= 0.75 * n else "no")
+        samples = key in ("import", "cold")
+        line([num, name, unit] + [value(key, x, blank) for x in labels]
+             + [fmt_ratio(o, v) if o and v else "", fmt_ratio(o, n) if o and n and "noop" not in blank else "",
+                target, met, per_round(key, "ours", samples), per_round(key, "1.0.0", samples)])
+    # s9: row 7a's ratio, where it ran
+    p, c = res.median("etcd_up_plain", "ours"), res.median("etcd_up_cluster", "ours")
+    name = "`--cluster` with etcd up: cost of a local newPort/delPort pair (= row 7a)"
+    if p is not None:
+        ratios = [b / a for a, b in zip(res.data[("etcd_up_plain", "ours")], res.data[("etcd_up_cluster", "ours")])]
+        line(["s9", name, "ratio"] + ["–"] * (len(labels) - 2) + ["%.2fx" % (c / p), "–", "", "", "<= 1.05x",
+             "yes" if c / p <= 1.05 else "**no**", " / ".join("%.2fx" % r for r in ratios), ""])
+    else:
+        why = ("ERROR (see below)" if res.errors.get(("cluster", "ours")) else
+               "not run (--no-cluster)" if args.no_cluster else "not run (etcd not installed)")
+        line(["s9", name, "ratio"] + [why] + [""] * (len(labels) - 1) + [""] * 6)
+
+    notes = [
+        "Speed table: every server is started afresh each round, in the order %s, reversed every other "
+        "round; each value is the median over rounds. ours/1.0.0 and ours/no-op are ratios of medians: "
+        "above 1 is better for rates (calls/s), below 1 for times (µs, ms)."
+        % ", ".join(SPEED_HEADS[x] for x in labels),
+        "1.0.0 = release 1.0.0 (`tests/data/nodemngr-1.0.0.py`, commit 482246a), started exactly as ours.",
+        "no-op = an asyncio server on the default loop (a plain Protocol, HTTP/1.1 keep-alive) that parses "
+        "only the request head's end, Content-Length and the method name, and sends a canned reply the size "
+        "and shape of ours (newPort: a fixed port, delPort: 0, ping: a string); no multicall. The ceiling "
+        "for these clients: no daemon doing any work can beat it.",
+        "s4: utime+stime (/proc/PID/stat fields 14 and 15, all threads) of the serving process over row s1's "
+        "timed window, divided by the calls of that window (tick %g ms); a nodemngr's pid is the one its "
+        "status() reports, checked by its command line." % (1e3 / os.sysconf("SC_CLK_TCK")),
+    ]
+    if wrk_path:
+        notes.append(
+            "s5, s6: `wrk %s -d%ds` (%s) with a Lua script. s5: one queue of ports per wrk thread; each "
+            "request is delPort of a queued port if there is one, else newPort(\"bench\"), whose port is "
+            "queued. s6: every request is ping. A fault or a status other than 200 in any response makes the "
+            "cell an ERROR." % (" ".join(WRK_ARGS), max(1, int(round(args.duration))), wrk_path))
+        for key in ("wrk_pairs", "wrk_ping"):
+            for label in labels:
+                errs = res.data.get((key + "_socket_errors", label))
+                if errs:
+                    notes.append("%s, %s: wrk counted %s socket errors (connect, read, write, timeout) in the "
+                                 "rounds that had any." % (key, SPEED_HEADS[label], fmt_rounds(errs)))
+    else:
+        notes.append("wrk is not installed (Debian package `wrk`; `.ci/run` installs it): rows s5 and s6 "
+                     "were not run.")
+    notes += [
+        "s7: `python3 -c` code timing `import nodemngr` alone (time.perf_counter), the version's copy as "
+        "nodemngr.py in a folder first on sys.path, bytecode cache warm (one untimed run first); %d samples "
+        "per version, versions alternating; median." % args.import_samples,
+        "s8: wall time, seen by the benchmark, from starting a fresh `python3 -c` client (%s) to its exit "
+        "after its first newPort, which auto-starts the daemon; a fresh port, range and state folder each time, given "
+        "by NODEMNGR_PORT, NODEMNGR_FIRST_PORT, NODEMNGR_LAST_PORT and NODEMNGR_STATE; the daemon is stopped "
+        "by the pid its status() gives. One untimed sample per version first, then %d each, versions "
+        "alternating; median." % ("; ".join("%s: %s" % (SPEED_HEADS[x], res.info[("cold", x)])
+                                            for x in labels if ("cold", x) in res.info) or "none",
+                                  args.cold_samples),
+    ]
+    return notes
+
+
+def render(res, floor, args, cmdline, elapsed, load, wrk_path=None):
     lines = []
     out = lines.append
     base = bool(args.baseline)
@@ -992,15 +1589,18 @@ def render(res, floor, args, cmdline, elapsed, load):
                                                    platform.python_implementation(), platform.platform()))
     out("load average at start: %s" % load)
     out("command: %s" % cmdline)
-    if base:
-        out("ours: %s (%s); baseline: %s (%s)" % (os.path.relpath(NODEMNGR, ROOT), file_id(NODEMNGR),
-                                                  args.baseline, file_id(args.baseline)))
-        out("rounds: %d (stdlib, then ours and baseline, which swap order every round; medians over "
-            "rounds); timed window per scenario: %.1f s" % (args.rounds, args.duration))
-    else:
-        out("rounds: %d (stdlib and ours alternate; medians over rounds); timed window per scenario: %.1f s"
-            % (args.rounds, args.duration))
+    out("ours: %s (%s); 1.0.0: %s (%s)%s" % (
+        os.path.relpath(NODEMNGR, ROOT), file_id(NODEMNGR), os.path.relpath(RELEASE_1_0_0, ROOT),
+        file_id(RELEASE_1_0_0), "; baseline: %s (%s)" % (args.baseline, file_id(args.baseline)) if base else ""))
+    out("rounds: %d (medians over rounds); timed window per scenario: %.1f s (wrk: %d s)"
+        % (args.rounds, args.duration, max(1, int(round(args.duration)))))
     out("")
+    out("## Speed (issue 22)")
+    out("")
+    notes = render_speed(res, args, out, wrk_path)
+    out("")
+    table = []          # the other scenarios' table, printed if it has a row
+    out = table.append
 
     def row(num, name, unit, stdlib, baseline, ours, r_std, r_base, target, met, rs, rb, ro, pad=True):
         cells = ([num, name, unit, stdlib] + ([baseline] if base else []) + [ours, r_std]
@@ -1014,32 +1614,6 @@ def render(res, floor, args, cmdline, elapsed, load):
 
     def rounds(key, label):
         return fmt_rounds(res.data.get((key, label)))
-
-    def ratio_row(num, name, key, unit, target, target_text):
-        s, b, o = res.median(key, "stdlib"), res.median(key, B), res.median(key, "ours")
-        ratio = (o / s) if (s and o) else None
-        met = "" if ratio is None else ("yes" if ratio >= target else "**no**")
-        row(num, name, unit, cell(res, key, "stdlib"), cell(res, key, B, err_key="one"),
-            cell(res, key, "ours"), "n/a" if ratio is None else "%.2fx" % ratio, fmt_ratio(o, b),
-            target_text, met, rounds(key, "stdlib"), rounds(key, B), rounds(key, "ours"))
-
-    ratio_row(1, "one client, ServerProxy, newPort/delPort pairs", "one", "calls/s", 1.3, ">= 1.3x")
-    # 1c: row 1 as time per call, the figure a change on the per-call path (the host check) moves
-    us = {label: [1e6 / v for v in res.data.get(("one", label), [])] for label in ("stdlib", B, "ours")}
-    med = {label: statistics.median(v) if v else None for label, v in us.items()}
-    if med["ours"] or med[B]:
-        row("1c", "one client: time per call (row 1 inverted; includes the host check)", "µs/call",
-            fmt_num(med["stdlib"]), fmt_num(med[B]), fmt_num(med["ours"]),
-            fmt_ratio(med["ours"], med["stdlib"]), fmt_ratio(med["ours"], med[B]), "", "",
-            fmt_rounds(us["stdlib"]), fmt_rounds(us[B]), fmt_rounds(us["ours"]))
-    ratio_row(2, "four client processes, aggregate", "four", "calls/s", 1.5, ">= 1.5x")
-    # 3: absolute target on ours
-    s, b, o = res.median("multi", "stdlib"), res.median("multi", B), res.median("multi", "ours")
-    row(3, "system.multicall, batches of %d newPort (newPort batches timed)" % BATCH, "newPort/s",
-        cell(res, "multi", "stdlib"), cell(res, "multi", B, err_key="one"), cell(res, "multi", "ours"),
-        fmt_ratio(o, s), fmt_ratio(o, b), "ours >= 10,000/s",
-        "" if o is None else ("yes" if o >= 10000 else "**no**"),
-        rounds("multi", "stdlib"), rounds("multi", B), rounds("multi", "ours"))
 
     def flat(label, key="flat"):
         few, many = res.median(key + "_few", label), res.median(key + "_many", label)
@@ -1121,24 +1695,34 @@ def render(res, floor, args, cmdline, elapsed, load):
             row(num, name, unit, "–", cell(res, key, B, err_key="stall"),
                 cell(res, key, "ours", err_key="stall"), "", fmt_ratio(o, b), target, "", "",
                 rounds(key, B), rounds(key, "ours"))
-    out("")
-    notes = [
-        "stdlib = `SimpleXMLRPCServer((\"127.0.0.1\", port), logRequests=False)`, defaults otherwise "
-        "(single-threaded, HTTP/1.0: a new TCP connection per call), a dict and a lowest-free loop; no "
-        "bound-port check, no state. The one line added for scenario 3 is "
-        "`server.register_multicall_functions()`.",
-        "ours = `nodemngr.py serve` with defaults (state file on, bound-port check on), `--log-level WARNING`.",
-    ]
+
+    out = lines.append
+    if len(table) > 2:
+        out("## Other scenarios (ours%s)" % (" and the baseline" if base else ""))
+        out("")
+        lines.extend(table)
+        out("")
+        notes += [
+            "stdlib = `SimpleXMLRPCServer((\"127.0.0.1\", port), logRequests=False)`, defaults otherwise "
+            "(single-threaded, HTTP/1.0: a new TCP connection per call), a dict and a lowest-free loop; no "
+            "bound-port check, no state. The one line added for row s3 is `server.register_multicall_functions()`.",
+            "ours = `nodemngr.py serve` with defaults (state file on, bound-port check on), `--log-level WARNING`.",
+        ]
+    else:
+        notes.insert(1, "stdlib = `SimpleXMLRPCServer((\"127.0.0.1\", port), logRequests=False)`, defaults "
+                     "otherwise (HTTP/1.0), a dict and a lowest-free loop, plus `register_multicall_functions()`; "
+                     "ours = `nodemngr.py serve` with defaults (state file on, bound-port check on), "
+                     "`--log-level WARNING`.")
     if base:
         notes.append("baseline = `%s serve`, started exactly as ours. ours/baseline is the ratio of the "
                      "two medians: above 1 is better for rates (calls/s), below 1 for times (µs, ms)."
                      % args.baseline)
-    notes += [
-        "Same client for both: plain `xmlrpc.client.ServerProxy` (socket default timeout 30 s).",
-        "Scenario 4: two more daemons of ours run at once, both with range %d-%d, one holding 10 ports "
-        "and one 25,000; pairs alternate between them in chunks of 20 and the median pair time of each is "
-        "compared. Server ports are in 13000-13999, outside every range." % WIDE_RANGE,
-    ]
+    notes.append("Same client for every server: plain `xmlrpc.client.ServerProxy` (socket default timeout 30 s), "
+                 "but in rows s5 and s6 (wrk). Server ports are in 13000-13999, outside every range.")
+    if any(res.data.get(("flat_few", x)) or res.errors.get(("flat", x)) for x in labels):
+        notes.append("Scenario 4: two more daemons of ours run at once, both with range %d-%d, one holding 10 "
+                     "ports and one 25,000; pairs alternate between them in chunks of 20 and the median pair time "
+                     "of each is compared." % WIDE_RANGE)
     for label in labels:
         fill = res.data.get(("fill", label))
         if fill:
@@ -1184,16 +1768,18 @@ ERRORS = (BenchError, ServerError, OSError, xmlrpc.client.Error, EOFError, http.
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="short smoke run (1 round, short windows)")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds of stdlib/ours (default 3, quick 1)")
+    ap.add_argument("--quick", action="store_true", help="short smoke run (1 round, short windows, fewer samples)")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds over every server (default 3, quick 1)")
     ap.add_argument("--duration", type=float, default=None,
-                    help="timed window per scenario in seconds (default 2, quick 0.5)")
+                    help="timed window per scenario in seconds (default 2, quick 0.5; wrk: rounded, at least 1)")
+    ap.add_argument("--only", choices=["speed"],
+                    help="speed: only the speed table (and row 7a, where etcd is installed)")
     ap.add_argument("--baseline", metavar="PATH",
-                    help="an older copy of nodemngr.py (e.g. `git show 482246a:nodemngr.py > "
-                    "/tmp/nodemngr-1.0.0.py`): every scenario of ours also runs against it")
+                    help="an older copy of nodemngr.py (e.g. `git show HEAD~5:nodemngr.py > "
+                    "/tmp/nodemngr-before.py`): a column of its own in every table")
     ap.add_argument("--no-stall", action="store_true",
                     help="skip scenario 6 (starts %d sleep processes)" % STALL_OWNERS)
-    ap.add_argument("--no-cluster", action="store_true", help="skip scenario 7 (starts etcd, if installed)")
+    ap.add_argument("--no-cluster", action="store_true", help="skip scenarios 7 and 8 (start etcd, if installed)")
     args = ap.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
@@ -1205,8 +1791,11 @@ def parse_args(argv):
         if not os.path.isfile(args.baseline):
             ap.error("--baseline %s: no such file" % args.baseline)
         args.baseline = os.path.abspath(args.baseline)
+    args.speed_only = args.only == "speed"
     args.stall_idle = 2.5 if args.quick else 6.0        # >= one reap interval (2 s); full: three
     args.stall_fail = 1.5 if args.quick else 5.0
+    args.import_samples = 5 if args.quick else IMPORT_SAMPLES
+    args.cold_samples = 3 if args.quick else COLD_SAMPLES
     return args
 
 
@@ -1222,6 +1811,9 @@ def load_proxy_factory():
     return factory
 
 
+SPEED_KEYS = ("one", "cpu", "four", "multi", "wrk_pairs", "wrk_ping")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     cmdline = shlex.join([os.path.basename(sys.executable)] + sys.argv) if hasattr(shlex, "join") \
@@ -1232,15 +1824,33 @@ def main(argv=None):
     except OSError:
         load = "unknown"
     socket.setdefaulttimeout(30)
+    wrk_path = shutil.which("wrk")
     d = {"pairs": args.duration, "multi": min(args.duration, 1.5), "flat": min(args.duration, 1.5),
-         "fill_limit": 15.0, "stall_idle": args.stall_idle, "stall_fail": args.stall_fail}
-    daemons = [("ours", NODEMNGR)] + ([("baseline", args.baseline)] if args.baseline else [])
-    stall_each = 0 if args.no_stall else (d["stall_idle"] + d["stall_fail"] + STALL_BATCH_TIMEOUT + 25)
-    # A safety net against hangs, not a schedule: stdlib 3 windows; each daemon 4 windows plus the
-    # flat fill (up to fill_limit) and starts; scenario 6 bounded by STALL_BATCH_TIMEOUT.
-    per_daemon = 4 * args.duration + d["fill_limit"] + 8 + stall_each
-    limit = int(40 + args.rounds * (3 * args.duration + 3 + len(daemons) * per_daemon))
-    # default: 403 s, 739 s with --baseline; --quick: 143 s, 242 s with --baseline
+         "wrk": max(1, int(round(args.duration))), "fill_limit": 15.0, "stall_idle": args.stall_idle,
+         "stall_fail": args.stall_fail}
+    have_ours = os.path.exists(NODEMNGR)
+    daemons = ([("ours", NODEMNGR)] if have_ours else []) + ([("baseline", args.baseline)] if args.baseline else [])
+    # the speed table's servers, in the order of even rounds (odd rounds reverse it)
+    speed_servers = ([("stdlib", None), ("1.0.0", RELEASE_1_0_0)]
+                     + ([("baseline", args.baseline)] if args.baseline else [])
+                     + ([("ours", NODEMNGR)] if have_ours else []) + [("noop", None)])
+    versions = [(label, script) for label, script in speed_servers if script]    # import and cold rows
+    cluster = bool(have_ours and etcd_binary() and not args.no_cluster)
+    stall = not (args.no_stall or args.speed_only) and have_ours
+    # A safety net against hangs, not a schedule.  Per server and round of the speed table: its
+    # start, the one- and four-client windows (with the four processes' start), the multicall
+    # window and the two wrk runs.  Per daemon and round of the rest: the proxy window, flat cost
+    # (fill up to fill_limit, three windows, two starts) and scenario 6 (bounded by
+    # STALL_BATCH_TIMEOUT).  Then import and cold samples, the cluster rounds, scenario 8, the floor.
+    per_speed = 5 + 2 * args.duration + 4 + d["multi"] + 2 + (2 * (d["wrk"] + 3) if wrk_path else 0)
+    stall_each = (d["stall_idle"] + d["stall_fail"] + STALL_BATCH_TIMEOUT + 25) if stall else 0
+    rest_each = 0 if args.speed_only else args.duration + 3 * d["flat"] + d["fill_limit"] + 10 + stall_each
+    cluster_each = (20 + 2 * d["flat"] + (0 if args.speed_only else d["flat"] + 10)) if cluster else 0
+    limit = int(60 + args.rounds * (len(speed_servers) * per_speed + len(daemons) * rest_each + cluster_each)
+                + len(versions) * ((args.import_samples + 1) * 1.0 + (args.cold_samples + 1) * 3.0) + COLD_TIMEOUT
+                + (0 if args.speed_only else 5 + 2 * d["flat"] + (180 if cluster else 0)))
+    # with wrk and etcd: --only speed 537 s (--quick 209 s), full 1097 s (--quick 506 s); with a baseline
+    # 656 s (247 s) and 1554 s (646 s)
 
     def on_alarm(signum, frame):
         raise Watchdog("run exceeded %d s" % limit)
@@ -1252,53 +1862,57 @@ def main(argv=None):
     tmp = tempfile.mkdtemp(prefix="nodemngr-bench-")
     servers = []
     sleepers = Sleepers()
-    have_ours = os.path.exists(NODEMNGR)
+    cold_started = []       # the cold samples' folders: whatever runs with one among its arguments is ours
     try:
         picker = PortPicker()
         first, last = free_range(1000)
         stall_range = None
-        if not args.no_stall and have_ours:
+        if stall:
             try:
                 raise_nofile(STALL_RANGE - STALL_OWNERS + 200)
                 stall_range = find_stall_range()
             except BenchError as exc:
                 for label, _ in daemons:
                     res.error("stall", label, str(exc))
-        try:
-            proxy_factory = load_proxy_factory()
-        except Exception as exc:
-            proxy_factory = None
-            res.error("proxy", "ours", "importing nodemngr_proxy failed: %s: %s" % (type(exc).__name__, exc))
-        if not have_ours:
-            res.error("one", "ours", "%s does not exist; only stdlib and floor measured" % NODEMNGR)
-        for rnd in range(args.rounds):
-            # (a) stdlib
-            srv = start_stdlib(picker, tmp, first, last)
-            servers.append(srv)
+        proxy_factory = None
+        if not args.speed_only:
             try:
-                srv.wait_ready(15.0)
-                run_common(srv, d, res, "stdlib")
-            except ERRORS as exc:
-                res.error("one", "stdlib", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
-            finally:
-                srv.stop()
-                servers.remove(srv)
-            if not have_ours:
-                continue
-            order = daemons if rnd % 2 == 0 else daemons[::-1]
-            # (b) ours (and the baseline), scenarios 1-3 (+ NodeMngrProxy)
-            for label, script in order:
-                srv = start_ours(picker, tmp, first, last, "r%d" % rnd, script, label)
+                proxy_factory = load_proxy_factory()
+            except Exception as exc:
+                res.error("proxy", "ours", "importing nodemngr_proxy failed: %s: %s" % (type(exc).__name__, exc))
+        wrk_scripts = []
+        if wrk_path:
+            for key, text in (("wrk_pairs", WRK_PAIRS), ("wrk_ping", WRK_PING)):
+                path = os.path.join(tmp, key + ".lua")
+                with open(path, "w") as f:
+                    f.write(text)
+                wrk_scripts.append((key, path))
+        if not have_ours:
+            res.error("one", "ours", "%s does not exist; only the other servers measured" % NODEMNGR)
+        for rnd in range(args.rounds):
+            # (a) the speed table: every server afresh, the order reversed every other round
+            for label, script in (speed_servers if rnd % 2 == 0 else speed_servers[::-1]):
+                if label == "stdlib":
+                    srv = start_stdlib(picker, tmp, first, last)
+                elif label == "noop":
+                    srv = start_noop(picker, tmp, first)
+                else:
+                    srv = start_ours(picker, tmp, first, last, "r%d" % rnd, script, label)
                 servers.append(srv)
                 try:
                     srv.wait_ready(15.0)
-                    run_common(srv, d, res, label, proxy_factory)
+                    run_speed(srv, label, d, res, rnd, wrk_scripts, tmp,
+                              proxy_factory if label in ("ours", "baseline") else None)
                 except ERRORS as exc:
-                    res.error("one", label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
+                    for key in SPEED_KEYS:
+                        res.error(key, label, "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
                 finally:
                     srv.stop()
                     servers.remove(srv)
-            # (b') flat cost: two daemons on the wide range, 10 vs FLAT_MANY registered
+            if args.speed_only:
+                continue
+            order = daemons if rnd % 2 == 0 else daemons[::-1]
+            # (b) flat cost: two daemons on the wide range, 10 vs FLAT_MANY registered
             for label, script in order:
                 pair = []
                 try:
@@ -1340,12 +1954,16 @@ def main(argv=None):
                     srv.stop()
                     servers.remove(srv)
         sleepers.stop()
-        for rnd in range(args.rounds if have_ours and etcd_binary() and not args.no_cluster else 0):
+        # (d) the speed table's import and cold first call: samples, versions alternating
+        folders = version_folders(tmp, versions, res)
+        import_times(folders, args.import_samples, res)
+        cold_times(folders, args.cold_samples, res, picker, tmp, cold_started)
+        for rnd in range(args.rounds if cluster else 0):
             try:
-                run_cluster(picker, tmp, first, last, d, res, rnd)
+                run_cluster(picker, tmp, first, last, d, res, rnd, etcd_down=not args.speed_only)
             except ERRORS as exc:
                 res.error("cluster", "ours", "round %d: %s: %s" % (rnd + 1, type(exc).__name__, exc))
-        if have_ours and etcd_binary() and not args.no_cluster:    # scenario 8, once: ours and the baseline
+        if cluster and not args.speed_only:     # scenario 8, once: ours and the baseline
             etcd = Etcd(tempfile.mkdtemp(prefix="etcd-scale-", dir=tmp)).start()
             try:
                 fill_cluster(etcd)
@@ -1358,8 +1976,9 @@ def main(argv=None):
                 res.error("scale", "ours", "filling etcd: %s: %s" % (type(exc).__name__, exc))
             finally:
                 etcd.stop()
-        rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
-        floor = (rtt, req_len, resp_len, bind_close_us())
+        if not args.speed_only:
+            rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
+            floor = (rtt, req_len, resp_len, bind_close_us())
     except Watchdog as exc:
         res.error("run", "bench", str(exc))
     finally:
@@ -1367,8 +1986,11 @@ def main(argv=None):
         for srv in list(servers):
             srv.stop()
         sleepers.stop()
+        for folder in cold_started:
+            for pid in pids_of_folder(folder):
+                stop_pid(pid)
         shutil.rmtree(tmp, ignore_errors=True)
-    print(render(res, floor, args, cmdline, time.monotonic() - start, load))
+    print(render(res, floor, args, cmdline, time.monotonic() - start, load, wrk_path))
     return 1 if res.errors else 0
 
 
