@@ -2243,7 +2243,7 @@ class NodeMngr:
 # ---------------------------------------------------------------------------------------------
 # Every door's calls, checked, counted and logged the same way; it knows no socket and no framing.
 
-_LARGE_REPLIES = ("listPorts", "lookup", "system.multicall")  # the calls whose reply can be megabytes
+_LARGE_REPLIES = ("listPorts", "lookup", "system.multicall", "listCluster")  # the calls whose reply can be megabytes
 
 
 class Busy(Exception):
@@ -2303,6 +2303,7 @@ class Dispatcher:
     """
 
     max_slow_calls = 8      # calls waiting for etcd at once (locate); beyond, fault 5 at once
+    max_large_slow_calls = 2    # of them, listings of the cluster being made at once; beyond, Busy
 
     def __init__(self, service, token=None):
         """service: a NodeMngr; token: the token (bytes) callers must present, or None."""
@@ -2316,6 +2317,7 @@ class Dispatcher:
         self.requests = collections.Counter()   # calls by method ("unknown": not offered; "portserver")
         self.faults = collections.Counter()     # faults answered, by code
         self.slow_calls = 0     # Deferred handed out and not finished yet
+        self.large_slow_calls = 0   # of them, those whose reply can be megabytes (_LARGE_REPLIES)
         self._families = []     # functions giving the families that others keep, for /metrics
         self._listing = (None, b"")     # (service.changes, listPorts reply)
         self._lookups = (None, None)    # (service.changes, {name: lookup reply})
@@ -2400,7 +2402,7 @@ class Dispatcher:
         was abandoned meanwhile."""
         if deferred.abandoned:
             return None
-        self.slow_calls -= 1
+        self._slow_call_done(deferred)
         if deferred.reply is None:      # (it never ran: its thread could not be had)
             failed = Fault(INTERNAL_ERROR, "internal error: %s did not run; see the node manager's log" % deferred.method)
             deferred.reply, deferred.fault = marshal_reply(failed, deferred.method)
@@ -2412,7 +2414,7 @@ class Dispatcher:
         """The reply to a Deferred the stop will not wait for: fault 5, counted; whatever its thread
         does later is dropped (finish() then returns None)."""
         deferred.abandoned = True
-        self.slow_calls -= 1
+        self._slow_call_done(deferred)
         return self._reply(Fault(CLUSTER_UNAVAILABLE, "the node manager is stopping; %s's answer from etcd was "
                                  "not waited for" % deferred.method), deferred.method)
 
@@ -2602,8 +2604,17 @@ class Dispatcher:
         if self.slow_calls >= self.max_slow_calls:
             raise Fault(CLUSTER_UNAVAILABLE, "%d calls to etcd are in flight already; try again shortly"
                         % self.slow_calls)
+        large = method in _LARGE_REPLIES
+        if large and self.large_slow_calls >= self.max_large_slow_calls:
+            # (each is megabytes, made in a thread before the server can count it as owed to a client)
+            raise Busy("%d listings of the cluster are being made already; try again shortly" % self.large_slow_calls)
         self.slow_calls += 1
+        self.large_slow_calls += large
         return Deferred(method, functools.partial(func, *params))
+
+    def _slow_call_done(self, deferred):
+        self.slow_calls -= 1
+        self.large_slow_calls -= deferred.method in _LARGE_REPLIES
 
     def _reply(self, response, method):
         """*response* (a 1-tuple or a Fault) marshalled; a fault is counted."""
@@ -3585,7 +3596,8 @@ class NodeMngrServer:
                 pid, uid = peer_credentials(sock)
                 peer, caller = ("the local socket", 0), self.dispatcher.caller(
                     "local", uid=uid, pid=pid, namespace=UNKNOWN_NAMESPACE if pid is None else pid_namespace(pid))
-            else:
+            else:   # (a reply in parts must not wait for the client's delayed ACK: 40 ms each)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 caller = self.dispatcher.caller("tcp", address=peer[0], uid=tcp_peer_uid(sock.getsockname(), peer))
             connection = self._connection_type(self, sock, peer, caller)
             self.connections.add(connection)
