@@ -1878,6 +1878,7 @@ class NodeMngr:
         self.address, self.reap_interval = address, reap_interval
         self.on_terminate = self.on_change = self.cluster = None
         self._group = None      # between begin_group() and end_group(): the changes made
+        self._depth = 0         # groups begun and not ended (they nest)
         self.reap_step(budget=None)     # owners that ended while no daemon ran
 
     # -- wire methods ------------------------------------------------------------------------
@@ -2023,14 +2024,20 @@ class NodeMngr:
 
     def begin_group(self):
         """Save the changes of the calls made from now on together, at end_group(): one
-        transaction for the calls of a system.multicall, each acknowledged only after it."""
-        self.store.begin()
-        self._group = []
+        transaction for the calls of a system.multicall, or of a turn of the server's loop, each
+        acknowledged only after it.  Groups nest: the outermost end_group() saves."""
+        self._depth += 1
+        if self._group is None:
+            self.store.begin()
+            self._group = []
 
     def end_group(self):
         """Save the changes made since begin_group() in one transaction, then tell on_change.  If
         that fails, every one of them is undone (the registry is read back from the state file,
         which the failed transaction left as it was) and StoreError says so."""
+        self._depth -= 1
+        if self._depth:
+            return
         changes, self._group = self._group, None
         try:
             self.store.commit()
@@ -2296,6 +2303,8 @@ class Dispatcher:
       and sockets to pass); Busy.
     - call(caller, method, params): one call in this thread (in-process callers, tests).
     - portserver(caller, text): the port for a portserver request, or None (refused).
+    - begin_group(), end_group(): the calls dispatched between them are saved in one transaction
+      and must be answered only after end_group(), with its reply instead if it failed.
     - handover_failed(handover, reason): the reply to send when the sockets could not go.
     - metrics(): the text of GET /metrics; add_gauge() adds a gauge the server keeps.
 
@@ -2396,6 +2405,24 @@ class Dispatcher:
         except Fault as fault:
             self.faults[fault.faultCode] += 1
             raise
+
+    def begin_group(self):
+        """Save the changes of the calls dispatched from now on in one transaction, at end_group()."""
+        self.service.begin_group()
+
+    def end_group(self):
+        """Save the group's changes: None when saved, else the reply every call of the group gets
+        instead of its own (fault -32603: none of them was made; count it with group_failed())."""
+        try:
+            self.service.end_group()
+        except StoreError as exc:
+            return marshal_reply(Fault(exc.faultCode, str(exc)), "a group of calls")[0]
+        return None
+
+    def group_failed(self, reply):
+        """Count one call answered with end_group()'s *reply*; return it."""
+        self.faults[INTERNAL_ERROR] += 1
+        return reply
 
     def finish(self, deferred):
         """The reply of a Deferred that has run (its fault, if any, is counted here); None if it
@@ -2842,9 +2869,10 @@ class Connection:
 
     What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
     limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
-    short_of_memory(), release(connection) and run_slow(deferred, done), which it calls.
+    short_of_memory(), release(connection), run_slow(deferred, done), group_replies(),
+    hold(connection) and end_turn(), which it calls.
     What the server asks of it: expired(now), expire(), quiet(), deadline, unfinished(),
-    taking_replies(until), answer_the_rest(grace) and close().
+    taking_replies(until), answer_the_rest(grace), release_held(failed) and close().
 
     Every connection reads into one shared buffer, taken out at once: asyncio's own reads
     allocate 256 KiB each, which glibc serves by mmap, measured at +80 us of CPU per call.
@@ -2852,7 +2880,7 @@ class Connection:
 
     __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
                  "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller",
-                 "more")
+                 "more", "held")
 
     def __init__(self, server, sock, peer, caller):
         """peer: the client's address, for the log; caller: the Caller its calls are made as."""
@@ -2872,6 +2900,7 @@ class Connection:
         self.active = time.monotonic()  # when the client last sent bytes or took some of a reply
         self.request_caller = caller    # the Caller of the request whose body is awaited
         self.more = False               # the next chunk of a long reply is due at the next turn
+        self.held = []                  # (head, reply) waiting for the turn's group commit
 
     # -- what the server asks --------------------------------------------------------------------
 
@@ -2888,7 +2917,8 @@ class Connection:
     @property
     def idle(self):
         """Between requests, with nothing received and nothing to send."""
-        return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.outbuf or self.awaiting)
+        return self.phase is _READING and not (self.inbuf or self.head or self.pending or self.outbuf or self.awaiting
+                                               or self.held)
 
     def quiet_since(self, window):
         """When its client last sent bytes or took some of a reply, if it may be closed to make
@@ -2980,7 +3010,7 @@ class Connection:
         per turn, so that one connection's pipeline cannot hold up the others."""
         server = self.server
         for _ in range(_TURN_REQUESTS):
-            if (self.pending or self.outbuf or self.awaiting or server.released
+            if (self.pending or self.outbuf or self.awaiting or self.held or server.released
                     or (self.phase is not _READING and self.phase is not _DRAINING)):
                 return
             try:
@@ -3005,23 +3035,46 @@ class Connection:
         server.loop.call_soon(self.answer_received)
 
     def _answer(self, head, body, caller):
-        dispatcher = self.server.dispatcher
+        server = self.server
+        dispatcher = server.dispatcher
+        grouped = server.group_replies()    # (asked first: the call's changes join the group)
         if head.page is not None:   # (GET /metrics, the only page)
             reply = dispatcher.metrics().encode("utf-8")
         else:
             try:
-                reply = dispatcher.dispatch(caller, body, self.server.short_of_memory())
+                reply = dispatcher.dispatch(caller, body, server.short_of_memory())
             except Busy as exc:
                 raise _HTTPError(503, str(exc))
             if type(reply) is Deferred:     # it waits for another server: answered when its thread is done
-                if self.server.stopping:    # (no new wait once the stop has begun)
+                if server.stopping:         # (no new wait once the stop has begun)
                     reply = dispatcher.abandon(reply)
                 else:
                     self.awaiting = (head, reply)
                     self.transport.pause_reading()
-                    self.server.run_slow(reply, functools.partial(self._slow_done, reply))
+                    server.run_slow(reply, functools.partial(self._slow_done, reply))
                     return
+        if grouped:     # sent once the turn's group is saved (release_held)
+            self.held.append((head, reply))
+            server.hold(self)
+            return
         self._reply(head, reply)
+
+    def release_held(self, failed):
+        """The turn's group commit is done: send the replies held for it, in order, or *failed*
+        instead of each (the group's fault: none of its calls was made), then answer on."""
+        held, self.held = self.held, []
+        dispatcher = self.server.dispatcher
+        for head, reply in held:
+            if type(reply) is Handover and (failed is not None or self.phase is _CLOSED):
+                if failed is None:      # (gone meanwhile: its ports are given back)
+                    dispatcher.handover_failed(reply, ConnectionResetError("the client has gone"))
+                for sock in reply.sockets:
+                    sock.close()
+            if failed is not None:
+                reply = dispatcher.group_failed(failed)
+            if self.phase is not _CLOSED:
+                self._reply(head, reply)
+        self.answer_received()
 
     def _slow_done(self, deferred):
         reply = self.server.dispatcher.finish(deferred)
@@ -3096,6 +3149,7 @@ class Connection:
         self.served += 1
         self.inbuf, self.pos, self.phase = b"", 0, _CLOSING
         line = line[:-1] if line.endswith(b"\r") else line
+        self.server.end_turn()      # (its port is answered at once: saved alone, not in the turn's group)
         port = self.server.dispatcher.portserver(self.caller, None if len(data) > _PORTSERVER_MAX or rest else line)
         if port is None:
             self.close()
@@ -3434,6 +3488,7 @@ class NodeMngrServer:
         manager passed (activated_sockets()), served instead of binding host:port and local."""
         self.dispatcher = self.loop = self.notify = None
         self._connection_type = None    # Connection as asyncio's protocol, once serving
+        self._group = None      # connections holding replies for the turn's group commit, while one is open
         self.stop_reason = None     # why it stops, once asked
         self.stopping = False       # it takes no new request (set once the stop has begun)
         self.released = False       # stopping, and no request will be answered any more
@@ -3475,6 +3530,35 @@ class NodeMngrServer:
     def release(self, connection):
         """*connection* no longer holds a place among the connections."""
         self.connections.discard(connection)
+
+    def group_replies(self):
+        """Whether a connection about to answer a request must hold its reply for the turn's group
+        commit (hold(), then end_turn() at the next turn): yes while a group is open, and a group
+        opens when other callbacks wait in this turn of the loop (other clients' requests, most
+        likely).  The calls of a turn are then saved in one transaction instead of one each, which
+        was most of a call's cost under load; a lone call is saved and answered at once."""
+        if self._group is None:
+            waiting = getattr(self.loop, "_ready", None)    # (asyncio's; not an API: without it, no groups)
+            if not waiting or self.stopping:
+                return False
+            self.dispatcher.begin_group()
+            self._group = []
+            self.loop.call_soon(self.end_turn)
+        return True
+
+    def hold(self, connection):
+        """*connection* holds a reply for the turn's group commit."""
+        self._group.append(connection)
+
+    def end_turn(self):
+        """Save the turn's group of calls, then let the connections send the replies they held.
+        Also called before a reply that cannot wait (a portserver line) and at the stop."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        failed = self.dispatcher.end_group()
+        for connection in dict.fromkeys(group):
+            connection.release_held(failed)
 
     def run_slow(self, deferred, done):
         """Run *deferred* (a call waiting for etcd) in a thread, then done() on the loop; done()
@@ -3672,6 +3756,7 @@ class NodeMngrServer:
         now = time.monotonic()
         if not self.released and (now >= self._release_at or not any(
                 c.unfinished() for c in self.connections)):
+            self.end_turn()
             for connection in list(self.connections):
                 try:
                     connection.answer_the_rest(self.stop_grace)

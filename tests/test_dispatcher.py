@@ -186,12 +186,26 @@ def test_a_slow_call_is_deferred_run_in_a_thread_and_finished_counted(dispatcher
     fault = answer(dispatcher.finish(deferred))
     assert fault.faultCode == 5 and "no cluster view" in fault.faultString
     assert dispatcher.slow_calls == 0 and dispatcher.faults == {5: 1}
-    held = [dispatcher.dispatch(tcp, body("listCluster")) for _ in range(dispatcher.max_slow_calls)]
+    held = [dispatcher.dispatch(tcp, body("locate", "db")) for _ in range(dispatcher.max_slow_calls)]
     assert answer(dispatcher.dispatch(tcp, body("locate", "db"))).faultCode == 5, "beyond 8 waiting: at once"
     for deferred in held:
         deferred.run()
         dispatcher.finish(deferred)
     assert dispatcher.slow_calls == 0
+
+
+def test_at_most_two_listings_of_the_cluster_are_made_at_once(dispatcher, tcp):
+    """Each is megabytes, made in a thread before the server can count it as owed to a client."""
+    made = [dispatcher.dispatch(tcp, body("listCluster")) for _ in range(dispatcher.max_large_slow_calls)]
+    assert all(type(deferred) is Deferred for deferred in made)
+    with pytest.raises(nodemngr.Busy):
+        dispatcher.dispatch(tcp, body("listCluster"))
+    assert type(dispatcher.dispatch(tcp, body("locate", "db"))) is Deferred, "small ones still wait their turn"
+    made[0].run()
+    dispatcher.finish(made[0])
+    with pytest.raises(nodemngr.Busy):     # (replies owed to clients that do not read are over the bound)
+        dispatcher.dispatch(tcp, body("listCluster"), short_of_memory=True)
+    assert type(dispatcher.dispatch(tcp, body("listCluster"))) is Deferred, "one done: the next may start"
 
 
 def test_a_bug_is_one_sentence_for_the_caller_and_a_traceback_in_the_log(dispatcher, tcp, caplog):

@@ -1,18 +1,22 @@
 """The state file: one that is not a regular file, or not a state file of this schema, is refused or
 moved aside, never written through (a link swapped in while it opens included); one daemon per
 state file, a second waiting briefly for it to be released; a folder made read-only or a full
-disk mid-run loses nothing acknowledged."""
+disk mid-run loses nothing acknowledged; the calls of a system.multicall, and those of one turn of
+the daemon's loop, are saved in one transaction, all or none, and answered after it."""
 import os
+import resource
 import shutil
+import signal
 import socket
 import stat
 import subprocess
+import time
 import xmlrpc.client
 
 import pytest
 
-from support import (SHORT_LOCK_WAIT, clean_env, free_port, nodemngr_argv, popen_python, registered, stop_pid,
-                     wait_until)
+from support import (SHORT_LOCK_WAIT, RawConnection, clean_env, free_port, http_request, nodemngr_argv, popen_python,
+                     registered, rpc_body, stop_pid, wait_until)
 
 import nodemngr
 
@@ -217,7 +221,6 @@ def test_full_disk_mid_run(daemon_factory, tmp_path):
 # --- a system.multicall is saved in one transaction ----------------------------------------------
 
 def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
-    import resource
     folder = tmp_path / "state"
     folder.mkdir()
     d = daemon_factory(size=400, state=folder / "state.sqlite3")
@@ -240,3 +243,57 @@ def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
     d.kill()    # acknowledged only once saved: a kill -9 right after the reply loses nothing
     d.start()
     assert sorted(registered(d)) == kept + [kept[-1] + 1 + i for i in range(6)]
+
+
+def _requests_in_one_turn(d, bodies):
+    """Send each XML-RPC body on a connection of its own while the daemon is stopped (SIGSTOP), so
+    that they are all there when it goes on: one turn of its loop.  Returns the replies."""
+    conns = [RawConnection(d) for _ in bodies]
+    try:
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            for conn, body in zip(conns, bodies):
+                conn.send(http_request(body))
+            deadline = time.monotonic() + 5      # (until the kernel holds every request for it)
+            while any(not _unread_by(d, conn) for conn in conns) and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        return [conn.reply() for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def _unread_by(d, conn):
+    """Whether the daemon's end of *conn* holds bytes it has not read (the request has arrived)."""
+    local = conn.sock.getsockname()[1]
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[2].split(":")[1], 16) == local and int(fields[1].split(":")[1], 16) == d.port:
+                return int(fields[4].split(":")[1], 16) > 0
+    return False
+
+
+def test_the_calls_of_one_turn_are_saved_in_one_transaction_and_answered_after_it(daemon_factory, tmp_path):
+    folder = tmp_path / "state"
+    folder.mkdir()
+    d = daemon_factory(size=40, state=folder / "state.sqlite3")
+    rpc = d.rpc()
+    kept = [rpc.newPort("before %d" % i) for i in range(3)]
+    replies = _requests_in_one_turn(d, [rpc_body("newPort", "turn %d" % i) for i in range(8)])
+    ports = sorted(reply.result() for reply in replies)
+    assert ports == list(range(kept[-1] + 1, kept[-1] + 9)), "eight calls of one turn, each its port"
+    d.kill()    # answered only once saved: a kill -9 right after the replies loses nothing
+    d.start()
+    assert sorted(registered(d)) == kept + ports
+    # A disk nearly full: each call of the turn alone would still fit, the eight together do not.
+    limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + 16 * 1024
+    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    replies = _requests_in_one_turn(d, [rpc_body("newPort", "x" * 3000) for _ in range(8)] + [rpc_body("ping")])
+    faults = [reply.result() for reply in replies]
+    assert all(isinstance(f, xmlrpc.client.Fault) and f.faultCode == -32603 for f in faults), faults
+    assert "none of the 8 changes of these calls was made" in faults[0].faultString
+    assert sorted(registered(d)) == kept + ports, "not one call of the turn took effect"
+    assert rpc.newPort("small") == ports[-1] + 1, "the failed turn's ports are free again"
