@@ -87,6 +87,7 @@ import select
 import shlex
 import signal
 import socket
+import _socket
 import sqlite3
 import ssl
 import stat
@@ -525,7 +526,7 @@ def port_is_bindable(port):
 
 
 def _bind_probe(family, kind, address, v6only, port, reuse):
-    s = socket.socket(family, kind)
+    s = _socket.socket(family, kind)    # (socket.socket's Python layer costs 0.7 us a probe, two a newPort)
     try:
         if v6only:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -2046,6 +2047,10 @@ class NodeMngr:
             raise StoreError("%s; none of the %d changes of these calls was made" % (exc, len(changes)))
         self._changed(changes)
 
+    def unsaved(self):
+        """Whether the open group holds changes not saved yet."""
+        return bool(self._group)
+
     @property
     def changes(self):
         """A count of the changes to the registry: a listing made at the same count is current."""
@@ -2303,8 +2308,9 @@ class Dispatcher:
       and sockets to pass); Busy.
     - call(caller, method, params): one call in this thread (in-process callers, tests).
     - portserver(caller, text): the port for a portserver request, or None (refused).
-    - begin_group(), end_group(): the calls dispatched between them are saved in one transaction
-      and must be answered only after end_group(), with its reply instead if it failed.
+    - begin_group(), end_group(): the calls dispatched between them are saved in one transaction;
+      while unsaved() says there are changes, replies wait for end_group() (its reply instead if
+      it failed).
     - handover_failed(handover, reason): the reply to send when the sockets could not go.
     - metrics(): the text of GET /metrics; add_gauge() adds a gauge the server keeps.
 
@@ -2409,6 +2415,10 @@ class Dispatcher:
     def begin_group(self):
         """Save the changes of the calls dispatched from now on in one transaction, at end_group()."""
         self.service.begin_group()
+
+    def unsaved(self):
+        """Whether the open group holds changes: then a reply given meanwhile waits for end_group()."""
+        return self.service.unsaved()
 
     def end_group(self):
         """Save the group's changes: None when saved, else the reply every call of the group gets
@@ -2869,8 +2879,8 @@ class Connection:
 
     What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
     limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
-    short_of_memory(), release(connection), run_slow(deferred, done), group_replies(),
-    hold(connection) and end_turn(), which it calls.
+    short_of_memory(), release(connection), run_slow(deferred, done), open_group(),
+    must_hold(connection) and end_turn(), which it calls.
     What the server asks of it: expired(now), expire(), quiet(), deadline, unfinished(),
     taking_replies(until), answer_the_rest(grace), release_held(failed) and close().
 
@@ -3036,28 +3046,36 @@ class Connection:
 
     def _answer(self, head, body, caller):
         server = self.server
-        dispatcher = server.dispatcher
-        grouped = server.group_replies()    # (asked first: the call's changes join the group)
-        if head.page is not None:   # (GET /metrics, the only page)
-            reply = dispatcher.metrics().encode("utf-8")
-        else:
-            try:
-                reply = dispatcher.dispatch(caller, body, server.short_of_memory())
-            except Busy as exc:
-                raise _HTTPError(503, str(exc))
-            if type(reply) is Deferred:     # it waits for another server: answered when its thread is done
-                if server.stopping:         # (no new wait once the stop has begun)
-                    reply = dispatcher.abandon(reply)
-                else:
-                    self.awaiting = (head, reply)
-                    self.transport.pause_reading()
-                    server.run_slow(reply, functools.partial(self._slow_done, reply))
-                    return
-        if grouped:     # sent once the turn's group is saved (release_held)
+        grouped = server.open_group()       # (asked first: the call's changes join the group)
+        try:
+            reply = self._reply_to(head, body, caller)
+        finally:    # (whatever happened: a group with nothing to save is closed)
+            held = grouped and server.must_hold(self)
+        if reply is None:
+            return
+        if held:    # sent once the turn's group is saved (release_held)
             self.held.append((head, reply))
-            server.hold(self)
             return
         self._reply(head, reply)
+
+    def _reply_to(self, head, body, caller):
+        """The reply to a request, or None for a slow call, answered when its thread is done."""
+        server = self.server
+        dispatcher = server.dispatcher
+        if head.page is not None:   # (GET /metrics, the only page)
+            return dispatcher.metrics().encode("utf-8")
+        try:
+            reply = dispatcher.dispatch(caller, body, server.short_of_memory())
+        except Busy as exc:
+            raise _HTTPError(503, str(exc))
+        if type(reply) is Deferred:     # it waits for another server
+            if server.stopping:         # (no new wait once the stop has begun)
+                return dispatcher.abandon(reply)
+            self.awaiting = (head, reply)
+            self.transport.pause_reading()
+            server.run_slow(reply, functools.partial(self._slow_done, reply))
+            return None
+        return reply
 
     def release_held(self, failed):
         """The turn's group commit is done: send the replies held for it, in order, or *failed*
@@ -3531,24 +3549,31 @@ class NodeMngrServer:
         """*connection* no longer holds a place among the connections."""
         self.connections.discard(connection)
 
-    def group_replies(self):
-        """Whether a connection about to answer a request must hold its reply for the turn's group
-        commit (hold(), then end_turn() at the next turn): yes while a group is open, and a group
-        opens when other callbacks wait in this turn of the loop (other clients' requests, most
-        likely).  The calls of a turn are then saved in one transaction instead of one each, which
-        was most of a call's cost under load; a lone call is saved and answered at once."""
+    def open_group(self):
+        """Before a connection dispatches a request: whether a group of calls is open, to be saved
+        in one transaction at the end of this turn of the loop.  One opens when other callbacks
+        wait in the turn (other clients' requests, most likely): under load, a call's own commit
+        was most of its cost.  A lone call is saved and answered at once, as ever."""
         if self._group is None:
             waiting = getattr(self.loop, "_ready", None)    # (asyncio's; not an API: without it, no groups)
             if not waiting or self.stopping:
                 return False
             self.dispatcher.begin_group()
             self._group = []
-            self.loop.call_soon(self.end_turn)
         return True
 
-    def hold(self, connection):
-        """*connection* holds a reply for the turn's group commit."""
+    def must_hold(self, connection):
+        """After it dispatched a request in an open group: whether *connection* must hold the reply
+        until end_turn() has saved the group, as it has changes to save (this call's, or earlier
+        ones' that the reply may show).  A group with none is closed: a ping costs no turn."""
+        if not self.dispatcher.unsaved():
+            self._group = None
+            self.dispatcher.end_group()
+            return False
+        if not self._group:
+            self.loop.call_soon(self.end_turn)
         self._group.append(connection)
+        return True
 
     def end_turn(self):
         """Save the turn's group of calls, then let the connections send the replies they held.
@@ -3557,7 +3582,7 @@ class NodeMngrServer:
         if group is None:
             return
         failed = self.dispatcher.end_group()
-        for connection in dict.fromkeys(group):
+        for connection in group:
             connection.release_held(failed)
 
     def run_slow(self, deferred, done):

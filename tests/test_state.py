@@ -250,6 +250,9 @@ def _requests_in_one_turn(d, bodies):
     that they are all there when it goes on: one turn of its loop.  Returns the replies."""
     conns = [RawConnection(d) for _ in bodies]
     try:
+        for conn in conns:      # (each accepted, and watched by the loop, before the daemon stops)
+            conn.send(http_request(rpc_body("ping")))
+            assert conn.reply().result().startswith("NodeMngr at ")
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:
             for conn, body in zip(conns, bodies):
@@ -292,8 +295,10 @@ def test_the_calls_of_one_turn_are_saved_in_one_transaction_and_answered_after_i
     limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + 16 * 1024
     resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
     replies = _requests_in_one_turn(d, [rpc_body("newPort", "x" * 3000) for _ in range(8)] + [rpc_body("ping")])
-    faults = [reply.result() for reply in replies]
+    faults, ping = [reply.result() for reply in replies[:8]], replies[8].result()
     assert all(isinstance(f, xmlrpc.client.Fault) and f.faultCode == -32603 for f in faults), faults
-    assert "none of the 8 changes of these calls was made" in faults[0].faultString
+    assert all("none of the 8 changes of these calls was made" in f.faultString for f in faults), faults[0]
+    assert (ping.startswith("NodeMngr at ") if isinstance(ping, str) else ping.faultString == faults[0].faultString), \
+        "a call made in the group fails with it"
     assert sorted(registered(d)) == kept + ports, "not one call of the turn took effect"
     assert rpc.newPort("small") == ports[-1] + 1, "the failed turn's ports are free again"
