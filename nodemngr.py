@@ -736,6 +736,12 @@ _INT_REPLY = ("<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<valu
 _STR_REPLY = _INT_REPLY.replace("<int>%d</int>", "<string>%s</string>")
 
 
+@functools.lru_cache(maxsize=64)
+def _str_reply(text):
+    """The reply whose result is the ASCII string *text*, as dumps writes it (ping's, always the same)."""
+    return (_STR_REPLY % xmlrpc.client.escape(text).replace("\r", "&#13;")).encode("ascii")
+
+
 def dumps(values, **kw):
     """xmlrpc.client.dumps, with carriage returns written as &#13; so that parsers keep them
     (xmlrpc.client leaves them raw; XML readers turn a raw CR into LF).  The marshaller writes
@@ -2393,7 +2399,7 @@ class Dispatcher:
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             if type(result) is str and result.isascii():     # (ping's): as dumps writes it, 2 us sooner
-                return (_STR_REPLY % xmlrpc.client.escape(result).replace("\r", "&#13;")).encode("ascii")
+                return _str_reply(result)
             if type(result) is Marshalled:
                 return result.reply
             response = (result,)
@@ -2708,14 +2714,16 @@ class _HTTPError(Exception):
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
             405: "Method Not Allowed", 411: "Length Required", 413: "Payload Too Large",
             415: "Unsupported Media Type", 503: "Service Unavailable"}
-_date_cache = [0, ""]
+_date_cache = [0, "", b""]     # the second it is for, and the Date header's value (str, bytes)
 
 
-def _http_date():
+def _http_date(kind=1):
+    """The Date header's value now: str (kind 1) or bytes (kind 2), made once a second."""
     now = int(time.time())
     if now != _date_cache[0]:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
-    return _date_cache[1]
+        text = email.utils.formatdate(now, usegmt=True)
+        _date_cache[:] = [now, text, text.encode("ascii")]
+    return _date_cache[kind]
 
 
 def _text_response(status, message, extra=""):
@@ -2740,7 +2748,7 @@ def _reply_head(head, length):
     connection = (b"Connection: close\r\n" if not head.keep_alive else
                   b"Connection: keep-alive\r\n" if head.echo_keep_alive else b"")
     return b"%s%s\r\nContent-Length: %d\r\n%s\r\n" % (_OK_HEAD if head.page is None else _PAGES[head.page],
-                                                       _http_date().encode("ascii"), length, connection)
+                                                       _http_date(2), length, connection)
 
 
 RequestHead = namedtuple("RequestHead", "keep_alive length encoding expect_continue echo_keep_alive authorization "
