@@ -1981,6 +1981,22 @@ class NodeMngr:
             raise BadArgumentError("name must be a string, not %s" % describe(name))
         return _listed(self.allocator.lookup(name))
 
+    @_rpc(["int", "string"], ["int", "string", "string"])
+    def namedPort(self, name, info="", *, caller=IN_PROCESS):
+        """Return the port registered under the explicit name *name* (string): the lowest if
+        several hold it, whoever registered them; when none does, register one as newPort does
+        for the info {name: name, info: info}, with no owner process (held until delPort), and
+        return it.  The same port every time, as long as it is held; sticky, as every explicit
+        name, after a delPort.  Faults: 2 when no port is free, 3 for a name that is not a
+        non-empty string or an info that newPort would refuse.
+        """
+        if type(name) is not str or not name:
+            raise BadArgumentError("name must be a non-empty string, not %s" % describe(name))
+        for reg in self.allocator.lookup(name):
+            if explicit_name(reg.info) == name:
+                return reg.port
+        return self._hold_port(*self._checked({"name": name, "info": info}, 0, caller))
+
     @_rpc(["struct"])
     def status(self):
         """Return a struct describing the node manager: version, pid, host, port, firstPort,
@@ -4857,6 +4873,11 @@ class NodeMngrProxy:
         listPorts lists them; [] when none."""
         return self.call("lookup", name)
 
+    def namedPort(self, name, info=""):
+        """The port registered under the explicit name *name*, registered now (for {name, info},
+        held until delPort) if there is none: the same port every time, like port-for."""
+        return self.call("namedPort", name, info)
+
     def locate(self, name):
         """The ports named *name* on every host of the cluster (etcd): a list of {host, port, name,
         info, pid, since, stale, seen} dicts, sorted by host then port, from the daemon's mirror
@@ -5545,6 +5566,12 @@ _port_arg = _int_arg(1, 65535, "a port")
 _pid_arg = _int_arg(0, _INT32_MAX, "a pid")
 
 
+# The subcommands that need a node manager start one when none answers (as the Python client
+# does); those that only look at one, or stop it, never do.
+_STARTING = ("new", "del", "list", "lookup", "port", "run", "locate")
+_GLOBAL = ("--host", "--port", "--token-file")      # the global options, which take a value each
+
+
 def _parser():
     import argparse
 
@@ -5553,19 +5580,29 @@ def _parser():
             """One line, as every other error of the command line (argparse prints the usage too)."""
             self.exit(2, "%s: %s (see %s --help)\n" % (self.prog, message, self.prog))
 
+    def global_options(parser, default):
+        # Before the subcommand and after it alike; after it, only what is given is set
+        # (SUPPRESS), so that a value given before is not reset to the default.
+        parser.add_argument("--host", default=default, help="address of the node manager (env NODEMNGR_HOST, "
+                            "default 127.0.0.1)")
+        parser.add_argument("--port", type=_port_arg, default=default, help="its port (env NODEMNGR_PORT, "
+                            "default %d)" % nmPort)
+        parser.add_argument("--token-file", metavar="PATH", default=default, help="file holding the token; every "
+                            "request then needs it (env NODEMNGR_TOKEN_FILE)")
+
     common = _ArgumentParser(add_help=False)
-    common.add_argument("--host", help="address of the node manager (env NODEMNGR_HOST, default 127.0.0.1)")
-    common.add_argument("--port", type=_port_arg, help="its port (env NODEMNGR_PORT, default %d)" % nmPort)
-    common.add_argument("--token-file", metavar="PATH",
-                        help="file holding the token; every request then needs it (env NODEMNGR_TOKEN_FILE)")
+    global_options(common, argparse.SUPPRESS)
     parser = _ArgumentParser(
         prog="nodemngr", description="One node manager per host: hands out ports that nobody else holds, "
         "remembers what each is for, and takes them back. With no command it serves.",
-        epilog="Run 'nodemngr COMMAND --help' for the flags of a command. Exit status: 0 done, "
-        "1 error, 2 usage, 3 a node manager already serves that port.")
+        epilog="Run 'nodemngr help COMMAND' for the options of a command; the global options may also "
+        "follow the command. Commands that need a node manager start one when none answers "
+        "(NODEMNGR_AUTOSTART=0: never); ping, status and stop never do. Exit status: 0 done, 1 error, "
+        "2 usage, 3 a node manager already serves that port.")
     parser.add_argument("--version", action="version", version="nodemngr " + __version__)
+    global_options(parser, None)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    s = sub.add_parser("serve", parents=[common], help="run the node manager in the foreground (default)")
+    s = sub.add_parser("serve", parents=[common], help="run the node manager in the foreground (the default)")
     s.add_argument("--first-port", type=_port_arg, help="first port handed out (env NODEMNGR_FIRST_PORT, default %d)" % firstPort)
     s.add_argument("--last-port", type=_port_arg, help="last port handed out (env NODEMNGR_LAST_PORT, default %d)" % lastPort)
     s.add_argument("--state", metavar="PATH", help="state file, or 'none' to keep nothing (env NODEMNGR_STATE, "
@@ -5585,47 +5622,80 @@ def _parser():
                    "(env NODEMNGR_CLUSTER_USER_FILE)")
     s.add_argument("--unix", metavar="ADDR", help="the local socket: @NAME (abstract) or a path, or none "
                    "(env NODEMNGR_UNIX, default @nodemngr-PORT)")
-    sub.add_parser("ping", parents=[common], help="say whether a node manager answers")
-    sub.add_parser("status", parents=[common], help="show the node manager's status")
+    sub.add_parser("ping", parents=[common], help="say whether a node manager answers (never starts one)")
+    sub.add_parser("status", parents=[common], help="show the node manager's status (never starts one)")
     li = sub.add_parser("list", parents=[common], help="list the registered ports: port, pid, age, info")
     li.add_argument("--cluster", action="store_true", help="every host's, from the cluster view: host, port, pid, age, info")
     lo = sub.add_parser("locate", parents=[common], help="list the ports named NAME on every host of the cluster")
     lo.add_argument("name", help="a string info, or a struct info's name")
     n = sub.add_parser("new", parents=[common], help="register a port and print it")
-    n.add_argument("info", help="what the port is for")
+    n.add_argument("info", nargs="+", metavar="INFO", help="what the port is for (quote it if it has spaces)")
     n.add_argument("--pid", type=_pid_arg, default=0, help="free the port when this process ends (e.g. $$)")
     n.add_argument("--name", help="register {name: NAME, info: INFO}: NAME gets the same port back whenever "
                    "it is free (sticky)")
+    pt = sub.add_parser("port", parents=[common], help="print the port registered under the name NAME, "
+                        "registering one (sticky, held until deleted) if there is none: the same port every time")
+    pt.add_argument("name", metavar="NAME", help="the port's name")
+    pt.add_argument("port_info", metavar="INFO", nargs="?", default="", help="what it is for (kept when it is registered)")
     k = sub.add_parser("lookup", parents=[common], help="list the ports registered under a name: port, pid, age, info")
-    k.add_argument("name", help="a string info, or the name given to new --name")
+    k.add_argument("name", help="a string info, or the name given to new --name or port")
     d = sub.add_parser("del", parents=[common], help="give a port back")
     d.add_argument("del_port", metavar="PORT", type=_port_arg, help="the port newPort gave")
-    sub.add_parser("stop", parents=[common], help="stop the node manager")
+    sub.add_parser("stop", parents=[common], help="stop the node manager (never starts one)")
     r = sub.add_parser("run", help="run a command on a port of its own: it gets the port in PORT and in place "
                        "of {port} in its arguments, and owns it (freed when it ends)",
-                       usage="nodemngr run [--name NAME] [--socket] [--udp] [--host H] -- CMD ARG...")
+                       usage="nodemngr [--host H] [--port P] [--token-file PATH] run [--name NAME] [--socket] [--udp] "
+                       "[--host ADDR] [--port P] [--token-file PATH] -- CMD ARG...",
+                       epilog="--host after 'run' is the address the socket is bound to; the node manager's own "
+                       "address is --host before 'run', or NODEMNGR_HOST.")
     r.add_argument("--name", help="register {name: NAME, cmd: ...}: the port is sticky")
     r.add_argument("--socket", action="store_true", help="pass the socket the node manager bound as fd 3 "
                    "(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES: systemd's socket activation)")
     r.add_argument("--udp", action="store_true", help="a UDP socket (with --socket)")
-    r.add_argument("--host", default="127.0.0.1", help="the address the socket is bound to (with --socket; "
-                   "default 127.0.0.1)")
-    r.add_argument("--port", type=_port_arg, help="the node manager's port (env NODEMNGR_PORT, default %d)" % nmPort)
-    r.add_argument("--token-file", metavar="PATH", help="file holding the token (env NODEMNGR_TOKEN_FILE)")
+    r.add_argument("--host", dest="bind_host", metavar="ADDR", default="127.0.0.1", help="the address the socket "
+                   "is bound to (with --socket; default 127.0.0.1)")
+    r.add_argument("--port", type=_port_arg, default=argparse.SUPPRESS, help="the node manager's port (env "
+                   "NODEMNGR_PORT, default %d)" % nmPort)
+    r.add_argument("--token-file", metavar="PATH", default=argparse.SUPPRESS, help="file holding the token "
+                   "(env NODEMNGR_TOKEN_FILE)")
     r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD", help="the command and its arguments")
-    return parser
+    h = sub.add_parser("help", help="show the help of nodemngr, or of COMMAND")
+    h.add_argument("topic", metavar="COMMAND", nargs="?", help="a command")
+    return parser, sub.choices
+
+
+def _with_command(argv, commands):
+    """*argv* with "serve" put in where no command is given (nodemngr [OPTIONS] serves): after the
+    global options and their values, when what comes next is not a command."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL:
+            i += 2
+        elif arg.split("=", 1)[0] in _GLOBAL:
+            i += 1
+        elif arg in commands or arg in ("-h", "--help", "--version"):
+            return argv
+        else:
+            break
+    return argv[:i] + ["serve"] + argv[i:]
 
 
 def main(argv=None):
     """The command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "serve")
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+    parser, commands = _parser()
+    args = parser.parse_args(_with_command(argv, commands))
+    if args.command == "help":
+        if args.topic is None:
+            parser.print_help()
+        elif args.topic in commands:
+            commands[args.topic].print_help()
+        else:
+            parser.error("there is no command %s; the commands are %s" % (args.topic, ", ".join(commands)))
+        return 0
+    if args.command == "new" and len(args.info) > 1:
+        parser.error("new takes one INFO; quote it if it has spaces: nodemngr new '%s'" % " ".join(args.info))
     try:
         if args.command == "serve":
             settings = Settings(**{name: getattr(args, name) for name in _SERVE_SETTINGS})
@@ -5641,48 +5711,43 @@ def main(argv=None):
         return 1
 
 
-@contextlib.contextmanager
-def _calling(host, port):
-    """Turn what a call to the node manager at host:port raises into one sentence."""
-    try:
-        yield
-    except _CALL_ERRORS as exc:
-        raise NodeMngrException(describe_call_error(exc, host, port)) from None
-
-
 def _run_client_command(args):
+    """A command that asks the node manager: through a NodeMngrProxy, which starts one when none
+    answers, for the commands of _STARTING (unless NODEMNGR_AUTOSTART=0); never for the others."""
     settings = Settings(host=args.host, port=args.port, token_file=args.token_file)
     host, port = settings.host, settings.port
-    try:
-        proxy = server_proxy(host, port, settings.token)
-    except ValueError as exc:   # a URL xmlrpc.client cannot parse
-        raise NodeMngrException("cannot reach %s:%d: %s" % (host, port, describe(exc)))
-    with _calling(host, port):
-        if args.command == "ping":
-            print(proxy.ping())
-        elif args.command == "status":
-            for key, value in sorted(proxy.status().items()):
-                print("%-10s %s" % (key, round(value, 1) if isinstance(value, float) else value))
-        elif args.command == "list":
-            print(format_table(proxy.listCluster(), with_host=True) if args.cluster else format_table(proxy.listPorts()))
-        elif args.command == "locate":
-            entries = proxy.locate(args.name)
-            if not entries:
-                raise NodeMngrException("no host of the cluster has a port named %s" % describe(args.name))
-            print(format_table(entries, header=False, with_host=True))
-        elif args.command == "new":
-            info = args.info if args.name is None else {"name": args.name, "info": args.info}
-            print(proxy.newPort(info, args.pid))
-        elif args.command == "lookup":
-            entries = proxy.lookup(args.name)
-            if not entries:
-                raise NodeMngrException("no port is registered under the name %s" % describe(args.name))
-            print(format_table(entries, header=False))
-        elif args.command == "del":
-            proxy.delPort(args.del_port)
-        elif args.command == "stop":
-            proxy.terminate()
-            print("node manager at %s:%d is stopping" % (host, port))
+    proxy = NodeMngrProxy(host, port, token_file=settings.token_file)
+    starts = None if args.command in _STARTING else False
+    if args.command == "ping":
+        print(proxy.call("ping", autostart=starts))
+    elif args.command == "status":
+        status = proxy.call("status", autostart=starts)
+        for key, value in sorted(status.items()):
+            if key.startswith("cluster") and status.get("cluster") == "":
+                continue    # (no cluster view: nothing to say of it)
+            print("%-14s %s" % (key, round(value, 1) if isinstance(value, float) else value))
+    elif args.command == "list":
+        print(format_table(proxy.listCluster(), with_host=True) if args.cluster else format_table(proxy.listPorts()))
+    elif args.command == "locate":
+        entries = proxy.locate(args.name)
+        if not entries:
+            raise NodeMngrException("no host of the cluster has a port named %s" % describe(args.name))
+        print(format_table(entries, header=False, with_host=True))
+    elif args.command == "new":
+        info = args.info[0] if args.name is None else {"name": args.name, "info": args.info[0]}
+        print(proxy.newPort(info, args.pid))
+    elif args.command == "port":
+        print(proxy.namedPort(args.name, args.port_info))
+    elif args.command == "lookup":
+        entries = proxy.lookup(args.name)
+        if not entries:
+            raise NodeMngrException("no port is registered under the name %s" % describe(args.name))
+        print(format_table(entries, header=False))
+    elif args.command == "del":
+        proxy.delPort(args.del_port)
+    elif args.command == "stop":
+        proxy.terminate()
+        print("node manager at %s:%d is stopping" % (host, port))
     return 0
 
 
@@ -5692,14 +5757,14 @@ def _run_command(parser, args):
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("run needs a command: nodemngr run [--name NAME] -- CMD ARG...")
-    if not args.socket and (args.udp or args.host != "127.0.0.1"):
+    if not args.socket and (args.udp or args.bind_host != "127.0.0.1"):
         parser.error("--udp and --host say how to bind the socket that --socket passes; give --socket too")
     line = " ".join(shlex.quote(a) for a in cmd)
     info = line if args.name is None else {"name": args.name, "cmd": line}
-    proxy = NodeMngrProxy(port=args.port, token_file=args.token_file)   # (it starts a daemon if none answers)
+    proxy = NodeMngrProxy(args.host, args.port, token_file=args.token_file)     # (it starts a daemon if none answers)
     env = dict(os.environ)
     if args.socket:
-        sock = proxy.newSocket(info, "udp" if args.udp else "tcp", args.host)
+        sock = proxy.newSocket(info, "udp" if args.udp else "tcp", args.bind_host)
         given = sock.getsockname()[1]
         if sock.fileno() == 3:      # (stdin was closed, so the socket came in as fd 3)
             os.set_inheritable(sock.detach(), True)

@@ -14,7 +14,7 @@ import xmlrpc.client
 
 import pytest
 
-from support import NODEMNGR, ROOT, clean_env, free_port, post, run_python, wait_until
+from support import NODEMNGR, ROOT, clean_env, free_port, free_range, post, run_python, stop_pid, wait_until
 
 import nodemngr
 
@@ -269,3 +269,92 @@ def test_a_host_name_idna_refuses_is_one_line_and_exit_1(tmp_path, host):
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, (
             args, r.returncode, r.stderr[-600:])
+
+
+# --- a newcomer's command line: it starts its daemon, takes options anywhere, says how ------------
+
+@pytest.fixture
+def nobody_serving(tmp_path):
+    """The environment of a node manager nobody runs yet (its own port, range and state); at the
+    end, a daemon a command started there is stopped by its pid."""
+    first, last = free_range(10)
+    env = clean_env(NODEMNGR_PORT=free_port(), NODEMNGR_FIRST_PORT=first, NODEMNGR_LAST_PORT=last,
+                    NODEMNGR_STATE=tmp_path / "state.sqlite3")
+    yield env
+    try:
+        pid = nodemngr.server_proxy("127.0.0.1", int(env["NODEMNGR_PORT"]), timeout=2.0).status()["pid"]
+    except (OSError, xmlrpc.client.Error):
+        return
+    stop_pid(pid)
+
+
+def test_commands_that_need_a_node_manager_start_one_and_the_others_never_do(nobody_serving, run_cli):
+    env = nobody_serving
+    for command in (["ping"], ["status"], ["stop"]):
+        code, out, err = run_cli(*command, env=env)
+        assert code == 1 and "no node manager answers" in err and "auto-start" not in err, (command, err)
+    code, out, err = run_cli("new", "x", env=dict(env, NODEMNGR_AUTOSTART="0"))
+    assert code == 1 and "(auto-start is off)" in err, err
+    code, out, err = run_cli("new", "web", env=env)
+    assert code == 0 and int(out) == int(env["NODEMNGR_FIRST_PORT"]), err
+    code, out, err = run_cli("ping", env=env)
+    assert code == 0 and out.startswith("NodeMngr at "), "the daemon new started serves on"
+
+
+def test_global_options_stand_before_or_after_the_command(any_daemon, run_cli):
+    env = clean_env(NODEMNGR_PORT=free_port(), NODEMNGR_AUTOSTART=0)    # (nobody there)
+    for args in (["--port", any_daemon.port, "ping"], ["ping", "--port", any_daemon.port],
+                 ["--port=%d" % any_daemon.port, "ping"], ["--host", "127.0.0.1", "--port", any_daemon.port, "new", "x"],
+                 ["--port", free_port(), "ping", "--port", any_daemon.port]):
+        code, out, err = run_cli(*args, env=env)
+        assert code == 0 and err == "", (args, err)
+
+
+def test_help_lists_every_command_and_every_option_of_each(run_cli):
+    code, out, _ = run_cli("help")
+    assert code == 0
+    commands = ["serve", "ping", "status", "list", "locate", "new", "port", "lookup", "del", "stop", "run", "help"]
+    for command in commands:
+        assert command in out.split(), command
+    parser, subcommands = nodemngr._parser()
+    for command in commands:
+        code, out, _ = run_cli("help", command)
+        assert code == 0 and out.startswith("usage: nodemngr"), command
+        options = [o for action in subcommands[command]._actions for o in action.option_strings]
+        for option in options + (["--host", "--port", "--token-file"] if command != "help" else []):
+            assert option in out, "%s --help lacks %s" % (command, option)
+        assert run_cli(command, "--help")[1] == out
+    code, out, err = run_cli("help", "frobnicate")
+    assert code == 2 and "there is no command frobnicate" in err and len(err.strip().splitlines()) == 1
+
+
+def test_new_with_several_words_says_to_quote_them(run_cli):
+    code, out, err = run_cli("new", "web", "frontend")
+    assert code == 2 and out == ""
+    assert "quote it if it has spaces: nodemngr new 'web frontend'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_port_prints_the_same_port_for_a_name_every_time(daemon, run_cli):
+    env = daemon.env
+    code, out, err = run_cli("port", "db", "the database", env=env)
+    assert code == 0 and int(out) == daemon.first, err
+    assert run_cli("new", "something else", env=env)[1].strip() == str(daemon.first + 1)
+    assert run_cli("port", "db", env=env)[1].strip() == str(daemon.first), "the same port, whatever INFO says"
+    code, out, _ = run_cli("lookup", "db", env=env)
+    assert code == 0 and "{'name': 'db', 'info': 'the database'}" in out
+    held = daemon.rpc().newPort({"name": "cache"})
+    assert daemon.proxy().namedPort("cache") == held, "a name newPort registered is that name's port"
+    assert run_cli("del", daemon.first, env=env)[0] == 0
+    assert run_cli("port", "db", env=env)[1].strip() == str(daemon.first), "sticky: back on its port"
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        daemon.rpc().namedPort("")
+    assert info.value.faultCode == 3 and "non-empty string" in info.value.faultString
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        daemon.rpc().namedPort(7)
+    assert info.value.faultCode == 3
+
+
+def test_status_says_nothing_of_a_cluster_there_is_not(daemon, run_cli):
+    code, out, _ = run_cli("status", env=daemon.env)
+    assert code == 0 and "registered" in out
+    assert "cluster" not in out, "no cluster view: no cluster rows"

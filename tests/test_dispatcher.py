@@ -52,7 +52,8 @@ def test_every_wire_method_of_the_service_is_in_one_table(dispatcher, tcp):
     methods = answer(dispatcher.dispatch(tcp, body("system.listMethods")))
     assert methods == sorted(methods) and set(methods) == {
         "ping", "newPort", "newSocket", "delPort", "listPorts", "lookup", "status", "locate", "listCluster",
-        "terminate", "system.listMethods", "system.methodHelp", "system.methodSignature", "system.multicall"}
+        "terminate", "namedPort", "system.listMethods", "system.methodHelp", "system.methodSignature",
+        "system.multicall"}
     for method in methods:      # help for a reader in another language, and signatures
         assert answer(dispatcher.dispatch(tcp, body("system.methodHelp", method)))
         assert answer(dispatcher.dispatch(tcp, body("system.methodSignature", method)))[0][0] in (
