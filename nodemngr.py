@@ -5859,6 +5859,12 @@ class _LazyProxy:
 
 nm = _LazyProxy()
 
+# pytest: `pytest -p nodemngr`, and the pytest11 entry point (which names this module), load the
+# fixtures of pytest_nodemngr.py, installed or not.  This module only names that one, which
+# imports pytest.  (The entry point names this module rather than that one so that `-p
+# pytest_nodemngr`, the 1.1 way, still works where the package is installed.)
+pytest_plugins = ["pytest_nodemngr"]
+
 
 if __name__ == "__main__":
     sys.exit(main())

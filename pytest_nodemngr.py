@@ -1,7 +1,8 @@
 """pytest_nodemngr -- pytest fixtures for ports that never collide, across processes and xdist workers.
 
-Installed with nodemngr, this plugin is found by pytest through its ``pytest11`` entry point (or
-load it by hand: ``pytest -p pytest_nodemngr``).  Its fixtures ask the node manager at
+Installed with nodemngr, this plugin is found by pytest through its ``pytest11`` entry point;
+where the package is not installed, load it with ``pytest -p nodemngr`` (nodemngr.py and this file
+importable, e.g. from a clone's root).  Its fixtures ask the node manager at
 NODEMNGR_HOST:NODEMNGR_PORT (starting one if none answers, as the proxy does)::
 
     def test_server(nodemngr_port):             # an int port, registered to this test process

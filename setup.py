@@ -36,9 +36,11 @@ setup(
     python_requires=">=3.8",
     install_requires=[],
     extras_require={"test": ["pytest", "pytest-xdist", "hypothesis", "portpicker", "prometheus_client"]},
-    # pytest finds the fixtures of pytest_nodemngr.py through pytest11 (the module imports pytest,
-    # which nodemngr and nodemngr_proxy never do: they stay standard library only)
-    entry_points={"console_scripts": ["nodemngr = nodemngr:main"], "pytest11": ["nodemngr = pytest_nodemngr"]},
+    # pytest finds the fixtures of pytest_nodemngr.py through pytest11, which names nodemngr, whose
+    # pytest_plugins names pytest_nodemngr (that module imports pytest, which nodemngr and
+    # nodemngr_proxy never do: they stay standard library only); `pytest -p nodemngr` does the same
+    # where the package is not installed
+    entry_points={"console_scripts": ["nodemngr = nodemngr:main"], "pytest11": ["nodemngr = nodemngr"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",

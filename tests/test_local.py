@@ -435,7 +435,7 @@ def _plugin_installed():
         return False
     eps = entry_points()
     group = eps.select(group="pytest11") if hasattr(eps, "select") else eps.get("pytest11", [])
-    return any(ep.value == "pytest_nodemngr" for ep in group)
+    return any(ep.name == "nodemngr" for ep in group)
 
 
 def test_the_plugin_is_registered_through_pytest11(tmp_path):
@@ -445,6 +445,22 @@ def test_the_plugin_is_registered_through_pytest11(tmp_path):
     out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=60,
                          cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT))
     assert "nodemngr_port_factory" in out.stdout and "nodemngr_socket" in out.stdout, out.stdout[-2000:]
+
+
+@pytest.mark.parametrize("name", ["nodemngr", "pytest_nodemngr"])
+def test_one_p_name_loads_the_plugin_installed_or_not(tmp_path, name):
+    """`pytest -p nodemngr`, the name the README gives, loads the fixtures where the package is not
+    installed (PYTEST_DISABLE_PLUGIN_AUTOLOAD stands for that) and where it is (pytest found them
+    already: no "already registered" crash); so does `-p pytest_nodemngr`, the 1.1 way."""
+    ways = ["not installed"] + (["installed"] if _plugin_installed() else [])
+    for way in ways:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        if way == "not installed":
+            env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+        argv = [sys.executable, "-m", "pytest", "--fixtures", "-p", name, "-p", "no:xdist"] + QUIET_PYTEST + [str(tmp_path)]
+        out = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                             timeout=60, cwd=str(tmp_path), env=env)
+        assert out.returncode == 0 and "nodemngr_port_factory" in out.stdout, (way, out.stdout[-2000:])
 
 
 # --- what an adversarial run found (each failed before its fix) ------------------------------------
