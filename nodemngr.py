@@ -35,6 +35,7 @@ Sections, in file order; each uses only the sections above it:
     The transport        Connection: one asyncio protocol per connection, and its three doors
     The server           NodeMngrServer: listening sockets, accept, deadlines, the stop
     The cluster view     ClusterView and EtcdClient: the registry published to etcd, read back
+    The status page      StatusPages: GET / for people, GET /status.json for programs
     The client           NodeMngrProxy, who_answers, request_socket, start_daemon (auto-start)
     Serving              run_daemon: the daemon in this process, systemd, signals
     The command line     main()
@@ -62,6 +63,7 @@ Where each feature lives (names of this module; tests/test_structure.py checks t
     owners and reaping   process_start_time, owner_alive, pid_of_local_peer, NodeMngr.reap_step
     the cluster view     ClusterView, EtcdClient, NodeMngr.locate, NodeMngr.listCluster, _cluster_settings
     metrics              Dispatcher.metrics, Dispatcher.add_gauge, read_head
+    status page          StatusPages, Dispatcher.add_page, Dispatcher.page, NodeMngr.remembered
     systemd              activated_sockets, sd_notifier, NodeMngrServer._tell
     settings             Settings, _parser, NodeMngrProxy
     tokens and rights    Settings.token, Dispatcher.caller, Dispatcher.authorize, Dispatcher.portserver, privileged
@@ -119,7 +121,7 @@ except ImportError:     # not on Windows
 # Every public name, by section (all but the module's logger, logging.getLogger("nodemngr")).
 __all__ = [
     # Constants
-    "nmPort", "firstPort", "lastPort", "MAX_INFO_BYTES", "MAX_INFO_DEPTH", "MAX_BODY", "MAX_HEAD", "MAX_HEADERS",
+    "nmPort", "firstPort", "lastPort", "RECENT_REAPS", "MAX_INFO_BYTES", "MAX_INFO_DEPTH", "MAX_BODY", "MAX_HEAD", "MAX_HEADERS",
     "IDLE_TIMEOUT", "STALL_TIMEOUT", "MAX_CONNECTIONS", "REAP_INTERVAL", "BUSY_RETRY", "SPAWN_TIMEOUT",
     "UNKNOWN_PORT", "NO_FREE_PORT", "BAD_ARGUMENT", "FORBIDDEN", "CLUSTER_UNAVAILABLE", "NOT_WELL_FORMED",
     "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
@@ -139,10 +141,12 @@ __all__ = [
     "Registration", "name_of", "explicit_name", "PortAllocator", "StateStore", "Caller", "IN_PROCESS", "privileged",
     "NodeMngr",
     # The dispatcher, HTTP framing, the transport, the server
-    "Busy", "Deferred", "Handover", "Dispatcher", "RequestHead", "read_head", "Connection", "local_sockaddr",
+    "Busy", "Deferred", "Sliced", "Handover", "Dispatcher", "RequestHead", "read_head", "Connection", "local_sockaddr",
     "NodeMngrServer",
     # The cluster view
     "CLUSTER_PREFIX", "MAX_CLUSTER_VALUE", "published_entry", "cluster_entry", "EtcdClient", "ClusterView",
+    # The status page
+    "StatusPages",
     # The client
     "server_url", "server_proxy", "who_answers", "request_socket", "describe_call_error", "NodeMngrProxy",
     "start_daemon",
@@ -161,6 +165,7 @@ nmPort = 11800          #: the node manager's own port (legacy name)
 firstPort = 11801       #: the first port it hands out (legacy name)
 lastPort = 12800        #: the last port it hands out
 
+RECENT_REAPS = 20       # reaped registrations the status page lists
 MAX_INFO_BYTES = 4096   # an info value, marshalled
 MAX_INFO_DEPTH = 16     # nesting of arrays and structs in an info value
 MAX_BODY = 64 * 1024    # a request body, after any Content-Encoding is undone
@@ -795,6 +800,15 @@ def check_port(port):
     if type(port) is not int or not 1 <= port <= 65535:
         raise BadArgumentError("port must be an integer from 1 to 65535, not %s" % describe(port))
     return port
+
+
+def _age(seconds):
+    """A duration as people read it at a glance: 42s, 5m, 3h, 2d."""
+    seconds = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return "%d%s" % (seconds // size, unit)
+    return "%ds" % seconds
 
 
 def utc(epoch):
@@ -1886,6 +1900,7 @@ class NodeMngr:
         self.on_terminate = self.on_change = self.cluster = None
         self._group = None      # between begin_group() and end_group(): the changes made
         self._depth = 0         # groups begun and not ended (they nest)
+        self.recent_reaps = collections.deque(maxlen=RECENT_REAPS)  # (Registration, when) of the last reaped
         self.reap_step(budget=None)     # owners that ended while no daemon ran
 
     # -- wire methods ------------------------------------------------------------------------
@@ -2089,9 +2104,15 @@ class NodeMngr:
     def names_remembered(self):
         return len(self.allocator.remembered)
 
-    def registrations(self):
-        """The Registrations held now (a snapshot: a list of immutable tuples)."""
-        return list(self.allocator.held.values())
+    def remembered(self):
+        """{explicit name: the port it had last}, a copy."""
+        return dict(self.allocator.remembered)
+
+    def registrations(self, ordered=False):
+        """The Registrations held now (a snapshot: a list of immutable tuples), by port if
+        *ordered*."""
+        held = self.allocator.held
+        return [held[port] for port in sorted(held)] if ordered else list(held.values())
 
     def summary(self):
         """The range and how many are registered, for a service manager's status line."""
@@ -2264,8 +2285,10 @@ class NodeMngr:
         except StoreError as exc:
             log.warning("could not free the ports of ended owners yet: %s", exc)
             return 0
+        now = time.time()
         for port in ports:
             reg = self.allocator.release(port)
+            self.recent_reaps.append((reg, now))
             log.info("reaped port %d: owner pid %d has ended (%s)", port, reg.pid, _loggable(reg.info))
         self.reaped += len(ports)
         self._changed([(port, None) for port in ports])
@@ -2310,6 +2333,34 @@ class Deferred:
         self.reply, self.fault = marshal_reply(response, self.method)
 
 
+class Sliced:
+    """A reply made a slice at a time on the loop, so that nobody waits behind it: *steps* is a
+    generator that does a few milliseconds of work per next() and returns the reply (bytes, or a
+    list of its parts).  The transport runs one step per turn of the loop (NodeMngrServer.
+    run_sliced), then gives it to Dispatcher.finish like a Deferred."""
+
+    __slots__ = ("_steps", "reply")
+    budget = 0.004      # seconds of work a step may take before it gives the loop back
+
+    def __init__(self, steps):
+        self._steps, self.reply = steps, None
+
+    def step(self):
+        """One slice of the work; True once the reply is made."""
+        try:
+            next(self._steps)
+        except StopIteration as done:
+            self.reply = done.value
+            return True
+        return False
+
+    def finish(self):
+        """The reply, made now in one go (at the stop)."""
+        while not self.step():
+            pass
+        return self.reply
+
+
 Handover = namedtuple("Handover", "reply ports sockets")
 Handover.__doc__ = """The reply (bytes) of a call whose result comes with sockets to pass to the
 caller (SCM_RIGHTS), the ports they are bound to, and the sockets.  If they cannot be passed,
@@ -2335,6 +2386,7 @@ class Dispatcher:
       it failed).
     - handover_failed(handover, reason): the reply to send when the sockets could not go.
     - metrics(): the text of GET /metrics; add_gauge() adds a gauge the server keeps.
+    - page(path): the bytes of a GET page (/metrics, and those add_page() adds), or None.
 
     It is used from one thread (the server's loop), like the service behind it.
     """
@@ -2356,6 +2408,7 @@ class Dispatcher:
         self.slow_calls = 0     # Deferred handed out and not finished yet
         self.large_slow_calls = 0   # of them, those whose reply can be megabytes (_LARGE_REPLIES)
         self._families = []     # functions giving the families that others keep, for /metrics
+        self._pages = {b"/metrics": lambda: self.metrics().encode("utf-8")}     # path -> its bytes, made now
         self._listing = (None, b"")     # (service.changes, listPorts reply)
         self._lookups = (None, None)    # (service.changes, {name: lookup reply})
         self._uid = os.getuid() if hasattr(os, "getuid") else None
@@ -2457,8 +2510,10 @@ class Dispatcher:
         return reply
 
     def finish(self, deferred):
-        """The reply of a Deferred that has run (its fault, if any, is counted here); None if it
-        was abandoned meanwhile."""
+        """The reply of a Deferred that has run (its fault, if any, is counted here), or of a
+        Sliced that is made; None if it was abandoned meanwhile."""
+        if type(deferred) is Sliced:
+            return deferred.reply
         if deferred.abandoned:
             return None
         self._slow_call_done(deferred)
@@ -2471,7 +2526,9 @@ class Dispatcher:
 
     def abandon(self, deferred):
         """The reply to a Deferred the stop will not wait for: fault 5, counted; whatever its thread
-        does later is dropped (finish() then returns None)."""
+        does later is dropped (finish() then returns None).  A Sliced is made at once instead."""
+        if type(deferred) is Sliced:
+            return deferred.finish()
         deferred.abandoned = True
         self._slow_call_done(deferred)
         return self._reply(Fault(CLUSTER_UNAVAILABLE, "the node manager is stopping; %s's answer from etcd was "
@@ -2586,6 +2643,15 @@ class Dispatcher:
     def add_families(self, read):
         """Serve the families read() gives when asked: [(name, kind, help, [(labels, value)])]."""
         self._families.append(read)
+
+    def add_page(self, path, render):
+        """Serve GET *path* (bytes, one of the transport's pages) as what render() returns (bytes)."""
+        self._pages[path] = render
+
+    def page(self, path):
+        """The bytes of GET *path*, counted as a request; None when no such page is served."""
+        render = self._pages.get(path)
+        return None if render is None else render()
 
     def metrics(self):
         """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
@@ -2753,8 +2819,15 @@ def _text_response(status, message, extra=""):
 _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\nDate: " % __version__).encode()
 
 
-# The pages served to GET, with the head of their replies (every other GET is 405 or 404).
-_PAGES = {b"/metrics": _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8")}
+# The pages served to GET, with the head of their replies (every other GET is 405 or 404); what
+# each holds is the dispatcher's (Dispatcher.page).  The status page and its stylesheet load
+# nothing from elsewhere and run no script (the browser is told so), and no page is sniffed.
+_PAGE_SAFETY = (b"X-Content-Type-Options: nosniff\r\nContent-Security-Policy: default-src 'none'; style-src 'self'; "
+                b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\nDate: ")
+_PAGES = {b"/metrics": _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8"),
+          b"/": _OK_HEAD.replace(b"text/xml", b"text/html; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY),
+          b"/status.json": _OK_HEAD.replace(b"text/xml", b"application/json").replace(b"Date: ", _PAGE_SAFETY),
+          b"/status.css": _OK_HEAD.replace(b"text/xml", b"text/css; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY)}
 
 
 def _reply_head(head, length):
@@ -2804,7 +2877,8 @@ def read_head(head):
         target = path
     page = target if method == b"GET" and target in _PAGES else None
     if method != b"POST" and page is None:
-        raise _HTTPError(405, "only POST is served (and GET /metrics); send XML-RPC calls to / or /RPC2",
+        raise _HTTPError(405, "only POST is served, and GET of /, /status.json and /metrics; send XML-RPC "
+                         "calls to / or /RPC2",
                          "Allow: GET\r\n" if target in _PAGES else "Allow: POST\r\n")
     if target not in (b"/", b"/RPC2") and page is None:
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
@@ -2903,7 +2977,7 @@ class Connection:
 
     What it asks of its server (NodeMngrServer): dispatcher, loop, stopping, released and the
     limits idle_timeout, stall_timeout and linger, which it reads; owed_bytes(delta),
-    short_of_memory(), release(connection), run_slow(deferred, done), open_group(),
+    short_of_memory(), release(connection), run_slow(deferred, done), run_sliced(sliced, done), open_group(),
     must_hold(connection) and end_turn(), which it calls.
     What the server asks of it: expired(now), expire(), quiet(), deadline, unfinished(),
     taking_replies(until), answer_the_rest(grace), release_held(failed) and close().
@@ -2930,7 +3004,7 @@ class Connection:
         self.between = True             # between requests: no byte of the next one yet
         self.served = 0
         self.owed = math.inf            # once stopping: bytes of its replies left at the last look
-        self.awaiting = None            # (head, Deferred) of a slow call running in a thread
+        self.awaiting = None            # (head, Deferred or Sliced) of a reply being made meanwhile
         self.active = time.monotonic()  # when the client last sent bytes or took some of a reply
         self.request_caller = caller    # the Caller of the request whose body is awaited
         self.more = False               # the next chunk of a long reply is due at the next turn
@@ -3086,18 +3160,23 @@ class Connection:
         """The reply to a request, or None for a slow call, answered when its thread is done."""
         server = self.server
         dispatcher = server.dispatcher
-        if head.page is not None:   # (GET /metrics, the only page)
-            return dispatcher.metrics().encode("utf-8")
-        try:
-            reply = dispatcher.dispatch(caller, body, server.short_of_memory())
-        except Busy as exc:
-            raise _HTTPError(503, str(exc))
-        if type(reply) is Deferred:     # it waits for another server
+        if head.page is not None:   # (GET of a page: /metrics, the status page)
+            reply = dispatcher.page(head.page)
+            if reply is None:
+                raise _HTTPError(404, "no such page here")
+        else:
+            try:
+                reply = dispatcher.dispatch(caller, body, server.short_of_memory())
+            except Busy as exc:
+                raise _HTTPError(503, str(exc))
+        kind = type(reply)
+        if kind is Deferred or kind is Sliced:  # it waits for another server, or is made a slice a turn
             if server.stopping:         # (no new wait once the stop has begun)
                 return dispatcher.abandon(reply)
             self.awaiting = (head, reply)
             self.transport.pause_reading()
-            server.run_slow(reply, functools.partial(self._slow_done, reply))
+            run = server.run_slow if kind is Deferred else server.run_sliced
+            run(reply, functools.partial(self._slow_done, reply))
             return None
         return reply
 
@@ -3622,6 +3701,16 @@ class NodeMngrServer:
             self.loop.call_soon(done)
             return
         future.add_done_callback(lambda future: done())
+
+    def run_sliced(self, sliced, done):
+        """Make *sliced* a step per turn of the loop, then done(): other clients are served between
+        its slices."""
+        def step():
+            if sliced.step():
+                done()
+            else:
+                self.loop.call_soon(step)
+        self.loop.call_soon(step)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -4633,6 +4722,146 @@ class ClusterView:
 
 
 # ---------------------------------------------------------------------------------------------
+# The status page
+# ---------------------------------------------------------------------------------------------
+# GET / for people and GET /status.json for programs, the same data: built from the service's
+# answers and the cluster view's, and served by the dispatcher (Dispatcher.add_page) under the
+# token rule of every request.  No script and nothing from elsewhere: it refreshes itself with a
+# meta refresh, and every value is escaped.
+
+_PAGE_CSS = b"""body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.4em; margin: 0 0 .2em; } h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
+table { border-collapse: collapse; } th, td { text-align: left; padding: .15em .8em .15em 0; vertical-align: top; }
+th { border-bottom: 1px solid #999; } tr:nth-child(even) td { background: #f3f3f3; }
+td.info { font-family: ui-monospace, monospace; white-space: pre-wrap; word-break: break-all; max-width: 50em; }
+progress { width: 24em; height: 1.1em; } .muted { color: #777; } .bad { color: #b00; }
+"""
+
+
+class StatusPages:
+    """The status page (html()), its data as JSON (json()) and its stylesheet (css()), for
+    *service* (a NodeMngr) and its cluster view, if any.  Each registration's JSON is made once
+    and kept while it is held, so that the JSON of 25,000 is a join, not 25,000 encodings."""
+
+    rows = 500          # registrations the page shows; the others are counted (the JSON has them all)
+    refresh = 5         # seconds between two loads of the page by the browser
+
+    def __init__(self, service):
+        self.service = service
+        self._json_pieces = {}      # port -> (Registration, its JSON as bytes)
+
+    def css(self):
+        return _PAGE_CSS
+
+    def json(self):
+        """The page's data, {version, host, range, registrations, reaps, names, uptime, cluster}: a
+        Sliced, as the JSON of registrations not seen yet (25,000 after a restart) is made a slice
+        at a time."""
+        return Sliced(self._json_steps())
+
+    def _json_steps(self):
+        import json
+        summary, regs = self._summary(), self.service.registrations(ordered=True)    # (one moment's)
+        pieces, kept, cached = [], {}, self._json_pieces
+        until = time.monotonic() + Sliced.budget
+        for reg in regs:
+            old = cached.get(reg.port)
+            if old is not None and old[0] is reg:
+                piece = old[1]
+            else:
+                piece = json.dumps(_json_entry(reg)).encode("utf-8")
+            kept[reg.port] = (reg, piece)
+            pieces.append(piece)
+            if len(pieces) % 64 == 0 and time.monotonic() >= until:
+                yield
+                until = time.monotonic() + Sliced.budget
+        self._json_pieces = kept
+        return b'{"registrations": [%s], %s' % (b", ".join(pieces), json.dumps(summary, sort_keys=True)[1:].encode())
+
+    def _summary(self):
+        """Everything of the page's data but the registrations."""
+        status = self.service.status()
+        cluster = self.service.cluster
+        return {"version": status["version"], "host": status["host"], "port": status["port"],
+                "range": {"first": status["firstPort"], "last": status["lastPort"], "registered": status["registered"],
+                          "free": status["free"]},
+                "reaps": [dict(_json_entry(reg), reaped=_iso(when)) for reg, when in reversed(self.service.recent_reaps)],
+                "reaped": status["reaped"], "uptime": round(status["uptime"], 1),
+                "names": [{"name": name, "port": port} for name, port in sorted(self.service.remembered().items())],
+                "cluster": None if cluster is None else {"status": status["cluster"], "skipped": status["clusterSkipped"]}}
+
+    def html(self):
+        """The page: the range and how full it is, the registrations (the first *rows*), the
+        last reaps, the names remembered, and the cluster view's state."""
+        import html
+        esc = html.escape
+        summary = self._summary()
+        regs = self.service.registrations(ordered=True)
+        now = time.time()
+        r = summary["range"]
+        size = r["last"] - r["first"] + 1
+        out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+               '<meta http-equiv="refresh" content="%d"><title>nodemngr on %s:%d</title>'
+               '<link rel="stylesheet" href="/status.css"></head><body>'
+               % (self.refresh, esc(summary["host"]), summary["port"]),
+               '<h1>nodemngr on %s:%d</h1><p class="muted">version %s, up %s, refreshed every %d s</p>'
+               % (esc(summary["host"]), summary["port"], esc(summary["version"]), _age(summary["uptime"]),
+                  self.refresh),
+               '<h2>Range %d-%d</h2><p><progress max="%d" value="%d"></progress> %d of %d registered, %d free'
+               ' (the others are held by other programs)</p>'
+               % (r["first"], r["last"], size, r["registered"], r["registered"], size, r["free"]),
+               '<h2>Registrations</h2>']
+        out.append(_html_table(("port", "name", "info", "pid", "owner", "age"), [
+            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid or "",
+             "" if not reg.pid else ("alive" if owner_alive(reg.pid, reg.start) else "ended"), _age(now - reg.since))
+            for reg in regs[:self.rows]], esc, "none"))
+        if len(regs) > self.rows:
+            out.append('<p class="muted">and %d more: /status.json and <code>nodemngr list</code> list them all</p>'
+                       % (len(regs) - self.rows))
+        out.append('<h2>Reaped lately (%d since the start)</h2>' % summary["reaped"])
+        out.append(_html_table(("port", "name", "info", "pid", "reaped"), [
+            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid, _age(now - when) + " ago")
+            for reg, when in reversed(self.service.recent_reaps)], esc, "none"))
+        out.append('<h2>Names remembered (sticky ports)</h2>')
+        out.append(_html_table(("name", "port"), [(n["name"], n["port"]) for n in summary["names"]], esc, "none"))
+        out.append(self._cluster_html(summary["cluster"], esc))
+        out.append('<p class="muted">The same as JSON: <a href="/status.json">/status.json</a></p></body></html>\n')
+        return "".join(out).encode("utf-8")
+
+    def _cluster_html(self, cluster, esc):
+        if cluster is None:
+            return '<h2>Cluster</h2><p class="muted">no cluster view (serve --cluster URL)</p>'
+        state = cluster["status"]
+        return '<h2>Cluster</h2><p class="%s">%s</p>' % ("muted" if state == "ok" else "bad", esc(state))
+
+
+def _json_entry(reg):
+    """A registration as listPorts gives it, in JSON's terms (dateTime as ISO 8601 text, base64 as
+    {"base64": ...})."""
+    return {"port": reg.port, "name": name_of(reg.info) or "", "info": _json_value(reg.info), "pid": reg.pid,
+            "since": _iso(reg.since), "uid": reg.uid}
+
+
+def _iso(epoch):
+    return utc(epoch).isoformat()
+
+
+def _shown(info):
+    """An info as a person reads it on the page (printable: no control characters)."""
+    return printable(info if isinstance(info, str) else repr(info), 300)
+
+
+def _html_table(columns, rows, esc, empty):
+    if not rows:
+        return '<p class="muted">%s</p>' % empty
+    head = "".join("<th>%s</th>" % c for c in columns)
+    body = "".join("<tr>%s</tr>" % "".join(
+        '<td%s>%s</td>' % (' class="info"' if c == "info" else "", esc(str(v))) for c, v in zip(columns, row))
+        for row in rows)
+    return "<table><thead><tr>%s</tr></thead><tbody>%s</tbody></table>" % (head, body)
+
+
+# ---------------------------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------------------------
 # NodeMngrProxy and the calls the command line makes; they speak the wire, nothing else of the
@@ -5362,6 +5591,9 @@ def run_daemon(settings, activated=([], None)):
         dispatcher = Dispatcher(service, token)
         if view is not None:
             dispatcher.add_families(view.metrics)
+        pages = StatusPages(service)
+        for path, render in ((b"/", pages.html), (b"/status.json", pages.json), (b"/status.css", pages.css)):
+            dispatcher.add_page(path, render)
         server.serve(dispatcher, housekeeping=[(server.reap_interval, lambda: not service.reap_step()[0]),
                                                (server.tick, service.probe_busy_step)],
                      summary=service.summary, on_release=service.close)
@@ -5814,14 +6046,6 @@ def format_table(entries, now=None, header=True, with_host=False):
     columns = len(rows[0]) - 1 if rows else 0
     widths = [max(len(r[i]) for r in rows) for i in range(columns)]
     return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(columns)) + "  " + r[-1] for r in rows)
-
-
-def _age(seconds):
-    seconds = max(0, int(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return "%d%s" % (seconds // size, unit)
-    return "%ds" % seconds
 
 
 # ---------------------------------------------------------------------------------------------

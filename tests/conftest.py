@@ -27,6 +27,8 @@ use_fork_server()
 
 
 def pytest_addoption(parser, pluginmanager):
+    parser.addoption("--screenshot", metavar="PNG", help="write the status page's screenshot (docs/status-page.png) "
+                     "there; an ordinary run writes none")
     # tox.ini's addopts asks for -n 3 (pytest-xdist); where xdist is missing, as in a plain
     # `python3 -m pytest` before `pip install -e .[test]`, -n is taken here and ignored: the suite
     # runs serially instead of failing on an option nobody knows.

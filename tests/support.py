@@ -203,6 +203,7 @@ SETTINGS = {
     "tick": "NodeMngrServer.tick",                      # between two sweeps for deadlines
     "lock_wait": "StateStore.lock_wait",                # for a state file another daemon holds
     "cluster_resync": "ClusterView.resync_interval",    # between two comparisons of what it published and the registry
+    "page_rows": "StatusPages.rows",                    # registrations the status page shows (500)
 }
 
 

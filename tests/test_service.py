@@ -162,7 +162,7 @@ def test_metrics_need_the_token_when_there_is_one(daemon_factory, tmp_path):
         metrics(d)
     assert exc.value.code == 401
     assert ("nodemngr_ports_registered", ()) in parse(metrics(d, b"s3cret"))
-    for method, path, code in (("GET", "/", 405), ("GET", "/other", 405), ("POST", "/metrics", 404)):
+    for method, path, code in (("GET", "/other", 405), ("POST", "/metrics", 404), ("POST", "/status.json", 404)):
         request = urllib.request.Request("http://%s:%d%s" % (d.host, d.port, path), method=method,
                                          data=b"x" if method == "POST" else None)
         request.add_header("Authorization", "Basic " + base64.b64encode(b"x:s3cret").decode())

@@ -1,0 +1,195 @@
+"""The status page: GET / shows people the registrations, range, reaps and names, every value as
+text; GET /status.json gives programs the same data; both under the token rule; a crowded registry
+is shown in part, counted.  A real headless Chromium (Debian's chromium; .ci/run installs it)
+loads the page from a real daemon.  `pytest tests/test_page.py --screenshot docs/status-page.png`
+remakes the README's picture; an ordinary run writes none."""
+import base64
+import html.parser
+import json
+import os
+import shutil
+import signal
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+
+from support import daemon_settings
+
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("no Chromium here (Debian's chromium; .ci/run installs it)")
+
+
+def browse(tmp_path, url, *options):
+    """Run headless Chromium on *url* with *options* (--dump-dom: the DOM it printed); it and its
+    helpers are stopped by their process group's id if it overruns."""
+    argv = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+            "--user-data-dir=%s" % (tmp_path / "chromium")] + list(options) + [url]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return out.decode("utf-8")
+
+
+class Dom(html.parser.HTMLParser):
+    """The elements (tags) of a page, its title, and the text of each table row's cells."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.rows, self.title, self.text = set(), [], None, []
+        self._in = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "title"):
+            self._in, self._cell = tag, []
+
+    def handle_endtag(self, tag):
+        if tag == self._in:
+            text = "".join(self._cell)
+            if tag == "title":
+                self.title = text
+            else:
+                self.rows[-1].append(text)
+            self._in = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._in:
+            self._cell.append(data)
+
+
+HOSTILE = '<script>document.title="pwned"</script><img src=x onerror=alert(1)>"><svg onload=alert(1)>'
+ELEMENTS = {"html", "head", "meta", "title", "link", "body", "h1", "h2", "p", "progress", "table", "thead", "tbody",
+            "tr", "th", "td", "code", "a"}
+
+
+def get(d, path, token=None):
+    request = urllib.request.Request("http://%s:%d%s" % (d.host, d.port, path))
+    if token is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(b"anyone:" + token).decode())
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return reply.headers, reply.read()
+
+
+def test_a_browser_sees_every_registration_as_text_and_a_freed_one_gone(daemon, tmp_path):
+    rpc = daemon.rpc()
+    web = rpc.newPort("web", os.getpid())
+    db = rpc.newPort({"name": "db", "info": "<b>the database</b>"})
+    hostile = rpc.newPort(HOSTILE)
+    page = Dom(browse(tmp_path, "http://%s:%d/" % (daemon.host, daemon.port), "--dump-dom"))
+    assert page.title == "nodemngr on %s:%d" % (daemon.host, daemon.port), "no script of an info ran"
+    assert page.tags <= ELEMENTS, "an info made elements: %s" % (page.tags - ELEMENTS)
+    rows = {row[0]: row for row in page.rows if row}
+    assert rows[str(web)][1:5] == ["web", "web", str(os.getpid()), "alive"]
+    assert rows[str(db)][1] == "db" and "<b>the database</b>" in rows[str(db)][2]
+    assert rows[str(hostile)][1] == rows[str(hostile)][2] == HOSTILE, "shown as the text it is"
+    rpc.delPort(web)
+    page = Dom(browse(tmp_path, "http://%s:%d/" % (daemon.host, daemon.port), "--dump-dom"))
+    assert str(web) not in {row[0] for row in page.rows if row} and str(db) in {row[0] for row in page.rows if row}
+
+
+def test_the_json_holds_what_listPorts_holds(daemon):
+    rpc = daemon.rpc()
+    rpc.newPort("web", os.getpid())
+    rpc.newPort({"name": "db", "when": __import__("datetime").datetime(2026, 1, 2, 3, 4, 5),
+                 "blob": __import__("xmlrpc.client").client.Binary(b"\x00\xff")})
+    headers, body = get(daemon, "/status.json")
+    data = json.loads(body)
+    assert headers["Content-Type"] == "application/json"
+    listed = daemon.proxy().listPorts()
+    expected = [dict(e, since=e["since"].isoformat()) for e in listed]
+    for e in expected:
+        if isinstance(e["info"], dict) and "when" in e["info"]:
+            e["info"] = {"name": "db", "when": "2026-01-02T03:04:05", "blob": {"base64": "AP8="}}
+    assert data["registrations"] == expected
+    assert data["range"] == {"first": daemon.first, "last": daemon.last, "registered": 2,
+                             "free": daemon.last - daemon.first - 1}
+    assert data["names"] == [{"name": "db", "port": listed[1]["port"]}] and data["cluster"] is None
+    assert set(data) >= {"version", "host", "range", "registrations", "reaps", "cluster"}
+
+
+def test_the_page_and_the_json_need_the_token_when_there_is_one(daemon_factory, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret")
+    token_file.chmod(0o600)
+    d = daemon_factory(size=10, state="none", extra_args=["--token-file", str(token_file)])
+    for path in ("/", "/status.json"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(d, path)
+        assert refused.value.code == 401 and refused.value.headers["WWW-Authenticate"].startswith("Basic")
+        assert b"token as password" in refused.value.read(), "the 401 says how to get in"
+        headers, body = get(d, path, b"s3cret")
+        assert body
+
+
+def test_the_page_tells_the_browser_to_run_no_script_and_load_nothing_else(daemon):
+    for path, kind in (("/", "text/html; charset=utf-8"), ("/status.json", "application/json"),
+                       ("/status.css", "text/css; charset=utf-8")):
+        headers, _ = get(daemon, path)
+        assert headers["Content-Type"] == kind and headers["X-Content-Type-Options"] == "nosniff"
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'none'" in policy and "unsafe" not in policy and "script-src" not in policy
+
+
+def test_a_crowded_registry_is_shown_in_part_and_counted(daemon_factory):
+    d = daemon_factory(size=20, state="none", settings=daemon_settings(page_rows=5))
+    ports = [d.rpc().newPort("svc %d" % i) for i in range(12)]
+    _, body = get(d, "/")
+    page = Dom(body.decode("utf-8"))
+    shown = [row[0] for row in page.rows if row and row[0].isdigit()]
+    assert shown == [str(p) for p in ports[:5]] and "and 7 more" in "".join(page.text)
+    assert len(json.loads(get(d, "/status.json")[1])["registrations"]) == 12, "the JSON has them all"
+
+
+def test_a_screenshot_of_the_page_is_made_on_request(daemon, tmp_path, request):
+    rpc = daemon.rpc()
+    rpc.newPort("web frontend", os.getpid())
+    rpc.newPort({"name": "db", "info": "postgres primary"})
+    rpc.newPort("metrics")
+    wanted = request.config.getoption("--screenshot")
+    target = os.path.abspath(wanted) if wanted else str(tmp_path / "status-page.png")
+    browse(tmp_path, "http://%s:%d/" % (daemon.host, daemon.port), "--screenshot=%s" % target,
+           "--window-size=1000,640", "--hide-scrollbars")
+    with open(target, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_json_of_many_registrations_is_made_a_slice_at_a_time(monkeypatch):
+    """In-process: the JSON is a Sliced whose steps each give the loop back within the budget, and
+    what the slices make is the whole registry, the same as made in one go, through changes."""
+    import nodemngr
+    service = nodemngr.NodeMngr(40000, 43999, host_check=lambda port: True)
+    try:
+        for i in range(3000):
+            service.newPort({"name": "svc-%d" % (i % 50), "info": "instance %d" % i})
+        pages = nodemngr.StatusPages(service)
+        monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)     # (a slice of 64 entries each)
+        sliced = pages.json()
+        steps = 1
+        while not sliced.step():
+            steps += 1
+        assert steps >= 3000 // 64, "made in slices"
+        first = json.loads(sliced.reply)
+        assert [e["port"] for e in first["registrations"]] == list(range(40000, 43000))
+        service.delPort(40057)      # (not the port an explicit name remembers: the lowest free)
+        service.newPort("late")
+        again = json.loads(pages.json().finish())
+        assert [e["port"] for e in again["registrations"]] == list(range(40000, 43000))
+        assert {e["port"]: e["info"] for e in again["registrations"]}[40057] == "late", "a changed port's entry is new"
+        assert again["range"]["registered"] == 3000
+    finally:
+        service.close()
