@@ -133,7 +133,7 @@ __all__ = [
     "UNKNOWN_NAMESPACE", "pid_namespace", "pid_of_local_peer", "peer_credentials", "port_is_bindable", "is_loopback",
     "is_this_host", "tcp_peer_uid", "tcp_listener_uid",
     # Values, XML-RPC bodies
-    "dumps", "marshal_info", "unmarshal_info", "check_port", "utc", "printable", "describe", "parse_call",
+    "dumps", "marshal_info", "unmarshal_info", "unmarshal_infos", "check_port", "utc", "printable", "describe", "parse_call",
     "Marshalled", "marshal_reply",
     # Settings
     "bounded_int", "default_state_path", "ensure_private_folder", "read_token", "Settings",
@@ -739,6 +739,10 @@ _STRING_PARAMS = "<params>\n<param>\n<value><string>%s</string></value>\n</param
 _INT_REPLY = ("<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><int>%d</int>"
               "</value>\n</param>\n</params>\n</methodResponse>\n")
 _STR_REPLY = _INT_REPLY.replace("<int>%d</int>", "<string>%s</string>")
+# A reply listing entries (listPorts, lookup): this, each entry's struct as dumps writes it, then that.
+_LIST_HEAD = b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
+_LIST_FOOT = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
+_LIST_HEAD_SIZE, _LIST_FOOT_SIZE = len(_LIST_HEAD), len(_LIST_FOOT)
 
 
 @functools.lru_cache(maxsize=64)
@@ -793,6 +797,28 @@ def _check_depth(value, depth):
 
 def unmarshal_info(text):
     return xmlrpc.client.loads(text, use_builtin_types=True)[0][0]
+
+
+_PARAMS_HEAD, _PARAMS_FOOT = "<params>\n", "</params>\n"
+
+
+def unmarshal_infos(texts, batch=1000):
+    """[unmarshal_info(text) for text in texts], parsed a thousand at a time by one parser (its
+    making was most of the cost of each: a restart reads 25,000 of them).  A batch that does not
+    read as one value per text is read text by text, so that one that is not an info says so."""
+    values = []
+    for i in range(0, len(texts), batch):
+        chunk = texts[i:i + batch]
+        inner = [t[len(_PARAMS_HEAD):-len(_PARAMS_FOOT)] for t in chunk
+                 if t.startswith(_PARAMS_HEAD) and t.endswith(_PARAMS_FOOT)]
+        read = None
+        if len(inner) == len(chunk):
+            try:
+                read = xmlrpc.client.loads(_PARAMS_HEAD + "".join(inner) + _PARAMS_FOOT, use_builtin_types=True)[0]
+            except (expat.ExpatError, ValueError, TypeError, xmlrpc.client.Error):
+                read = None
+        values.extend(read if read is not None and len(read) == len(chunk) else [unmarshal_info(t) for t in chunk])
+    return values
 
 
 def check_port(port):
@@ -1608,6 +1634,7 @@ class StateStore:
         self.path = path
         self._db = None
         self._held = None       # between begin() and commit(): the statements of the group
+        self._rows = None       # the Registrations read when the file was opened, until load()
         if path is not None:
             self._db = self._open_or_move_aside(path)
 
@@ -1615,10 +1642,18 @@ class StateStore:
         """Every saved Registration, and {explicit name: the port it had last}."""
         if self._db is None:
             return [], {}
-        rows = self._db.execute("SELECT port, info, pid, start, since, uid FROM ports").fetchall()
-        return ([Registration(port, unmarshal_info(blob), pid, start, since, blob, uid)
-                 for port, blob, pid, start, since, uid in rows],
-                dict(self._db.execute("SELECT name, port FROM names")))
+        rows, self._rows = self._rows, None     # (read at the open, to check them: once is enough)
+        if rows is None:
+            rows = self._read_rows(self._db)
+        return rows, dict(self._db.execute("SELECT name, port FROM names"))
+
+    @staticmethod
+    def _read_rows(db):
+        """Every row as a Registration; an unreadable info raises (the whole file is suspect)."""
+        rows = db.execute("SELECT port, info, pid, start, since, uid FROM ports").fetchall()
+        infos = unmarshal_infos([row[1] for row in rows])
+        return [Registration(port, info, pid, start, since, blob, uid)
+                for (port, blob, pid, start, since, uid), info in zip(rows, infos)]
 
     def add(self, reg, memory=(None, False)):
         """Save *reg* with a PortAllocator.memory_change, in one transaction."""
@@ -1739,8 +1774,7 @@ class StateStore:
                 raise _NotOurs("integrity check: %s" % check)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=OFF")
-            for port, blob in db.execute("SELECT port, info FROM ports"):
-                unmarshal_info(blob)     # unreadable rows: the whole file is suspect
+            self._rows = self._read_rows(db)     # (unreadable rows: the whole file is suspect)
             return db
         except BaseException:
             db.close()
@@ -2104,6 +2138,10 @@ class NodeMngr:
     def names_remembered(self):
         return len(self.allocator.remembered)
 
+    def named(self, name):
+        """The Registrations named *name*, by port."""
+        return self.allocator.lookup(name)
+
     def remembered(self):
         """{explicit name: the port it had last}, a copy."""
         return dict(self.allocator.remembered)
@@ -2339,18 +2377,28 @@ class Sliced:
     list of its parts).  The transport runs one step per turn of the loop (NodeMngrServer.
     run_sliced), then gives it to Dispatcher.finish like a Deferred."""
 
-    __slots__ = ("_steps", "reply")
+    __slots__ = ("_steps", "method", "reply", "fault")
     budget = 0.004      # seconds of work a step may take before it gives the loop back
 
-    def __init__(self, steps):
-        self._steps, self.reply = steps, None
+    def __init__(self, steps, method):
+        self._steps, self.method, self.reply, self.fault = steps, method, None, None
 
     def step(self):
-        """One slice of the work; True once the reply is made."""
+        """One slice of the work; True once the reply is made (several connections waiting for
+        the same reply may each step it)."""
+        if self._steps is None:
+            return True
         try:
             next(self._steps)
         except StopIteration as done:
-            self.reply = done.value
+            self._steps, self.reply = None, done.value
+            return True
+        except Exception as exc:    # (a bug: one sentence for the caller, the traceback in the log)
+            log.exception("internal error in %s", self.method)
+            self._steps = None
+            self.reply, self.fault = marshal_reply(Fault(INTERNAL_ERROR, "internal error in %s (%s); the node "
+                                                         "manager's log has the details" % (self.method, type(exc).__name__)),
+                                                   self.method)
             return True
         return False
 
@@ -2409,8 +2457,9 @@ class Dispatcher:
         self.large_slow_calls = 0   # of them, those whose reply can be megabytes (_LARGE_REPLIES)
         self._families = []     # functions giving the families that others keep, for /metrics
         self._pages = {b"/metrics": lambda: self.metrics().encode("utf-8")}     # path -> its bytes, made now
-        self._listing = (None, b"")     # (service.changes, listPorts reply)
+        self._listed = (None, None)     # (service.changes, listPorts reply)
         self._lookups = (None, None)    # (service.changes, {name: lookup reply})
+        self._entries = {}      # port -> (Registration, its listPorts entry marshalled), while it is held
         self._uid = os.getuid() if hasattr(os, "getuid") else None
 
     # -- who calls -------------------------------------------------------------------------------
@@ -2513,7 +2562,7 @@ class Dispatcher:
         """The reply of a Deferred that has run (its fault, if any, is counted here), or of a
         Sliced that is made; None if it was abandoned meanwhile."""
         if type(deferred) is Sliced:
-            return deferred.reply
+            return self._made(deferred)
         if deferred.abandoned:
             return None
         self._slow_call_done(deferred)
@@ -2528,7 +2577,8 @@ class Dispatcher:
         """The reply to a Deferred the stop will not wait for: fault 5, counted; whatever its thread
         does later is dropped (finish() then returns None).  A Sliced is made at once instead."""
         if type(deferred) is Sliced:
-            return deferred.finish()
+            deferred.finish()
+            return self._made(deferred)
         deferred.abandoned = True
         self._slow_call_done(deferred)
         return self._reply(Fault(CLUSTER_UNAVAILABLE, "the node manager is stopping; %s's answer from etcd was "
@@ -2755,28 +2805,62 @@ class Dispatcher:
         return func
 
     def _lookup_reply(self, caller, name):
-        """lookup's reply, marshalled once per name and state of the registry (the 64 names asked
-        last): one name can have thousands of holders."""
+        """lookup's reply: the listing of the registrations named *name* (one name can have
+        thousands of holders), kept per name and state of the registry (the 64 names asked last)."""
         changes = self.service.changes
         if self._lookups[0] != changes:
             self._lookups = (changes, collections.OrderedDict())
         replies = self._lookups[1]
         reply = replies.pop(name, None)
         if reply is None:
-            reply = self._reply((self._invoke(caller, "lookup", self.funcs["lookup"], (name,)),), "lookup")
+            reply = Sliced(self._listing_steps(lambda: self.service.named(name), False), "lookup")
             if len(replies) >= 64:
                 replies.popitem(last=False)
-        replies[name] = reply
-        return reply
+        replies[name] = reply   # (one being made is shared by those who ask meanwhile)
+        return self._made(reply) if reply.step() else reply
 
     def _listing_reply(self, caller):
-        """listPorts' reply, marshalled once per state of the registry: it can be megabytes, and
-        many clients asking at once must not each pay for marshalling it."""
+        """listPorts' reply, kept per state of the registry: it can be megabytes, and many clients
+        asking at once must not each pay for making it."""
         changes = self.service.changes
-        if self._listing[0] != changes:
-            self._listing = (changes, self._reply((self._invoke(caller, "listPorts", self.funcs["listPorts"], ()),),
-                                                  "listPorts"))
-        return self._listing[1]
+        if self._listed[0] != changes:      # (one being made is shared by those who ask meanwhile)
+            steps = self._listing_steps(lambda: self.service.registrations(ordered=True), True)
+            self._listed = (changes, Sliced(steps, "listPorts"))
+        reply = self._listed[1]
+        return self._made(reply) if reply.step() else reply
+
+    def _made(self, sliced):
+        """The reply of a Sliced that is made, its fault (a bug's) counted."""
+        if sliced.fault is not None:
+            self.faults[sliced.fault] += 1
+        return sliced.reply
+
+    def _listing_steps(self, registrations, whole):
+        """Make the reply listing registrations() (Registrations, by port, read at the first step)
+        as listPorts entries: a list of its pieces.  Each entry is marshalled once and kept while its
+        registration is held (whole: they are the whole registry, and the entries of ports no longer
+        held are dropped), so that a listing after a change is a join; the entries not made yet
+        (25,000 after a restart) are made a slice at a time (see Sliced), so that nobody waits."""
+        regs = registrations()
+        cache = self._entries
+        kept = {} if whole else cache
+        pieces = [_LIST_HEAD]
+        until = time.monotonic() + Sliced.budget
+        for reg in regs:
+            old = cache.get(reg.port)
+            if old is not None and old[0] is reg:
+                piece = old[1]
+            else:
+                piece = dumps(([_listed((reg,))[0]],), methodresponse=True)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE].encode("utf-8")
+            kept[reg.port] = (reg, piece)
+            pieces.append(piece)
+            if len(pieces) % 100 == 0 and time.monotonic() >= until:
+                yield
+                until = time.monotonic() + Sliced.budget
+        if whole:
+            self._entries = kept
+        pieces.append(_LIST_FOOT)
+        return pieces       # (the transport sends them a chunk at a time: never joined whole)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3217,10 +3301,12 @@ class Connection:
             reply = self._hand_over(head, reply)    # (what is left to send: a fault, if it could not)
         if reply is None:
             pass
-        elif type(reply) is list:   # (a listing of the cluster, in pieces made beforehand)
-            self._send(_reply_head(head, sum(map(len, reply))))
-            for part in reply:
-                self._send(part)
+        elif type(reply) is list:   # (a listing, in pieces made beforehand, which clients share)
+            size = sum(map(len, reply))
+            self._send(_reply_head(head, size))
+            self.outbuf.extend(reply)
+            self._queue(size)
+            self._send(b"")
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
             self.transport.write(_reply_head(head, len(reply)) + reply)
         else:   # a listing, which clients share, is sent as it is, not copied
@@ -3372,6 +3458,13 @@ class Connection:
                 outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
             else:
                 outbuf.popleft()
+                if outbuf and len(piece) + len(outbuf[0]) <= _CHUNK:   # (a listing's entries: a chunk of them)
+                    pieces = [piece]
+                    size = len(piece)
+                    while outbuf and size + len(outbuf[0]) <= _CHUNK:
+                        size += len(outbuf[0])
+                        pieces.append(outbuf.popleft())
+                    piece = b"".join(pieces)
             self._queue(-len(piece))
             self.transport.write(piece)
             if outbuf and not self.pending:
@@ -4757,7 +4850,7 @@ class StatusPages:
         """The page's data, {version, host, range, registrations, reaps, names, uptime, cluster}: a
         Sliced, as the JSON of registrations not seen yet (25,000 after a restart) is made a slice
         at a time."""
-        return Sliced(self._json_steps())
+        return Sliced(self._json_steps(), "GET /status.json")
 
     def _json_steps(self):
         import json

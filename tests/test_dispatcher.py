@@ -22,7 +22,11 @@ body = rpc_body
 
 
 def answer(reply):
-    """What an XML reply says: its value, or the Fault."""
+    """What an XML reply says (bytes, parts, or a Sliced the transport would make): its value, or the Fault."""
+    if isinstance(reply, nodemngr.Sliced):
+        reply = reply.finish()
+    if isinstance(reply, list):
+        reply = b"".join(reply)
     try:
         return xmlrpc.client.loads(reply, use_builtin_types=True)[0][0]
     except xmlrpc.client.Fault as fault:
@@ -212,8 +216,9 @@ def test_at_most_two_listings_of_the_cluster_are_made_at_once(dispatcher, tcp):
 def test_a_bug_is_one_sentence_for_the_caller_and_a_traceback_in_the_log(dispatcher, tcp, caplog):
     dispatcher.service.allocator.held = None    # a bug: listPorts now fails inside the service
     fault = answer(dispatcher.dispatch(tcp, body("listPorts")))
-    assert fault.faultCode == -32603 and fault.faultString == (
-        "internal error in listPorts (AttributeError); the node manager's log has the details")
+    assert fault.faultCode == -32603 and fault.faultString in (
+        "internal error in listPorts (%s); the node manager's log has the details" % kind
+        for kind in ("AttributeError", "TypeError"))
     assert "Traceback" in caplog.text and dispatcher.faults == {-32603: 1}
 
 
@@ -283,5 +288,39 @@ def test_the_changes_of_a_multicall_are_told_once_after_they_are_saved(dispatche
         changes, held = told[0]
         assert held is None, "told after the transaction, not during it"
         assert [(port, reg is not None) for port, reg in changes] == [(kept + 1, True), (kept + 2, True), (kept, False)]
+    finally:
+        service.close()
+
+
+def test_a_listing_made_of_kept_entries_is_the_registry_byte_for_byte_through_changes(tmp_path, monkeypatch):
+    """listPorts and lookup join entries marshalled once each; whatever changed (a port freed,
+    taken again with another info, a name's holders), the bytes are those dumps makes of the
+    registry now, made in slices or at once."""
+    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)    # (a slice of 100 entries each)
+    first, last = free_range(400)
+    service = NodeMngr(first, last, host_check=lambda port: True)
+    dispatcher = Dispatcher(service)
+    tcp = dispatcher.caller("tcp", address="127.0.0.1")
+    try:
+        def expected(method, *params):
+            return nodemngr.marshal_reply((dispatcher.call(tcp, method, params),), method)[0]
+
+        def made(method, *params):
+            reply = dispatcher.dispatch(tcp, body(method, *params))
+            if isinstance(reply, nodemngr.Sliced):
+                reply = reply.finish()
+            return b"".join(reply) if isinstance(reply, list) else reply
+        for i in range(350):
+            service.newPort({"name": "crowd", "n": i} if i % 3 == 0 else "svc %d" % i)
+        assert isinstance(dispatcher.dispatch(tcp, body("listPorts")), nodemngr.Sliced), "long: made in slices"
+        assert made("listPorts") == expected("listPorts")
+        assert made("lookup", "crowd") == expected("lookup", "crowd")
+        for port in range(first, first + 350, 7):
+            service.delPort(port)
+        for i in range(30):
+            service.newPort("again %d\r\n" % i if i % 2 else {"name": "crowd", "when": "now"})
+        assert made("listPorts") == expected("listPorts")
+        assert made("lookup", "crowd") == expected("lookup", "crowd")
+        assert made("lookup", "nobody") == expected("lookup", "nobody")
     finally:
         service.close()

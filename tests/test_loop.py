@@ -10,8 +10,8 @@ import xmlrpc.client
 
 import pytest
 
-from support import (RawConnection, count_turned_away, fill_registry, http_request, memory_kib, post, rpc_body,
-                     slow_readers, wait_until)
+from support import (RawConnection, count_turned_away, daemon_settings, fill_registry, http_request, memory_kib, post,
+                     rpc_body, slow_readers, wait_until)
 
 PING_REQUEST = http_request(rpc_body("ping"))
 
@@ -188,3 +188,34 @@ def test_a_slow_call_whose_thread_cannot_start_gives_its_slot_back(daemon_factor
     assert all(not isinstance(a, Exception) for a in answers), (
         "a call whose thread could not start got no reply at all: %r" % (answers,))
     d.check_alive()
+
+
+def test_the_listing_follows_the_registry_through_changes_and_a_restart(daemon_factory, tmp_path):
+    """listPorts and lookup, made in slices of entries kept from one listing to the next, stay the
+    registry's: through frees, ports taken again with other infos, and a restart."""
+    d = daemon_factory(size=400, state=tmp_path / "state.sqlite3", settings=daemon_settings(slice_budget=0.0))
+
+    def infos(entries):
+        return {e["port"]: e["info"] for e in entries}
+    rpc = d.rpc()
+    model = {}
+    for batch in range(0, 300, 100):     # (three multicalls: the body limit is 64 KiB)
+        multi = xmlrpc.client.MultiCall(rpc)
+        for i in range(batch, batch + 100):
+            multi.newPort({"name": "crowd", "n": i} if i % 3 == 0 else "svc %d" % i)
+        model.update((port, {"name": "crowd", "n": i} if i % 3 == 0 else "svc %d" % i)
+                     for i, port in zip(range(batch, batch + 100), multi()))
+    assert infos(rpc.listPorts()) == model
+    for port in list(model)[::7]:
+        rpc.delPort(port)
+        del model[port]
+    for i in range(20):
+        info = "again %d" % i if i % 2 else {"name": "crowd", "when": i}
+        model[rpc.newPort(info)] = info
+    assert infos(rpc.listPorts()) == model
+    assert infos(rpc.lookup("crowd")) == {p: i for p, i in model.items() if isinstance(i, dict)}
+    assert d.terminate() == 0
+    d.start()
+    rpc = d.rpc()
+    assert infos(rpc.listPorts()) == model, "the same after a restart"
+    assert infos(rpc.lookup("crowd")) == {p: i for p, i in model.items() if isinstance(i, dict)}

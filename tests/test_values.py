@@ -60,3 +60,19 @@ def test_heads_are_read_and_repeats_joined_or_refused():
         with pytest.raises(nodemngr._HTTPError) as info:
             nodemngr.read_head(bad)
         assert info.value.status == 400
+
+
+def test_infos_read_together_are_those_read_one_by_one():
+    """A restart reads a thousand infos with one parser; what it gets is what reading each alone
+    gets, whatever the infos hold, and one that is not an info fails it as it would alone."""
+    import datetime
+    infos = ["plain", "", "a</param><param><value>x</value>", {"name": "db", "n": [1, 2.5, True]},
+             datetime.datetime(2026, 1, 2, 3, 4, 5), b"\x00\xff", "caf\u00e9 \r\n", {"nested": {"deep": []}}] * 300
+    texts = [nodemngr.marshal_info(info) for info in infos]
+    assert nodemngr.unmarshal_infos(texts) == [nodemngr.unmarshal_info(t) for t in texts] == infos
+    broken = texts[:5] + ["<params>\n<param>\n<value><int>oops</int></value>\n</param>\n</params>\n"] + texts[5:]
+    with pytest.raises(ValueError):
+        nodemngr.unmarshal_infos(broken)
+    shifted = texts[:3] + ["<params>\n<param>\n<value>a</value>\n</param><param><value>b</value></param>\n</params>\n"]
+    assert nodemngr.unmarshal_infos(shifted) == [nodemngr.unmarshal_info(t) for t in shifted], \
+        "two values in one text do not shift the others"
