@@ -2847,13 +2847,12 @@ class Dispatcher:
         pieces = [_LIST_HEAD]
         until = time.monotonic() + Sliced.budget
         for reg in regs:
-            old = cache.get(reg.port)
-            if old is not None and old[0] is reg:
-                piece = old[1]
-            else:
-                piece = dumps(([_listed((reg,))[0]],), methodresponse=True)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE].encode("utf-8")
-            kept[reg.port] = (reg, piece)
-            pieces.append(piece)
+            entry = cache.get(reg.port)
+            if entry is None or entry[0] is not reg:    # (kept entries are kept as they are: a listing
+                piece = dumps(([_listed((reg,))[0]],), methodresponse=True)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE]
+                entry = (reg, piece.encode("utf-8"))    # makes no new object the collector would scan)
+            kept[reg.port] = entry
+            pieces.append(entry[1])
             if len(pieces) % 100 == 0 and time.monotonic() >= until:
                 yield
                 until = time.monotonic() + Sliced.budget
@@ -4858,13 +4857,11 @@ class StatusPages:
         pieces, kept, cached = [], {}, self._json_pieces
         until = time.monotonic() + Sliced.budget
         for reg in regs:
-            old = cached.get(reg.port)
-            if old is not None and old[0] is reg:
-                piece = old[1]
-            else:
-                piece = json.dumps(_json_entry(reg)).encode("utf-8")
-            kept[reg.port] = (reg, piece)
-            pieces.append(piece)
+            entry = cached.get(reg.port)
+            if entry is None or entry[0] is not reg:
+                entry = (reg, json.dumps(_json_entry(reg)).encode("utf-8"))
+            kept[reg.port] = entry
+            pieces.append(entry[1])
             if len(pieces) % 64 == 0 and time.monotonic() >= until:
                 yield
                 until = time.monotonic() + Sliced.budget

@@ -70,6 +70,8 @@ STALL_RANGE = 2000              # scenario 6: ports in the range, all of them un
 STALL_OWNERS = 1000             #   this many registered, one each to a live owner process,
 STALL_BATCH = 300               #   the rest bound by the benchmark; failing newPort per multicall
 PING_PERIOD = 0.010             # scenario 6: the pinger sends one ping every 10 ms
+REGISTRY_SCALE = 25000          # scenario 9: registrations with struct infos ({"name", "info"}, 500 names)
+REGISTRY_PING = 0.002           # scenario 9: one ping every 2 ms while listings are made
 STALL_BATCH_TIMEOUT = 45.0      # scenario 6: a failing batch with no answer by then is an error
 WRK_ARGS = ["-t1", "-c4"]       # the speed table's wrk rows: one wrk thread, four connections
 IMPORT_SAMPLES = 15             # speed table: `import nodemngr` samples per version (quick: 5)
@@ -991,6 +993,57 @@ def run_cluster_scale(picker, tmp, first, last, results, label, script, etcd):
         srv.stop()
 
 
+def run_registry_scale(picker, tmp, results, label, script):
+    """Scenario 9: a daemon (ours or the baseline) holding REGISTRY_SCALE registrations with struct
+    infos.  Ten times a change (a newPort) then a listPorts, while a separate client pings every
+    2 ms: the listings' median time, the worst and 99th-percentile ping; then the daemon's RSS,
+    and how long a restart takes from its start to its first answer."""
+    state_dir = tempfile.mkdtemp(prefix="state-registry-%s-" % label, dir=tmp)
+    srv = Daemon(state_dir, WIDE_RANGE[0], WIDE_RANGE[1], port=picker.take(), log_level="WARNING",
+                 name="registry-" + label, cwd=ROOT, script=script)
+    srv.start()
+    try:
+        proxy = xmlrpc.client.ServerProxy(srv.url)
+        _mc_new(proxy, 10, "warm-up")
+        for start in range(0, REGISTRY_SCALE, 100):     # (100 struct infos a multicall: under the body limit)
+            _mc_new(proxy, 100, lambda i: {"name": "svc-%d" % (i % 500), "info": "instance %d" % i}, start)
+        pinger = Pinger(srv.url, tmp, 300, period=REGISTRY_PING)
+        listings = []
+        try:
+            pinger.wait_ready()
+            for n in range(10):
+                proxy.newPort("change %d" % n)
+                t0 = time.perf_counter()
+                listed = proxy.listPorts()
+                listings.append(time.perf_counter() - t0)
+                if len(listed) != REGISTRY_SCALE + 10 + n + 1:
+                    raise BenchError("listPorts listed %d entries, not %d" % (len(listed), REGISTRY_SCALE + 11 + n))
+            pings = pinger.finish()
+        finally:
+            pinger.kill()
+        results.add("registry_list", label, statistics.median(listings) * 1e3)
+        results.add("registry_ping_worst", label, max(pings) * 1e3)
+        results.add("registry_ping_p99", label, percentile(pings, 0.99) * 1e3)
+        results.add("registry_rss", label, memory_kib(srv.proc.pid) / 1024.0)
+        if srv.terminate() != 0:
+            raise BenchError("the daemon did not stop cleanly")
+        t0 = time.perf_counter()
+        srv.start(wait=False)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                xmlrpc.client.ServerProxy(srv.url).ping()
+                break
+            except (OSError, xmlrpc.client.Error):
+                if time.monotonic() > deadline:
+                    raise BenchError("the restarted daemon did not answer within 30 s")
+                time.sleep(0.005)
+        results.add("registry_restart", label, (time.perf_counter() - t0) * 1e3)
+        srv.check_alive()
+    finally:
+        srv.stop()
+
+
 # ----------------------------------------------------------------------------- scenario 6: stalls
 
 def raise_nofile(need):
@@ -1100,14 +1153,14 @@ def bind_foreign(ports):
 class Pinger:
     """The PINGER script as a subprocess; finish() stops it and returns its latencies (s)."""
 
-    def __init__(self, url, tmp, limit, pairs=False):
+    def __init__(self, url, tmp, limit, pairs=False, period=PING_PERIOD):
         script = os.path.join(tmp, "pinger.py")
         if not os.path.exists(script):
             with open(script, "w") as f:
                 f.write(PINGER)
         self.errpath = os.path.join(tmp, "pinger.err")
         with open(self.errpath, "ab") as err:
-            self.proc = subprocess.Popen([sys.executable, script, url, repr(PING_PERIOD), repr(limit)]
+            self.proc = subprocess.Popen([sys.executable, script, url, repr(period), repr(limit)]
                                          + ["pairs"] * pairs,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          env=clean_env(), cwd=tmp, bufsize=0)
@@ -1666,6 +1719,12 @@ def render(res, floor, args, cmdline, elapsed, load, wrk_path=None):
              ("8f", "scale_pair_p99", "cluster scale: 99th-percentile pair meanwhile", "ms", ""),
              ("8g", "scale_revisions", "cluster scale: etcd revisions for 1,000 local changes", "revisions", ""),
              ("8h", "scale_rss", "cluster scale: the daemon's RSS at the end", "MiB", "< 100 MiB"))
+    scale += (("9a", "registry_list", "25,000 registrations (struct infos): listPorts after a change, median of 10",
+               "ms", ""),
+              ("9b", "registry_ping_worst", "same: worst ping (one every 2 ms) meanwhile", "ms", "<= 50 ms"),
+              ("9c", "registry_ping_p99", "same: 99th-percentile ping meanwhile", "ms", "<= 20 ms"),
+              ("9d", "registry_rss", "same: the daemon's RSS after the listings", "MiB", "< 100 MiB"),
+              ("9e", "registry_restart", "same: a restart, from its start to its first answer", "ms", "< 1,000 ms"))
     for num, key, what, unit, target in scale:
         if not any(res.data.get((key, x)) for x in labels):
             continue
@@ -1772,8 +1831,9 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=None, help="rounds over every server (default 3, quick 1)")
     ap.add_argument("--duration", type=float, default=None,
                     help="timed window per scenario in seconds (default 2, quick 0.5; wrk: rounded, at least 1)")
-    ap.add_argument("--only", choices=["speed"],
-                    help="speed: only the speed table (and row 7a, where etcd is installed)")
+    ap.add_argument("--only", choices=["speed", "registry"],
+                    help="speed: only the speed table (and row 7a, where etcd is installed); registry: only "
+                    "scenario 9 (25,000 registrations)")
     ap.add_argument("--baseline", metavar="PATH",
                     help="an older copy of nodemngr.py (e.g. `git show HEAD~5:nodemngr.py > "
                     "/tmp/nodemngr-before.py`): a column of its own in every table")
@@ -1792,6 +1852,7 @@ def parse_args(argv):
             ap.error("--baseline %s: no such file" % args.baseline)
         args.baseline = os.path.abspath(args.baseline)
     args.speed_only = args.only == "speed"
+    args.registry_only = args.only == "registry"
     args.stall_idle = 2.5 if args.quick else 6.0        # >= one reap interval (2 s); full: three
     args.stall_fail = 1.5 if args.quick else 5.0
     args.import_samples = 5 if args.quick else IMPORT_SAMPLES
@@ -1837,6 +1898,8 @@ def main(argv=None):
     versions = [(label, script) for label, script in speed_servers if script]    # import and cold rows
     cluster = bool(have_ours and etcd_binary() and not args.no_cluster)
     stall = not (args.no_stall or args.speed_only) and have_ours
+    if args.registry_only:      # (scenario 9 alone: no other round, sample or cluster)
+        args.rounds, versions, cluster, stall = 0, [], False, False
     # A safety net against hangs, not a schedule.  Per server and round of the speed table: its
     # start, the one- and four-client windows (with the four processes' start), the multicall
     # window and the two wrk runs.  Per daemon and round of the rest: the proxy window, flat cost
@@ -1848,7 +1911,7 @@ def main(argv=None):
     cluster_each = (20 + 2 * d["flat"] + (0 if args.speed_only else d["flat"] + 10)) if cluster else 0
     limit = int(60 + args.rounds * (len(speed_servers) * per_speed + len(daemons) * rest_each + cluster_each)
                 + len(versions) * ((args.import_samples + 1) * 1.0 + (args.cold_samples + 1) * 3.0) + COLD_TIMEOUT
-                + (0 if args.speed_only else 5 + 2 * d["flat"] + (180 if cluster else 0)))
+                + (0 if args.speed_only else 5 + 2 * d["flat"] + (180 if cluster else 0) + 90 * len(daemons)))
     # with wrk and etcd: --only speed 537 s (--quick 209 s), full 1097 s (--quick 506 s); with a baseline
     # 656 s (247 s) and 1554 s (646 s)
 
@@ -1976,6 +2039,11 @@ def main(argv=None):
                 res.error("scale", "ours", "filling etcd: %s: %s" % (type(exc).__name__, exc))
             finally:
                 etcd.stop()
+        for label, script in (daemons if not args.speed_only else []):     # scenario 9, once each
+            try:
+                run_registry_scale(picker, tmp, res, label, script)
+            except ERRORS as exc:
+                res.error("registry", label, "%s: %s" % (type(exc).__name__, exc))
         if not args.speed_only:
             rtt, req_len, resp_len = loopback_rtt_us(d["flat"])
             floor = (rtt, req_len, resp_len, bind_close_us())
