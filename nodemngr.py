@@ -151,7 +151,7 @@ __all__ = [
     "server_url", "server_proxy", "who_answers", "request_socket", "describe_call_error", "NodeMngrProxy",
     "start_daemon",
     # Serving, the command line, legacy names
-    "run_daemon", "activated_sockets", "sd_notifier", "reopen_log_files", "main", "format_table", "nm",
+    "run_daemon", "activated_sockets", "sd_notifier", "spawner_notifier", "reopen_log_files", "main", "format_table", "nm",
 ]
 __version__ = "1.2.0"
 
@@ -2506,7 +2506,7 @@ class Dispatcher:
                 self.requests["lookup"] += 1
                 return self._lookup_reply(caller, params[0])
             func = self._checked(caller, method, params)
-            if func.rpc_slow:
+            if func.rpc_slow and self.service.cluster is not None:     # (without one: fault 5 at once)
                 return self._deferred(method, func, params)
             if func.rpc_handover and caller.door != "local":
                 raise self._alone(method)
@@ -3265,7 +3265,9 @@ class Connection:
 
     def release_held(self, failed):
         """The turn's group commit is done: send the replies held for it, in order, or *failed*
-        instead of each (the group's fault: none of its calls was made), then answer on."""
+        instead of each (the group's fault: none of its calls was made; a page gets a 503), then
+        answer on at the next turn: not now, while the server ends the turn (a request answered
+        now would open a group that the server's end_turn() caller believes closed)."""
         held, self.held = self.held, []
         dispatcher = self.server.dispatcher
         for head, reply in held:
@@ -3274,11 +3276,14 @@ class Connection:
                     dispatcher.handover_failed(reply, ConnectionResetError("the client has gone"))
                 for sock in reply.sockets:
                     sock.close()
-            if failed is not None:
-                reply = dispatcher.group_failed(failed)
-            if self.phase is not _CLOSED:
-                self._reply(head, reply)
-        self.answer_received()
+            if self.phase is _CLOSED:
+                continue
+            if failed is not None and head.page is not None:
+                dispatcher.group_failed(failed)
+                self._fail(_HTTPError(503, "the node manager could not save its state just now; try again shortly"))
+                return
+            self._reply(head, dispatcher.group_failed(failed) if failed is not None else reply)
+        self.server.loop.call_soon(self.answer_received)
 
     def _slow_done(self, deferred):
         reply = self.server.dispatcher.finish(deferred)
@@ -3699,7 +3704,7 @@ class NodeMngrServer:
         """local: the address of the local (Unix) socket to serve too ("@name": Linux's abstract
         namespace; else a path), or None.  activated: (inet, unix) listening sockets a service
         manager passed (activated_sockets()), served instead of binding host:port and local."""
-        self.dispatcher = self.loop = self.notify = None
+        self.dispatcher = self.loop = self.notify = self.on_ready = None   # (on_ready: called once, serving)
         self._connection_type = None    # Connection as asyncio's protocol, once serving
         self._group = None      # connections holding replies for the turn's group commit, while one is open
         self.stop_reason = None     # why it stops, once asked
@@ -3825,6 +3830,8 @@ class NodeMngrServer:
             self._listen()
             if self.notify is not None:
                 loop.call_soon(self._tell, "READY=1")
+            if self.on_ready is not None:
+                loop.call_soon(self.on_ready)
             if self.stop_reason is not None:    # asked before the loop ran
                 loop.call_soon(self._begin_stop)
             loop.call_later(self.tick, self._sweep)
@@ -5430,26 +5437,30 @@ def _daemon_argv(settings, log_path):
     return argv
 
 
-# python -c this FILE serve ...: the module at FILE, imported by its path (bytecode cache and all)
-# whatever sys.path holds, runs main() with the arguments after FILE.
-_SERVE_BY_IMPORT = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('nodemngr', sys.argv[1]); "
-                    "module = importlib.util.module_from_spec(spec); sys.modules['nodemngr'] = module; "
-                    "spec.loader.exec_module(module); sys.exit(module.main(sys.argv[2:]))")
+# python -c this FILE serve ...: imports the module at FILE by its path (bytecode cache and all),
+# whatever sys.path holds
+# whatever its name (an installed copy may have no .py), and runs main() with the arguments after it.
+_SERVE_BY_IMPORT = ("import importlib.machinery, importlib.util, sys; loader = importlib.machinery.SourceFileLoader("
+                    "'nodemngr', sys.argv[1]); module = importlib.util.module_from_spec(importlib.util.spec_from_loader("
+                    "'nodemngr', loader)); sys.modules['nodemngr'] = module; loader.exec_module(module); "
+                    "sys.exit(module.main(sys.argv[2:]))")
+_SPAWNER_VAR = "NODEMNGR_SPAWNER_SOCKET"    # where the daemon a client spawns says READY=1 (spawner_notifier)
 
 
 def _daemon_env(ready_address):
-    """The daemon's environment: ours, with NOTIFY_SOCKET set to *ready_address* (or removed: a
-    daemon started by a program that systemd runs must not speak to systemd as that program)."""
-    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    """The daemon's environment: ours, with _SPAWNER_VAR set to *ready_address*, and without
+    NOTIFY_SOCKET: a daemon started by a program that systemd runs must not speak to systemd as if
+    it were that program."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", _SPAWNER_VAR)}
     if ready_address is not None:
-        env["NOTIFY_SOCKET"] = ready_address
+        env[_SPAWNER_VAR] = ready_address
     return env
 
 
 class _ReadySignal:
-    """Where a daemon being spawned says "READY=1" once it listens (the sd_notify protocol, which
-    it speaks to systemd too), so that its spawner asks at once rather than at its next poll, a
-    poll that could come up to 100 ms late.  A datagram socket at an abstract address (Linux);
+    """Where a daemon being spawned says "READY=1", once, as soon as it listens (spawner_notifier),
+    so that its spawner asks at once rather than at its next poll, which could come up to 100 ms
+    late.  A datagram socket at an abstract address (Linux);
     elsewhere, or if it cannot be made, address is None and wait() just sleeps.  Only datagrams
     of this user count (SO_PASSCRED): another user's cannot make a spawner spin."""
 
@@ -5673,7 +5684,7 @@ def run_daemon(settings, activated=([], None)):
             view = ClusterView(*cluster, snapshot=service.registrations)
             view.start()
             service.cluster, service.on_change = view, view.changed
-        server.notify = sd_notifier()
+        server.notify, server.on_ready = sd_notifier(), spawner_notifier()
         _raise_descriptor_limit()
         log.info("node manager %s serving on %s:%d and %s, ports %d-%d, state %s, pid %d", __version__,
                  server.address[0], server.port, server.local_address or "no local socket", first, last,
@@ -5768,26 +5779,38 @@ def activated_sockets():
 
 def sd_notifier():
     """A function sending sd_notify lines ("READY=1", "STATUS=...", "STOPPING=1") to the
-    service manager at NOTIFY_SOCKET ("@name" is abstract), or None when it is not set.  A client
-    that spawns a daemon listens there too, for READY=1 (_ReadySignal); once nobody listens at that
-    address any more (that client has its answer), it says nothing more."""
+    service manager at NOTIFY_SOCKET ("@name" is abstract), or None when it is not set.  It never
+    waits: a line that the receiver's queue cannot take now is dropped (MSG_DONTWAIT)."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address or not hasattr(socket, "AF_UNIX"):
         return None
     address = local_sockaddr(address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    gone = []
 
     def notify(*lines):
-        if gone:
-            return
         try:
-            sock.sendto("\n".join(lines).encode("utf-8"), address)
+            sock.sendto("\n".join(lines).encode("utf-8"), socket.MSG_DONTWAIT, address)
         except OSError as exc:
             log.debug("could not notify the service manager at %r: %s", address, exc)
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                gone.append(exc)
     return notify
+
+
+def spawner_notifier():
+    """A function telling the client that spawned this daemon, once, that it serves: READY=1 to
+    the abstract address that client listens at (_SPAWNER_VAR, taken out of the environment), never
+    waiting; None when no client waits.  Once: nothing is ever sent there again, whoever holds
+    that name later."""
+    address = os.environ.pop(_SPAWNER_VAR, None)
+    if not address or not address.startswith("@") or not hasattr(socket, "AF_UNIX"):
+        return None
+
+    def ready():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                sock.sendto(b"READY=1", socket.MSG_DONTWAIT, local_sockaddr(address))
+            except OSError:     # (its queue full, or it has gone: it polls all the same)
+                pass
+    return ready
 
 
 def _hold_signals():

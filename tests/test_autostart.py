@@ -581,7 +581,8 @@ def test_the_daemon_started_imports_its_file_so_that_its_bytecode_cache_serves(t
     cached = os.listdir(str(app / "__pycache__"))
     assert [name for name in cached if name.startswith("nodemngr.")], "the daemon imported its file: %s" % cached
     environ = dict(line.split(b"=", 1) for line in open("/proc/%s/environ" % pid, "rb").read().split(b"\0") if line)
-    assert environ[b"NOTIFY_SOCKET"].startswith(b"@nodemngr-spawn-"), "never the caller's own service manager"
+    assert b"NOTIFY_SOCKET" not in environ, "never the caller's own service manager"
+    assert environ[b"NODEMNGR_SPAWNER_SOCKET"].startswith(b"@nodemngr-spawn-"), "where it says it is ready"
 
 
 def test_a_spawner_wakes_when_its_user_says_ready_and_not_for_another_user(nobody):
@@ -601,3 +602,258 @@ def test_a_spawner_wakes_when_its_user_says_ready_and_not_for_another_user(nobod
             assert time.monotonic() - started < 10, "READY=1 from this user did not wake the spawner"
         finally:
             sender.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# What an adversarial run of the cold start found (each failed before its fix)
+# ---------------------------------------------------------------------------------------------
+
+# Another user's program: it watches /proc/net/unix (world-readable) for the abstract address of
+# the spawner whose name begins with argv[1] (this test process's), binds it as soon as the spawner lets it go, and then never reads.
+SQUATTER = r"""
+import socket, sys, time
+print("watching", flush=True)
+deadline, seen = time.time() + 20, set()
+while time.time() < deadline:
+    with open("/proc/net/unix") as f:
+        seen.update(line.split()[-1] for line in f if sys.argv[1] in line)
+    for name in seen:       # (once the spawner lets it go, it is no longer listed)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            s.bind("\0" + name[1:])
+        except OSError:
+            s.close()
+            continue
+        print(name, flush=True)
+        time.sleep(60)      # holds it, reads nothing
+        sys.exit(0)
+    time.sleep(0.0005)
+"""
+
+
+def _daemon_pid(port):
+    try:
+        return nodemngr.server_proxy("127.0.0.1", port, timeout=2.0).status()["pid"]
+    except Exception:
+        return None
+
+
+def test_another_user_cannot_stall_an_auto_started_daemon_through_its_notify_socket(tmp_path, env, nobody):
+    """Promise: one caller (let alone another user) never stalls the others; a spawned daemon
+    stops notifying once its spawner is gone.  Broken: the spawner's abstract address
+    @nodemngr-spawn-PID-RANDOM is listed in /proc/net/unix for every user; once the spawner closes
+    it, another user binds the same name before the daemon's next notify, so the daemon never
+    sees ECONNREFUSED and keeps sending STATUS= lines there on a *blocking* socket.  The squatter
+    reads nothing: after net.unix.max_dgram_qlen (10) datagrams, sendto blocks the daemon's
+    loop for good.  The squatter drives the STATUS changes itself (newPort over TCP, any user may),
+    one per tick (0.25 s): about 3 s later every client times out."""
+    from support import free_port, free_range, stop_pid
+    import nodemngr_proxy
+    port = free_port()
+    first, last = free_range(40)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    squatter = nobody.popen(SQUATTER, "@nodemngr-spawn-%d-" % os.getpid(), stdout=subprocess.PIPE)
+    pid = None
+    try:
+        assert squatter.stdout.readline().strip() == "watching"
+        with nodemngr_proxy.NodeMngrProxy(port=port, autostart=True) as nm:
+            assert nm.ping().startswith("NodeMngr at ")
+            pid = nm.status()["pid"]
+        grabbed = squatter.stdout.readline().strip()
+        assert grabbed.startswith("@nodemngr-spawn-%d-" % os.getpid()), grabbed
+        environ = open("/proc/%d/environ" % pid, "rb").read()
+        assert b"NODEMNGR_SPAWNER_SOCKET=" + grabbed.encode() in environ and b"NOTIFY_SOCKET=" not in environ
+        # what anyone may do over TCP: change the registered count once a tick
+        rpc = nodemngr.server_proxy("127.0.0.1", port, timeout=1.0)
+        answered, started = 0, time.monotonic()
+        try:
+            for i in range(6):
+                rpc.newPort("tick %d" % i)
+                answered += 1
+                time.sleep(nodemngr.NodeMngrServer.tick + 0.05)
+            rpc.ping()
+            answered += 1
+        except (socket.timeout, OSError) as exc:
+            stalled = exc
+        else:
+            stalled = None
+        wchan = open("/proc/%d/wchan" % pid).read()
+        assert stalled is None, ("the daemon stopped answering after %d calls (%.1f s): %r; its loop waits in %s "
+                                 "(sendto to %s, bound by uid %d)" % (answered, time.monotonic() - started,
+                                                                       stalled, wchan, grabbed, nobody.uid))
+    finally:
+        squatter.kill()
+        squatter.wait(10)
+        if pid is None:
+            pid = _daemon_pid(port)
+        if pid:
+            stop_pid(pid)
+
+
+def test_a_child_forked_during_a_cold_start_does_not_stall_the_daemon(tmp_path, env):
+    """Promise: a slow or idle process never stalls the daemon; the spawned daemon stops
+    notifying once its spawner has its answer.  Broken without any attacker: while one thread
+    auto-starts the daemon, another thread of the same program forks a long-lived worker (a
+    process pool, say); the child inherits the spawner's _ReadySignal socket (SOCK_CLOEXEC only
+    acts at exec), so the abstract name stays bound after the spawner closes its copy.  The
+    daemon's STATUS= datagrams queue up unread there, and the 11th blocks its loop in sendto
+    (unix_wait_for_peer) until the child exits.  Measured: stalled after 11 newPorts (~3.5 s)."""
+    from support import free_port, free_range, stop_pid
+    import threading
+    port = free_port()
+    first, last = free_range(40)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    children = []
+
+    def fork_a_worker():    # as soon as the spawner listens
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open("/proc/net/unix") as f:
+                if any("@nodemngr-spawn-%d-" % os.getpid() in line for line in f):
+                    break
+            time.sleep(0.0005)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)
+            os._exit(0)
+        children.append(pid)
+    forker = threading.Thread(target=fork_a_worker)
+    forker.start()
+    pid = None
+    try:
+        nm = nodemngr.NodeMngrProxy(port=port, autostart=True)
+        assert nm.ping().startswith("NodeMngr at ")
+        pid = nm.status()["pid"]
+        nm.close()
+        forker.join(10)
+        assert children, "no worker was forked during the spawn"
+        rpc = nodemngr.server_proxy("127.0.0.1", port, timeout=1.0)
+        answered = 0
+        try:
+            for i in range(6):
+                rpc.newPort("tick %d" % i)
+                answered += 1
+                time.sleep(nodemngr.NodeMngrServer.tick + 0.05)
+            stalled = None
+        except (socket.timeout, OSError) as exc:
+            stalled = exc
+        wchan = open("/proc/%d/wchan" % pid).read()
+        assert stalled is None, "the daemon stopped answering after %d calls: %r; its loop waits in %s" % (
+            answered, stalled, wchan)
+    finally:
+        forker.join(10)
+        for child in children:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+        if pid is None:
+            pid = _daemon_pid(port)
+        if pid:
+            stop_pid(pid)
+
+
+# Another user's program: it floods the abstract address of the spawner named by argv[1], from the moment it is listed in
+# /proc/net/unix, with datagrams (blocking sendto: the queue stays full).
+FLOODER = r"""
+import socket, sys, time
+deadline, seen = time.time() + 15, None
+print("watching", flush=True)
+while time.time() < deadline and seen is None:
+    with open("/proc/net/unix") as f:
+        for line in f:
+            if sys.argv[1] in line:
+                seen = line.split()[-1]
+    time.sleep(0.0002)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+while time.time() < deadline:
+    try:
+        s.sendto(b"READY=1", "\0" + seen[1:])
+    except OSError:
+        break
+"""
+
+
+def _cold_start(port):
+    """Start a daemon for *port* through a proxy's first call: (seconds it took, the daemon's pid)."""
+    started = time.monotonic()
+    nm = nodemngr.NodeMngrProxy(port=port, autostart=True)
+    try:
+        assert nm.ping().startswith("NodeMngr at ")
+        return time.monotonic() - started, nm.status()["pid"]
+    finally:
+        nm.close()
+
+
+def test_another_users_datagrams_do_not_slow_a_cold_start(tmp_path, env, nobody):
+    """Promise (_ReadySignal): another user's datagrams cannot make a spawner spin or wait; a cold
+    start takes a fraction of a second.  Broken: the spawner only discards other users' datagrams
+    while it is in wait(); a flooder keeps its queue (10 datagrams) full, so the daemon's READY=1,
+    sent on a blocking socket from the daemon's loop, blocks the new daemon until the spawner
+    reads again, and the spawner's who_answers() ping meanwhile waits out its 2 s timeout against
+    the blocked loop.  Measured: 0.16-0.28 s alone, 2.1-2.6 s with one flooder of uid 65534 (the
+    first call of every client that cold-starts)."""
+    from support import free_port, free_range, stop_pid
+    first, last = free_range(10)
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    pids = []
+    flooder = None
+    try:
+        env.setenv("NODEMNGR_STATE", str(tmp_path / "alone.sqlite3"))
+        alone, pid = _cold_start(free_port())     # (this machine's pace, now)
+        pids.append(pid)
+        flooder = nobody.popen(FLOODER, "@nodemngr-spawn-%d-" % os.getpid(), stdout=subprocess.PIPE)
+        assert flooder.stdout.readline().strip() == "watching"
+        env.setenv("NODEMNGR_STATE", str(tmp_path / "flooded.sqlite3"))
+        flooded, pid = _cold_start(free_port())
+        pids.append(pid)
+        assert flooded < alone + 1.0, "a cold start took %.2f s while uid %d flooded the spawner's address, " \
+            "%.2f s alone" % (flooded, nobody.uid, alone)
+    finally:
+        if flooder is not None:
+            flooder.kill()
+            flooder.wait(10)
+        for pid in pids:
+            stop_pid(pid)
+
+
+def test_a_copy_of_the_file_without_the_py_suffix_still_auto_starts(tmp_path, env):
+    """Promise: this one file is a whole deployment, and a client whose daemon is not running
+    starts one (1.3: by importing the file, so that its bytecode cache serves).  Broken: a copy
+    installed as an executable without ".py" (it has a shebang: install -m 0755 nodemngr.py
+    /usr/local/bin/nodemngr; then `nodemngr run -- CMD`) spawns `python -c <import by path> FILE`,
+    and importlib.util.spec_from_file_location() returns None for a file with no known suffix:
+    every spawned daemon dies with "AttributeError: 'NoneType' object has no attribute 'loader'"
+    and the client fails after SPAWN_TIMEOUT (10 s; 2 s here).  Release 1.2 (85f53ec), which ran
+    the file as a script, starts it in 0.5 s."""
+    import importlib.machinery
+    import importlib.util
+    import shutil
+    from support import NODEMNGR, free_port, free_range, stop_pid
+    script = tmp_path / "bin" / "nodemngr"
+    script.parent.mkdir()
+    shutil.copy(NODEMNGR, str(script))
+    os.chmod(str(script), 0o755)
+    # what Python makes of `/usr/local/bin/nodemngr ARGS`: the module __main__, whose __file__ is that path
+    loader = importlib.machinery.SourceFileLoader("nodemngr_as_script", str(script))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    assert module.__file__ == str(script)
+    port = free_port()
+    first, last = free_range(5)
+    env.setenv("NODEMNGR_STATE", str(tmp_path / "state.sqlite3"))
+    env.setenv("NODEMNGR_FIRST_PORT", str(first))
+    env.setenv("NODEMNGR_LAST_PORT", str(last))
+    try:
+        try:
+            module.start_daemon(port=port, timeout=2.0)
+        except module.NodeMngrException as exc:
+            pytest.fail("no daemon starts from %s: %s" % (script, exc))
+        assert _daemon_pid(port)
+    finally:
+        pid = _daemon_pid(port)
+        if pid:
+            stop_pid(pid)

@@ -184,12 +184,28 @@ def test_new_socket_is_a_handover_on_the_local_socket_only(dispatcher, local, tc
     assert dispatcher.requests["newSocket"] == 3 and dispatcher.faults == {3: 2, -32603: 1}
 
 
+class EtcdDown:
+    """A cluster view whose etcd cannot be reached and that has nothing mirrored: what a slow call
+    meets then.  (The real one, with a real etcd, is tests/test_cluster.py's.)"""
+
+    skipped = {}
+
+    def locate(self, name=None):
+        raise nodemngr.ClusterError("etcd cannot be reached")
+
+    def status(self):
+        return "etcd cannot be reached"
+
+
 def test_a_slow_call_is_deferred_run_in_a_thread_and_finished_counted(dispatcher, tcp):
+    assert answer(dispatcher.dispatch(tcp, body("locate", "db"))).faultCode == 5, "no cluster: fault 5 at once"
+    dispatcher.faults.clear()
+    dispatcher.service.cluster = EtcdDown()
     deferred = dispatcher.dispatch(tcp, body("locate", "db"))
     assert type(deferred) is Deferred and dispatcher.slow_calls == 1
     deferred.run()      # (the transport runs it in a thread)
     fault = answer(dispatcher.finish(deferred))
-    assert fault.faultCode == 5 and "no cluster view" in fault.faultString
+    assert fault.faultCode == 5 and "etcd cannot be reached" in fault.faultString
     assert dispatcher.slow_calls == 0 and dispatcher.faults == {5: 1}
     held = [dispatcher.dispatch(tcp, body("locate", "db")) for _ in range(dispatcher.max_slow_calls)]
     assert answer(dispatcher.dispatch(tcp, body("locate", "db"))).faultCode == 5, "beyond 8 waiting: at once"
@@ -201,6 +217,7 @@ def test_a_slow_call_is_deferred_run_in_a_thread_and_finished_counted(dispatcher
 
 def test_at_most_two_listings_of_the_cluster_are_made_at_once(dispatcher, tcp):
     """Each is megabytes, made in a thread before the server can count it as owed to a client."""
+    dispatcher.service.cluster = EtcdDown()
     made = [dispatcher.dispatch(tcp, body("listCluster")) for _ in range(dispatcher.max_large_slow_calls)]
     assert all(type(deferred) is Deferred for deferred in made)
     with pytest.raises(nodemngr.Busy):
