@@ -97,4 +97,3 @@ def test_a_portserver_client_is_served_while_the_house_is_full_of_idlers(daemon_
     finally:
         for s in held:
             s.close()
-
