@@ -418,18 +418,8 @@ def test_metrics_asked_in_a_turn_whose_save_fails_is_still_prometheus_text(daemo
     folder.mkdir()
     d = daemon_factory(size=10, state=folder / "state.sqlite3")
     requests = [http_request(rpc_body("newPort", "x")), http_request(method="GET", path="/metrics")] * 4
-    conns = [RawConnection(d) for _ in requests]
-    for conn in conns:
-        conn.send(http_request(rpc_body("ping")))
-        assert conn.reply().result().startswith("NodeMngr at ")
-    _stop(d)
-    try:
-        for conn, request in zip(conns, requests):
-            conn.send(request)
-        wait_until(lambda: all(_unread_tcp(d, conn) for conn in conns), timeout=5, interval=0.001)
-        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
-    finally:
-        os.kill(d.proc.pid, signal.SIGCONT)
+    conns = _in_one_turn(d, requests, lambda: resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                                                                (1024, resource.RLIM_INFINITY)))
     try:
         replies = [conn.reply() for conn in conns]
     finally:
@@ -443,10 +433,10 @@ def test_metrics_asked_in_a_turn_whose_save_fails_is_still_prometheus_text(daemo
                                                     metrics.body[:80]))
 
 
-
-def _in_one_turn(d, requests):
+def _in_one_turn(d, requests, meanwhile=None):
     """Send each request (bytes) on a connection of its own while the daemon is stopped, so that
-    its loop reads them all in one turn; return the connections (the caller reads and closes)."""
+    its loop reads them all in one turn (then meanwhile(), the daemon still stopped); return the
+    connections (the caller reads and closes)."""
     conns = [RawConnection(d) for _ in requests]
     for conn in conns:      # (each accepted, and watched by the loop, before the daemon stops)
         conn.send(http_request(rpc_body("ping")))
@@ -456,6 +446,8 @@ def _in_one_turn(d, requests):
         for conn, request in zip(conns, requests):
             conn.send(request)
         wait_until(lambda: all(_unread_tcp(d, conn) for conn in conns), timeout=5, interval=0.001)
+        if meanwhile is not None:
+            meanwhile()
     finally:
         os.kill(d.proc.pid, signal.SIGCONT)
     return conns
