@@ -220,15 +220,24 @@ def test_full_disk_mid_run(daemon_factory, tmp_path):
 
 # --- a system.multicall is saved in one transaction ----------------------------------------------
 
-def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
+def _holding_three(daemon_factory, tmp_path, size):
+    """A daemon whose state is in a folder of its own, holding three ports: (it, folder, ports)."""
     folder = tmp_path / "state"
     folder.mkdir()
-    d = daemon_factory(size=400, state=folder / "state.sqlite3")
-    rpc = d.rpc()
-    kept = [rpc.newPort("before %d" % i) for i in range(3)]
-    # A disk nearly full: no file of the state may grow by more than 24 KiB from now on.
-    limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + 24 * 1024
+    d = daemon_factory(size=size, state=folder / "state.sqlite3")
+    return d, folder, [d.rpc().newPort("before %d" % i) for i in range(3)]
+
+
+def _nearly_full(d, folder, room):
+    """A disk nearly full: no file of the daemon's state may grow by more than *room* bytes now."""
+    limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + room
     resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
+    d, folder, kept = _holding_three(daemon_factory, tmp_path, 400)
+    rpc = d.rpc()
+    _nearly_full(d, folder, 24 * 1024)
     calls = [{"methodName": "newPort", "params": ["x" * 300]} for _ in range(100)]  # 30 KB of rows
     calls.append({"methodName": "delPort", "params": [kept[0]]})
     with pytest.raises(xmlrpc.client.Fault) as info:
@@ -246,20 +255,14 @@ def test_a_multicall_is_saved_whole_or_not_at_all(daemon_factory, tmp_path):
 
 
 def test_the_calls_of_one_turn_are_saved_in_one_transaction_and_answered_after_it(daemon_factory, tmp_path):
-    folder = tmp_path / "state"
-    folder.mkdir()
-    d = daemon_factory(size=40, state=folder / "state.sqlite3")
-    rpc = d.rpc()
-    kept = [rpc.newPort("before %d" % i) for i in range(3)]
+    d, folder, kept = _holding_three(daemon_factory, tmp_path, 40)
     replies = _replies_of_one_turn(d, [rpc_body("newPort", "turn %d" % i) for i in range(8)])
     ports = sorted(reply.result() for reply in replies)
     assert ports == list(range(kept[-1] + 1, kept[-1] + 9)), "eight calls of one turn, each its port"
     d.kill()    # answered only once saved: a kill -9 right after the replies loses nothing
     d.start()
     assert sorted(registered(d)) == kept + ports
-    # A disk nearly full: each call of the turn alone would still fit, the eight together do not.
-    limit = max(os.path.getsize(str(p)) for p in folder.iterdir()) + 16 * 1024
-    resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    _nearly_full(d, folder, 16 * 1024)   # (each call of the turn alone would still fit, the eight together do not)
     replies = _replies_of_one_turn(d, [rpc_body("newPort", "x" * 3000) for _ in range(8)] + [rpc_body("ping")])
     faults, ping = [reply.result() for reply in replies[:8]], replies[8].result()
     assert all(isinstance(f, xmlrpc.client.Fault) and f.faultCode == -32603 for f in faults), faults
@@ -267,7 +270,7 @@ def test_the_calls_of_one_turn_are_saved_in_one_transaction_and_answered_after_i
     assert (ping.startswith("NodeMngr at ") if isinstance(ping, str) else ping.faultString == faults[0].faultString), \
         "a call made in the group fails with it"
     assert sorted(registered(d)) == kept + ports, "not one call of the turn took effect"
-    assert rpc.newPort("small") == ports[-1] + 1, "the failed turn's ports are free again"
+    assert d.rpc().newPort("small") == ports[-1] + 1, "the failed turn's ports are free again"
 
 
 def _local(d):
