@@ -3594,7 +3594,9 @@ CLUSTER_PREFIX = "nodemngr/v1/ports/"
 MAX_CLUSTER_VALUE = 64 * 1024   # bytes of a published value; a larger one is skipped, never decoded
 _CLUSTER_KEY = re.compile(r"nodemngr/v1/ports/([^/]+)/([1-9][0-9]{0,4})\Z")
 _OVERSIZED = "!"                # what stands for a value over MAX_CLUSTER_VALUE (it is not base64)
-_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# What no string of an entry may hold, as none the local side takes can (XML-RPC brings it): a
+# character XML 1.0 cannot carry, or a lone surrogate (valid JSON, but no UTF-8 can write it).
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
 def _b64(text):
@@ -3647,8 +3649,8 @@ def cluster_entry(key, value, lease):
         entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
         if _XML_UNSAFE.search(marshal_info(entry["info"]) + entry["host"] + entry["name"]):
             return None, "value"
-    except (ValueError, KeyError, TypeError, binascii.Error, NodeMngrException):
-        return None, "value"
+    except (ValueError, KeyError, TypeError, binascii.Error, NodeMngrException, RecursionError):
+        return None, "value"    # (RecursionError: JSON nested thousands deep, which json.loads refuses so)
     return entry, None
 
 
@@ -4015,6 +4017,8 @@ class ClusterView:
         if self._revision is None:
             return "reading the cluster view from etcd"
         seen = self.seen()
+        if seen == math.inf:
+            return "the cluster view is being read again from etcd"
         if seen > self.ttl:
             return "etcd has not confirmed the cluster view for %d s" % seen
         return "ok"
@@ -4274,6 +4278,9 @@ class ClusterView:
                     self._stop.wait(delay)
                     delay = min(delay * 2, 4.0)
             except Exception:       # (a bug: logged once, and the view read again)
+                # The mirror may be half changed: stale at once, never answered as fresh, until
+                # it is read again.
+                self._live, self._reload, self._confirmed = False, True, None
                 if "watcher" not in self._problems:
                     log.exception("cluster view failed")
                 self._problem("watcher", "the cluster view failed; the node manager's log has the details")

@@ -2,6 +2,7 @@
 etcd (started here on free ports with a temporary data folder), located from either, surviving a
 kill -9, an etcd outage and its restart, and a burst of 1,000 registrations."""
 import datetime
+import json
 import os
 import time
 import xmlrpc.client
@@ -248,11 +249,15 @@ def test_large_infos_are_published_in_transactions_etcd_accepts(daemon_factory, 
 def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory, etcd):
     """Only entries of the exact shape nodemngr writes, whose value agrees with the key and which
     hang on a live lease, are answered; the others are skipped and counted by reason (metrics,
-    status), whether the mirror read them whole (a daemon that starts) or from the watch."""
+    status), whether the mirror read them whole (a daemon that starts) or from the watch.  A forged
+    value never keeps a daemon from reading the view, never breaks a listing (a lone surrogate is
+    valid JSON but no XML-RPC string), and never leaves a change of its transaction unapplied: the
+    view is never answered as fresh while it is wrong."""
     a = host_daemon(daemon_factory, etcd, "host-a", size=10)
     port = a.rpc().newPort({"name": "db"})
     lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
     good = {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0, "since": "2026-01-01T00:00:00Z"}
+    nested = "[" * 3000 + "]" * 3000        # (json.loads raises RecursionError)
     forged = {"hz/1": (dict(good, port=1, info=None), lease), "hz/2": (dict(good, port=2, pid=2 ** 40), lease),
               "hz/3": (dict(good, port=3, info="\u0007"), lease), "hz/4": (dict(good, port="4"), lease),
               "hz/5": ("not json", lease), "hz/6": ([1, 2], lease),
@@ -261,29 +266,37 @@ def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory
               "7": (dict(good, host=""), lease),                                    # no host part
               "hostd/1/2/3": (dict(good, host="hostd", port=1), lease),             # nested
               "hz/9": (dict(good, port=9, info="x" * (70 * 1024)), lease),          # over 64 KiB
+              "hz/10": (nested, lease),                                             # nested 3,000 deep
+              "hz/11": (json.dumps(dict(good, port=11, name="\udfff")), lease),     # a lone surrogate
+              "hz/12": (dict(good, port=12), lease),                                # deleted below
               "hz/7": (good, lease)}                                                # the one that fits
     for tail, (value, with_lease) in forged.items():
         put(etcd, "nodemngr/v1/ports/" + tail, value, with_lease)
+    etcd.call("kv/txn", {"success": [      # (a saw hz/12 come; the delete is in the nested value's transaction)
+        {"requestPut": {"key": b64("nodemngr/v1/ports/hz/13"), "value": b64(nested), "lease": lease}},
+        {"requestDeleteRange": {"key": b64("nodemngr/v1/ports/hz/12")}}]})
     b = host_daemon(daemon_factory, etcd, "host-b", size=10)     # (reads them whole; a saw them come)
-    reasons = {"value": 6, "lease": 1, "disagrees": 1, "key": 2, "size": 1}
+    reasons = {"value": 9, "lease": 1, "disagrees": 1, "key": 2, "size": 1}
     for d in (a, b):
-        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 11, timeout=5), d.rpc().status()
-        def located(d=d):
-            return [(e["host"], e["port"]) for e in d.rpc().locate("db")]
-        assert wait_until(lambda: located() == [("host-a", port), ("hz", 7)], timeout=5), located()
+        def fresh(d=d):
+            return [(e["host"], e["port"]) for e in d.rpc().locate("db") if not e["stale"]]
+        assert wait_until(lambda: fresh() == [("host-a", port), ("hz", 7)], timeout=5), (fresh(), d.rpc().status())
+        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 14, timeout=5), d.rpc().status()
         assert len(d.rpc().listCluster()) == 2
         assert counters(d, "nodemngr_cluster_skipped") == reasons
     put(etcd, "nodemngr/v1/ports/hz/8", dict(good, port=8), lease)     # mended: counted no more
-    assert wait_until(lambda: a.rpc().status()["clusterSkipped"] == 10, timeout=5)
+    assert wait_until(lambda: a.rpc().status()["clusterSkipped"] == 13, timeout=5)
+
+
+def b64(key):
+    """A key or value (text, or bytes as they are) as etcd's gateway takes it."""
+    return b64encode(key if isinstance(key, bytes) else key.encode()).decode()
 
 
 def put(etcd, key, value, lease=None):
-    """Put *value* (JSON-encoded unless it is a str) at *key* of etcd, on *lease* if given."""
-    import base64 as b64
-    import json
+    """Put *value* (JSON-encoded unless it is a str) at *key* (text, or bytes) of etcd, on *lease* if given."""
     text = value if isinstance(value, str) else json.dumps(value)
-    body = {"key": b64.b64encode(key.encode()).decode(), "value": b64.b64encode(text.encode()).decode()}
-    etcd.call("kv/put", dict(body, **({"lease": lease} if lease else {})))
+    etcd.call("kv/put", dict({"key": b64(key), "value": b64(text)}, **({"lease": lease} if lease else {})))
 
 
 def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path):
