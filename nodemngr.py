@@ -3599,8 +3599,14 @@ _OVERSIZED = "!"                # what stands for a value over MAX_CLUSTER_VALUE
 _XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+def _bytes(key):
+    """A key as etcd holds it: bytes (text as UTF-8)."""
+    return key if isinstance(key, bytes) else key.encode("utf-8")
+
+
+def _b64(key):
+    """A key or value (text, or bytes as they are) as etcd's gateway takes it: base64."""
+    return base64.b64encode(_bytes(key)).decode("ascii")
 
 
 def _json_value(value):
@@ -3629,8 +3635,12 @@ def published_entry(host, reg):
 def cluster_entry(key, value, lease):
     """(the struct a published key stands for, None), or (None, why it is skipped): only what
     nodemngr writes is passed on, a key HOST/PORT whose value agrees with it and which hangs on a
-    lease.  value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
-    match = _CLUSTER_KEY.match(key)
+    lease.  key: as etcd holds it (bytes; one that is not UTF-8 is not nodemngr's), or text;
+    value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
+    try:
+        match = _CLUSTER_KEY.match(key.decode("utf-8") if isinstance(key, bytes) else key)
+    except UnicodeDecodeError:
+        match = None
     if match is None or int(match.group(2)) > 65535:
         return None, "key"
     if value == _OVERSIZED:
@@ -3810,8 +3820,11 @@ class EtcdClient:
         self.call("lease/revoke", {"ID": lease}, timeout)
 
     def range(self, prefix):
-        """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (value base64, or
-        _OVERSIZED) read at one revision, page keys at a time; yields (page, revision)."""
+        """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (key bytes,
+        value base64 or _OVERSIZED) read at one revision, the first page's, page keys at a time;
+        yields (page, revision).  (A page goes on right after the bytes of the last key read: a
+        key need not be UTF-8.)"""
+        prefix = _bytes(prefix)
         end, key, revision = _b64(_prefix_end(prefix)), _b64(prefix), None
         while True:
             body = {"key": key, "range_end": end, "limit": self.page}
@@ -3819,14 +3832,15 @@ class EtcdClient:
                 body["revision"] = revision
             reply = self.call("kv/range", body)
             try:
-                revision = int(reply["header"]["revision"])
+                if revision is None:        # (a reply's header says etcd's revision now, not the one read)
+                    revision = int(reply["header"]["revision"])
                 page = [_kv(kv) for kv in reply.get("kvs", [])]
             except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
                 raise ClusterError("etcd answered a range with something that is not etcd's v3 JSON")
             yield page, revision
             if not reply.get("more") or not page:
                 return
-            key = _b64(page[-1][0] + "\0")
+            key = _b64(page[-1][0] + b"\0")
 
     def count(self, prefix):
         """(revision, how many keys there are under *prefix*): cheap, whatever their number."""
@@ -3893,13 +3907,16 @@ class EtcdClient:
 
 
 def _prefix_end(prefix):
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    """The first key after every key under *prefix* (bytes)."""
+    prefix = _bytes(prefix)
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def _kv(kv):
-    """(key, value, lease, mod_revision) of a KeyValue of etcd's JSON (value base64, or _OVERSIZED)."""
-    return (base64.b64decode(kv["key"]).decode("utf-8", "replace"), kv.get("value", ""), int(kv.get("lease", 0)),
-            int(kv.get("mod_revision", 0)))
+    """(key, value, lease, mod_revision) of a KeyValue of etcd's JSON: the key as etcd holds it
+    (bytes: keys are counted, paged and deleted by their bytes, whether UTF-8 or not), the value
+    base64 (or _OVERSIZED)."""
+    return base64.b64decode(kv["key"]), kv.get("value", ""), int(kv.get("lease", 0)), int(kv.get("mod_revision", 0))
 
 
 def _read_user_file(path):
@@ -3960,12 +3977,13 @@ class ClusterView:
     def __init__(self, client, host, ttl, snapshot):
         self.client, self.host, self.ttl, self._snapshot = client, host, ttl, snapshot
         self.prefix = "%s%s/" % (CLUSTER_PREFIX, host)
+        self._own = self.prefix.encode("utf-8")     # (keys are bytes from here on)
         self.lease_losses = self.rewrites = self.transactions = 0
         self._lease = None
         self._problems = {}         # what is wrong: "keeper", "publisher", "watcher" -> (since, sentence)
         self._lost_at = self._written_back_at = None
         self._registry = {}         # port -> Registration: the registry as changed() told it
-        self._published = {}        # key -> value this host wrote and etcd holds, as far as it knows
+        self._published = {}        # key (bytes) -> value this host wrote and etcd holds, as far as it knows
         self._wrote = {}            # key -> (base64 value or None: deleted, lease): this host's last write
         self._dirty = set()         # ports changed since the last flush
         self._forced = set()        # of them, those to put whatever this host thinks etcd holds
@@ -3976,7 +3994,7 @@ class ClusterView:
         self._mirror = threading.Lock()         # (guards the mirror: what follows)
         self._pieces = {}           # host -> {port: struct piece}: listCluster's
         self._named = {}            # name -> {(host, port): struct piece}: locate's
-        self._keys = {}             # every key under the prefix -> (host, port, name) or why skipped
+        self._keys = {}             # every key (bytes) under the prefix -> (host, port, name) or why skipped
         self._revision = None       # the revision the mirror reflects (None: never read)
         self._live = False          # the watch runs (etcd answered it), and nothing broke it since
         self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
@@ -4177,11 +4195,14 @@ class ClusterView:
             time.sleep(self.coalesce)   # let a burst gather
 
     def _desired(self, ports=None):
-        """{key: value} of the registry (of *ports* only, when given)."""
+        """{key (bytes): value} of the registry (of *ports* only, when given)."""
         with self._wake:
             regs = list(self._registry.values()) if ports is None else [
                 self._registry[p] for p in ports if p in self._registry]
-        return dict(published_entry(self.host, reg) for reg in regs)
+        return {_bytes(key): value for key, value in (published_entry(self.host, reg) for reg in regs)}
+
+    def _key(self, port):
+        return b"%s%d" % (self._own, port)
 
     def _resync(self, why):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
@@ -4192,7 +4213,7 @@ class ClusterView:
             self._dirty.clear()
             self._forced.clear()
             self._rewrite = None
-        actual = {key: (value, kv_lease) for page, _ in self.client.range(self.prefix)
+        actual = {key: (value, kv_lease) for page, _ in self.client.range(self._own)
                   for key, value, kv_lease, _ in page}
         desired = self._desired()
         puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
@@ -4215,11 +4236,11 @@ class ClusterView:
     def _flush(self):
         with self._wake:
             ports, self._dirty = self._dirty, set()
-            forced, self._forced = {"%s%d" % (self.prefix, p) for p in self._forced}, set()
+            forced, self._forced = {self._key(p) for p in self._forced}, set()
         if not ports:
             return
         desired = self._desired(ports)
-        keys = {"%s%d" % (self.prefix, p) for p in ports}
+        keys = {self._key(p) for p in ports}
         with self._wake:
             puts = {k: v for k, v in desired.items() if k in forced or self._published.get(k) != v}
         deletes = [k for k in keys if k not in desired]
@@ -4228,7 +4249,7 @@ class ClusterView:
         except ClusterError:
             with self._wake:
                 self._dirty.update(ports)
-                self._forced.update(int(k[len(self.prefix):]) for k in forced)
+                self._forced.update(int(k[len(self._own):]) for k in forced)
             raise
         with self._wake:
             for k in deletes:
@@ -4313,7 +4334,7 @@ class ClusterView:
                 self._revision = max(self._revision, revision)
         own = []
         for key, value, lease, _ in events:
-            wrote = self._wrote.get(key) if key.startswith(self.prefix) else (value, lease)
+            wrote = self._wrote.get(key) if key.startswith(self._own) else (value, lease)
             if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
                 own.append(key)     # (put, or deleted, by another than this host)
         if own:
@@ -4351,8 +4372,8 @@ class ClusterView:
         """Keys under this host's prefix that another writer changed: made to match the registry."""
         ports = set()
         for key in keys:
-            tail = key[len(self.prefix):]
-            if tail.isdigit() and 1 <= int(tail) <= 65535 and str(int(tail)) == tail:
+            tail = key[len(self._own):]
+            if tail.isdigit() and 1 <= int(tail) <= 65535 and b"%d" % int(tail) == tail:
                 ports.add(int(tail))
             else:       # (not a port's key: deleted by the next rewrite)
                 with self._wake:

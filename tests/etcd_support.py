@@ -79,6 +79,13 @@ class Etcd:
         kvs = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs", [])
         return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"])) for kv in kvs}
 
+    def keys(self, prefix):
+        """The keys under *prefix* (text or bytes) as etcd holds them: bytes, sorted."""
+        prefix = prefix if isinstance(prefix, bytes) else prefix.encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end), "keys_only": True})
+        return [base64.b64decode(kv["key"]) for kv in reply.get("kvs", [])]
+
     def transactions(self):
         """etcd's own count of the transactions it has run (etcd_mvcc_txn_total)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
@@ -89,7 +96,7 @@ class Etcd:
 
 
 def _b64(text):
-    return base64.b64encode(text.encode()).decode()
+    return base64.b64encode(text if isinstance(text, bytes) else text.encode()).decode()
 
 
 def wait_for(predicate, timeout):

@@ -288,6 +288,26 @@ def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory
     assert wait_until(lambda: a.rpc().status()["clusterSkipped"] == 13, timeout=5)
 
 
+def test_keys_that_are_not_utf8_are_paged_counted_and_deleted_by_their_bytes(daemon_factory, etcd):
+    """Keys are tracked by their bytes, as etcd holds them, never by a decoded text (which would
+    make two keys one, and name a key etcd does not have): a range goes on past keys that are not
+    UTF-8, each is counted once, and forged ones under this host's own prefix are deleted and
+    never stop its publishing.  (Pages of 10 keys here, so that 11 keys make two.)"""
+    prefix, own = b"nodemngr/v1/ports/", b"nodemngr/v1/ports/host-a/"
+    forged = [prefix + b"\xf0%04d" % i for i in range(11)] + [prefix + b"x/\xff", prefix + b"x/\xfe"]
+    forged_own = [own + b"\xf0%04d" % i for i in range(11)] + [own + b"\xff"]
+    for key in forged + forged_own:
+        put(etcd, key, "1")
+    put(etcd, "nodemngr/v1/ports/hz/7", {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0,
+                                         "since": "2026-01-01T00:00:00Z"}, etcd.call("lease/grant", {"TTL": 60})["ID"])
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"EtcdClient.page": 10})
+    port = d.rpc().newPort("kept")
+    assert wait_until(lambda: etcd.keys(own) == [own + b"%d" % port], timeout=5), etcd.keys(own)
+    assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == len(forged), timeout=5), d.rpc().status()
+    assert [(e["host"], e["port"], e["stale"]) for e in d.rpc().locate("db")] == [("hz", 7, False)]
+    assert d.rpc().status()["cluster"] == "ok"
+
+
 def b64(key):
     """A key or value (text, or bytes as they are) as etcd's gateway takes it."""
     return b64encode(key if isinstance(key, bytes) else key.encode()).decode()
