@@ -4261,7 +4261,8 @@ class ClusterView:
         that small).  What each key becomes is noted first, so that the watcher tells this host's
         writes from others' (which it repairs)."""
         ops = [("delete", k, None) for k in deletes] + [("put", k, v) for k, v in puts.items()]
-        self._wrote.update((k, (None if v is None else _b64(v), lease)) for _, k, v in ops)
+        with self._wake:
+            self._wrote.update((k, (None if v is None else _b64(v), lease)) for _, k, v in ops)
         chunk, size = [], 0
         for op in ops + [None]:
             cost = 0 if op is None else (len(op[1]) + len((op[2] or "").encode("utf-8"))) * 4 // 3 + 64
@@ -4318,8 +4319,10 @@ class ClusterView:
             first = self._revision is None
             self._pieces, self._named, self._keys, self.skipped = pieces, named, keys, skipped
             self._revision, self._confirmed, self._reload = revision, time.monotonic(), False
-        if not first:
-            with self._wake:
+        with self._wake:    # (deletes of this host's done meanwhile, whose events were never seen)
+            for key in [k for k, (value, _) in self._wrote.items() if value is None and k not in keys]:
+                del self._wrote[key]
+            if not first:
                 self._rewrite = self._rewrite or "the cluster view was read again"
                 self._wake.notify()
 
@@ -4333,10 +4336,16 @@ class ClusterView:
                     self._enter(key, value, lease, self._pieces, self._named, self._keys, self.skipped)
                 self._revision = max(self._revision, revision)
         own = []
-        for key, value, lease, _ in events:
-            wrote = self._wrote.get(key) if key.startswith(self._own) else (value, lease)
-            if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
-                own.append(key)     # (put, or deleted, by another than this host)
+        with self._wake:
+            for key, value, lease, _ in events:
+                if not key.startswith(self._own):
+                    continue
+                wrote = self._wrote.get(key)
+                if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
+                    own.append(key)     # (put, or deleted, by another than this host)
+                elif value is None and wrote is not None:
+                    del self._wrote[key]    # (this host's delete, done: nothing to remember, or forged
+                                            # keys would grow the memory without end)
         if own:
             self._repair(own)
 

@@ -10,7 +10,7 @@ from base64 import b64decode, b64encode
 
 import pytest
 
-from support import FAST_REAP, counters, wait_until
+from support import FAST_REAP, counters, memory_kib, wait_until
 from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
@@ -306,6 +306,25 @@ def test_keys_that_are_not_utf8_are_paged_counted_and_deleted_by_their_bytes(dae
     assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == len(forged), timeout=5), d.rpc().status()
     assert [(e["host"], e["port"], e["stale"]) for e in d.rpc().locate("db")] == [("hz", 7, False)]
     assert d.rpc().status()["cluster"] == "ok"
+
+
+def test_forged_keys_deleted_from_this_hosts_prefix_leave_nothing_behind(daemon_factory, etcd):
+    """A forged key under this host's prefix is deleted, and forgotten once etcd says so: rounds of
+    forged keys of 256 KiB, each deleted, leave the daemon's memory where it was.  (Pages of 2 keys,
+    so that reading them is not what moves it.)"""
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"EtcdClient.page": 2})
+    own = b"nodemngr/v1/ports/host-a/"
+    kept = own + b"%d" % d.rpc().newPort("kept")
+    assert wait_until(lambda: etcd.keys(own) == [kept], timeout=5)
+    pad, sizes = b"z" * (256 * 1024), []
+    for n in range(5):
+        for i in range(12):
+            put(etcd, own + b"forged-%d-%d-" % (n, i) + pad, "1")
+        assert wait_until(lambda: etcd.keys(own) == [kept], timeout=5), "forged keys were not deleted"
+        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 0, timeout=5)
+        sizes.append(memory_kib(d.proc.pid))
+    assert sizes[-1] - sizes[0] < 6144, "48 forged keys of 256 KiB, all deleted, grew the daemon by %d KiB (%s)" % (
+        sizes[-1] - sizes[0], sizes)
 
 
 def b64(key):
