@@ -3684,17 +3684,11 @@ def _loads_within_bound(body):
     return json.loads(b"".join(pieces + [body[kept:]]) if pieces else body)
 
 
-def _read_within(conn, reply, deadline, limit):
-    """A reply's body, read by pieces until *deadline* (a trickle must not hold a call forever)
-    and *limit* bytes (nor fill the memory)."""
+def _read_within(reply, limit):
+    """A reply's body, read by pieces up to *limit* bytes (a reply must not fill the memory)."""
     pieces, size = [], 0
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("etcd's reply took too long")
-        if conn.sock is not None:
-            conn.sock.settimeout(left)
-        piece = reply.read1(65536) if hasattr(reply, "read1") else reply.read(65536)
+        piece = reply.read1(65536)
         if not piece:
             return b"".join(pieces)
         pieces.append(piece)
@@ -3703,13 +3697,59 @@ def _read_within(conn, reply, deadline, limit):
             raise ValueError("etcd's reply is over %d bytes" % limit)
 
 
+class _Deadline:
+    """What makes a socket end each read and write by its deadline (a time.monotonic(); inf:
+    none), not merely within a timeout of its own: http.client reads a reply's head a line at a
+    time, and an endpoint that sends a byte every few milliseconds would hold a call for ever."""
+
+    deadline = math.inf
+
+    def _time_left(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.settimeout(None if left == math.inf else left)
+
+    def recv_into(self, *args):
+        self._time_left()
+        return super().recv_into(*args)
+
+    def sendall(self, *args):
+        self._time_left()
+        return super().sendall(*args)
+
+
+class _DeadlineSocket(_Deadline, socket.socket):
+    pass
+
+
+class _DeadlineTLSSocket(_Deadline, ssl.SSLSocket):
+    pass
+
+
+def _connect_by(address, deadline):
+    """A _DeadlineSocket connected to *address* (host, port) by *deadline*."""
+    error = OSError("no address for %s" % address[0])
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(address[0], address[1], 0, socket.SOCK_STREAM):
+        sock = _DeadlineSocket(family, kind, proto)
+        sock.deadline = deadline
+        try:
+            sock._time_left()
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
 class EtcdClient:
     """The calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
     gateway, with the standard library.  Each call tries the endpoints in turn, the one that
-    answered last first, each within its own timeout (a call may give a shorter one) and all
-    within twice that; ClusterError (one sentence) when none answers.  user_file: a file holding
-    "USER:PASSWORD" (never a flag).  Safe to share between threads: each call has a connection of
-    its own."""
+    answered last first, each within its own timeout (a call may give a shorter one, a share of
+    its time), whatever an endpoint sends (a trickle included); ClusterError (one sentence) when
+    none answers.  user_file: a file holding "USER:PASSWORD" (never a flag).  Safe
+    to share between threads: each call has a connection of its own."""
 
     timeout = 2.0       # seconds one endpoint has to answer
     max_reply = 64 * 1024 * 1024
@@ -3731,6 +3771,7 @@ class EtcdClient:
         try:
             if any(scheme == "https" for scheme, _, _ in self.endpoints):
                 self._tls = ssl.create_default_context(cafile=ca_file)
+                self._tls.sslsocket_class = _DeadlineTLSSocket
                 if cert_file:
                     self._tls.load_cert_chain(cert_file, key_file)
         except (OSError, ValueError) as exc:    # (ssl.SSLError is an OSError)
@@ -3762,11 +3803,18 @@ class EtcdClient:
                                          None, timeout).get("token")
             return self._token
 
-    def _connect(self, index, timeout):
+    def _connect(self, index, deadline):
+        """A connection to endpoint *index*, made (and its TLS handshake done) by *deadline*, its
+        every read and write then ending by that deadline too (move conn.sock.deadline on)."""
         scheme, host, port = self.endpoints[index]
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPSConnection(host, port, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        conn._create_connection = lambda address, *_: _connect_by(address, deadline)   # (what connect() calls)
+        conn.connect()
+        conn.sock.deadline = deadline
+        return conn
 
     def _order(self):
         first = self._first
@@ -3777,28 +3825,27 @@ class EtcdClient:
         timeout = timeout or self.timeout
         headers = dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {}))
         reasons = []
-        deadline = time.monotonic() + 2 * timeout     # the whole call, whatever the endpoints do
+        deadline = time.monotonic() + len(self.endpoints) * timeout    # the whole call, whatever they do
         for index in self._order():
             scheme, host, port = self.endpoints[index]
             left = deadline - time.monotonic()
             if left <= 0:
                 reasons.append("%s:%d: no time left" % (host, port))
                 continue
-            conn, reply = self._connect(index, min(left, timeout)), None
+            conn = reply = None
             try:
+                conn = self._connect(index, time.monotonic() + min(left, timeout))
                 conn.request("POST", "/v3/" + path, data, headers)
                 reply = conn.getresponse()
-                answer = _loads_within_bound(_read_within(conn, reply, min(deadline, time.monotonic() + timeout),
-                                                          self.max_reply) or b"{}")
+                answer = _loads_within_bound(_read_within(reply, self.max_reply) or b"{}")
                 if not isinstance(answer, dict):
                     raise ValueError("not a JSON object")
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                status = getattr(reply, "status", None)
-                reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or (
-                    "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))))
+                reasons.append("%s:%d: %s" % (host, port, _why_not(exc, reply, min(left, timeout))))
                 continue
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
             if reply.status != 200 or "error" in answer:
                 reason = " ".join(str(answer.get("message") or answer.get("error") or reply.reason).split())
                 raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
@@ -3866,17 +3913,17 @@ class EtcdClient:
         has that revision: read the prefix again."""
         index = self._order()[0]
         scheme, host, port = self.endpoints[index]
-        conn = self._connect(index, self.timeout)
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
                                    "start_revision": start_revision}}
-        token = self._auth_token(None)
+        token, conn = self._auth_token(None), None
         try:
+            conn = self._connect(index, time.monotonic() + self.timeout)
             conn.request("POST", "/v3/watch", json.dumps(body).encode("utf-8"),
                          dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {})))
             reply = conn.getresponse()
             if reply.status != 200:
                 raise ClusterError("etcd at %s:%d refused a watch: HTTP %d" % (host, port, reply.status))
-            conn.sock.settimeout(None)  # (a quiet prefix sends nothing for hours; close_watch() cuts it)
+            conn.sock.deadline = math.inf   # (a quiet prefix sends nothing for hours; close_watch() cuts it)
             self._watching = conn
             while True:
                 line = reply.readline(self.max_reply)
@@ -3889,12 +3936,13 @@ class EtcdClient:
                           + _kv(e["kv"])[2:] for e in result.get("events", [])]
                 yield events
         except OSError as exc:
-            raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, exc.strerror or describe(exc)))
+            raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, _why_not(exc, None, self.timeout)))
         except (http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ClusterError("the watch on etcd at %s:%d broke: %s" % (host, port, describe(exc)))
         finally:
             self._watching = None
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def close_watch(self):
         """Cut the watch in progress (from another thread): its generator raises ClusterError."""
@@ -3904,6 +3952,15 @@ class EtcdClient:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+def _why_not(exc, reply, timeout):
+    """Why an endpoint did not answer a call, for the sentence that lists them."""
+    if isinstance(exc, socket.timeout):
+        return "no answer within %g s" % timeout
+    status = getattr(reply, "status", None)
+    return getattr(exc, "strerror", None) or (
+        "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))
 
 
 def _prefix_end(prefix):
@@ -3952,11 +4009,12 @@ class ClusterView:
     and every host's entries read back into a mirror, which locate and listCluster answer from.
 
     snapshot(): the Registrations held, read once, at start(); from then on changed() tells it of
-    each change (from the service's thread: it only notes it).  Three threads of its own talk to
+    each change (from the service's thread: it only notes it).  Four threads of its own talk to
     etcd, so that none waits behind another:
-    - the keeper renews the lease every ttl/3 seconds, each endpoint given a small share of that,
-      grants a new lease when etcd has lost it (the publisher then writes every key back), and
-      every ttl/6 confirms the mirror: etcd's count of the keys under the prefix must be its own;
+    - the keeper renews the lease every ttl/3 seconds, each endpoint given a share of that, and
+      grants a new lease when etcd has lost it (the publisher then writes every key back);
+    - the confirmer, every ttl/6, confirms the mirror: etcd's count of the keys under the prefix
+      must be its own;
     - the publisher writes changes, coalesced (a burst is a few transactions of at most txn_ops
       operations and txn_bytes), and makes the HOST prefix match the registry at start, after a
       lost lease, and when it sees a key there that it did not write;
@@ -4000,8 +4058,8 @@ class ClusterView:
         self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
         self.skipped = collections.Counter()    # keys skipped now, by reason
         self._threads = [threading.Thread(target=target, name="nodemngr-cluster-" + name, daemon=True)
-                         for name, target in (("keeper", self._keep), ("publisher", self._publish),
-                                              ("watcher", self._follow))]
+                         for name, target in (("keeper", self._keep), ("confirmer", self._confirming),
+                                              ("publisher", self._publish), ("watcher", self._follow))]
 
     # -- what the daemon calls -------------------------------------------------------------------
 
@@ -4103,16 +4161,12 @@ class ClusterView:
             except (ClusterError, NodeMngrException):
                 pass
 
-    # -- the keeper: the lease, and the mirror's confirmation -----------------------------------
+    # -- the keeper: the lease -------------------------------------------------------------------
 
     def _keep(self):
         share = max(0.2, self.ttl / 3.0 / len(self.client.endpoints))     # each endpoint's time
-        renew_at = 0.0
-        while not self._stop.is_set():
-            if time.monotonic() >= renew_at:    # (every third of the TTL; a sixth after a failure)
-                renew_at = time.monotonic() + self.ttl / (3.0 if self._renew(share) else 6.0)
-            self._confirm()
-            self._stop.wait(max(0.0, min(renew_at - time.monotonic(), self.ttl / 6.0)))
+        while not self._stop.is_set():     # (every third of the TTL; a sixth after a failure)
+            self._stop.wait(self.ttl / (3.0 if self._renew(share) else 6.0))
 
     def _renew(self, share):
         """Renew the lease (grant a new one when etcd has lost it: its keys are then written back);
@@ -4132,6 +4186,13 @@ class ClusterView:
         except ClusterError as exc:
             self._problem("keeper", str(exc))
             return False
+
+    # -- the confirmer: the mirror is current --------------------------------------------------------
+    # (a thread of its own: the keep-alive must never wait behind a count on a slow endpoint)
+
+    def _confirming(self):
+        while not self._stop.wait(self.ttl / 6.0):
+            self._confirm()
 
     def _confirm(self):
         """Ask etcd whether the mirror is current: the watch runs, and the mirror holds as many keys

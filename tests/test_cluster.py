@@ -4,6 +4,7 @@ kill -9, an etcd outage and its restart, and a burst of 1,000 registrations."""
 import datetime
 import json
 import os
+import signal
 import time
 import xmlrpc.client
 from base64 import b64decode, b64encode
@@ -11,7 +12,7 @@ from base64 import b64decode, b64encode
 import pytest
 
 from support import FAST_REAP, counters, memory_kib, wait_until
-from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
+from etcd_support import Etcd, Proxy, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
 
@@ -25,10 +26,11 @@ def etcd(tmp_path):
     server.stop()
 
 
-def host_daemon(daemon_factory, etcd, host, extra_args_more=(), ready=True, **kw):
-    """A daemon publishing to *etcd* as *host*; ready: once its view is read and current."""
+def host_daemon(daemon_factory, etcd, host, extra_args_more=(), ready=True, urls=None, ttl=TTL, **kw):
+    """A daemon publishing to *etcd* (through *urls*, when given) as *host*; ready: once its view
+    is read and current."""
     kw.setdefault("state", etcd.data + "-%s.sqlite3" % host)    # (a state file each)
-    d = daemon_factory(extra_args=["--cluster", etcd.url, "--advertise-host", host, "--cluster-ttl", str(TTL)]
+    d = daemon_factory(extra_args=["--cluster", urls or etcd.url, "--advertise-host", host, "--cluster-ttl", str(ttl)]
                        + list(extra_args_more), name=host, **kw)
     if ready:
         assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=10), d.rpc().status()
@@ -215,7 +217,6 @@ def test_a_hung_etcd_holds_up_neither_locate_nor_other_calls_nor_the_stop(daemon
     """etcd stopped (SIGSTOP: it takes connections and never answers): locate still answers at once,
     from the mirror, marked stale once etcd has not confirmed it for the TTL; local calls are served;
     and the stop takes about a second, whatever etcd does."""
-    import signal
     d = host_daemon(daemon_factory, etcd, "host-a", size=20)
     port = d.rpc().newPort({"name": "db"})
     assert wait_until(lambda: d.rpc().locate("db") and d.rpc().status()["cluster"] == "ok", timeout=5)
@@ -399,24 +400,27 @@ def hung_endpoint():
     return s
 
 
-def test_a_short_lease_is_kept_with_a_hung_endpoint_listed_first(daemon_factory, etcd):
-    """Keep-alive never waits behind a slow endpoint: each endpoint gets a share of a third of the
-    TTL, and the one that answered is tried first from then on."""
-    hung = hung_endpoint()
+def test_a_short_lease_is_kept_when_the_endpoints_listed_first_hang(daemon_factory, etcd):
+    """Keep-alive never waits behind a slow endpoint, nor behind anything else the daemon asks
+    etcd: two endpoints that answered until now hang right after a renewal (as two members of five
+    may), listed before a healthy one, and the lease (TTL 3) is kept while etcd is up.  Each
+    endpoint gets a share of a third of the TTL, and the one that answered is tried first from
+    then on."""
+    a, b = Proxy(etcd.client_port), Proxy(etcd.client_port)
     try:
-        d = daemon_factory(size=10, state="none", name="host-a", extra_args=[
-            "--cluster", "http://127.0.0.1:%d,%s" % (hung.getsockname()[1], etcd.url), "--advertise-host", "host-a",
-            "--cluster-ttl", "2"])
+        d = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=",".join((a.url, b.url, etcd.url)))
         port = d.rpc().newPort("kept")
         assert wait_until(lambda: matches(etcd, d, "host-a"), timeout=5)
-        samples, until = 0, time.monotonic() + 3.0      # (1.5 leases)
+        a.freeze_after(b"/v3/lease/keepalive", others=[b])
+        assert wait_until(lambda: a.mode == "freeze", timeout=3)
+        until = time.monotonic() + TTL + 0.5
         while time.monotonic() < until:
-            assert list(published(etcd, "host-a")) == [("host-a", port)], "the keys were lost while etcd was up"
-            samples += 1
+            assert list(published(etcd, "host-a")) == [("host-a", port)], (
+                "the keys were lost while etcd was up: " + d.rpc().status()["cluster"])
             time.sleep(0.1)
-        assert samples > 10 and d.rpc().status()["cluster"] == "ok"
     finally:
-        hung.close()
+        a.close()
+        b.close()
 
 
 def test_refused_writes_cost_no_keys_and_the_view_says_it_is_stale(daemon_factory, etcd):
@@ -508,11 +512,36 @@ def test_the_stop_takes_about_a_second_whatever_etcd_does(daemon_factory):
             if stop == "terminate":
                 assert d.rpc().terminate() is True
             else:
-                d.proc.send_signal(__import__("signal").SIGTERM)
+                d.proc.send_signal(signal.SIGTERM)
             assert d.proc.wait(15) == 0
             assert time.monotonic() - began < 1.6, "%s took %.1f s" % (stop, time.monotonic() - began)
     finally:
         hung.close()
+
+
+def test_an_endpoint_that_trickles_costs_no_keys_and_holds_up_no_stop(daemon_factory, etcd):
+    """An endpoint that answered, then sends each reply's head a byte every 50 ms: every request
+    ends by its deadline, not merely each read within a timeout.  Listed first, it costs this
+    host no keys while etcd is up (the keep-alive goes on to the next endpoint in time: TTL 2);
+    alone, it holds up no stop (which revokes the lease) for more than about a second."""
+    proxy = Proxy(etcd.client_port)
+    try:
+        a = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=proxy.url + "," + etcd.url, ttl=2)
+        b = host_daemon(daemon_factory, etcd, "host-b", size=10, urls=proxy.url, ttl=2)
+        key = "nodemngr/v1/ports/host-a/%d" % a.rpc().newPort("kept")
+        b.rpc().newPort("kept")
+        assert wait_until(lambda: len(etcd.keys("nodemngr/")) == 2, timeout=5)
+        proxy.trickle()
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            assert key.encode() in etcd.keys("nodemngr/"), "lost while etcd was up: " + a.rpc().status()["cluster"]
+            time.sleep(0.1)
+        began = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(15) == 0
+        assert time.monotonic() - began < 1.5, "the stop waited %.1f s on a trickle" % (time.monotonic() - began)
+    finally:
+        proxy.close()
 
 
 def test_the_view_is_read_again_after_a_compaction_it_missed(daemon_factory, etcd):
