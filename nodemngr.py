@@ -3684,6 +3684,10 @@ def _loads_within_bound(body):
     return json.loads(b"".join(pieces + [body[kept:]]) if pieces else body)
 
 
+class _NoSuchLease(ClusterError):
+    """etcd refused a write: it does not know the lease given (it expired, or was revoked)."""
+
+
 def _read_within(reply, limit):
     """A reply's body, read by pieces up to *limit* bytes (a reply must not fill the memory)."""
     pieces, size = [], 0
@@ -3848,7 +3852,8 @@ class EtcdClient:
                     conn.close()
             if reply.status != 200 or "error" in answer:
                 reason = " ".join(str(answer.get("message") or answer.get("error") or reply.reason).split())
-                raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
+                raise (_NoSuchLease if "lease not found" in reason else ClusterError)(
+                    "etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
             self._first = index
             return answer
         raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
@@ -4049,6 +4054,7 @@ class ClusterView:
         self._reload = False        # the watcher must read the whole prefix again
         self._wake = threading.Condition()      # (guards the publisher's part: the above)
         self._stop = threading.Event()
+        self._kick = threading.Event()          # the keeper must not wait: a write found the lease gone
         self._mirror = threading.Lock()         # (guards the mirror: what follows)
         self._pieces = {}           # host -> {port: struct piece}: listCluster's
         self._named = {}            # name -> {(host, port): struct piece}: locate's
@@ -4153,11 +4159,12 @@ class ClusterView:
         with self._wake:
             self._stop.set()
             self._wake.notify()
+        self._kick.set()
         self.client.close_watch()
         lease = self._lease
         if lease is not None:
             try:
-                self.client.revoke(lease, timeout / 2)
+                self.client.revoke(lease, timeout / len(self.client.endpoints))
             except (ClusterError, NodeMngrException):
                 pass
 
@@ -4166,19 +4173,20 @@ class ClusterView:
     def _keep(self):
         share = max(0.2, self.ttl / 3.0 / len(self.client.endpoints))     # each endpoint's time
         while not self._stop.is_set():     # (every third of the TTL; a sixth after a failure)
-            self._stop.wait(self.ttl / (3.0 if self._renew(share) else 6.0))
+            if self._kick.wait(self.ttl / (3.0 if self._renew(share) else 6.0)):
+                self._kick.clear()
 
     def _renew(self, share):
-        """Renew the lease (grant a new one when etcd has lost it: its keys are then written back);
-        whether etcd answered."""
+        """Renew the lease, or grant one when there is none (etcd lost it: its keys are then
+        written back under the new one); whether etcd answered."""
         try:
-            if self._lease is not None and self.client.keepalive(self._lease, share) <= 0:
-                self._lease, self._lost_at = None, time.time()
-                self.lease_losses += 1
-                log.warning("etcd lost this host's lease; writing its keys back")
+            lease = self._lease
+            if lease is not None and self.client.keepalive(lease, share) <= 0:
+                self._lease_lost(lease)
             if self._lease is None:
-                self._lease = int(self.client.grant(self.ttl, share))
+                lease = int(self.client.grant(self.ttl, share))
                 with self._wake:
+                    self._lease = lease
                     self._rewrite = self._rewrite or "a new lease"
                     self._wake.notify()
             self._solved("keeper")
@@ -4186,6 +4194,18 @@ class ClusterView:
         except ClusterError as exc:
             self._problem("keeper", str(exc))
             return False
+
+    def _lease_lost(self, lease):
+        """etcd no longer knows *lease* (it expired, or was revoked behind this daemon's back): the
+        keeper grants a new one now, not at its next renewal, and the publisher writes every key
+        back under it."""
+        with self._wake:
+            if self._lease != lease:
+                return      # (replaced already)
+            self._lease, self._lost_at = None, time.time()
+            self.lease_losses += 1
+        log.warning("etcd lost this host's lease; writing its keys back")
+        self._kick.set()
 
     # -- the confirmer: the mirror is current --------------------------------------------------------
     # (a thread of its own: the keep-alive must never wait behind a count on a slow endpoint)
@@ -4222,17 +4242,20 @@ class ClusterView:
     def _publish(self):
         delay = self.retry
         while not self._stop.is_set():
+            lease = self._lease
             try:
-                if self._lease is not None:
+                if lease is not None:
                     if self._rewrite or time.monotonic() >= self._next_resync:
-                        self._resync(self._rewrite)
+                        self._resync(self._rewrite, lease)
                     else:
-                        self._flush()
+                        self._flush(lease)
                     if "publisher" in self._problems:
                         log.warning("etcd takes this host's writes again; its keys match its registry")
                     self._solved("publisher")
                     delay = self.retry
                 self._wait_for_changes()
+            except _NoSuchLease:
+                self._lease_lost(lease)     # (no pause: the keys follow the new lease at once)
             except ClusterError as exc:
                 self._problem("publisher", str(exc))
                 self._stop.wait(delay)      # (changes meanwhile only gather: calls must not wake it)
@@ -4265,21 +4288,20 @@ class ClusterView:
     def _key(self, port):
         return b"%s%d" % (self._own, port)
 
-    def _resync(self, why):
+    def _resync(self, why, lease):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
-        the current lease (a key of an earlier lease would expire with it).  why: what asked for
+        the current *lease* (a key of an earlier lease would expire with it).  why: what asked for
         it (None: the periodic comparison, which repairs a restored backup or a hand's change)."""
-        lease = self._lease
         with self._wake:
             self._dirty.clear()
             self._forced.clear()
             self._rewrite = None
-        actual = {key: (value, kv_lease) for page, _ in self.client.range(self._own)
-                  for key, value, kv_lease, _ in page}
-        desired = self._desired()
-        puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
-        deletes = [k for k in actual if k not in desired]
         try:
+            actual = {key: (value, kv_lease) for page, _ in self.client.range(self._own)
+                      for key, value, kv_lease, _ in page}
+            desired = self._desired()
+            puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
+            deletes = [k for k in actual if k not in desired]
             self._write(puts, deletes, lease)
         except ClusterError:
             with self._wake:
@@ -4287,14 +4309,14 @@ class ClusterView:
             raise
         with self._wake:
             self._published, self._next_resync = desired, time.monotonic() + self.resync_interval
-        if why == "a new lease":
-            self._written_back_at = time.time()
+            if lease == self._lease and self._lost_at is not None and (self._written_back_at or 0) < self._lost_at:
+                self._written_back_at = time.time()     # (every key is now under a lease etcd knows)
         if (puts or deletes) and why != "start":
             self.rewrites += 1
             log.warning("wrote %d keys of this host back to etcd and deleted %d (%s)", len(puts), len(deletes),
                         why or "they did not match its registry")
 
-    def _flush(self):
+    def _flush(self, lease):
         with self._wake:
             ports, self._dirty = self._dirty, set()
             forced, self._forced = {self._key(p) for p in self._forced}, set()
@@ -4306,7 +4328,7 @@ class ClusterView:
             puts = {k: v for k, v in desired.items() if k in forced or self._published.get(k) != v}
         deletes = [k for k in keys if k not in desired]
         try:
-            self._write(puts, deletes, self._lease)
+            self._write(puts, deletes, lease)
         except ClusterError:
             with self._wake:
                 self._dirty.update(ports)
