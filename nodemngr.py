@@ -4096,6 +4096,8 @@ class ClusterView:
         lost, back = self._lost_at, self._written_back_at
         if lost is not None and (back is None or back < lost):
             return "etcd lost this host's lease at %s; its keys are being written back" % _when(lost)
+        if self._lease is None:     # (the view is stale until it has one: "ok" never says otherwise)
+            return "etcd has not granted this host's lease yet"
         if self._revision is None:
             return "reading the cluster view from etcd"
         seen = self.seen()
