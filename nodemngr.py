@@ -3912,14 +3912,17 @@ class EtcdClient:
             raise ClusterError("etcd answered a transaction with something that is not etcd's v3 JSON")
 
     def watch(self, prefix, start_revision):
-        """The changes under *prefix* from *start_revision* on, as etcd streams them: yields lists of
-        [(key, value or None when deleted, lease, mod_revision)] (empty at first) until the stream ends
-        (ClusterError) or close_watch() cuts it.  ClusterError("compacted") when etcd no longer
-        has that revision: read the prefix again."""
+        """The changes under *prefix* from *start_revision* on, as etcd streams them: yields
+        (events, through) -- events [(key, value or None when deleted, lease, mod_revision)], through
+        the revision up to which every change has now come, or None -- from the answer that
+        creates the watch (no events, None) until the stream ends (ClusterError) or close_watch()
+        cuts it.  ClusterError("compacted") when etcd no longer has that revision: read the prefix
+        again.  Progress notifications are asked for (an etcd that sends them says how far a quiet
+        prefix is current), and big batches in fragments (none is then decoded in one piece)."""
         index = self._order()[0]
         scheme, host, port = self.endpoints[index]
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
-                                   "start_revision": start_revision}}
+                                   "start_revision": start_revision, "progress_notify": True, "fragment": True}}
         token, conn = self._auth_token(None), None
         try:
             conn = self._connect(index, time.monotonic() + self.timeout)
@@ -3939,7 +3942,7 @@ class EtcdClient:
                     raise ClusterError("compacted")
                 events = [(_kv(e["kv"])[:2] if e.get("type") != "DELETE" else (_kv(e["kv"])[0], None))
                           + _kv(e["kv"])[2:] for e in result.get("events", [])]
-                yield events
+                yield events, _through(result, events)
         except OSError as exc:
             raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, _why_not(exc, None, self.timeout)))
         except (http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -3950,13 +3953,26 @@ class EtcdClient:
                 conn.close()
 
     def close_watch(self):
-        """Cut the watch in progress (from another thread): its generator raises ClusterError."""
+        """Cut the watch in progress (from another thread): its generator raises ClusterError.
+        Whether there was one."""
         conn = self._watching
         if conn is not None and conn.sock is not None:
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)
+                return True
             except OSError:
                 pass
+        return False
+
+
+def _through(result, events):
+    """The revision up to which a watch's answer says every change has come: its last event's (but
+    for a fragment's, whose last revision goes on in the next answer); a progress notification's
+    header (etcd sends one only once the watch has everything); None for the answer that created
+    the watch (changes before etcd's revision then may still be on their way)."""
+    if events:
+        return events[-1][3] - (1 if result.get("fragment") else 0)
+    return None if result.get("created") else int(result["header"]["revision"])
 
 
 def _why_not(exc, reply, timeout):
@@ -4019,7 +4035,8 @@ class ClusterView:
     - the keeper renews the lease every ttl/3 seconds, each endpoint given a share of that, and
       grants a new lease when etcd has lost it (the publisher then writes every key back);
     - the confirmer, every ttl/6, confirms the mirror: etcd's count of the keys under the prefix
-      must be its own;
+      must be its own, and its revision one the watch has brought (or the watch has spoken
+      lately); a watch silent for too long is made again;
     - the publisher writes changes, coalesced (a burst is a few transactions of at most txn_ops
       operations and txn_bytes), and makes the HOST prefix match the registry at start, after a
       lost lease, and when it sees a key there that it did not write;
@@ -4061,6 +4078,8 @@ class ClusterView:
         self._keys = {}             # every key (bytes) under the prefix -> (host, port, name) or why skipped
         self._revision = None       # the revision the mirror reflects (None: never read)
         self._live = False          # the watch runs (etcd answered it), and nothing broke it since
+        self._heard = 0.0           # time.monotonic() when the watch last said anything
+        self._recreate = False      # the confirmer cut the watch to have it made again (not broken)
         self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
         self.skipped = collections.Counter()    # keys skipped now, by reason
         self._threads = [threading.Thread(target=target, name="nodemngr-cluster-" + name, daemon=True)
@@ -4217,24 +4236,34 @@ class ClusterView:
             self._confirm()
 
     def _confirm(self):
-        """Ask etcd whether the mirror is current: the watch runs, and the mirror holds as many keys
-        as etcd has under the prefix (asked again a few times while changes on their way make them
-        differ).  The watch itself says when it breaks; this finds an etcd that hangs, and a
-        mirror that drifted."""
+        """Ask etcd whether the mirror is current, by revision: the watch runs, the mirror holds as
+        many keys as etcd has under the prefix, and it has every change up to etcd's revision --
+        or, when etcd's revision is ahead, the watch has spoken within half a TTL (it runs, and
+        what changed was elsewhere in etcd).  Changes on their way are waited for a little.  A
+        watch silent for half a TTL while etcd's revision moved on is cut and made again from the
+        mirror's revision: a flow that a NAT or a firewall dropped without a word brings nothing,
+        and would be trusted for ever.  A mirror that drifted is read again."""
         if self._revision is None:
             return
         for _ in range(3):
             try:
-                _, total = self.client.count(CLUSTER_PREFIX)
+                revision, total = self.client.count(CLUSTER_PREFIX)
             except ClusterError:
                 return
             with self._mirror:
-                if total == len(self._keys) and self._live and not self._reload:
-                    self._confirmed = time.monotonic()
-                    return
+                agrees = total == len(self._keys) and self._live and not self._reload
+                behind = self._revision < revision
+            silent = time.monotonic() - self._heard >= self.ttl / 2.0
+            if agrees and not (behind and silent):
+                self._confirmed = time.monotonic()
+                return
             if self._stop.wait(0.05):
                 return
-        if self.seen() > 2 * self.ttl:      # the mirror drifted, or the watch hangs: read it again
+        if behind and silent and self._live:
+            self._recreate = True
+            if not self.client.close_watch():
+                self._recreate = False
+        elif self.seen() > 2 * self.ttl:    # the mirror drifted, or the watch hangs: read it again
             log.warning("the cluster view was not confirmed for %d s; reading it again", self.seen())
             self._reload = True
             self.client.close_watch()
@@ -4368,9 +4397,10 @@ class ClusterView:
             try:
                 if self._revision is None or self._reload:
                     self._load()
-                for events in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
-                    if events:
-                        self._apply(events)
+                for events, through in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
+                    self._heard = time.monotonic()
+                    if events or through is not None:
+                        self._apply(events, through)
                     self._live = True
                     self._solved("watcher")
                     delay = self.retry
@@ -4380,6 +4410,8 @@ class ClusterView:
                     return
                 if str(exc) == "compacted":
                     self._reload = True
+                elif self._recreate:    # (cut by the confirmer: made again at once, from where it was)
+                    self._recreate = False
                 else:
                     self._problem("watcher", str(exc))
                     self._stop.wait(delay)
@@ -4411,15 +4443,16 @@ class ClusterView:
                 self._rewrite = self._rewrite or "the cluster view was read again"
                 self._wake.notify()
 
-    def _apply(self, events):
-        """Changes the watch brought: into the mirror; one of this host's keys that it did not
-        write so is repaired."""
+    def _apply(self, events, through):
+        """Changes the watch brought, every one up to revision *through* (None: not known): into
+        the mirror; one of this host's keys that it did not write so is repaired."""
         with self._mirror:
-            for key, value, lease, revision in events:
+            for key, value, lease, _ in events:
                 self._leave(key)
                 if value is not None:
                     self._enter(key, value, lease, self._pieces, self._named, self._keys, self.skipped)
-                self._revision = max(self._revision, revision)
+            if through is not None:
+                self._revision = max(self._revision, through)
         own = []
         with self._wake:
             for key, value, lease, _ in events:

@@ -552,6 +552,35 @@ def test_an_endpoint_that_trickles_costs_no_keys_and_holds_up_no_stop(daemon_fac
         proxy.close()
 
 
+def test_a_watch_that_silently_stops_is_made_again_within_about_a_ttl(daemon_factory, etcd):
+    """The watch's flow is dropped without a reset (a NAT or a firewall forgetting a long-lived flow;
+    new connections work): etcd's revision moves on while the watch brings nothing, so it is made
+    again from the mirror's revision within about a TTL (2 s here), and what it missed comes:
+    another host moves its "db" (one delete, one put: as many keys as before), and the old port is
+    not answered as fresh for longer than that."""
+    proxy = Proxy(etcd.client_port)
+    try:
+        d = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=proxy.url, ttl=2)
+        lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
+        good = {"host": "hz", "port": 1, "name": "db", "info": "x", "pid": 0, "since": "2026-01-01T00:00:00Z"}
+        put(etcd, "nodemngr/v1/ports/hz/1", good, lease)
+
+        def fresh():
+            return [(e["host"], e["port"]) for e in d.rpc().locate("db") if not e["stale"]]
+        assert wait_until(lambda: fresh() == [("hz", 1)], timeout=5)
+        proxy.freeze_existing()
+        etcd.call("kv/txn", {"success": [
+            {"requestDeleteRange": {"key": b64("nodemngr/v1/ports/hz/1")}},
+            {"requestPut": {"key": b64("nodemngr/v1/ports/hz/2"), "value": b64(json.dumps(dict(good, port=2))),
+                            "lease": lease}}]})
+        took = wait_for(lambda: fresh() == [("hz", 2)], timeout=6)
+        assert took is not None and took < 3.0, "hz/1 was deleted; %s s later locate answered %s" % (
+            took, d.rpc().locate("db"))
+        assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=5), d.rpc().status()["cluster"]
+    finally:
+        proxy.close()
+
+
 def test_the_view_is_read_again_after_a_compaction_it_missed(daemon_factory, etcd):
     """The watch broke (etcd restarted) and, meanwhile, etcd compacted the revisions it would
     resume from: the daemon reads the whole prefix again, and misses nothing."""
