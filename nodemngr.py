@@ -3664,40 +3664,97 @@ def cluster_entry(key, value, lease):
     return entry, None
 
 
+class _Trimmed:
+    """A reply of etcd's gateway kept as it is read, each base64 "value" longer than the bound
+    (MAX_CLUSTER_VALUE decoded) replaced by _OVERSIZED on the way: a huge value is neither held
+    nor decoded.  (Base64 holds no quote: the next one ends a value.)  feed() it pieces; size is
+    what it keeps."""
+
+    MARK = b'"value":"'
+    LIMIT = (MAX_CLUSTER_VALUE + 2) // 3 * 4    # base64 characters of the largest value kept
+
+    def __init__(self):
+        self.pieces, self.size = [], 0
+        self._rest = b""            # the end of what came, which may begin a mark or a value
+        self._skipping = False      # in an oversized value: dropped up to its quote
+
+    def feed(self, data):
+        data, at, self._rest = self._rest + data, 0, b""
+        while at < len(data):
+            if self._skipping:
+                at = data.find(b'"', at)
+                if at < 0:
+                    return
+                self._skipping = False
+            start = data.find(self.MARK, at)
+            if start < 0:
+                keep = max(at, len(data) - len(self.MARK) + 1)
+                self._keep(data[at:keep])
+                self._rest = data[keep:]
+                return
+            begin = start + len(self.MARK)
+            end = data.find(b'"', begin)
+            if (len(data) if end < 0 else end) - begin > self.LIMIT:
+                self._keep(data[at:begin] + _OVERSIZED.encode())
+                self._skipping, at = end < 0, len(data) if end < 0 else end
+            elif end < 0:
+                self._keep(data[at:start])
+                self._rest = data[start:]
+                return
+            else:
+                self._keep(data[at:end])
+                at = end
+
+    def _keep(self, data):
+        if data:
+            self.pieces.append(data)
+            self.size += len(data)
+
+    def body(self):
+        """What was kept (the reply has ended)."""
+        return b"".join(self.pieces) + self._rest
+
+    def cut(self):
+        """What was kept of a range's reply, ended after its last whole key-value as the reply of
+        a range that has more; None before the first is whole.  (etcd's gateway writes compact
+        JSON, and a key-value holds no brace: "},{" is found between two of them only.)"""
+        kept = b"".join(self.pieces)
+        self.pieces = [kept]
+        end = kept.rfind(b"},{")
+        return None if end < 0 else kept[:end + 1] + b'],"more":true}'
+
+
 def _loads_within_bound(body):
     """json.loads of a reply of etcd's gateway, each base64 "value" of more than MAX_CLUSTER_VALUE
     bytes replaced by _OVERSIZED first: a huge value is neither decoded nor copied, and nothing
     holds the interpreter for long (searching bytes is fast; decoding megabytes of JSON is not)."""
-    limit = (MAX_CLUSTER_VALUE + 2) // 3 * 4
-    if len(body) <= limit:
-        return json.loads(body)
-    pieces, kept, at = [], 0, 0
-    while True:
-        start = body.find(b'"value":"', at)
-        end = body.find(b'"', start + 9) if start >= 0 else -1
-        if end < 0:
-            break
-        if end - start - 9 > limit:     # (base64 holds no quote: the next one ends the value)
-            pieces += [body[kept:start + 9], _OVERSIZED.encode()]
-            kept = end
-        at = end + 1
-    return json.loads(b"".join(pieces + [body[kept:]]) if pieces else body)
+    trimmed = _Trimmed()
+    trimmed.feed(body)
+    return json.loads(trimmed.body())
 
 
 class _NoSuchLease(ClusterError):
     """etcd refused a write: it does not know the lease given (it expired, or was revoked)."""
 
 
-def _read_within(reply, limit):
-    """A reply's body, read by pieces up to *limit* bytes (a reply must not fill the memory)."""
-    pieces, size = [], 0
+def _read_within(reply, limit, cut=None):
+    """A reply's JSON object, read by pieces, trimmed as they come (_Trimmed) and up to *limit*
+    bytes kept (a reply must not fill the memory).  cut: a range's reply is ended after its last
+    whole key-value once that many bytes are kept (the rest is not read: the next page has it)."""
+    trimmed = _Trimmed()
     while True:
         piece = reply.read1(65536)
         if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
-        size += len(piece)
-        if size > limit:
+            answer = json.loads(trimmed.body() or b"{}")
+            if not isinstance(answer, dict):
+                raise ValueError("not a JSON object")
+            return answer
+        trimmed.feed(piece)
+        if cut and trimmed.size > cut:
+            body = trimmed.cut()
+            if body is not None:
+                return json.loads(body)
+        if trimmed.size > limit:
             raise ValueError("etcd's reply is over %d bytes" % limit)
 
 
@@ -3756,8 +3813,9 @@ class EtcdClient:
     to share between threads: each call has a connection of its own."""
 
     timeout = 2.0       # seconds one endpoint has to answer
-    max_reply = 64 * 1024 * 1024
-    page = 1000         # keys a range reads at once
+    max_reply = 64 * 1024 * 1024    # bytes of a reply kept (values over the bound skipped)
+    page = 1000         # keys a range reads at once, at most
+    page_bytes = 1 << 20    # and about bytes: decoding that holds the interpreter a few ms
 
     def __init__(self, urls, ca_file=None, cert_file=None, key_file=None, user_file=None):
         self.endpoints = []
@@ -3787,16 +3845,17 @@ class EtcdClient:
         self._first = 0                 # the endpoint that answered last: tried first
         self._watching = None           # the connection of the watch in progress
 
-    def call(self, path, body, timeout=None):
-        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError."""
+    def call(self, path, body, timeout=None, cut=None):
+        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError.  cut: bytes
+        after which a range's reply is ended (_read_within)."""
         try:
-            return self._post(path, body, self._auth_token(timeout), timeout)
+            return self._post(path, body, self._auth_token(timeout), timeout, cut)
         except ClusterError as exc:
             if self._user is None or "invalid auth token" not in str(exc):
                 raise
             with self._lock:
                 self._token = None      # expired: authenticate again, once
-        return self._post(path, body, self._auth_token(timeout), timeout)
+        return self._post(path, body, self._auth_token(timeout), timeout, cut)
 
     def _auth_token(self, timeout):
         if self._user is None:
@@ -3824,7 +3883,7 @@ class EtcdClient:
         first = self._first
         return [first] + [i for i in range(len(self.endpoints)) if i != first]
 
-    def _post(self, path, body, token, timeout=None):
+    def _post(self, path, body, token, timeout=None, cut=None):
         data = json.dumps(body).encode("utf-8")
         timeout = timeout or self.timeout
         headers = dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {}))
@@ -3841,9 +3900,7 @@ class EtcdClient:
                 conn = self._connect(index, time.monotonic() + min(left, timeout))
                 conn.request("POST", "/v3/" + path, data, headers)
                 reply = conn.getresponse()
-                answer = _loads_within_bound(_read_within(reply, self.max_reply) or b"{}")
-                if not isinstance(answer, dict):
-                    raise ValueError("not a JSON object")
+                answer = _read_within(reply, self.max_reply, cut)
             except (OSError, http.client.HTTPException, ValueError) as exc:
                 reasons.append("%s:%d: %s" % (host, port, _why_not(exc, reply, min(left, timeout))))
                 continue
@@ -3873,16 +3930,19 @@ class EtcdClient:
 
     def range(self, prefix):
         """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (key bytes,
-        value base64 or _OVERSIZED) read at one revision, the first page's, page keys at a time;
-        yields (page, revision).  (A page goes on right after the bytes of the last key read: a
-        key need not be UTF-8.)"""
+        value base64 or _OVERSIZED) read at one revision, the first page's; yields (page,
+        revision).  A page is page keys at most and about page_bytes: one read that far is ended
+        after its last whole key.  The first asks for a tenth of page keys, and each next one for
+        as many as page_bytes held in the last, so that etcd never makes a reply much larger than
+        what is read of it.  (A page goes on right after the bytes of the last key read: a key
+        need not be UTF-8.)"""
         prefix = _bytes(prefix)
-        end, key, revision = _b64(_prefix_end(prefix)), _b64(prefix), None
+        end, key, revision, limit = _b64(_prefix_end(prefix)), _b64(prefix), None, max(1, self.page // 10)
         while True:
-            body = {"key": key, "range_end": end, "limit": self.page}
+            body = {"key": key, "range_end": end, "limit": limit}
             if revision is not None:
                 body["revision"] = revision
-            reply = self.call("kv/range", body)
+            reply = self.call("kv/range", body, cut=self.page_bytes)
             try:
                 if revision is None:        # (a reply's header says etcd's revision now, not the one read)
                     revision = int(reply["header"]["revision"])
@@ -3892,7 +3952,8 @@ class EtcdClient:
             yield page, revision
             if not reply.get("more") or not page:
                 return
-            key = _b64(page[-1][0] + b"\0")
+            size = sum(len(kv[0]) * 4 // 3 + len(kv[1]) + 100 for kv in page)     # (what etcd sent of them)
+            key, limit = _b64(page[-1][0] + b"\0"), max(1, min(self.page, len(page) * self.page_bytes // size))
 
     def count(self, prefix):
         """(revision, how many keys there are under *prefix*): cheap, whatever their number."""

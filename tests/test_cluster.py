@@ -309,6 +309,26 @@ def test_keys_that_are_not_utf8_are_paged_counted_and_deleted_by_their_bytes(dae
     assert d.rpc().status()["cluster"] == "ok"
 
 
+def test_big_values_are_read_in_bounded_pages_and_skipped_as_they_come(daemon_factory, etcd):
+    """Values within etcd's defaults never make the view unreadable: a value over the 64 KiB bound
+    is dropped as it is read (never held), and a range is read in pages of about
+    EtcdClient.page_bytes (1 MiB), ended after their last whole key, so that no reply kept is much
+    larger and none holds the interpreter long to decode.  Here every reply is refused over 1 MiB
+    kept (max_reply; 64 MiB by default): two values of 1.2 MB, and thirty of 60 KB (under the
+    bound), all under no lease; a daemon that starts reads them all, skips and counts them, and
+    answers the one entry that fits."""
+    for i in (1, 2):
+        put(etcd, "nodemngr/v1/ports/big/%d" % i, "y" * 1200000)
+    for n in (0, 15):       # (etcd takes requests of 1.5 MiB at most)
+        etcd.call("kv/txn", {"success": [{"requestPut": {"key": b64("nodemngr/v1/ports/mid/%d" % i),
+                                                         "value": b64("y" * 60000)}} for i in range(n + 1, n + 16)]})
+    put(etcd, "nodemngr/v1/ports/hz/7", {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0,
+                                         "since": "2026-01-01T00:00:00Z"}, etcd.call("lease/grant", {"TTL": 60})["ID"])
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"EtcdClient.max_reply": 1 << 20})
+    assert [(e["host"], e["port"], e["stale"]) for e in d.rpc().locate("db")] == [("hz", 7, False)]
+    assert counters(d, "nodemngr_cluster_skipped") == {"size": 2, "lease": 30}
+
+
 def test_forged_keys_deleted_from_this_hosts_prefix_leave_nothing_behind(daemon_factory, etcd):
     """A forged key under this host's prefix is deleted, and forgotten once etcd says so: rounds of
     forged keys of 256 KiB, each deleted, leave the daemon's memory where it was.  (Pages of 2 keys,
