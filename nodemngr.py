@@ -3599,6 +3599,10 @@ _OVERSIZED = "!"                # what stands for a value over MAX_CLUSTER_VALUE
 _XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
+class _NoSuchLease(ClusterError):
+    """etcd refused a write: it does not know the lease given (it expired, or was revoked)."""
+
+
 def _bytes(key):
     """A key as etcd holds it: bytes (text as UTF-8)."""
     return key if isinstance(key, bytes) else key.encode("utf-8")
@@ -3733,10 +3737,6 @@ def _loads_within_bound(body):
     return json.loads(trimmed.body())
 
 
-class _NoSuchLease(ClusterError):
-    """etcd refused a write: it does not know the lease given (it expired, or was revoked)."""
-
-
 def _read_within(reply, limit, cut=None):
     """A reply's JSON object, read by pieces, trimmed as they come (_Trimmed) and up to *limit*
     bytes kept (a reply must not fill the memory).  cut: a range's reply is ended after its last
@@ -3809,8 +3809,8 @@ class EtcdClient:
     gateway, with the standard library.  Each call tries the endpoints in turn, the one that
     answered last first, each within its own timeout (a call may give a shorter one, a share of
     its time), whatever an endpoint sends (a trickle included); ClusterError (one sentence) when
-    none answers.  user_file: a file holding "USER:PASSWORD" (never a flag).  Safe
-    to share between threads: each call has a connection of its own."""
+    none answers.  user_file: a file holding "USER:PASSWORD" (never a flag).  Safe to share
+    between threads: each call has a connection of its own."""
 
     timeout = 2.0       # seconds one endpoint has to answer
     max_reply = 64 * 1024 * 1024    # bytes of a reply kept (values over the bound skipped)
@@ -4125,7 +4125,7 @@ class ClusterView:
         self._lost_at = self._written_back_at = None
         self._registry = {}         # port -> Registration: the registry as changed() told it
         self._published = {}        # key (bytes) -> value this host wrote and etcd holds, as far as it knows
-        self._wrote = {}            # key -> (base64 value or None: deleted, lease): this host's last write
+        self._wrote = {}            # key (bytes) -> (base64 value or None: deleted, lease): this host's last write
         self._dirty = set()         # ports changed since the last flush
         self._forced = set()        # of them, those to put whatever this host thinks etcd holds
         self._rewrite = "start"     # why the whole prefix must be made to match, or None
@@ -4289,7 +4289,7 @@ class ClusterView:
         log.warning("etcd lost this host's lease; writing its keys back")
         self._kick.set()
 
-    # -- the confirmer: the mirror is current --------------------------------------------------------
+    # -- the confirmer: the mirror is current ----------------------------------------------------
     # (a thread of its own: the keep-alive must never wait behind a count on a slow endpoint)
 
     def _confirming(self):
