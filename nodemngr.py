@@ -3672,17 +3672,18 @@ class _Trimmed:
     """A reply of etcd's gateway kept as it is read, each base64 "value" longer than the bound
     (MAX_CLUSTER_VALUE decoded) replaced by _OVERSIZED on the way: a huge value is neither held
     nor decoded.  (Base64 holds no quote: the next one ends a value.)  feed() it pieces; size is
-    what it keeps."""
+    what it keeps, read what it was fed."""
 
     MARK = b'"value":"'
     LIMIT = (MAX_CLUSTER_VALUE + 2) // 3 * 4    # base64 characters of the largest value kept
 
     def __init__(self):
-        self.pieces, self.size = [], 0
+        self.pieces, self.size, self.read = [], 0, 0
         self._rest = b""            # the end of what came, which may begin a mark or a value
         self._skipping = False      # in an oversized value: dropped up to its quote
 
     def feed(self, data):
+        self.read += len(data)
         data, at, self._rest = self._rest + data, 0, b""
         while at < len(data):
             if self._skipping:
@@ -3740,7 +3741,8 @@ def _loads_within_bound(body):
 def _read_within(reply, limit, cut=None):
     """A reply's JSON object, read by pieces, trimmed as they come (_Trimmed) and up to *limit*
     bytes kept (a reply must not fill the memory).  cut: a range's reply is ended after its last
-    whole key-value once that many bytes are kept (the rest is not read: the next page has it)."""
+    whole key-value once that many bytes are read (the rest is not: the next page has it), and
+    says how many were, as "_read" (no field of etcd's begins with "_")."""
     trimmed = _Trimmed()
     while True:
         piece = reply.read1(65536)
@@ -3748,14 +3750,17 @@ def _read_within(reply, limit, cut=None):
             answer = json.loads(trimmed.body() or b"{}")
             if not isinstance(answer, dict):
                 raise ValueError("not a JSON object")
-            return answer
+            break
         trimmed.feed(piece)
-        if cut and trimmed.size > cut:
-            body = trimmed.cut()
-            if body is not None:
-                return json.loads(body)
+        body = trimmed.cut() if cut and trimmed.read > cut else None
+        if body is not None:
+            answer = json.loads(body)
+            break
         if trimmed.size > limit:
             raise ValueError("etcd's reply is over %d bytes" % limit)
+    if cut:
+        answer["_read"] = trimmed.read
+    return answer
 
 
 class _Deadline:
@@ -3932,12 +3937,12 @@ class EtcdClient:
         """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (key bytes,
         value base64 or _OVERSIZED) read at one revision, the first page's; yields (page,
         revision).  A page is page keys at most and about page_bytes: one read that far is ended
-        after its last whole key.  The first asks for a tenth of page keys, and each next one for
-        as many as page_bytes held in the last, so that etcd never makes a reply much larger than
-        what is read of it.  (A page goes on right after the bytes of the last key read: a key
-        need not be UTF-8.)"""
+        after its last whole key.  The first asks for a hundredth of page keys, and each next one
+        for as many as page_bytes held in the last, so that etcd never makes a reply much larger
+        than what is read of it, nor takes long to send one.  (A page goes on right after the
+        bytes of the last key read: a key need not be UTF-8.)"""
         prefix = _bytes(prefix)
-        end, key, revision, limit = _b64(_prefix_end(prefix)), _b64(prefix), None, max(1, self.page // 10)
+        end, key, revision, limit = _b64(_prefix_end(prefix)), _b64(prefix), None, max(1, self.page // 100)
         while True:
             body = {"key": key, "range_end": end, "limit": limit}
             if revision is not None:
@@ -3952,8 +3957,8 @@ class EtcdClient:
             yield page, revision
             if not reply.get("more") or not page:
                 return
-            size = sum(len(kv[0]) * 4 // 3 + len(kv[1]) + 100 for kv in page)     # (what etcd sent of them)
-            key, limit = _b64(page[-1][0] + b"\0"), max(1, min(self.page, len(page) * self.page_bytes // size))
+            key = _b64(page[-1][0] + b"\0")
+            limit = max(1, min(self.page, len(page) * self.page_bytes // max(1, reply["_read"])))
 
     def count(self, prefix):
         """(revision, how many keys there are under *prefix*): cheap, whatever their number."""
