@@ -312,11 +312,11 @@ def test_keys_that_are_not_utf8_are_paged_counted_and_deleted_by_their_bytes(dae
 def test_big_values_are_read_in_bounded_pages_and_skipped_as_they_come(daemon_factory, etcd):
     """Values within etcd's defaults never make the view unreadable: a value over the 64 KiB bound
     is dropped as it is read (never held), and a range is read in pages of about
-    EtcdClient.page_bytes (1 MiB), ended after their last whole key, so that no reply kept is much
-    larger and none holds the interpreter long to decode.  Here every reply is refused over 1 MiB
-    kept (max_reply; 64 MiB by default): two values of 1.2 MB, and thirty of 60 KB (under the
-    bound), all under no lease; a daemon that starts reads them all, skips and counts them, and
-    answers the one entry that fits."""
+    EtcdClient.page_bytes (1 MiB) of what etcd sends, ended after their last whole key, so that no
+    reply kept is much larger and none holds the interpreter long to decode.  Here every reply is
+    refused over 1 MiB kept (max_reply; 64 MiB by default): two values of 1.2 MB, and thirty of
+    60 KB (under the bound), all under no lease; a daemon that starts reads them all, skips and
+    counts them, and answers the one entry that fits."""
     for i in (1, 2):
         put(etcd, "nodemngr/v1/ports/big/%d" % i, "y" * 1200000)
     for n in (0, 15):       # (etcd takes requests of 1.5 MiB at most)
