@@ -4040,11 +4040,23 @@ CLUSTER_PREFIX = "nodemngr/v1/ports/"
 MAX_CLUSTER_VALUE = 64 * 1024   # bytes of a published value; a larger one is skipped, never decoded
 _CLUSTER_KEY = re.compile(r"nodemngr/v1/ports/([^/]+)/([1-9][0-9]{0,4})\Z")
 _OVERSIZED = "!"                # what stands for a value over MAX_CLUSTER_VALUE (it is not base64)
-_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+# What no string of an entry may hold, as none the local side takes can (XML-RPC brings it): a
+# character XML 1.0 cannot carry, or a lone surrogate (valid JSON, but no UTF-8 can write it).
+_XML_UNSAFE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 
-def _b64(text):
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+class _NoSuchLease(ClusterError):
+    """etcd refused a write: it does not know the lease given (it expired, or was revoked)."""
+
+
+def _bytes(key):
+    """A key as etcd holds it: bytes (text as UTF-8)."""
+    return key if isinstance(key, bytes) else key.encode("utf-8")
+
+
+def _b64(key):
+    """A key or value (text, or bytes as they are) as etcd's gateway takes it: base64."""
+    return base64.b64encode(_bytes(key)).decode("ascii")
 
 
 def _json_value(value):
@@ -4074,9 +4086,13 @@ def published_entry(host, reg):
 def cluster_entry(key, value, lease):
     """(the struct a published key stands for, None), or (None, why it is skipped): only what
     nodemngr writes is passed on, a key HOST/PORT whose value agrees with it and which hangs on a
-    lease.  value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
+    lease.  key: as etcd holds it (bytes; one that is not UTF-8 is not nodemngr's), or text;
+    value: the key's value as etcd's gateway gives it (base64), or _OVERSIZED."""
     import json
-    match = _CLUSTER_KEY.match(key)
+    try:
+        match = _CLUSTER_KEY.match(key.decode("utf-8") if isinstance(key, bytes) else key)
+    except UnicodeDecodeError:
+        match = None
     if match is None or int(match.group(2)) > 65535:
         return None, "key"
     if value == _OVERSIZED:
@@ -4095,9 +4111,70 @@ def cluster_entry(key, value, lease):
         entry["since"] = datetime.strptime(entry["since"], "%Y-%m-%dT%H:%M:%SZ")
         if _XML_UNSAFE.search(marshal_info(entry["info"]) + entry["host"] + entry["name"]):
             return None, "value"
-    except (ValueError, KeyError, TypeError, binascii.Error, NodeMngrException):
-        return None, "value"
+    except (ValueError, KeyError, TypeError, binascii.Error, NodeMngrException, RecursionError):
+        return None, "value"    # (RecursionError: JSON nested thousands deep, which json.loads refuses so)
     return entry, None
+
+
+class _Trimmed:
+    """A reply of etcd's gateway kept as it is read, each base64 "value" longer than the bound
+    (MAX_CLUSTER_VALUE decoded) replaced by _OVERSIZED on the way: a huge value is neither held
+    nor decoded.  (Base64 holds no quote: the next one ends a value.)  feed() it pieces; size is
+    what it keeps, read what it was fed."""
+
+    MARK = b'"value":"'
+    LIMIT = (MAX_CLUSTER_VALUE + 2) // 3 * 4    # base64 characters of the largest value kept
+
+    def __init__(self):
+        self.pieces, self.size, self.read = [], 0, 0
+        self._rest = b""            # the end of what came, which may begin a mark or a value
+        self._skipping = False      # in an oversized value: dropped up to its quote
+
+    def feed(self, data):
+        self.read += len(data)
+        data, at, self._rest = self._rest + data, 0, b""
+        while at < len(data):
+            if self._skipping:
+                at = data.find(b'"', at)
+                if at < 0:
+                    return
+                self._skipping = False
+            start = data.find(self.MARK, at)
+            if start < 0:
+                keep = max(at, len(data) - len(self.MARK) + 1)
+                self._keep(data[at:keep])
+                self._rest = data[keep:]
+                return
+            begin = start + len(self.MARK)
+            end = data.find(b'"', begin)
+            if (len(data) if end < 0 else end) - begin > self.LIMIT:
+                self._keep(data[at:begin] + _OVERSIZED.encode())
+                self._skipping, at = end < 0, len(data) if end < 0 else end
+            elif end < 0:
+                self._keep(data[at:start])
+                self._rest = data[start:]
+                return
+            else:
+                self._keep(data[at:end])
+                at = end
+
+    def _keep(self, data):
+        if data:
+            self.pieces.append(data)
+            self.size += len(data)
+
+    def body(self):
+        """What was kept (the reply has ended)."""
+        return b"".join(self.pieces) + self._rest
+
+    def cut(self):
+        """What was kept of a range's reply, ended after its last whole key-value as the reply of
+        a range that has more; None before the first is whole.  (etcd's gateway writes compact
+        JSON, and a key-value holds no brace: "},{" is found between two of them only.)"""
+        kept = b"".join(self.pieces)
+        self.pieces = [kept]
+        end = kept.rfind(b"},{")
+        return None if end < 0 else kept[:end + 1] + b'],"more":true}'
 
 
 def _loads_within_bound(body):
@@ -4105,52 +4182,95 @@ def _loads_within_bound(body):
     bytes replaced by _OVERSIZED first: a huge value is neither decoded nor copied, and nothing
     holds the interpreter for long (searching bytes is fast; decoding megabytes of JSON is not)."""
     import json
-    limit = (MAX_CLUSTER_VALUE + 2) // 3 * 4
-    if len(body) <= limit:
-        return json.loads(body)
-    pieces, kept, at = [], 0, 0
-    while True:
-        start = body.find(b'"value":"', at)
-        end = body.find(b'"', start + 9) if start >= 0 else -1
-        if end < 0:
-            break
-        if end - start - 9 > limit:     # (base64 holds no quote: the next one ends the value)
-            pieces += [body[kept:start + 9], _OVERSIZED.encode()]
-            kept = end
-        at = end + 1
-    return json.loads(b"".join(pieces + [body[kept:]]) if pieces else body)
+    trimmed = _Trimmed()
+    trimmed.feed(body)
+    return json.loads(trimmed.body())
 
 
-def _read_within(conn, reply, deadline, limit):
-    """A reply's body, read by pieces until *deadline* (a trickle must not hold a call forever)
-    and *limit* bytes (nor fill the memory)."""
-    pieces, size = [], 0
+def _read_within(reply, limit, cut=None):
+    """A reply's JSON object, read by pieces, trimmed as they come (_Trimmed) and up to *limit*
+    bytes kept (a reply must not fill the memory).  cut: a range's reply is ended after its last
+    whole key-value once that many bytes are read (the rest is not: the next page has it), and
+    says how many were, as "_read" (no field of etcd's begins with "_")."""
+    import json
+    trimmed = _Trimmed()
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("etcd's reply took too long")
-        if conn.sock is not None:
-            conn.sock.settimeout(left)
-        piece = reply.read1(65536) if hasattr(reply, "read1") else reply.read(65536)
+        piece = reply.read1(65536)
         if not piece:
-            return b"".join(pieces)
-        pieces.append(piece)
-        size += len(piece)
-        if size > limit:
+            answer = json.loads(trimmed.body() or b"{}")
+            if not isinstance(answer, dict):
+                raise ValueError("not a JSON object")
+            break
+        trimmed.feed(piece)
+        body = trimmed.cut() if cut and trimmed.read > cut else None
+        if body is not None:
+            answer = json.loads(body)
+            break
+        if trimmed.size > limit:
             raise ValueError("etcd's reply is over %d bytes" % limit)
+    if cut:
+        answer["_read"] = trimmed.read
+    return answer
+
+
+class _Deadline:
+    """What makes a socket end each read and write by its deadline (a time.monotonic(); inf:
+    none), not merely within a timeout of its own: http.client reads a reply's head a line at a
+    time, and an endpoint that sends a byte every few milliseconds would hold a call for ever."""
+
+    deadline = math.inf
+
+    def _time_left(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        self.settimeout(None if left == math.inf else left)
+
+    def recv_into(self, *args):
+        self._time_left()
+        return super().recv_into(*args)
+
+    def sendall(self, *args):
+        self._time_left()
+        return super().sendall(*args)
+
+
+class _DeadlineSocket(_Deadline, socket.socket):
+    pass
+
+
+class _DeadlineTLSSocket(_Deadline, ssl.SSLSocket):
+    pass
+
+
+def _connect_by(address, deadline):
+    """A _DeadlineSocket connected to *address* (host, port) by *deadline*."""
+    error = OSError("no address for %s" % address[0])
+    for family, kind, proto, _, sockaddr in socket.getaddrinfo(address[0], address[1], 0, socket.SOCK_STREAM):
+        sock = _DeadlineSocket(family, kind, proto)
+        sock.deadline = deadline
+        try:
+            sock._time_left()
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 class EtcdClient:
     """The calls of etcd's v3 API the cluster view makes, as JSON over HTTP(S) through etcd's
     gateway, with the standard library.  Each call tries the endpoints in turn, the one that
-    answered last first, each within its own timeout (a call may give a shorter one) and all
-    within twice that; ClusterError (one sentence) when none answers.  user_file: a file holding
-    "USER:PASSWORD" (never a flag).  Safe to share between threads: each call has a connection of
-    its own."""
+    answered last first, each within its own timeout (a call may give a shorter one, a share of
+    its time), whatever an endpoint sends (a trickle included); ClusterError (one sentence) when
+    none answers.  user_file: a file holding "USER:PASSWORD" (never a flag).  Safe to share
+    between threads: each call has a connection of its own."""
 
     timeout = 2.0       # seconds one endpoint has to answer
-    max_reply = 64 * 1024 * 1024
-    page = 1000         # keys a range reads at once
+    max_reply = 64 * 1024 * 1024    # bytes of a reply kept (values over the bound skipped)
+    page = 1000         # keys a range reads at once, at most
+    page_bytes = 1 << 20    # and about bytes: decoding that holds the interpreter a few ms
 
     def __init__(self, urls, ca_file=None, cert_file=None, key_file=None, user_file=None):
         self.endpoints = []
@@ -4168,6 +4288,7 @@ class EtcdClient:
         try:
             if any(scheme == "https" for scheme, _, _ in self.endpoints):
                 self._tls = ssl.create_default_context(cafile=ca_file)
+                self._tls.sslsocket_class = _DeadlineTLSSocket
                 if cert_file:
                     self._tls.load_cert_chain(cert_file, key_file)
         except (OSError, ValueError) as exc:    # (ssl.SSLError is an OSError)
@@ -4179,16 +4300,17 @@ class EtcdClient:
         self._first = 0                 # the endpoint that answered last: tried first
         self._watching = None           # the connection of the watch in progress
 
-    def call(self, path, body, timeout=None):
-        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError."""
+    def call(self, path, body, timeout=None, cut=None):
+        """POST *body* (a dict) to /v3/*path*; the reply as a dict, or ClusterError.  cut: bytes
+        after which a range's reply is ended (_read_within)."""
         try:
-            return self._post(path, body, self._auth_token(timeout), timeout)
+            return self._post(path, body, self._auth_token(timeout), timeout, cut)
         except ClusterError as exc:
             if self._user is None or "invalid auth token" not in str(exc):
                 raise
             with self._lock:
                 self._token = None      # expired: authenticate again, once
-        return self._post(path, body, self._auth_token(timeout), timeout)
+        return self._post(path, body, self._auth_token(timeout), timeout, cut)
 
     def _auth_token(self, timeout):
         if self._user is None:
@@ -4199,47 +4321,52 @@ class EtcdClient:
                                          None, timeout).get("token")
             return self._token
 
-    def _connect(self, index, timeout):
+    def _connect(self, index, deadline):
+        """A connection to endpoint *index*, made (and its TLS handshake done) by *deadline*, its
+        every read and write then ending by that deadline too (move conn.sock.deadline on)."""
         scheme, host, port = self.endpoints[index]
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
-        return http.client.HTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPSConnection(host, port, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(host, port)
+        conn._create_connection = lambda address, *_: _connect_by(address, deadline)   # (what connect() calls)
+        conn.connect()
+        conn.sock.deadline = deadline
+        return conn
 
     def _order(self):
         first = self._first
         return [first] + [i for i in range(len(self.endpoints)) if i != first]
 
-    def _post(self, path, body, token, timeout=None):
+    def _post(self, path, body, token, timeout=None, cut=None):
         import json
         data = json.dumps(body).encode("utf-8")
         timeout = timeout or self.timeout
         headers = dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {}))
         reasons = []
-        deadline = time.monotonic() + 2 * timeout     # the whole call, whatever the endpoints do
+        deadline = time.monotonic() + len(self.endpoints) * timeout    # the whole call, whatever they do
         for index in self._order():
             scheme, host, port = self.endpoints[index]
             left = deadline - time.monotonic()
             if left <= 0:
                 reasons.append("%s:%d: no time left" % (host, port))
                 continue
-            conn, reply = self._connect(index, min(left, timeout)), None
+            conn = reply = None
             try:
+                conn = self._connect(index, time.monotonic() + min(left, timeout))
                 conn.request("POST", "/v3/" + path, data, headers)
                 reply = conn.getresponse()
-                answer = _loads_within_bound(_read_within(conn, reply, min(deadline, time.monotonic() + timeout),
-                                                          self.max_reply) or b"{}")
-                if not isinstance(answer, dict):
-                    raise ValueError("not a JSON object")
+                answer = _read_within(reply, self.max_reply, cut)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                status = getattr(reply, "status", None)
-                reasons.append("%s:%d: %s" % (host, port, getattr(exc, "strerror", None) or (
-                    "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))))
+                reasons.append("%s:%d: %s" % (host, port, _why_not(exc, reply, min(left, timeout))))
                 continue
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
             if reply.status != 200 or "error" in answer:
                 reason = " ".join(str(answer.get("message") or answer.get("error") or reply.reason).split())
-                raise ClusterError("etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
+                raise (_NoSuchLease if "lease not found" in reason else ClusterError)(
+                    "etcd at %s:%d refused %s: %s" % (host, port, path, reason[:200]))
             self._first = index
             return answer
         raise ClusterError("etcd cannot be reached (%s)" % "; ".join(reasons))
@@ -4258,23 +4385,31 @@ class EtcdClient:
         self.call("lease/revoke", {"ID": lease}, timeout)
 
     def range(self, prefix):
-        """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (value base64, or
-        _OVERSIZED) read at one revision, page keys at a time; yields (page, revision)."""
-        end, key, revision = _b64(_prefix_end(prefix)), _b64(prefix), None
+        """The keys under *prefix* as pages of [(key, value, lease, mod_revision)] (key bytes,
+        value base64 or _OVERSIZED) read at one revision, the first page's; yields (page,
+        revision).  A page is page keys at most and about page_bytes: one read that far is ended
+        after its last whole key.  The first asks for a hundredth of page keys, and each next one
+        for as many as page_bytes held in the last, so that etcd never makes a reply much larger
+        than what is read of it, nor takes long to send one.  (A page goes on right after the
+        bytes of the last key read: a key need not be UTF-8.)"""
+        prefix = _bytes(prefix)
+        end, key, revision, limit = _b64(_prefix_end(prefix)), _b64(prefix), None, max(1, self.page // 100)
         while True:
-            body = {"key": key, "range_end": end, "limit": self.page}
+            body = {"key": key, "range_end": end, "limit": limit}
             if revision is not None:
                 body["revision"] = revision
-            reply = self.call("kv/range", body)
+            reply = self.call("kv/range", body, cut=self.page_bytes)
             try:
-                revision = int(reply["header"]["revision"])
+                if revision is None:        # (a reply's header says etcd's revision now, not the one read)
+                    revision = int(reply["header"]["revision"])
                 page = [_kv(kv) for kv in reply.get("kvs", [])]
             except (KeyError, TypeError, ValueError, AttributeError, binascii.Error):
                 raise ClusterError("etcd answered a range with something that is not etcd's v3 JSON")
             yield page, revision
             if not reply.get("more") or not page:
                 return
-            key = _b64(page[-1][0] + "\0")
+            key = _b64(page[-1][0] + b"\0")
+            limit = max(1, min(self.page, len(page) * self.page_bytes // max(1, reply["_read"])))
 
     def count(self, prefix):
         """(revision, how many keys there are under *prefix*): cheap, whatever their number."""
@@ -4294,24 +4429,27 @@ class EtcdClient:
             raise ClusterError("etcd answered a transaction with something that is not etcd's v3 JSON")
 
     def watch(self, prefix, start_revision):
-        """The changes under *prefix* from *start_revision* on, as etcd streams them: yields lists of
-        [(key, value or None when deleted, lease, mod_revision)] (empty at first) until the stream ends
-        (ClusterError) or close_watch() cuts it.  ClusterError("compacted") when etcd no longer
-        has that revision: read the prefix again."""
+        """The changes under *prefix* from *start_revision* on, as etcd streams them: yields
+        (events, through) -- events [(key, value or None when deleted, lease, mod_revision)], through
+        the revision up to which every change has now come, or None -- from the answer that
+        creates the watch (no events, None) until the stream ends (ClusterError) or close_watch()
+        cuts it.  ClusterError("compacted") when etcd no longer has that revision: read the prefix
+        again.  Progress notifications are asked for (an etcd that sends them says how far a quiet
+        prefix is current), and big batches in fragments (none is then decoded in one piece)."""
         import json
         index = self._order()[0]
         scheme, host, port = self.endpoints[index]
-        conn = self._connect(index, self.timeout)
         body = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
-                                   "start_revision": start_revision}}
-        token = self._auth_token(None)
+                                   "start_revision": start_revision, "progress_notify": True, "fragment": True}}
+        token, conn = self._auth_token(None), None
         try:
+            conn = self._connect(index, time.monotonic() + self.timeout)
             conn.request("POST", "/v3/watch", json.dumps(body).encode("utf-8"),
                          dict({"Content-Type": "application/json"}, **({"Authorization": token} if token else {})))
             reply = conn.getresponse()
             if reply.status != 200:
                 raise ClusterError("etcd at %s:%d refused a watch: HTTP %d" % (host, port, reply.status))
-            conn.sock.settimeout(None)  # (a quiet prefix sends nothing for hours; close_watch() cuts it)
+            conn.sock.deadline = math.inf   # (a quiet prefix sends nothing for hours; close_watch() cuts it)
             self._watching = conn
             while True:
                 line = reply.readline(self.max_reply)
@@ -4322,33 +4460,59 @@ class EtcdClient:
                     raise ClusterError("compacted")
                 events = [(_kv(e["kv"])[:2] if e.get("type") != "DELETE" else (_kv(e["kv"])[0], None))
                           + _kv(e["kv"])[2:] for e in result.get("events", [])]
-                yield events
+                yield events, _through(result, events)
         except OSError as exc:
-            raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, exc.strerror or describe(exc)))
+            raise ClusterError("etcd cannot be reached (%s:%d: %s)" % (host, port, _why_not(exc, None, self.timeout)))
         except (http.client.HTTPException, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ClusterError("the watch on etcd at %s:%d broke: %s" % (host, port, describe(exc)))
         finally:
             self._watching = None
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def close_watch(self):
-        """Cut the watch in progress (from another thread): its generator raises ClusterError."""
+        """Cut the watch in progress (from another thread): its generator raises ClusterError.
+        Whether there was one."""
         conn = self._watching
         if conn is not None and conn.sock is not None:
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)
+                return True
             except OSError:
                 pass
+        return False
+
+
+def _through(result, events):
+    """The revision up to which a watch's answer says every change has come: its last event's (but
+    for a fragment's, whose last revision goes on in the next answer); a progress notification's
+    header (etcd sends one only once the watch has everything); None for the answer that created
+    the watch (changes before etcd's revision then may still be on their way)."""
+    if events:
+        return events[-1][3] - (1 if result.get("fragment") else 0)
+    return None if result.get("created") else int(result["header"]["revision"])
+
+
+def _why_not(exc, reply, timeout):
+    """Why an endpoint did not answer a call, for the sentence that lists them."""
+    if isinstance(exc, socket.timeout):
+        return "no answer within %g s" % timeout
+    status = getattr(reply, "status", None)
+    return getattr(exc, "strerror", None) or (
+        "HTTP %s, not etcd's v3 JSON" % status if status and status != 200 else describe(exc))
 
 
 def _prefix_end(prefix):
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    """The first key after every key under *prefix* (bytes)."""
+    prefix = _bytes(prefix)
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def _kv(kv):
-    """(key, value, lease, mod_revision) of a KeyValue of etcd's JSON (value base64, or _OVERSIZED)."""
-    return (base64.b64decode(kv["key"]).decode("utf-8", "replace"), kv.get("value", ""), int(kv.get("lease", 0)),
-            int(kv.get("mod_revision", 0)))
+    """(key, value, lease, mod_revision) of a KeyValue of etcd's JSON: the key as etcd holds it
+    (bytes: keys are counted, paged and deleted by their bytes, whether UTF-8 or not), the value
+    base64 (or _OVERSIZED)."""
+    return base64.b64decode(kv["key"]), kv.get("value", ""), int(kv.get("lease", 0)), int(kv.get("mod_revision", 0))
 
 
 def _read_user_file(path):
@@ -4384,11 +4548,13 @@ class ClusterView:
     and every host's entries read back into a mirror, which locate and listCluster answer from.
 
     snapshot(): the Registrations held, read once, at start(); from then on changed() tells it of
-    each change (from the service's thread: it only notes it).  Three threads of its own talk to
+    each change (from the service's thread: it only notes it).  Four threads of its own talk to
     etcd, so that none waits behind another:
-    - the keeper renews the lease every ttl/3 seconds, each endpoint given a small share of that,
-      grants a new lease when etcd has lost it (the publisher then writes every key back), and
-      every ttl/6 confirms the mirror: etcd's count of the keys under the prefix must be its own;
+    - the keeper renews the lease every ttl/3 seconds, each endpoint given a share of that, and
+      grants a new lease when etcd has lost it (the publisher then writes every key back);
+    - the confirmer, every ttl/6, confirms the mirror: etcd's count of the keys under the prefix
+      must be its own, and its revision one the watch has brought (or the watch has spoken
+      lately); a watch silent for too long is made again;
     - the publisher writes changes, coalesced (a burst is a few transactions of at most txn_ops
       operations and txn_bytes), and makes the HOST prefix match the registry at start, after a
       lost lease, and when it sees a key there that it did not write;
@@ -4409,30 +4575,34 @@ class ClusterView:
     def __init__(self, client, host, ttl, snapshot):
         self.client, self.host, self.ttl, self._snapshot = client, host, ttl, snapshot
         self.prefix = "%s%s/" % (CLUSTER_PREFIX, host)
+        self._own = self.prefix.encode("utf-8")     # (keys are bytes from here on)
         self.lease_losses = self.rewrites = self.transactions = 0
         self._lease = None
         self._problems = {}         # what is wrong: "keeper", "publisher", "watcher" -> (since, sentence)
         self._lost_at = self._written_back_at = None
         self._registry = {}         # port -> Registration: the registry as changed() told it
-        self._published = {}        # key -> value this host wrote and etcd holds, as far as it knows
-        self._wrote = {}            # key -> (base64 value or None: deleted, lease): this host's last write
+        self._published = {}        # key (bytes) -> value this host wrote and etcd holds, as far as it knows
+        self._wrote = {}            # key (bytes) -> (base64 value or None: deleted, lease): this host's last write
         self._dirty = set()         # ports changed since the last flush
         self._forced = set()        # of them, those to put whatever this host thinks etcd holds
         self._rewrite = "start"     # why the whole prefix must be made to match, or None
         self._reload = False        # the watcher must read the whole prefix again
         self._wake = threading.Condition()      # (guards the publisher's part: the above)
         self._stop = threading.Event()
+        self._kick = threading.Event()          # the keeper must not wait: a write found the lease gone
         self._mirror = threading.Lock()         # (guards the mirror: what follows)
         self._pieces = {}           # host -> {port: struct piece}: listCluster's
         self._named = {}            # name -> {(host, port): struct piece}: locate's
-        self._keys = {}             # every key under the prefix -> (host, port, name) or why skipped
+        self._keys = {}             # every key (bytes) under the prefix -> (host, port, name) or why skipped
         self._revision = None       # the revision the mirror reflects (None: never read)
         self._live = False          # the watch runs (etcd answered it), and nothing broke it since
+        self._heard = 0.0           # time.monotonic() when the watch last said anything
+        self._recreate = False      # the confirmer cut the watch to have it made again (not broken)
         self._confirmed = None      # time.monotonic() when etcd last confirmed the mirror current
         self.skipped = collections.Counter()    # keys skipped now, by reason
         self._threads = [threading.Thread(target=target, name="nodemngr-cluster-" + name, daemon=True)
-                         for name, target in (("keeper", self._keep), ("publisher", self._publish),
-                                              ("watcher", self._follow))]
+                         for name, target in (("keeper", self._keep), ("confirmer", self._confirming),
+                                              ("publisher", self._publish), ("watcher", self._follow))]
 
     # -- what the daemon calls -------------------------------------------------------------------
 
@@ -4463,9 +4633,13 @@ class ClusterView:
         lost, back = self._lost_at, self._written_back_at
         if lost is not None and (back is None or back < lost):
             return "etcd lost this host's lease at %s; its keys are being written back" % _when(lost)
+        if self._lease is None:     # (the view is stale until it has one: "ok" never says otherwise)
+            return "etcd has not granted this host's lease yet"
         if self._revision is None:
             return "reading the cluster view from etcd"
         seen = self.seen()
+        if seen == math.inf:
+            return "the cluster view is being read again from etcd"
         if seen > self.ttl:
             return "etcd has not confirmed the cluster view for %d s" % seen
         return "ok"
@@ -4524,36 +4698,34 @@ class ClusterView:
         with self._wake:
             self._stop.set()
             self._wake.notify()
+        self._kick.set()
         self.client.close_watch()
         lease = self._lease
         if lease is not None:
             try:
-                self.client.revoke(lease, timeout / 2)
+                self.client.revoke(lease, timeout / len(self.client.endpoints))
             except (ClusterError, NodeMngrException):
                 pass
 
-    # -- the keeper: the lease, and the mirror's confirmation -----------------------------------
+    # -- the keeper: the lease -------------------------------------------------------------------
 
     def _keep(self):
         share = max(0.2, self.ttl / 3.0 / len(self.client.endpoints))     # each endpoint's time
-        renew_at = 0.0
-        while not self._stop.is_set():
-            if time.monotonic() >= renew_at:    # (every third of the TTL; a sixth after a failure)
-                renew_at = time.monotonic() + self.ttl / (3.0 if self._renew(share) else 6.0)
-            self._confirm()
-            self._stop.wait(max(0.0, min(renew_at - time.monotonic(), self.ttl / 6.0)))
+        while not self._stop.is_set():     # (every third of the TTL; a sixth after a failure)
+            if self._kick.wait(self.ttl / (3.0 if self._renew(share) else 6.0)):
+                self._kick.clear()
 
     def _renew(self, share):
-        """Renew the lease (grant a new one when etcd has lost it: its keys are then written back);
-        whether etcd answered."""
+        """Renew the lease, or grant one when there is none (etcd lost it: its keys are then
+        written back under the new one); whether etcd answered."""
         try:
-            if self._lease is not None and self.client.keepalive(self._lease, share) <= 0:
-                self._lease, self._lost_at = None, time.time()
-                self.lease_losses += 1
-                log.warning("etcd lost this host's lease; writing its keys back")
+            lease = self._lease
+            if lease is not None and self.client.keepalive(lease, share) <= 0:
+                self._lease_lost(lease)
             if self._lease is None:
-                self._lease = int(self.client.grant(self.ttl, share))
+                lease = int(self.client.grant(self.ttl, share))
                 with self._wake:
+                    self._lease = lease
                     self._rewrite = self._rewrite or "a new lease"
                     self._wake.notify()
             self._solved("keeper")
@@ -4562,25 +4734,54 @@ class ClusterView:
             self._problem("keeper", str(exc))
             return False
 
+    def _lease_lost(self, lease):
+        """etcd no longer knows *lease* (it expired, or was revoked behind this daemon's back): the
+        keeper grants a new one now, not at its next renewal, and the publisher writes every key
+        back under it."""
+        with self._wake:
+            if self._lease != lease:
+                return      # (replaced already)
+            self._lease, self._lost_at = None, time.time()
+            self.lease_losses += 1
+        log.warning("etcd lost this host's lease; writing its keys back")
+        self._kick.set()
+
+    # -- the confirmer: the mirror is current ----------------------------------------------------
+    # (a thread of its own: the keep-alive must never wait behind a count on a slow endpoint)
+
+    def _confirming(self):
+        while not self._stop.wait(self.ttl / 6.0):
+            self._confirm()
+
     def _confirm(self):
-        """Ask etcd whether the mirror is current: the watch runs, and the mirror holds as many keys
-        as etcd has under the prefix (asked again a few times while changes on their way make them
-        differ).  The watch itself says when it breaks; this finds an etcd that hangs, and a
-        mirror that drifted."""
+        """Ask etcd whether the mirror is current, by revision: the watch runs, the mirror holds as
+        many keys as etcd has under the prefix, and it has every change up to etcd's revision --
+        or, when etcd's revision is ahead, the watch has spoken within half a TTL (it runs, and
+        what changed was elsewhere in etcd).  Changes on their way are waited for a little.  A
+        watch silent for half a TTL while etcd's revision moved on is cut and made again from the
+        mirror's revision: a flow that a NAT or a firewall dropped without a word brings nothing,
+        and would be trusted for ever.  A mirror that drifted is read again."""
         if self._revision is None:
             return
         for _ in range(3):
             try:
-                _, total = self.client.count(CLUSTER_PREFIX)
+                revision, total = self.client.count(CLUSTER_PREFIX)
             except ClusterError:
                 return
             with self._mirror:
-                if total == len(self._keys) and self._live and not self._reload:
-                    self._confirmed = time.monotonic()
-                    return
+                agrees = total == len(self._keys) and self._live and not self._reload
+                behind = self._revision < revision
+            silent = time.monotonic() - self._heard >= self.ttl / 2.0
+            if agrees and not (behind and silent):
+                self._confirmed = time.monotonic()
+                return
             if self._stop.wait(0.05):
                 return
-        if self.seen() > 2 * self.ttl:      # the mirror drifted, or the watch hangs: read it again
+        if behind and silent and self._live:
+            self._recreate = True
+            if not self.client.close_watch():
+                self._recreate = False
+        elif self.seen() > 2 * self.ttl:    # the mirror drifted, or the watch hangs: read it again
             log.warning("the cluster view was not confirmed for %d s; reading it again", self.seen())
             self._reload = True
             self.client.close_watch()
@@ -4590,17 +4791,20 @@ class ClusterView:
     def _publish(self):
         delay = self.retry
         while not self._stop.is_set():
+            lease = self._lease
             try:
-                if self._lease is not None:
+                if lease is not None:
                     if self._rewrite or time.monotonic() >= self._next_resync:
-                        self._resync(self._rewrite)
+                        self._resync(self._rewrite, lease)
                     else:
-                        self._flush()
+                        self._flush(lease)
                     if "publisher" in self._problems:
                         log.warning("etcd takes this host's writes again; its keys match its registry")
                     self._solved("publisher")
                     delay = self.retry
                 self._wait_for_changes()
+            except _NoSuchLease:
+                self._lease_lost(lease)     # (no pause: the keys follow the new lease at once)
             except ClusterError as exc:
                 self._problem("publisher", str(exc))
                 self._stop.wait(delay)      # (changes meanwhile only gather: calls must not wake it)
@@ -4624,27 +4828,29 @@ class ClusterView:
             time.sleep(self.coalesce)   # let a burst gather
 
     def _desired(self, ports=None):
-        """{key: value} of the registry (of *ports* only, when given)."""
+        """{key (bytes): value} of the registry (of *ports* only, when given)."""
         with self._wake:
             regs = list(self._registry.values()) if ports is None else [
                 self._registry[p] for p in ports if p in self._registry]
-        return dict(published_entry(self.host, reg) for reg in regs)
+        return {_bytes(key): value for key, value in (published_entry(self.host, reg) for reg in regs)}
 
-    def _resync(self, why):
+    def _key(self, port):
+        return b"%s%d" % (self._own, port)
+
+    def _resync(self, why, lease):
         """Make the HOST prefix match the registry exactly: stale keys deleted, every key put with
-        the current lease (a key of an earlier lease would expire with it).  why: what asked for
+        the current *lease* (a key of an earlier lease would expire with it).  why: what asked for
         it (None: the periodic comparison, which repairs a restored backup or a hand's change)."""
-        lease = self._lease
         with self._wake:
             self._dirty.clear()
             self._forced.clear()
             self._rewrite = None
-        actual = {key: (value, kv_lease) for page, _ in self.client.range(self.prefix)
-                  for key, value, kv_lease, _ in page}
-        desired = self._desired()
-        puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
-        deletes = [k for k in actual if k not in desired]
         try:
+            actual = {key: (value, kv_lease) for page, _ in self.client.range(self._own)
+                      for key, value, kv_lease, _ in page}
+            desired = self._desired()
+            puts = {k: v for k, v in desired.items() if actual.get(k) != (_b64(v), lease)}
+            deletes = [k for k in actual if k not in desired]
             self._write(puts, deletes, lease)
         except ClusterError:
             with self._wake:
@@ -4652,30 +4858,30 @@ class ClusterView:
             raise
         with self._wake:
             self._published, self._next_resync = desired, time.monotonic() + self.resync_interval
-        if why == "a new lease":
-            self._written_back_at = time.time()
+            if lease == self._lease and self._lost_at is not None and (self._written_back_at or 0) < self._lost_at:
+                self._written_back_at = time.time()     # (every key is now under a lease etcd knows)
         if (puts or deletes) and why != "start":
             self.rewrites += 1
             log.warning("wrote %d keys of this host back to etcd and deleted %d (%s)", len(puts), len(deletes),
                         why or "they did not match its registry")
 
-    def _flush(self):
+    def _flush(self, lease):
         with self._wake:
             ports, self._dirty = self._dirty, set()
-            forced, self._forced = {"%s%d" % (self.prefix, p) for p in self._forced}, set()
+            forced, self._forced = {self._key(p) for p in self._forced}, set()
         if not ports:
             return
         desired = self._desired(ports)
-        keys = {"%s%d" % (self.prefix, p) for p in ports}
+        keys = {self._key(p) for p in ports}
         with self._wake:
             puts = {k: v for k, v in desired.items() if k in forced or self._published.get(k) != v}
         deletes = [k for k in keys if k not in desired]
         try:
-            self._write(puts, deletes, self._lease)
+            self._write(puts, deletes, lease)
         except ClusterError:
             with self._wake:
                 self._dirty.update(ports)
-                self._forced.update(int(k[len(self.prefix):]) for k in forced)
+                self._forced.update(int(k[len(self._own):]) for k in forced)
             raise
         with self._wake:
             for k in deletes:
@@ -4687,7 +4893,8 @@ class ClusterView:
         that small).  What each key becomes is noted first, so that the watcher tells this host's
         writes from others' (which it repairs)."""
         ops = [("delete", k, None) for k in deletes] + [("put", k, v) for k, v in puts.items()]
-        self._wrote.update((k, (None if v is None else _b64(v), lease)) for _, k, v in ops)
+        with self._wake:
+            self._wrote.update((k, (None if v is None else _b64(v), lease)) for _, k, v in ops)
         chunk, size = [], 0
         for op in ops + [None]:
             cost = 0 if op is None else (len(op[1]) + len((op[2] or "").encode("utf-8"))) * 4 // 3 + 64
@@ -4708,9 +4915,10 @@ class ClusterView:
             try:
                 if self._revision is None or self._reload:
                     self._load()
-                for events in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
-                    if events:
-                        self._apply(events)
+                for events, through in self.client.watch(CLUSTER_PREFIX, self._revision + 1):
+                    self._heard = time.monotonic()
+                    if events or through is not None:
+                        self._apply(events, through)
                     self._live = True
                     self._solved("watcher")
                     delay = self.retry
@@ -4720,11 +4928,16 @@ class ClusterView:
                     return
                 if str(exc) == "compacted":
                     self._reload = True
+                elif self._recreate:    # (cut by the confirmer: made again at once, from where it was)
+                    self._recreate = False
                 else:
                     self._problem("watcher", str(exc))
                     self._stop.wait(delay)
                     delay = min(delay * 2, 4.0)
             except Exception:       # (a bug: logged once, and the view read again)
+                # The mirror may be half changed: stale at once, never answered as fresh, until
+                # it is read again.
+                self._live, self._reload, self._confirmed = False, True, None
                 if "watcher" not in self._problems:
                     log.exception("cluster view failed")
                 self._problem("watcher", "the cluster view failed; the node manager's log has the details")
@@ -4741,25 +4954,34 @@ class ClusterView:
             first = self._revision is None
             self._pieces, self._named, self._keys, self.skipped = pieces, named, keys, skipped
             self._revision, self._confirmed, self._reload = revision, time.monotonic(), False
-        if not first:
-            with self._wake:
+        with self._wake:    # (deletes of this host's done meanwhile, whose events were never seen)
+            for key in [k for k, (value, _) in self._wrote.items() if value is None and k not in keys]:
+                del self._wrote[key]
+            if not first:
                 self._rewrite = self._rewrite or "the cluster view was read again"
                 self._wake.notify()
 
-    def _apply(self, events):
-        """Changes the watch brought: into the mirror; one of this host's keys that it did not
-        write so is repaired."""
+    def _apply(self, events, through):
+        """Changes the watch brought, every one up to revision *through* (None: not known): into
+        the mirror; one of this host's keys that it did not write so is repaired."""
         with self._mirror:
-            for key, value, lease, revision in events:
+            for key, value, lease, _ in events:
                 self._leave(key)
                 if value is not None:
                     self._enter(key, value, lease, self._pieces, self._named, self._keys, self.skipped)
-                self._revision = max(self._revision, revision)
+            if through is not None:
+                self._revision = max(self._revision, through)
         own = []
-        for key, value, lease, _ in events:
-            wrote = self._wrote.get(key) if key.startswith(self.prefix) else (value, lease)
-            if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
-                own.append(key)     # (put, or deleted, by another than this host)
+        with self._wake:
+            for key, value, lease, _ in events:
+                if not key.startswith(self._own):
+                    continue
+                wrote = self._wrote.get(key)
+                if (wrote != (value, lease)) if value is not None else (wrote is not None and wrote[0] is not None):
+                    own.append(key)     # (put, or deleted, by another than this host)
+                elif value is None and wrote is not None:
+                    del self._wrote[key]    # (this host's delete, done: nothing to remember, or forged
+                                            # keys would grow the memory without end)
         if own:
             self._repair(own)
 
@@ -4795,8 +5017,8 @@ class ClusterView:
         """Keys under this host's prefix that another writer changed: made to match the registry."""
         ports = set()
         for key in keys:
-            tail = key[len(self.prefix):]
-            if tail.isdigit() and 1 <= int(tail) <= 65535 and str(int(tail)) == tail:
+            tail = key[len(self._own):]
+            if tail.isdigit() and 1 <= int(tail) <= 65535 and b"%d" % int(tail) == tail:
                 ports.add(int(tail))
             else:       # (not a port's key: deleted by the next rewrite)
                 with self._wake:

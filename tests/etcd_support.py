@@ -4,9 +4,12 @@ uses it too)."""
 import base64
 import json
 import os
+import select
 import shutil
+import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.request
 
@@ -79,6 +82,13 @@ class Etcd:
         kvs = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end)}).get("kvs", [])
         return {base64.b64decode(kv["key"]).decode(): json.loads(base64.b64decode(kv["value"])) for kv in kvs}
 
+    def keys(self, prefix):
+        """The keys under *prefix* (text or bytes) as etcd holds them: bytes, sorted."""
+        prefix = prefix if isinstance(prefix, bytes) else prefix.encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        reply = self.call("kv/range", {"key": _b64(prefix), "range_end": _b64(end), "keys_only": True})
+        return [base64.b64decode(kv["key"]) for kv in reply.get("kvs", [])]
+
     def transactions(self):
         """etcd's own count of the transactions it has run (etcd_mvcc_txn_total)."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as reply:
@@ -88,8 +98,94 @@ class Etcd:
         raise ServerError("etcd's metrics have no etcd_mvcc_txn_total")
 
 
+class Proxy:
+    """An etcd endpoint on 127.0.0.1 that forwards to a real one (threads of this process) until
+    told to go bad, as a member or a network may:
+    - trickle(): new connections get an HTTP head one byte every 50 ms, for ever;
+    - freeze_after(marker, others): once the reply to a request holding *marker* went through,
+      nothing moves on any connection of this proxy and of *others*, old or new (they stay open);
+    - freeze_existing(): the connections open now stop moving, new ones pass (a NAT or a firewall
+      that forgot a long-lived flow without a reset).
+    close() closes all."""
+
+    def __init__(self, upstream_port):
+        self.upstream = upstream_port
+        self.mode, self.marker, self.others, self.frozen, self.sockets = "pass", None, [], set(), []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def trickle(self):
+        self.mode = "trickle"
+
+    def freeze_after(self, marker, others=()):
+        self.others, self.marker = list(others), marker
+
+    def freeze_existing(self):
+        self.frozen.update(id(s) for s in self.sockets)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        for s in list(self.sockets):
+            s.close()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            threading.Thread(target=self._trickle if self.mode == "trickle" else self._pump, args=(client,),
+                             daemon=True).start()
+
+    def _trickle(self, client):
+        try:
+            client.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 60000:
+                if self.closed:
+                    return
+                client.sendall(bytes([byte]))
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    def _pump(self, client):
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        self.sockets.append(upstream)
+        marked = False
+        try:
+            while not self.closed:
+                ready, _, _ = select.select([client, upstream], [], [], 0.05)
+                if self.mode == "freeze" or id(client) in self.frozen:
+                    continue
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    (upstream if s is client else client).sendall(data)
+                    if s is client and self.marker and self.marker in data:
+                        marked = True
+                    elif s is upstream and marked:
+                        for proxy in [self] + self.others:
+                            proxy.mode = "freeze"
+        except OSError:
+            pass
+        finally:
+            client.close()
+            upstream.close()
+
+
 def _b64(text):
-    return base64.b64encode(text.encode()).decode()
+    return base64.b64encode(text if isinstance(text, bytes) else text.encode()).decode()
 
 
 def wait_for(predicate, timeout):

@@ -2,15 +2,17 @@
 etcd (started here on free ports with a temporary data folder), located from either, surviving a
 kill -9, an etcd outage and its restart, and a burst of 1,000 registrations."""
 import datetime
+import json
 import os
+import signal
 import time
 import xmlrpc.client
 from base64 import b64decode, b64encode
 
 import pytest
 
-from support import FAST_REAP, counters, wait_until
-from etcd_support import Etcd, etcd_binary, make_certificates, wait_for
+from support import FAST_REAP, counters, memory_kib, wait_until
+from etcd_support import Etcd, Proxy, etcd_binary, make_certificates, wait_for
 
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
 
@@ -24,10 +26,11 @@ def etcd(tmp_path):
     server.stop()
 
 
-def host_daemon(daemon_factory, etcd, host, extra_args_more=(), ready=True, **kw):
-    """A daemon publishing to *etcd* as *host*; ready: once its view is read and current."""
+def host_daemon(daemon_factory, etcd, host, extra_args_more=(), ready=True, urls=None, ttl=TTL, **kw):
+    """A daemon publishing to *etcd* (through *urls*, when given) as *host*; ready: once its view
+    is read and current."""
     kw.setdefault("state", etcd.data + "-%s.sqlite3" % host)    # (a state file each)
-    d = daemon_factory(extra_args=["--cluster", etcd.url, "--advertise-host", host, "--cluster-ttl", str(TTL)]
+    d = daemon_factory(extra_args=["--cluster", urls or etcd.url, "--advertise-host", host, "--cluster-ttl", str(ttl)]
                        + list(extra_args_more), name=host, **kw)
     if ready:
         assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=10), d.rpc().status()
@@ -214,7 +217,6 @@ def test_a_hung_etcd_holds_up_neither_locate_nor_other_calls_nor_the_stop(daemon
     """etcd stopped (SIGSTOP: it takes connections and never answers): locate still answers at once,
     from the mirror, marked stale once etcd has not confirmed it for the TTL; local calls are served;
     and the stop takes about a second, whatever etcd does."""
-    import signal
     d = host_daemon(daemon_factory, etcd, "host-a", size=20)
     port = d.rpc().newPort({"name": "db"})
     assert wait_until(lambda: d.rpc().locate("db") and d.rpc().status()["cluster"] == "ok", timeout=5)
@@ -248,11 +250,15 @@ def test_large_infos_are_published_in_transactions_etcd_accepts(daemon_factory, 
 def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory, etcd):
     """Only entries of the exact shape nodemngr writes, whose value agrees with the key and which
     hang on a live lease, are answered; the others are skipped and counted by reason (metrics,
-    status), whether the mirror read them whole (a daemon that starts) or from the watch."""
+    status), whether the mirror read them whole (a daemon that starts) or from the watch.  A forged
+    value never keeps a daemon from reading the view, never breaks a listing (a lone surrogate is
+    valid JSON but no XML-RPC string), and never leaves a change of its transaction unapplied: the
+    view is never answered as fresh while it is wrong."""
     a = host_daemon(daemon_factory, etcd, "host-a", size=10)
     port = a.rpc().newPort({"name": "db"})
     lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
     good = {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0, "since": "2026-01-01T00:00:00Z"}
+    nested = "[" * 3000 + "]" * 3000        # (json.loads raises RecursionError)
     forged = {"hz/1": (dict(good, port=1, info=None), lease), "hz/2": (dict(good, port=2, pid=2 ** 40), lease),
               "hz/3": (dict(good, port=3, info="\u0007"), lease), "hz/4": (dict(good, port="4"), lease),
               "hz/5": ("not json", lease), "hz/6": ([1, 2], lease),
@@ -261,29 +267,97 @@ def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory
               "7": (dict(good, host=""), lease),                                    # no host part
               "hostd/1/2/3": (dict(good, host="hostd", port=1), lease),             # nested
               "hz/9": (dict(good, port=9, info="x" * (70 * 1024)), lease),          # over 64 KiB
+              "hz/10": (nested, lease),                                             # nested 3,000 deep
+              "hz/11": (json.dumps(dict(good, port=11, name="\udfff")), lease),     # a lone surrogate
+              "hz/12": (dict(good, port=12), lease),                                # deleted below
               "hz/7": (good, lease)}                                                # the one that fits
     for tail, (value, with_lease) in forged.items():
         put(etcd, "nodemngr/v1/ports/" + tail, value, with_lease)
+    etcd.call("kv/txn", {"success": [      # (a saw hz/12 come; the delete is in the nested value's transaction)
+        {"requestPut": {"key": b64("nodemngr/v1/ports/hz/13"), "value": b64(nested), "lease": lease}},
+        {"requestDeleteRange": {"key": b64("nodemngr/v1/ports/hz/12")}}]})
     b = host_daemon(daemon_factory, etcd, "host-b", size=10)     # (reads them whole; a saw them come)
-    reasons = {"value": 6, "lease": 1, "disagrees": 1, "key": 2, "size": 1}
+    reasons = {"value": 9, "lease": 1, "disagrees": 1, "key": 2, "size": 1}
     for d in (a, b):
-        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 11, timeout=5), d.rpc().status()
-        def located(d=d):
-            return [(e["host"], e["port"]) for e in d.rpc().locate("db")]
-        assert wait_until(lambda: located() == [("host-a", port), ("hz", 7)], timeout=5), located()
+        def fresh(d=d):
+            return [(e["host"], e["port"]) for e in d.rpc().locate("db") if not e["stale"]]
+        assert wait_until(lambda: fresh() == [("host-a", port), ("hz", 7)], timeout=5), (fresh(), d.rpc().status())
+        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 14, timeout=5), d.rpc().status()
         assert len(d.rpc().listCluster()) == 2
         assert counters(d, "nodemngr_cluster_skipped") == reasons
     put(etcd, "nodemngr/v1/ports/hz/8", dict(good, port=8), lease)     # mended: counted no more
-    assert wait_until(lambda: a.rpc().status()["clusterSkipped"] == 10, timeout=5)
+    assert wait_until(lambda: a.rpc().status()["clusterSkipped"] == 13, timeout=5)
+
+
+def test_keys_that_are_not_utf8_are_paged_counted_and_deleted_by_their_bytes(daemon_factory, etcd):
+    """Keys are tracked by their bytes, as etcd holds them, never by a decoded text (which would
+    make two keys one, and name a key etcd does not have): a range goes on past keys that are not
+    UTF-8, each is counted once, and forged ones under this host's own prefix are deleted and
+    never stop its publishing.  (Pages of 10 keys here, so that 11 keys make two.)"""
+    prefix, own = b"nodemngr/v1/ports/", b"nodemngr/v1/ports/host-a/"
+    forged = [prefix + b"\xf0%04d" % i for i in range(11)] + [prefix + b"x/\xff", prefix + b"x/\xfe"]
+    forged_own = [own + b"\xf0%04d" % i for i in range(11)] + [own + b"\xff"]
+    for key in forged + forged_own:
+        put(etcd, key, "1")
+    put(etcd, "nodemngr/v1/ports/hz/7", {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0,
+                                         "since": "2026-01-01T00:00:00Z"}, etcd.call("lease/grant", {"TTL": 60})["ID"])
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"EtcdClient.page": 10})
+    port = d.rpc().newPort("kept")
+    assert wait_until(lambda: etcd.keys(own) == [own + b"%d" % port], timeout=5), etcd.keys(own)
+    assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == len(forged), timeout=5), d.rpc().status()
+    assert [(e["host"], e["port"], e["stale"]) for e in d.rpc().locate("db")] == [("hz", 7, False)]
+    assert d.rpc().status()["cluster"] == "ok"
+
+
+def test_big_values_are_read_in_bounded_pages_and_skipped_as_they_come(daemon_factory, etcd):
+    """Values within etcd's defaults never make the view unreadable: a value over the 64 KiB bound
+    is dropped as it is read (never held), and a range is read in pages of about
+    EtcdClient.page_bytes (1 MiB) of what etcd sends, ended after their last whole key, so that no
+    reply kept is much larger and none holds the interpreter long to decode.  Here every reply is
+    refused over 1 MiB kept (max_reply; 64 MiB by default): two values of 1.2 MB, and thirty of
+    60 KB (under the bound), all under no lease; a daemon that starts reads them all, skips and
+    counts them, and answers the one entry that fits."""
+    for i in (1, 2):
+        put(etcd, "nodemngr/v1/ports/big/%d" % i, "y" * 1200000)
+    for n in (0, 15):       # (etcd takes requests of 1.5 MiB at most)
+        etcd.call("kv/txn", {"success": [{"requestPut": {"key": b64("nodemngr/v1/ports/mid/%d" % i),
+                                                         "value": b64("y" * 60000)}} for i in range(n + 1, n + 16)]})
+    put(etcd, "nodemngr/v1/ports/hz/7", {"host": "hz", "port": 7, "name": "db", "info": "x", "pid": 0,
+                                         "since": "2026-01-01T00:00:00Z"}, etcd.call("lease/grant", {"TTL": 60})["ID"])
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, settings={"EtcdClient.max_reply": 1 << 20})
+    assert [(e["host"], e["port"], e["stale"]) for e in d.rpc().locate("db")] == [("hz", 7, False)]
+    assert counters(d, "nodemngr_cluster_skipped") == {"size": 2, "lease": 30}
+
+
+def test_forged_keys_deleted_from_this_hosts_prefix_leave_nothing_behind(daemon_factory, etcd):
+    """A forged key under this host's prefix is deleted, and forgotten once etcd says so: rounds of
+    forged keys of 512 KiB, each deleted, leave the daemon's memory where it was.  (glibc's malloc
+    is told to give blocks of 64 KiB and more back when they are freed, so that its resident size
+    is what the daemon holds.)"""
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    own = b"nodemngr/v1/ports/host-a/"
+    kept = own + b"%d" % d.rpc().newPort("kept")
+    assert wait_until(lambda: etcd.keys(own) == [kept], timeout=5)
+    pad, sizes = b"z" * (512 * 1024), []
+    for n in range(2):
+        for i in range(8):
+            put(etcd, own + b"forged-%d-%d-" % (n, i) + pad, "1")
+        assert wait_until(lambda: etcd.keys(own) == [kept], timeout=5), "forged keys were not deleted"
+        assert wait_until(lambda: d.rpc().status()["clusterSkipped"] == 0, timeout=5)
+        sizes.append(memory_kib(d.proc.pid))
+    assert sizes[-1] - sizes[0] < 2048, "8 forged keys of 512 KiB, all deleted, grew the daemon by %d KiB (%s)" % (
+        sizes[-1] - sizes[0], sizes)
+
+
+def b64(key):
+    """A key or value (text, or bytes as they are) as etcd's gateway takes it."""
+    return b64encode(key if isinstance(key, bytes) else key.encode()).decode()
 
 
 def put(etcd, key, value, lease=None):
-    """Put *value* (JSON-encoded unless it is a str) at *key* of etcd, on *lease* if given."""
-    import base64 as b64
-    import json
+    """Put *value* (JSON-encoded unless it is a str) at *key* (text, or bytes) of etcd, on *lease* if given."""
     text = value if isinstance(value, str) else json.dumps(value)
-    body = {"key": b64.b64encode(key.encode()).decode(), "value": b64.b64encode(text.encode()).decode()}
-    etcd.call("kv/put", dict(body, **({"lease": lease} if lease else {})))
+    etcd.call("kv/put", dict({"key": b64(key), "value": b64(text)}, **({"lease": lease} if lease else {})))
 
 
 def test_cluster_settings_that_cannot_work_are_one_line(daemon_factory, tmp_path):
@@ -347,24 +421,27 @@ def hung_endpoint():
     return s
 
 
-def test_a_short_lease_is_kept_with_a_hung_endpoint_listed_first(daemon_factory, etcd):
-    """Keep-alive never waits behind a slow endpoint: each endpoint gets a share of a third of the
-    TTL, and the one that answered is tried first from then on."""
-    hung = hung_endpoint()
+def test_a_short_lease_is_kept_when_the_endpoints_listed_first_hang(daemon_factory, etcd):
+    """Keep-alive never waits behind a slow endpoint, nor behind anything else the daemon asks
+    etcd: two endpoints that answered until now hang right after a renewal (as two members of five
+    may), listed before a healthy one, and the lease (TTL 2) is kept while etcd is up.  Each
+    endpoint gets a share of a third of the TTL, and the one that answered is tried first from
+    then on."""
+    a, b = Proxy(etcd.client_port), Proxy(etcd.client_port)
     try:
-        d = daemon_factory(size=10, state="none", name="host-a", extra_args=[
-            "--cluster", "http://127.0.0.1:%d,%s" % (hung.getsockname()[1], etcd.url), "--advertise-host", "host-a",
-            "--cluster-ttl", "2"])
+        d = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=",".join((a.url, b.url, etcd.url)), ttl=2)
         port = d.rpc().newPort("kept")
         assert wait_until(lambda: matches(etcd, d, "host-a"), timeout=5)
-        samples, until = 0, time.monotonic() + 3.0      # (1.5 leases)
+        a.freeze_after(b"/v3/lease/keepalive", others=[b])
+        assert wait_until(lambda: a.mode == "freeze", timeout=3)
+        until = time.monotonic() + 2.5
         while time.monotonic() < until:
-            assert list(published(etcd, "host-a")) == [("host-a", port)], "the keys were lost while etcd was up"
-            samples += 1
+            assert list(published(etcd, "host-a")) == [("host-a", port)], (
+                "the keys were lost while etcd was up: " + d.rpc().status()["cluster"])
             time.sleep(0.1)
-        assert samples > 10 and d.rpc().status()["cluster"] == "ok"
     finally:
-        hung.close()
+        a.close()
+        b.close()
 
 
 def test_refused_writes_cost_no_keys_and_the_view_says_it_is_stale(daemon_factory, etcd):
@@ -421,20 +498,28 @@ def test_keys_of_its_own_that_another_writer_changes_are_repaired_on_sight(daemo
     assert wait_until(lambda: d.rpc().locate("kept") and not d.rpc().locate("forged"), timeout=5)
 
 
-def test_a_lost_lease_is_said_logged_counted_and_the_keys_written_back(daemon_factory, etcd):
-    d = host_daemon(daemon_factory, etcd, "host-a", size=10)
+def test_a_lost_lease_is_replaced_at_once_said_logged_counted_and_the_keys_written_back(daemon_factory, etcd):
+    """A lease etcd no longer knows (revoked behind the daemon's back, as an expiry would do): the
+    refusal of the repair ("lease not found") has a new lease granted at once, not at the
+    keeper's next renewal, so the keys are back within a second while etcd is up (TTL 6: a
+    renewal every 2 s); the loss is said, logged and counted."""
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10, ttl=6)
     port = d.rpc().newPort("kept")
     assert wait_until(lambda: matches(etcd, d, "host-a"), timeout=5)
-    import base64 as b64
-    key = b64.b64encode(b"nodemngr/v1/ports/host-a/%d" % port).decode()
-    lease = etcd.call("kv/range", {"key": key})["kvs"][0]["lease"]
-    etcd.call("lease/revoke", {"ID": lease})        # (as an expiry would: the keys go with it)
-    assert wait_until(lambda: counters(d, "nodemngr_cluster_lease_losses_total") or True, timeout=1)
-    assert wait_until(lambda: "wrote 1 keys of this host back" in d.read_log(), timeout=3 * TTL), d.read_log()
-    assert matches(etcd, d, "host-a") and "etcd lost this host's lease" in d.read_log()
+    key = b64("nodemngr/v1/ports/host-a/%d" % port)
+    gone = []
+    for _ in range(2):      # (the second right after a grant: the keeper's next renewal is furthest)
+        lease = etcd.call("kv/range", {"key": key})["kvs"][0]["lease"]
+        began = time.monotonic()
+        etcd.call("lease/revoke", {"ID": lease})        # (the keys go with it)
+        assert wait_until(lambda: matches(etcd, d, "host-a"), timeout=5), d.rpc().status()["cluster"]
+        gone.append(time.monotonic() - began)
+    assert max(gone) < 1.0, "this host's keys were gone %.1f s after a revoke, etcd up" % max(gone)
+    assert wait_until(lambda: d.read_log().count("wrote 1 keys of this host back") == 2, timeout=5), d.read_log()
+    assert d.read_log().count("etcd lost this host's lease") == 2
     metrics = {line.split()[0]: float(line.split()[1]) for line in metrics_text(d).splitlines()
                if line.startswith("nodemngr_cluster_") and " " in line}
-    assert metrics["nodemngr_cluster_lease_losses_total"] == 1 and metrics["nodemngr_cluster_rewrites_total"] >= 1
+    assert metrics["nodemngr_cluster_lease_losses_total"] == 2 and metrics["nodemngr_cluster_rewrites_total"] >= 2
     assert metrics["nodemngr_cluster_written_back_timestamp_seconds"] >= (
         metrics["nodemngr_cluster_lease_lost_timestamp_seconds"] > 0)
     assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=5)
@@ -456,11 +541,65 @@ def test_the_stop_takes_about_a_second_whatever_etcd_does(daemon_factory):
             if stop == "terminate":
                 assert d.rpc().terminate() is True
             else:
-                d.proc.send_signal(__import__("signal").SIGTERM)
+                d.proc.send_signal(signal.SIGTERM)
             assert d.proc.wait(15) == 0
             assert time.monotonic() - began < 1.6, "%s took %.1f s" % (stop, time.monotonic() - began)
     finally:
         hung.close()
+
+
+def test_an_endpoint_that_trickles_costs_no_keys_and_holds_up_no_stop(daemon_factory, etcd):
+    """An endpoint that answered, then sends each reply's head a byte every 50 ms: every request
+    ends by its deadline, not merely each read within a timeout.  Listed first, it costs this
+    host no keys while etcd is up (the keep-alive goes on to the next endpoint in time: TTL 2);
+    alone, it holds up no stop (which revokes the lease) for more than about a second."""
+    proxy = Proxy(etcd.client_port)
+    try:
+        a = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=proxy.url + "," + etcd.url, ttl=2)
+        b = host_daemon(daemon_factory, etcd, "host-b", size=10, urls=proxy.url, ttl=2)
+        key = "nodemngr/v1/ports/host-a/%d" % a.rpc().newPort("kept")
+        b.rpc().newPort("kept")
+        assert wait_until(lambda: len(etcd.keys("nodemngr/")) == 2, timeout=5)
+        proxy.trickle()
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            assert key.encode() in etcd.keys("nodemngr/"), "lost while etcd was up: " + a.rpc().status()["cluster"]
+            time.sleep(0.1)
+        began = time.monotonic()
+        b.proc.send_signal(signal.SIGTERM)
+        assert b.proc.wait(15) == 0
+        assert time.monotonic() - began < 1.5, "the stop waited %.1f s on a trickle" % (time.monotonic() - began)
+    finally:
+        proxy.close()
+
+
+def test_a_watch_that_silently_stops_is_made_again_within_about_a_ttl(daemon_factory, etcd):
+    """The watch's flow is dropped without a reset (a NAT or a firewall forgetting a long-lived flow;
+    new connections work): etcd's revision moves on while the watch brings nothing, so it is made
+    again from the mirror's revision within about a TTL (2 s here), and what it missed comes:
+    another host moves its "db" (one delete, one put: as many keys as before), and the old port is
+    not answered as fresh for longer than that."""
+    proxy = Proxy(etcd.client_port)
+    try:
+        d = host_daemon(daemon_factory, etcd, "host-a", size=10, urls=proxy.url, ttl=2)
+        lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
+        good = {"host": "hz", "port": 1, "name": "db", "info": "x", "pid": 0, "since": "2026-01-01T00:00:00Z"}
+        put(etcd, "nodemngr/v1/ports/hz/1", good, lease)
+
+        def fresh():
+            return [(e["host"], e["port"]) for e in d.rpc().locate("db") if not e["stale"]]
+        assert wait_until(lambda: fresh() == [("hz", 1)], timeout=5)
+        proxy.freeze_existing()
+        etcd.call("kv/txn", {"success": [
+            {"requestDeleteRange": {"key": b64("nodemngr/v1/ports/hz/1")}},
+            {"requestPut": {"key": b64("nodemngr/v1/ports/hz/2"), "value": b64(json.dumps(dict(good, port=2))),
+                            "lease": lease}}]})
+        took = wait_for(lambda: fresh() == [("hz", 2)], timeout=6)
+        assert took is not None and took < 3.0, "hz/1 was deleted; %s s later locate answered %s" % (
+            took, d.rpc().locate("db"))
+        assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=5), d.rpc().status()["cluster"]
+    finally:
+        proxy.close()
 
 
 def test_the_view_is_read_again_after_a_compaction_it_missed(daemon_factory, etcd):
