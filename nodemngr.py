@@ -4594,6 +4594,7 @@ class ClusterView:
         self._pieces = {}           # host -> {port: struct piece}: listCluster's
         self._named = {}            # name -> {(host, port): struct piece}: locate's
         self._keys = {}             # every key (bytes) under the prefix -> (host, port, name) or why skipped
+        self._changed_at = {}       # host -> time.time() when the watch last brought a change of its
         self._revision = None       # the revision the mirror reflects (None: never read)
         self._live = False          # the watch runs (etcd answered it), and nothing broke it since
         self._heard = 0.0           # time.monotonic() when the watch last said anything
@@ -4648,6 +4649,18 @@ class ClusterView:
         """Seconds since etcd last confirmed the mirror current (inf: never)."""
         confirmed = self._confirmed
         return math.inf if confirmed is None else time.monotonic() - confirmed
+
+    def hosts(self, most=None):
+        """Every host of the view, by name: (host, its entries' count, [(port, name)] by port, the
+        first *most* of them, when the watch last brought a change of its (epoch seconds; None:
+        none since this daemon read the view))."""
+        with self._mirror:
+            by_host = {}
+            for where in self._keys.values():
+                if isinstance(where, tuple):
+                    by_host.setdefault(where[0], []).append(where[1:])
+            changed = dict(self._changed_at)
+        return [(host, len(entries), sorted(entries)[:most], changed.get(host)) for host, entries in sorted(by_host.items())]
 
     def stale(self):
         return self.seen() > self.ttl or "publisher" in self._problems or self._lease is None
@@ -4965,10 +4978,15 @@ class ClusterView:
         """Changes the watch brought, every one up to revision *through* (None: not known): into
         the mirror; one of this host's keys that it did not write so is repaired."""
         with self._mirror:
+            now = time.time()
             for key, value, lease, _ in events:
+                before = self._keys.get(key)
                 self._leave(key)
                 if value is not None:
                     self._enter(key, value, lease, self._pieces, self._named, self._keys, self.skipped)
+                for where in (before, self._keys.get(key)):     # (the hosts whose entries changed)
+                    if isinstance(where, tuple):
+                        self._changed_at[where[0]] = now
             if through is not None:
                 self._revision = max(self._revision, through)
         own = []
@@ -5107,7 +5125,17 @@ class StatusPages:
                 "reaps": [dict(_json_entry(reg), reaped=_iso(when)) for reg, when in reversed(self.service.recent_reaps)],
                 "reaped": status["reaped"], "uptime": round(status["uptime"], 1),
                 "names": [{"name": name, "port": port} for name, port in sorted(self.service.remembered().items())],
-                "cluster": None if cluster is None else {"status": status["cluster"], "skipped": status["clusterSkipped"]}}
+                "cluster": None if cluster is None else self._cluster(cluster, status)}
+
+    def _cluster(self, cluster, status):
+        """The cluster view's part: its state, and each host with its entries' count, the first
+        *rows* of them and when the last change of its was seen."""
+        seen = cluster.seen()
+        return {"status": status["cluster"], "skipped": status["clusterSkipped"], "stale": cluster.stale(),
+                "seen": None if seen == math.inf else round(seen, 1),
+                "hosts": [{"host": host, "entries": count, "lastChange": None if when is None else _iso(when),
+                           "ports": [{"port": port, "name": name} for port, name in first]}
+                          for host, count, first, when in cluster.hosts(self.rows)]}
 
     def html(self):
         """The page: the range and how full it is, the registrations (the first *rows*), the
@@ -5150,8 +5178,15 @@ class StatusPages:
     def _cluster_html(self, cluster, esc):
         if cluster is None:
             return '<h2>Cluster</h2><p class="muted">no cluster view (serve --cluster URL)</p>'
-        state = cluster["status"]
-        return '<h2>Cluster</h2><p class="%s">%s</p>' % ("muted" if state == "ok" else "bad", esc(state))
+        out = ['<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
+            "bad" if cluster["stale"] else "muted", esc(cluster["status"]), " (stale)" if cluster["stale"] else "",
+            "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago")]
+        out.append(_html_table(("host", "entries", "last change seen", "ports"), [
+            (h["host"], h["entries"], h["lastChange"] or "none since this view was read",
+             ", ".join("%d %s" % (p["port"], p["name"]) for p in h["ports"]) + (
+                 " and %d more" % (h["entries"] - len(h["ports"])) if h["entries"] > len(h["ports"]) else ""))
+            for h in cluster["hosts"]], esc, "no host publishes"))
+        return "".join(out)
 
 
 def _json_entry(reg):

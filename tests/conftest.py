@@ -26,6 +26,18 @@ sys.path.insert(0, ROOT)
 use_fork_server()
 
 
+@pytest.fixture
+def etcd(tmp_path):
+    """A real etcd member of its own (free ports, data under tmp_path), stopped by its pid at the
+    end; skipped, with the reason, where etcd is not installed."""
+    from etcd_support import Etcd, etcd_binary
+    if etcd_binary() is None:
+        pytest.skip("etcd (Debian's etcd-server) is not installed; .ci/run installs it")
+    server = Etcd(tmp_path).start()
+    yield server
+    server.stop()
+
+
 def pytest_addoption(parser, pluginmanager):
     parser.addoption("--screenshot", metavar="PNG", help="write the status page's screenshot (docs/status-page.png) "
                      "there; an ordinary run writes none")

@@ -17,15 +17,6 @@ from etcd_support import Etcd, Proxy, etcd_binary, make_certificates, wait_for
 TTL = 3         # seconds: the lease of each daemon's keys (--cluster-ttl)
 
 
-@pytest.fixture
-def etcd(tmp_path):
-    if etcd_binary() is None:
-        pytest.skip("etcd (Debian's etcd-server) is not installed; .ci/run installs it")
-    server = Etcd(tmp_path).start()
-    yield server
-    server.stop()
-
-
 def host_daemon(daemon_factory, etcd, host, extra_args_more=(), ready=True, urls=None, ttl=TTL, **kw):
     """A daemon publishing to *etcd* (through *urls*, when given) as *host*; ready: once its view
     is read and current."""

@@ -193,3 +193,29 @@ def test_the_json_of_many_registrations_is_made_a_slice_at_a_time(monkeypatch):
         assert again["range"]["registered"] == 3000
     finally:
         service.close()
+
+
+def test_the_page_lists_every_host_of_the_cluster_view(daemon_factory, etcd, tmp_path):
+    """Two daemons publishing to a real etcd: each one's page lists both hosts, with their entries
+    and when a change of theirs was last seen; the JSON says the same."""
+    from support import wait_until
+
+    def host(name):
+        return daemon_factory(size=10, name=name, state=tmp_path / ("%s.sqlite3" % name),
+                              extra_args=["--cluster", etcd.url, "--advertise-host", name, "--cluster-ttl", "3"])
+    a, b = host("host-a"), host("host-b")
+    for d in (a, b):
+        assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=10)
+    db = a.rpc().newPort({"name": "db"})
+    web = b.rpc().newPort("web")
+
+    def hosts():
+        return {h["host"]: h for h in json.loads(get(a, "/status.json")[1])["cluster"]["hosts"]}
+    assert wait_until(lambda: set(hosts()) == {"host-a", "host-b"}, timeout=10)
+    seen = hosts()
+    assert seen["host-a"]["entries"] == 1 and seen["host-a"]["ports"] == [{"port": db, "name": "db"}]
+    assert seen["host-b"]["ports"] == [{"port": web, "name": "web"}] and seen["host-b"]["lastChange"]
+    page = Dom(browse(tmp_path, "http://%s:%d/" % (a.host, a.port), "--dump-dom"))
+    rows = {row[0]: row for row in page.rows if row and row[0].startswith("host-")}
+    assert rows["host-a"][1] == "1" and rows["host-a"][3] == "%d db" % db
+    assert rows["host-b"][1] == "1" and rows["host-b"][3] == "%d web" % web
