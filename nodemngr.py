@@ -57,6 +57,9 @@ Connection (write; with SCM_RIGHTS for a handover).
 Where each feature lives (names of this module; tests/test_structure.py checks that they exist):
 
     names, sticky ports  name_of, explicit_name, PortAllocator.take, PortAllocator.memory_change, NodeMngr.lookup
+    blocks               NodeMngr.newPorts, NodeMngr.delPorts, NodeMngr.newSockets, PortAllocator.take_block,
+                         PortAllocator.block_memory_change, StateStore.add_block, request_sockets,
+                         NodeMngrProxy.newPorts, NodeMngrProxy.newSockets, _pass_from_fd_3
     newSocket            NodeMngr.newSocket, Handover, Connection._hand_over, Dispatcher.handover_failed,
                          request_socket, NodeMngrProxy.newSocket, _run_command
     portserver protocol  Connection._answer_portserver, Dispatcher.portserver
@@ -121,7 +124,8 @@ except ImportError:     # not on Windows
 # Every public name, by section (all but the module's logger, logging.getLogger("nodemngr")).
 __all__ = [
     # Constants
-    "nmPort", "firstPort", "lastPort", "RECENT_REAPS", "MAX_INFO_BYTES", "MAX_INFO_DEPTH", "MAX_BODY", "MAX_HEAD", "MAX_HEADERS",
+    "nmPort", "firstPort", "lastPort", "RECENT_REAPS", "MAX_INFO_BYTES", "MAX_INFO_DEPTH", "MAX_BLOCK", "MAX_BODY", "MAX_HEAD",
+    "MAX_HEADERS",
     "IDLE_TIMEOUT", "STALL_TIMEOUT", "MAX_CONNECTIONS", "REAP_INTERVAL", "BUSY_RETRY", "SPAWN_TIMEOUT",
     "UNKNOWN_PORT", "NO_FREE_PORT", "BAD_ARGUMENT", "FORBIDDEN", "CLUSTER_UNAVAILABLE", "NOT_WELL_FORMED",
     "INVALID_REQUEST", "METHOD_NOT_FOUND", "INVALID_PARAMS", "INTERNAL_ERROR",
@@ -148,7 +152,7 @@ __all__ = [
     # The status page
     "StatusPages",
     # The client
-    "server_url", "server_proxy", "who_answers", "request_socket", "describe_call_error", "NodeMngrProxy",
+    "server_url", "server_proxy", "who_answers", "request_socket", "request_sockets", "describe_call_error", "NodeMngrProxy",
     "start_daemon",
     # Serving, the command line, legacy names
     "run_daemon", "activated_sockets", "sd_notifier", "spawner_notifier", "reopen_log_files", "main", "format_table", "nm",
@@ -168,6 +172,7 @@ lastPort = 12800        #: the last port it hands out
 RECENT_REAPS = 20       # reaped registrations the status page lists
 MAX_INFO_BYTES = 4096   # an info value, marshalled
 MAX_INFO_DEPTH = 16     # nesting of arrays and structs in an info value
+MAX_BLOCK = 64          # ports of one block (newPorts, newSockets)
 MAX_BODY = 64 * 1024    # a request body, after any Content-Encoding is undone
 MAX_HEAD = 16 * 1024    # request line and headers together
 MAX_HEADERS = 64
@@ -1328,10 +1333,11 @@ def explicit_name(info):
 
 class PortAllocator:
     """The ports of ``[first, last]``: which are held, by whom, under what name, which port each
-    explicit name had last, and which is the lowest free one.
+    explicit name had last (and which block: take_block), and which is the lowest free one.
 
     Free ports sit in two heaps, those that no name remembers and those that one does (taken
     only when the first heap is empty), so taking the lowest and giving one back are O(log n).
+    A port is remembered for one name at most, as its port or as a port of its block.
     A sticky port is taken out of its heap's middle: heap entries whose port is no longer free,
     or has changed heaps, are skipped when they come up.  Ports that the host check refused are
     set aside for busy_retry seconds rather than probed on every call.  Not thread-safe:
@@ -1342,7 +1348,7 @@ class PortAllocator:
     busy_probe_burst = 32   # and at once
 
     def __init__(self, first, last, registrations=(), remembered=None, clock=time.monotonic,
-                 busy_retry=BUSY_RETRY):
+                 busy_retry=BUSY_RETRY, blocks=None):
         if not 1 <= first <= last <= 65535:
             raise BadArgumentError("the port range %s-%s is not within 1-65535 with first <= last" % (first, last))
         self.first, self.last = first, last
@@ -1353,6 +1359,14 @@ class PortAllocator:
         self.in_range = 0       # held ports within [first, last] (a saved state may hold others)
         self.remembered = {n: p for n, p in (remembered or {}).items() if first <= p <= last}
         self._remembered_by = {p: n for n, p in self.remembered.items()}
+        self.blocks = {}        # explicit name -> the ports of the block it had last (ascending)
+        self._block_of = {}     # port -> the name whose block it is
+        for name, ports in (blocks or {}).items():
+            ports = tuple(sorted(set(ports)))
+            if (0 < len(ports) <= MAX_BLOCK and first <= ports[0] and ports[-1] <= last
+                    and not any(p in self._remembered_by or p in self._block_of for p in ports)):
+                self.blocks[name] = ports
+                self._block_of.update(dict.fromkeys(ports, name))
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._busy_ports = set()    # the ports in it
         self._probes, self._probed_at = self.busy_probe_burst, clock()     # a token bucket for probing those again
@@ -1379,19 +1393,98 @@ class PortAllocator:
         remembers, else the lowest that one does.  The set-aside ports due for another probe come
         back at busy_probe_rate a second at most: a thousand found busy together must not be probed
         again within one call (or multicall)."""
-        now = self._refill()
-        while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
-            self._make_free(heapq.heappop(self._busy)[1])
-            self._probes -= 1
+        now = self._due_back()
         port = self.remembered.get(name)
         if port in self._is_free and self._try(usable, port, now):
             return port
         for heap, kept in ((self._free, False), (self._kept, True)):
             while heap:
                 port = heapq.heappop(heap)
-                if port in self._is_free and (port in self._remembered_by) is kept and self._try(usable, port, now):
+                if (port in self._is_free and (port in self._remembered_by or port in self._block_of) is kept
+                        and self._try(usable, port, now)):
                     return port
         return None
+
+    def take_block(self, usable, count, consecutive=False, name=None):
+        """Remove and return *count* free ports that ``usable(port)`` accepts, ascending, or None
+        (then none is taken): the block explicit name *name* had last when all of it is free (and
+        consecutive, if asked), else with *consecutive* the lowest run of *count* free ports, else
+        the *count* ports take() would give one by one; ports that no name remembers first, as
+        take() does.  A run is found by one walk up from the lowest free port (a membership test
+        per port passed, so O(ports above it) at worst), then a probe of each of its ports: one
+        that another program holds ends the run, is set aside, and the walk goes on past it."""
+        now = self._due_back()
+        kept = self.blocks.get(name)
+        if (kept is not None and len(kept) == count and (not consecutive or kept[-1] - kept[0] == count - 1)
+                and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) == count):
+            return list(kept)
+        if consecutive:
+            for spare in (True, False):     # ports no name remembers, else any
+                run = self._take_run(usable, count, now, spare)
+                if run is not None:
+                    return run
+            return None
+        taken = []
+        try:
+            while len(taken) < count:
+                port = self.take(usable)
+                if port is None:
+                    break
+                taken.append(port)
+        finally:
+            if len(taken) < count:      # (none, or the check failed): all given back
+                for port in taken:
+                    self._make_free(port)
+        return sorted(taken) if len(taken) == count else None
+
+    def longest_free_run(self):
+        """(length, first port or None) of the longest run of consecutive free ports (remembered
+        ones included), and how many ports are free in all: what a refused block is told.  Costs a
+        sort of the free ports, which are few when a block is refused for want of them."""
+        best = (0, None)
+        run, previous = 0, -2
+        for port in sorted(self._is_free):
+            run = run + 1 if port == previous + 1 else 1
+            previous = port
+            if run > best[0]:
+                best = (run, port - run + 1)
+        return best[0], best[1], len(self._is_free)
+
+    def block_memory_change(self, ports, info):
+        """What holding *ports* (ascending) as one block for *info* changes in the names' memory:
+        (the explicit name that remembers this block from now on, or None; the names that forget
+        their blocks, a port of which goes to this one; the ports that the names remembering them
+        as their port forget).  As for one port (memory_change), a name keeps its block while a
+        port of it is held under its name or was just found busy, unless this block takes one of
+        its ports; else the name moves to this block."""
+        ports = tuple(ports)
+        name = explicit_name(info)
+        losers = {self._block_of[p] for p in ports if p in self._block_of}
+        singles = tuple(p for p in ports if p in self._remembered_by)
+        old = self.blocks.get(name)
+        if old == ports:
+            return None, (), ()
+        if old is not None and name not in losers and any(
+                p in self._busy_ports or (p in self.held and explicit_name(self.held[p].info) == name) for p in old):
+            name = None
+        losers.discard(name)    # (its old block goes when it remembers this one)
+        return name, tuple(sorted(losers)), singles
+
+    def hold_block(self, regs, memory=(None, (), ())):
+        """Record the ports of a block taken with take_block(), with the block_memory_change the
+        caller saved."""
+        remember, forget_blocks, forget_ports = memory
+        for reg in regs:
+            self.hold(reg)
+        for port in forget_ports:
+            del self.remembered[self._remembered_by.pop(port)]
+        for name in forget_blocks:
+            self._forget_block(name)
+        if remember is not None:
+            self._forget_block(remember)
+            ports = tuple(reg.port for reg in regs)
+            self.blocks[remember] = ports
+            self._block_of.update(dict.fromkeys(ports, remember))
 
     def probe_busy_early(self, usable, limit=8):
         """Probe up to *limit* of the ports set aside as busy before they are due, the soonest due
@@ -1409,6 +1502,15 @@ class PortAllocator:
         finally:
             for entry in due:   # (not probed: as they were)
                 heapq.heappush(self._busy, entry)
+
+    def _due_back(self):
+        """Make free the set-aside ports due for another probe, as far as the probing budget allows
+        (take() probes them as it hands them out); return the time now."""
+        now = self._refill()
+        while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
+            self._make_free(heapq.heappop(self._busy)[1])
+            self._probes -= 1
+        return now
 
     def _refill(self):
         """Refill the probing budget (a token bucket) for the time passed; return the time now."""
@@ -1428,6 +1530,52 @@ class PortAllocator:
         self._set_aside(port, now)
         return False
 
+    def _try_run(self, usable, ports, now):
+        """Take free *ports* in order while usable() accepts them; return how many it took.  Unless
+        it took them all, those it took are free again (the refused one is set aside)."""
+        taken = 0
+        try:
+            for port in ports:
+                if not self._try(usable, port, now):
+                    break
+                taken += 1
+        finally:
+            if taken < len(ports):
+                for port in ports[:taken]:
+                    self._make_free(port)
+        return taken
+
+    def _take_run(self, usable, count, now, spare):
+        """Take the lowest run of *count* consecutive free ports that usable() accepts (spare: no
+        port of it remembered by a name); the ports, or None."""
+        is_free, single, block = self._is_free, self._remembered_by, self._block_of
+        start = self._lowest_free(spare)
+        while start is not None and start + count - 1 <= self.last:
+            end, stop = start, start + count
+            while end < stop and end in is_free and not (spare and (end in single or end in block)):
+                end += 1
+            if end < stop:      # (port end breaks the run: the next may begin after it)
+                start = end + 1
+                continue
+            run = range(start, stop)
+            taken = self._try_run(usable, run, now)
+            if taken == count:
+                return list(run)
+            start += taken + 1  # (past the one another program holds)
+        return None
+
+    def _lowest_free(self, spare):
+        """The lowest free port (spare: of those no name remembers), or None; stale entries at the
+        heaps' tops are dropped on the way, as take() drops them."""
+        lowest = None
+        for heap, kept in ((self._free, False), (self._kept, True))[:1 if spare else 2]:
+            while heap and not (heap[0] in self._is_free
+                                and (heap[0] in self._remembered_by or heap[0] in self._block_of) is kept):
+                heapq.heappop(heap)
+            if heap and (lowest is None or heap[0] < lowest):
+                lowest = heap[0]
+        return lowest
+
     def untake(self, port):
         """Give back a port from take() that could not be registered after all."""
         self._make_free(port)
@@ -1439,18 +1587,19 @@ class PortAllocator:
 
     def memory_change(self, port, info):
         """What holding *port* for *info* changes in the names' memory: (the explicit name that
-        remembers *port* from now on, or None; whether the name that remembered it forgets it).
+        remembers *port* from now on, or None; whether the name that remembered it, as its port or
+        in its block, forgets it: a block is forgotten whole).
         A name moves to a new port only when the port it remembers is neither held under its name
         (several holders of one name keep the first one's port) nor just found busy (another
         program holds it for a moment: the name gets it back once it is free)."""
         name, other = explicit_name(info), self._remembered_by.get(port)
-        if name == other:
+        if name == other and port not in self._block_of:
             return None, False
         kept_port = self.remembered.get(name)
         kept = self.held.get(kept_port)
         if (kept is not None and explicit_name(kept.info) == name) or kept_port in self._busy_ports:
             name = None
-        return name, other is not None
+        return name, other is not None or port in self._block_of
 
     def release(self, port):
         """Forget a held port and make it free again; return its Registration."""
@@ -1479,16 +1628,19 @@ class PortAllocator:
             self.names.setdefault(name, set()).add(reg.port)
         remember, forget = memory
         if forget:
-            del self.remembered[self._remembered_by.pop(reg.port)]
+            if reg.port in self._remembered_by:
+                del self.remembered[self._remembered_by.pop(reg.port)]
+            else:
+                self._forget_block(self._block_of[reg.port])
         if remember is not None:
             self._forget(remember)
             self.remembered[remember], self._remembered_by[reg.port] = reg.port, remember
 
-    def restore(self, registrations, remembered):
+    def restore(self, registrations, remembered, blocks=None):
         """Start again from a saved state: the changes since it could not be saved.  The count of
         changes goes on (a listing made before is not current)."""
         changes = self.changes
-        self.__init__(self.first, self.last, registrations, remembered, self._clock, self.busy_retry)
+        self.__init__(self.first, self.last, registrations, remembered, self._clock, self.busy_retry, blocks)
         self.changes = changes + 1
 
     def remember_held(self):
@@ -1498,7 +1650,8 @@ class PortAllocator:
         for port in sorted(self.held):
             name = explicit_name(self.held[port].info)
             if (name is not None and name not in self.remembered and name not in added
-                    and port not in self._remembered_by and self.first <= port <= self.last):
+                    and port not in self._remembered_by and port not in self._block_of
+                    and self.first <= port <= self.last):
                 added[name] = port
         for name, port in added.items():
             self.remembered[name], self._remembered_by[port] = port, name
@@ -1534,16 +1687,23 @@ class PortAllocator:
             if port in self._is_free:   # it moves to the heap of ports nobody remembers
                 heapq.heappush(self._free, port)
 
+    def _forget_block(self, name):
+        for port in self.blocks.pop(name, ()):
+            del self._block_of[port]
+            if port in self._is_free:
+                heapq.heappush(self._free, port)
+
     def _make_free(self, port):
         self._busy_ports.discard(port)
         self._is_free.add(port)
-        heapq.heappush(self._kept if port in self._remembered_by else self._free, port)
+        heapq.heappush(self._kept if port in self._remembered_by or port in self._block_of else self._free, port)
         if len(self._free) + len(self._kept) > 2 * len(self._is_free) + 64:    # mostly skipped entries
             self._rebuild_heaps()
 
     def _rebuild_heaps(self):
-        self._free = sorted(p for p in self._is_free if p not in self._remembered_by)
-        self._kept = sorted(p for p in self._is_free if p in self._remembered_by)
+        kept = self._remembered_by.keys() | self._block_of.keys()
+        self._free = sorted(p for p in self._is_free if p not in kept)
+        self._kept = sorted(p for p in self._is_free if p in kept)
 
     @staticmethod
     def _discard(index, key, port):
@@ -1565,7 +1725,7 @@ class PortAllocator:
 # sqlite3, one row per held port, one transaction per change.
 
 _STORE_APP_ID = 0x4E4D4E47      # "NMNG": marks a state file as ours
-_STORE_SCHEMA = 3       # 1: 1.0's, ports only; 2: names' last ports too; 3: the registering uid too
+_STORE_SCHEMA = 3       # 1: 1.0's, ports only; 2: names' last ports too; 3: the registering uid and names' blocks too
 
 
 class _NotOurs(Exception):
@@ -1608,11 +1768,23 @@ def _create_regular_file(path):
 
 
 _CREATE_NAMES = "CREATE TABLE names(name TEXT NOT NULL PRIMARY KEY, port INTEGER NOT NULL UNIQUE);"
+# The block each explicit name had last (newPorts), a row per port.  Created wherever it is missing
+# when a file is opened (1.2's files, and schema 3 files of 1.3's development before blocks), so it
+# is no migration step of its own; a daemon that knows nothing of it leaves it alone.
+_CREATE_BLOCKS = ("CREATE TABLE blocks(name TEXT NOT NULL, port INTEGER NOT NULL UNIQUE, "
+                  "PRIMARY KEY(name, port));")
 _INSERT_PORT = "INSERT INTO ports(port, info, pid, start, since, uid) VALUES (?, ?, ?, ?, ?, ?)"
 # How a file of each older schema becomes one of the next (each step in the migration's transaction).
 _MIGRATIONS = {1: _CREATE_NAMES, 2: "ALTER TABLE ports ADD COLUMN uid INTEGER NOT NULL DEFAULT -1;"}
 _RELEASE_OF_SCHEMA = {1: "1.0", 2: "1.1 and 1.2"}
 _REMEMBER = "INSERT OR REPLACE INTO names(name, port) VALUES (?, ?)"
+_REMEMBER_BLOCK = "INSERT OR REPLACE INTO blocks(name, port) VALUES (?, ?)"
+_FORGET_BLOCK = "DELETE FROM blocks WHERE name = ?"
+_FORGET_BLOCK_OF_PORT = "DELETE FROM blocks WHERE name IN (SELECT name FROM blocks WHERE port = ?)"
+# Rows of blocks that are not nodemngr's (edited by hand): the whole block of such a row goes.
+_BAD_BLOCKS = ("SELECT name FROM blocks WHERE typeof(name) != 'text' OR typeof(port) != 'integer' OR port < 1 "
+               "OR port > 65535 OR port IN (SELECT port FROM names) OR port IN (SELECT port FROM blocks GROUP BY "
+               "port HAVING count(*) > 1) UNION SELECT name FROM blocks GROUP BY name HAVING count(*) > %d" % MAX_BLOCK)
 
 
 class StateStore:
@@ -1639,13 +1811,17 @@ class StateStore:
             self._db = self._open_or_move_aside(path)
 
     def load(self):
-        """Every saved Registration, and {explicit name: the port it had last}."""
+        """Every saved Registration, {explicit name: the port it had last} and {explicit name: the
+        ports of the block it had last}."""
         if self._db is None:
-            return [], {}
+            return [], {}, {}
         rows, self._rows = self._rows, None     # (read at the open, to check them: once is enough)
         if rows is None:
             rows = self._read_rows(self._db)
-        return rows, dict(self._db.execute("SELECT name, port FROM names"))
+        blocks = {}
+        for name, port in self._db.execute("SELECT name, port FROM blocks ORDER BY name, port"):
+            blocks.setdefault(name, []).append(port)
+        return rows, dict(self._db.execute("SELECT name, port FROM names")), blocks
 
     @staticmethod
     def _read_rows(db):
@@ -1661,10 +1837,25 @@ class StateStore:
         remember, forget = memory
         if remember is None and not forget:     # (nearly every call: one statement)
             self._write([(_INSERT_PORT, row)])
-        elif remember is None:
-            self._write([(_INSERT_PORT, row), ("DELETE FROM names WHERE port = ?", (reg.port,))])
-        else:   # (the REPLACE deletes the rows of the name's old port and of the port's old name)
-            self._write([(_INSERT_PORT, row), (_REMEMBER, (remember, reg.port))])
+            return
+        statements = [(_INSERT_PORT, row)]
+        if forget:      # (its name forgets it: as its port, or its whole block)
+            statements += [("DELETE FROM names WHERE port = ?", (reg.port,)), (_FORGET_BLOCK_OF_PORT, (reg.port,))]
+        if remember is not None:    # (the REPLACE deletes the row of the name's old port)
+            statements.append((_REMEMBER, (remember, reg.port)))
+        self._write(statements)
+
+    def add_block(self, regs, memory=(None, (), ())):
+        """Save the Registrations of a block with a PortAllocator.block_memory_change, in one
+        transaction."""
+        remember, forget_blocks, forget_ports = memory
+        statements = [(_INSERT_PORT, (r.port, r.blob, r.pid, r.start, r.since, r.uid)) for r in regs]
+        statements += [("DELETE FROM names WHERE port = ?", (port,)) for port in forget_ports]
+        statements += [(_FORGET_BLOCK, (name,)) for name in forget_blocks]
+        if remember is not None:
+            statements.append((_FORGET_BLOCK, (remember,)))
+            statements += [(_REMEMBER_BLOCK, (remember, r.port)) for r in regs]
+        self._write(statements)
 
     def remember(self, pairs):
         """Save (name, port) pairs for names' memory."""
@@ -1763,8 +1954,8 @@ class StateStore:
                 db.executescript(
                     "BEGIN; PRAGMA application_id=%d; PRAGMA user_version=%d;"
                     "CREATE TABLE ports(port INTEGER PRIMARY KEY, info TEXT NOT NULL, pid INTEGER NOT NULL,"
-                    " start INTEGER NOT NULL, since REAL NOT NULL, uid INTEGER NOT NULL DEFAULT -1);%s COMMIT;"
-                    % (_STORE_APP_ID, _STORE_SCHEMA, _CREATE_NAMES))
+                    " start INTEGER NOT NULL, since REAL NOT NULL, uid INTEGER NOT NULL DEFAULT -1);%s %s COMMIT;"
+                    % (_STORE_APP_ID, _STORE_SCHEMA, _CREATE_NAMES, _CREATE_BLOCKS))
             elif app_id != _STORE_APP_ID:
                 raise _NotOurs("application id %#x, not nodemngr's" % app_id)
             else:
@@ -1783,7 +1974,8 @@ class StateStore:
     @staticmethod
     def _migrate(db, path):
         """Bring a state file of an older schema to this one, in place, in one transaction (its
-        registrations stay; a 1.0 file's names' memory starts empty, a 1.2 file's uids are -1)."""
+        registrations stay; a 1.0 file's names' memory starts empty, a 1.2 file's uids are -1, and
+        the blocks' memory of a file without one starts empty)."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > _STORE_SCHEMA:
             raise NodeMngrException("state file %s was written by a later nodemngr (schema %d; this one knows %d at "
@@ -1817,6 +2009,17 @@ class StateStore:
             db.execute("DELETE FROM names WHERE typeof(name) != 'text' OR typeof(port) != 'integer' OR port < 1 "
                        "OR port > 65535 OR port IN (SELECT port FROM names GROUP BY port HAVING count(*) > 1)")
             log.warning("state file %s: forgot %d remembered ports that were not valid", path, bad)
+        kind = db.execute("SELECT type FROM sqlite_master WHERE name = 'blocks'").fetchone()
+        if kind is None:    # (1.2's files, and those of 1.3's development before blocks)
+            db.executescript("BEGIN; %s COMMIT;" % _CREATE_BLOCKS)
+            kind = ("table",)
+        columns = [(row[1], row[2].upper()) for row in db.execute("PRAGMA table_info(blocks)")]
+        if kind != ("table",) or columns != [("name", "TEXT"), ("port", "INTEGER")]:
+            raise _NotOurs("its blocks table is not nodemngr's")
+        bad = db.execute("SELECT count(*) FROM (%s)" % _BAD_BLOCKS).fetchone()[0]
+        if bad:
+            db.execute("DELETE FROM blocks WHERE name IN (%s) OR name IS NULL OR port IS NULL" % _BAD_BLOCKS)
+            log.warning("state file %s: forgot %d remembered blocks that were not valid", path, bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1893,6 +2096,24 @@ def _bound_socket(family, type_, host, port):
         raise
 
 
+def _block_shape(count, consecutive):
+    """(count, consecutive) of a block, checked: BadArgumentError."""
+    if type(count) is not int or not 1 <= count <= MAX_BLOCK:
+        raise BadArgumentError("count must be an integer from 1 to %d, not %s" % (MAX_BLOCK, describe(count)))
+    if consecutive is None or (type(consecutive) is int and consecutive in (0, 1)):   # (clients without booleans)
+        consecutive = bool(consecutive)
+    if type(consecutive) is not bool:
+        raise BadArgumentError("consecutive must be a boolean, not %s" % describe(consecutive))
+    return count, consecutive
+
+
+def _span(ports):
+    """Ports for a log line: 11801-11808 when consecutive, else 11801, 11803."""
+    if len(ports) > 1 and ports[-1] - ports[0] == len(ports) - 1:
+        return "%d-%d" % (ports[0], ports[-1])
+    return ", ".join(map(str, ports))
+
+
 def _listed(regs):
     return [{"port": r.port, "name": name_of(r.info) or "", "info": r.info, "pid": r.pid,
              "since": utc(r.since), "uid": r.uid} for r in regs]
@@ -1917,8 +2138,8 @@ class NodeMngr:
         least time between two sweeps over the owners that failing calls make (the server paces
         its own)."""
         self.store = store if store is not None else StateStore(None)
-        registrations, remembered = self.store.load()
-        self.allocator = PortAllocator(first, last, registrations, remembered, busy_retry=busy_retry)
+        registrations, remembered, blocks = self.store.load()
+        self.allocator = PortAllocator(first, last, registrations, remembered, busy_retry=busy_retry, blocks=blocks)
         try:
             self.store.remember(self.allocator.remember_held())
         except StoreError as exc:   # (the names are remembered here all the same, until a restart)
@@ -2002,14 +2223,97 @@ class NodeMngr:
         reg = self.allocator.held.get(port)
         if reg is None:
             raise UnknownPortError(port)
-        if reg.uid not in (-1, caller.uid) and not privileged(caller):
-            raise ForbiddenError("port %d was registered by uid %d; only that user, root, or a caller with the token "
-                                 "may free it" % (port, reg.uid))
+        self._may_free(reg, caller)
         self.store.remove([port])
         self.allocator.release(port)
         self._changed([(port, None)])
         log.debug("freed port %d (%s)", port, _loggable(reg.info))
         return 0
+
+    @_rpc(["array", "string", "int"], ["array", "string", "int", "int"], ["array", "string", "int", "int", "boolean"])
+    def newPorts(self, info, count, pid=0, consecutive=False, *, caller=IN_PROCESS):
+        """Register a block of *count* ports (int, 1 to 64) that nobody else on this host holds, all
+        to one owner and one info, in one transaction: all of them or none.  Returns their numbers,
+        an array of ints in ascending order.
+
+        info and pid: as for newPort (the pid owns every port of the block).  consecutive: optional
+        boolean (0 or 1 accepted too), default false; when true the ports are first, first+1, ...,
+        first+count-1, the lowest such run that is free (a port another program holds breaks a
+        run).  Without it, the ports are those count newPort calls would give.  Every port passes
+        newPort's check that nothing on the host has it bound.  An explicit name (the string
+        member "name" of a struct info) remembers its block: asked again with the same name and
+        count, it gets the same block back whenever all of it is free, across delPorts, the
+        owner's death and restarts; other registrations take a remembered port only when nothing
+        else is free, and the name then forgets the whole block.  Afterwards each port is an
+        ordinary registration: delPort frees one, delPorts several, the owner's end all of them,
+        and lookup lists each.  Faults: 2 when the range cannot give the block (the text says how
+        many were asked, whether consecutive, and the longest run of free ports), 3 for a count
+        outside 1-64, a consecutive that is not a boolean, or what newPort refuses.
+        """
+        count, consecutive = _block_shape(count, consecutive)
+        return self._hold_ports(self._checked(info, pid, caller), count, consecutive)
+
+    @_rpc(["int", "array"])
+    def delPorts(self, ports, *, caller=IN_PROCESS):
+        """Give back several ports (an array of ints) in one transaction: all of them, or none.
+        Returns 0.  A port listed twice is freed once.
+
+        Fault 1 ("Node manager: Unknown port: N") naming the first port of the array that is not
+        registered, 3 when ports is not an array of integers from 1 to 65535, 4 when another user
+        registered one of them (only that user, root, or a caller with the token may free it);
+        after any fault every port is still registered.
+        """
+        if type(ports) is not list:
+            raise BadArgumentError("ports must be an array of ports, not %s" % describe(ports))
+        for port in ports:
+            check_port(port)
+        ports = list(dict.fromkeys(ports))
+        held = self.allocator.held
+        for port in ports:
+            reg = held.get(port)
+            if reg is None:
+                raise UnknownPortError(port)
+            self._may_free(reg, caller)
+        self._free_ports(ports)
+        return 0
+
+    @_rpc(["array", "string", "int"], ["array", "string", "int", "boolean"], ["array", "string", "int", "boolean", "string"],
+          ["array", "string", "int", "boolean", "string", "string"],
+          ["array", "string", "int", "boolean", "string", "string", "int"], handover=True)
+    def newSockets(self, info, count, consecutive=False, kind="tcp", host="127.0.0.1", pid=None, *, caller=IN_PROCESS):
+        """Register a block of ports as newPorts does, bind each inside the node manager, and pass
+        the bound sockets to the caller with the reply, all in one SCM_RIGHTS message, in the order
+        of the ports: no other process can take a port between its allocation and the bind.  Only
+        on the node manager's local (Unix) socket, one call per request (not in system.multicall),
+        one handover in flight per connection.
+
+        info, count, consecutive: as for newPorts.  kind: "tcp" (every socket is also listening) or
+        "udp".  host: the IP address to bind, e.g. "127.0.0.1", "0.0.0.0", "::1" or "::".  pid: the
+        owner, whose end frees the ports; by default the calling process (0: no owner).  Returns
+        the ports (array of ints, ascending).  Faults: as newPorts; 3 over TCP, in a multicall,
+        for a bad kind or host, or while the previous handover on the connection is not taken.
+        """
+        count, consecutive = _block_shape(count, consecutive)
+        family, type_ = _socket_kind(kind, host)
+        checked = self._checked(info, caller.pid or 0, caller, named=False) if pid is None else (
+            self._checked(info, pid, caller))
+        for _ in range(8):
+            ports = self._hold_ports(checked, count, consecutive)
+            socks = []
+            try:
+                for port in ports:
+                    socks.append(_bound_socket(family, type_, host, port))
+                return ports, socks
+            except OSError as exc:
+                for sock in socks:
+                    sock.close()
+                self.give_back(ports)
+                port = ports[len(socks)]
+                if exc.errno != errno.EADDRINUSE:
+                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                self.allocator.set_aside(port)
+                log.info("port %d was taken between its check and the bind; trying another block", port)
+        raise NodeMngrException("every block tried had a port taken between its check and the bind; try again")
 
     @_rpc(["array"])
     def listPorts(self):
@@ -2122,6 +2426,11 @@ class NodeMngr:
         """Whether the open group holds changes not saved yet."""
         return bool(self._group)
 
+    def give_back(self, ports):
+        """Free those of *ports* that are registered, whoever registered them: ports handed out
+        with sockets that could not be passed after all."""
+        self._free_ports([port for port in dict.fromkeys(ports) if port in self.allocator.held])
+
     @property
     def changes(self):
         """A count of the changes to the registry: a listing made at the same count is current."""
@@ -2200,7 +2509,7 @@ class NodeMngr:
     def _read_back(self):
         """The registry as the state file has it: after a group of changes could not be saved."""
         try:
-            self.allocator.restore(*self.store.load())
+            self.allocator.restore(*self.store.load())      # (registrations, names' ports, names' blocks)
         except sqlite3.Error as exc:
             log.error("could not read the state back after a failed save (%s); the registry in memory "
                       "keeps the changes that were not saved until a restart", exc)
@@ -2265,7 +2574,7 @@ class NodeMngr:
         try:
             port = self.allocator.take(self.host_check, name)
             if port is None:
-                port = self._take_after_reaping(name)
+                port = self._take_after_reaping(lambda: self.allocator.take(self.host_check, name), self._no_port)
         except OSError as exc:
             raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
                                     "registered, try again" % (exc.strerror or exc))
@@ -2281,6 +2590,59 @@ class NodeMngr:
         log.debug("gave port %d to pid %d (%s)", port, pid, _loggable(info))
         return port
 
+    def _hold_ports(self, checked, count, consecutive):
+        """Register a block (newPorts): its ports, saved in one transaction, told once."""
+        info, blob, pid, start, uid = checked
+        a = self.allocator
+        name = explicit_name(info)
+        if name is not None:
+            self._reap_holders(a.blocks.get(name, ()))
+
+        def take():
+            return a.take_block(self.host_check, count, consecutive, name)
+        try:
+            ports = take() or self._take_after_reaping(take, functools.partial(self._no_block, count, consecutive))
+        except OSError as exc:
+            raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
+                                    "registered, try again" % (exc.strerror or exc))
+        since = time.time()
+        regs = [Registration(port, info, pid, start, since, blob, uid) for port in ports]
+        memory = a.block_memory_change(ports, info)
+        try:
+            self.store.add_block(regs, memory)
+        except StoreError:
+            for port in ports:
+                a.untake(port)
+            raise
+        a.hold_block(regs, memory)
+        self._changed([(reg.port, reg) for reg in regs])
+        log.debug("gave ports %s to pid %d (%s)", _span(ports), pid, _loggable(info))
+        return ports
+
+    def _may_free(self, reg, caller):
+        if reg.uid not in (-1, caller.uid) and not privileged(caller):
+            raise ForbiddenError("port %d was registered by uid %d; only that user, root, or a caller with the token "
+                                 "may free it" % (reg.port, reg.uid))
+
+    def _free_ports(self, ports):
+        """Free registered *ports* in one transaction, told once."""
+        if not ports:
+            return
+        self.store.remove(ports)
+        for port in ports:
+            self.allocator.release(port)
+        self._changed([(port, None) for port in ports])
+        log.debug("freed ports %s", _span(ports))
+
+    def _reap_holders(self, ports):
+        """Free now the ports of those of *ports* whose owners have ended (a name's block: see
+        _reap_holder_of)."""
+        held = self.allocator.held
+        owners = {(reg.pid, reg.start) for reg in map(held.get, ports) if reg is not None and reg.pid}
+        dead = [key for key in owners if not owner_alive(*key)]
+        if dead:
+            self._reap(dead)
+
     def _reap_holder_of(self, name):
         """If the port explicit name *name* remembers is held by an owner that has ended, free it
         now rather than at the next owner check: `nodemngr run --name web` run again at once
@@ -2289,9 +2651,10 @@ class NodeMngr:
         if held is not None and held.pid and not owner_alive(held.pid, held.start):
             self._reap([(held.pid, held.start)])
 
-    def _take_after_reaping(self, name):
+    def _take_after_reaping(self, take, refusal):
         """Called when take() found nothing: reap the ended owners, and probe again the ports set
-        aside as busy (another program may have let one go), before saying no port is free.
+        aside as busy (another program may have let one go), before raising refusal(): what
+        take() gives then, else the exception that says why not.
         Failing calls advance the pass over the owners that the server makes every reap
         interval, a slice each, and start no new pass sooner: a stream of them must not read /proc
         for every owner again and again.  The probes come out of the allocator's budget
@@ -2303,16 +2666,28 @@ class NodeMngr:
             if done:
                 self._next_sweep = now + self.reap_interval
                 log.debug("no port free: swept the owners")
-            port = self.allocator.take(self.host_check, name) if reaped else None
-            if port is not None:
-                return port
+            taken = take() if reaped else None
+            if taken is not None:
+                return taken
         if self.allocator.probe_busy_early(self.host_check):
-            port = self.allocator.take(self.host_check, name)
-            if port is not None:
-                return port
+            taken = take()
+            if taken is not None:
+                return taken
+        raise refusal()
+
+    def _no_port(self):
         a = self.allocator
-        raise NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
-                              % (a.first, a.last, a.in_range, a.last - a.first + 1 - a.in_range))
+        return NoFreePortError("no free port in %d-%d: %d registered, %d held by other programs"
+                               % (a.first, a.last, a.in_range, a.last - a.first + 1 - a.in_range))
+
+    def _no_block(self, count, consecutive):
+        a = self.allocator
+        run, at, free = a.longest_free_run()
+        return NoFreePortError("no block of %d%s ports free in %d-%d: the longest run of free ports is %s, and %d "
+                               "%s free in all; %d registered, %d held by other programs" % (
+                                   count, " consecutive" if consecutive else "", a.first, a.last,
+                                   "%d (%d-%d)" % (run, at, at + run - 1) if run else "0", free,
+                                   "is" if free == 1 else "are", a.in_range, a.last - a.first + 1 - a.in_range - free))
 
     def _reap(self, dead):
         ports = [p for key in dead for p in sorted(self.allocator.owners.get(key, ()))]
@@ -2513,7 +2888,7 @@ class Dispatcher:
             result = self._invoke(caller, method, func, params)
             if func.rpc_handover:
                 result, sockets = result
-                return Handover(self._reply((result,), method), [result], sockets)
+                return Handover(self._reply((result,), method), result if type(result) is list else [result], sockets)
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             if type(result) is str and result.isascii():     # (ping's): as dumps writes it, 2 us sooner
@@ -2604,19 +2979,21 @@ class Dispatcher:
     def handover_failed(self, handover, reason):
         """The reply to send instead of *handover*'s when its sockets could not be passed
         (*reason*: an OSError, or None when the caller has not taken the previous socket yet):
-        its ports are given back, and the fault is counted."""
-        for port in handover.ports:
-            try:
-                self.service.delPort(port)
-            except NodeMngrException:
-                pass
-        ports = ", ".join(map(str, handover.ports))
+        its ports are given back, whoever registered them, and the fault is counted."""
+        try:
+            self.service.give_back(handover.ports)
+        except NodeMngrException as exc:    # (a save that failed: the owner's end frees them)
+            log.warning("could not give back ports %s: %s", _span(handover.ports), exc)
+        several = len(handover.ports) > 1
+        ports = "%s %s" % ("ports" if several else "port", _span(handover.ports))
         if reason is None:
             fault = Fault(BAD_ARGUMENT, "one socket at a time on a connection: read the reply that carries the "
-                          "previous one before asking for the next (port %s was given back)" % ports)
+                          "previous one before asking for the next (%s %s given back)"
+                          % (ports, "were" if several else "was"))
         else:
-            fault = Fault(INTERNAL_ERROR, "the node manager could not pass the socket of port %s now (%s); the port "
-                          "was given back, try again" % (ports, getattr(reason, "strerror", None) or reason))
+            fault = Fault(INTERNAL_ERROR, "the node manager could not pass the %s of %s now (%s); %s given back, try "
+                          "again" % ("sockets" if several else "socket", ports,
+                                     getattr(reason, "strerror", None) or reason, "they were" if several else "the port was"))
         return self._reply(fault, "the socket handover")
 
     # -- system methods --------------------------------------------------------------------------
@@ -2757,9 +3134,9 @@ class Dispatcher:
     @staticmethod
     def _alone(method):
         """The fault for a call that must be made alone: slow, or handing sockets over."""
-        if method == "newSocket":
-            return Fault(BAD_ARGUMENT, "newSocket passes a socket, which only the node manager's local socket "
-                         "can carry, one call per request (not over TCP, not in system.multicall)")
+        if method in ("newSocket", "newSockets"):
+            return Fault(BAD_ARGUMENT, "%s passes sockets, which only the node manager's local socket can carry, "
+                         "one call per request (not over TCP, not in system.multicall)" % method)
         return Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
                      "alone" % method)
 
@@ -5288,13 +5665,34 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
     (SO_PEERCRED), or, for a caller with the token, as the user that serves the node manager's
     TCP port *server* (host, port); and what it passes must be a socket bound to the port it
     names (TCP: listening); else NodeMngrException."""
+    params = (info, kind, host, os.getpid() if pid is None else pid)
+    port, socks = _request_sockets("newSocket", params, 1, kind, address, timeout, token, server)
+    return port, socks[0]
+
+
+def request_sockets(info, count, consecutive=False, kind="tcp", host="127.0.0.1", pid=None, address=None, timeout=10.0,
+                    token=None, server=None):
+    """request_socket for a block (newSockets): (ports, [socket.socket]), *count* sockets passed in
+    one handover, each bound to its port, in the order of the ports (ascending; consecutive if
+    asked)."""
+    params = (info, count, bool(consecutive), kind, host, os.getpid() if pid is None else pid)
+    ports, socks = _request_sockets("newSockets", params, count, kind, address, timeout, token, server)
+    if consecutive and ports[-1] - ports[0] != count - 1:
+        for sock in socks:
+            sock.close()
+        raise xmlrpc.client.ResponseError("the reply to newSockets gave ports %s, not consecutive ones" % ports)
+    return ports, socks
+
+
+def _request_sockets(method, params, count, kind, address, timeout, token, server):
+    """(result, sockets) of wire *method* (newSocket, newSockets) called with *params* on the local
+    socket: the sockets checked against the ports the result names (an int, or a list of them)."""
     address = address or Settings().unix
-    body = dumps((info, kind, host, os.getpid() if pid is None else pid), methodname="newSocket",
-                 allow_none=False).encode("utf-8")
+    body = dumps(params, methodname=method, allow_none=False).encode("utf-8")
     auth = b"Authorization: Basic %s\r\n" % base64.b64encode(b"nodemngr:" + token) if token else b""
     request = (b"POST /RPC2 HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml\r\nContent-Length: %d\r\n"
                b"%sConnection: close\r\n\r\n%s" % (len(body), auth, body))
-    fds, reply = [], b""
+    fds, reply, socks = [], b"", []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(local_sockaddr(address))
@@ -5306,7 +5704,8 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
                                         address, uid, ", nor the user serving its TCP port" if token else ""))
         conn.sendall(request)
         while len(reply) < MAX_HEAD + MAX_BODY:
-            data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+            data, ancillary, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * MAX_BLOCK),
+                                                 getattr(socket, "MSG_CMSG_CLOEXEC", 0))
             for level, kind_, cdata in ancillary:
                 if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
                     fds.extend(struct.unpack("%di" % (len(cdata) // 4), cdata[:len(cdata) // 4 * 4]))
@@ -5322,20 +5721,24 @@ def request_socket(info, kind="tcp", host="127.0.0.1", pid=None, address=None, t
         if status != [b"200"]:
             raise xmlrpc.client.ProtocolError("local socket %s" % address, int(status[0]) if status and status[0].isdigit()
                                               else 0, describe(body.decode("utf-8", "replace")), {})
-        port = xmlrpc.client.loads(body, use_builtin_types=True)[0][0]
-        if len(fds) != 1 or type(port) is not int:
-            raise xmlrpc.client.ResponseError("the reply to newSocket carried %d sockets and %s" % (len(fds), describe(port)))
-        sock = socket.socket(fileno=fds.pop())
-        try:
-            wanted = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+        result = xmlrpc.client.loads(body, use_builtin_types=True)[0][0]
+        ports = [result] if type(result) is int else result
+        if (len(fds) != count or type(ports) is not list or len(ports) != count
+                or any(type(p) is not int for p in ports) or ports != sorted(set(ports))):
+            raise xmlrpc.client.ResponseError("the reply to %s carried %d sockets and %s" % (method, len(fds), describe(result)))
+        wanted = socket.SOCK_STREAM if kind == "tcp" else socket.SOCK_DGRAM
+        for port in ports:
+            sock = socket.socket(fileno=fds.pop(0))
+            socks.append(sock)
             if (sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != wanted
                     or sock.getsockname()[1] != port
                     or (kind == "tcp" and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))):
                 raise xmlrpc.client.ResponseError("the socket passed is not a %s socket bound to port %d" % (kind, port))
-        except BaseException:
+        return result, socks
+    except BaseException:
+        for sock in socks:
             sock.close()
-            raise
-        return port, sock
+        raise
     finally:
         for fd in fds:
             os.close(fd)
@@ -5429,13 +5832,37 @@ class NodeMngrProxy:
         (freed once *pid*, by default this process, has ended, or by delPort).  No other process
         can take the port between its allocation and the bind.  kind: "tcp" or "udp"; host: the
         address to bind ("127.0.0.1", "0.0.0.0", "::1", "::")."""
+        return self._over_local_socket("newSocket", lambda address, token: request_socket(
+            info, kind, host, pid, address, self.timeout, token, (self.host, self.port))[1])
+
+    def newPorts(self, info, count, pid=None, consecutive=False):
+        """A block of *count* ports (1 to 64) nobody else holds, registered with *info* all at once
+        or not at all: a list of ints, ascending; with *consecutive*, first..first+count-1.  Freed
+        by themselves once *pid* (by default this process) has ended; pid=0 for ports that outlive
+        it.  NoFreePortError when the range cannot give them (it says the longest free run)."""
+        return self.call("newPorts", info, count, os.getpid() if pid is None else pid, bool(consecutive))
+
+    def delPorts(self, ports):
+        """Give several ports back at once, all or none; 0.  UnknownPortError naming the first one
+        that is not registered (then none was freed)."""
+        return self.call("delPorts", list(ports))
+
+    def newSockets(self, info, count, consecutive=False, kind="tcp", host="127.0.0.1", pid=None):
+        """newSocket for a block of *count* ports (newPorts): a list of sockets the node manager
+        bound (TCP: also listening), one per port in ascending order, passed over its local socket
+        in one handover; the ports are registered to *pid* (by default this process)."""
+        return self._over_local_socket("newSockets", lambda address, token: request_sockets(
+            info, count, consecutive, kind, host, pid, address, self.timeout, token, (self.host, self.port))[1])
+
+    def _over_local_socket(self, method, ask):
+        """ask(address, token) on the daemon's local socket, starting a daemon when none listens
+        there (as call() does); every failure a NodeMngrException of one line."""
         address = Settings(port=self.port).unix
         if address is None:
-            raise NodeMngrException("newSocket needs the node manager's local socket, and NODEMNGR_UNIX is none")
+            raise NodeMngrException("%s needs the node manager's local socket, and NODEMNGR_UNIX is none" % method)
         for attempt in (0, 1):
             try:
-                return request_socket(info, kind, host, pid, address, self.timeout, read_token(self.token_file),
-                                      (self.host, self.port))[1]
+                return ask(address, read_token(self.token_file))
             except Fault as fault:
                 raise exception_from_fault(fault) from None
             except OSError as exc:
@@ -6166,6 +6593,7 @@ def _int_arg(low, high, what):
 
 _port_arg = _int_arg(1, 65535, "a port")
 _pid_arg = _int_arg(0, _INT32_MAX, "a pid")
+_count_arg = _int_arg(1, MAX_BLOCK, "--count")
 
 
 # The subcommands that need a node manager start one when none answers (as the Python client
@@ -6235,6 +6663,9 @@ def _parser():
     n.add_argument("--pid", type=_pid_arg, default=0, help="free the port when this process ends (e.g. $$)")
     n.add_argument("--name", help="register {name: NAME, info: INFO}: NAME gets the same port back whenever "
                    "it is free (sticky)")
+    n.add_argument("--count", type=_count_arg, metavar="N", help="a block of N ports (1-%d), all or none, one a line"
+                   % MAX_BLOCK)
+    n.add_argument("--consecutive", action="store_true", help="with --count: N consecutive ports")
     pt = sub.add_parser("port", parents=[common], help="print the port registered under the name NAME, "
                         "registering one (sticky, held until deleted) if there is none: the same port every time")
     pt.add_argument("name", metavar="NAME", help="the port's name")
@@ -6246,13 +6677,19 @@ def _parser():
     sub.add_parser("stop", parents=[common], help="stop the node manager (never starts one)")
     r = sub.add_parser("run", help="run a command on a port of its own: it gets the port in PORT and in place "
                        "of {port} in its arguments, and owns it (freed when it ends)",
-                       usage="nodemngr [--host H] [--port P] [--token-file PATH] run [--name NAME] [--socket] [--udp] "
-                       "[--host ADDR] [--port P] [--token-file PATH] -- CMD ARG...",
+                       usage="nodemngr [--host H] [--port P] [--token-file PATH] run [--name NAME] [--count N "
+                       "[--consecutive]] [--socket] [--udp] [--host ADDR] [--port P] [--token-file PATH] -- CMD ARG...",
                        epilog="--host after 'run' is the address the socket is bound to; the node manager's own "
-                       "address is --host before 'run', or NODEMNGR_HOST.")
+                       "address is --host before 'run', or NODEMNGR_HOST. With --count N the command gets PORT (the "
+                       "first), PORTS (all, space-separated) and PORT0..PORT{N-1}, and {port0}.. in its arguments; "
+                       "with --socket too, N sockets from fd 3 (LISTEN_FDS=N).")
     r.add_argument("--name", help="register {name: NAME, cmd: ...}: the port is sticky")
+    r.add_argument("--count", type=_count_arg, metavar="N", help="a block of N ports (1-%d), registered all at once"
+                   % MAX_BLOCK)
+    r.add_argument("--consecutive", action="store_true", help="with --count: N consecutive ports")
     r.add_argument("--socket", action="store_true", help="pass the socket the node manager bound as fd 3 "
-                   "(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES: systemd's socket activation)")
+                   "(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES: systemd's socket activation); with --count, N sockets "
+                   "from fd 3")
     r.add_argument("--udp", action="store_true", help="a UDP socket (with --socket)")
     r.add_argument("--host", dest="bind_host", metavar="ADDR", default="127.0.0.1", help="the address the socket "
                    "is bound to (with --socket; default 127.0.0.1)")
@@ -6298,6 +6735,8 @@ def main(argv=None):
         return 0
     if args.command == "new" and len(args.info) > 1:
         parser.error("new takes one INFO; quote it if it has spaces: nodemngr new '%s'" % " ".join(args.info))
+    if getattr(args, "consecutive", False) and args.count is None:
+        parser.error("--consecutive asks for a block of ports: give --count N too")
     try:
         if args.command == "serve":
             settings = Settings(**{name: getattr(args, name) for name in _SERVE_SETTINGS})
@@ -6337,7 +6776,10 @@ def _run_client_command(args):
         print(format_table(entries, header=False, with_host=True))
     elif args.command == "new":
         info = args.info[0] if args.name is None else {"name": args.name, "info": args.info[0]}
-        print(proxy.newPort(info, args.pid))
+        if args.count is None:
+            print(proxy.newPort(info, args.pid))
+        else:
+            print("\n".join(map(str, proxy.newPorts(info, args.count, args.pid, args.consecutive))))
     elif args.command == "port":
         print(proxy.namedPort(args.name, args.port_info))
     elif args.command == "lookup":
@@ -6354,8 +6796,8 @@ def _run_client_command(args):
 
 
 def _run_command(parser, args):
-    """nodemngr run: register a port to this process, then exec the command, which keeps the pid
-    and so owns the port."""
+    """nodemngr run: register a port (--count: a block of them) to this process, then exec the
+    command, which keeps the pid and so owns the ports."""
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("run needs a command: nodemngr run [--name NAME] -- CMD ARG...")
@@ -6365,6 +6807,27 @@ def _run_command(parser, args):
     info = line if args.name is None else {"name": args.name, "cmd": line}
     proxy = NodeMngrProxy(args.host, args.port, token_file=args.token_file)     # (it starts a daemon if none answers)
     env = dict(os.environ)
+    fdname = re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255]
+    if args.count is not None:
+        if args.socket:
+            socks = proxy.newSockets(info, args.count, args.consecutive, "udp" if args.udp else "tcp", args.bind_host)
+            ports = [sock.getsockname()[1] for sock in socks]
+            _pass_from_fd_3(socks)
+            env.update(LISTEN_FDS=str(len(socks)), LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=":".join([fdname] * len(socks)))
+        else:
+            ports = proxy.newPorts(info, args.count, None, args.consecutive)    # (owned by this process)
+        env.update(PORT=str(ports[0]), PORTS=" ".join(map(str, ports)))
+        env.update(("PORT%d" % i, str(port)) for i, port in enumerate(ports))
+
+        def expand(match):      # {port}: the first; {portI}: the I-th, from 0; past the last: left as it is
+            i = int(match.group(1) or 0)
+            return str(ports[i]) if i < len(ports) else match.group(0)
+        _exec_command([re.sub(r"\{port([0-9]*)\}", expand, a) for a in cmd], env)
+        try:
+            proxy.delPorts(ports)
+        except NodeMngrException:
+            pass
+        return 127
     if args.socket:
         sock = proxy.newSocket(info, "udp" if args.udp else "tcp", args.bind_host)
         given = sock.getsockname()[1]
@@ -6373,12 +6836,36 @@ def _run_command(parser, args):
         else:
             os.dup2(sock.fileno(), 3)   # (inheritable: the command gets it)
             sock.close()
-        env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()),
-                   LISTEN_FDNAMES=re.sub(r"[^A-Za-z0-9_.-]", "_", args.name or "nodemngr")[:255])
+        env.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()), LISTEN_FDNAMES=fdname)
     else:
         given = proxy.newPort(info)     # (owned by this process, which the command becomes)
     env["PORT"] = str(given)
-    argv = [a.replace("{port}", str(given)) for a in cmd]
+    _exec_command([a.replace("{port}", str(given)) for a in cmd], env)
+    try:
+        proxy.delPort(given)
+    except NodeMngrException:
+        pass
+    return 127
+
+
+def _pass_from_fd_3(socks):
+    """Make *socks* fds 3, 4, ... (inheritable), in order, as systemd passes sockets; each is moved
+    above that span first, so that putting one in place never closes another."""
+    fds = []
+    for sock in socks:
+        fd = sock.detach()
+        if 3 <= fd < 3 + len(socks):
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3 + len(socks))
+            os.close(fd)
+            fd = moved
+        fds.append(fd)
+    for i, fd in enumerate(fds):
+        os.dup2(fd, 3 + i)      # (inheritable: the command gets it)
+        os.close(fd)
+
+
+def _exec_command(argv, env):
+    """Exec *argv*; if it cannot be run, say so in one line and return (the caller gives its ports back)."""
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:      # (None when the caller closed it)
             stream.flush()
@@ -6391,11 +6878,6 @@ def _run_command(parser, args):
         for sig, handler in kept:
             signal.signal(sig, handler)
         print("nodemngr: cannot run %s: %s" % (argv[0], exc.strerror or exc), file=sys.stderr)
-        try:
-            proxy.delPort(given)
-        except NodeMngrException:
-            pass
-        return 127
 
 
 def format_table(entries, now=None, header=True, with_host=False):

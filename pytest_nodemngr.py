@@ -10,6 +10,7 @@ NODEMNGR_HOST:NODEMNGR_PORT (starting one if none answers, as the proxy does)::
 
     def test_cluster(nodemngr_port_factory):    # as many as needed
         a, b = nodemngr_port_factory(), nodemngr_port_factory("replica")
+        ring = nodemngr_port_factory(count=3, consecutive=True)    # a block: [p, p + 1, p + 2]
 
     def test_listen(nodemngr_socket):           # a listening TCP socket on 127.0.0.1, bound for you
         port = nodemngr_socket.getsockname()[1]
@@ -63,13 +64,21 @@ def _give_back(proxy, port):
 @pytest.fixture
 def nodemngr_port_factory(nodemngr_proxy, request):
     """A function returning a new port each call (its info: the test's node id, or what it is
-    given); every one of them is freed at teardown."""
+    given); with count=N, a list of N ports registered at once (newPorts), consecutive ones with
+    consecutive=True.  Every one of them is freed at teardown."""
     ports = []
 
-    def new_port(info=None):
-        port = nodemngr_proxy.newPort(request.node.nodeid if info is None else info)
-        ports.append(port)
-        return port
+    def new_port(info=None, count=None, consecutive=False):
+        info = request.node.nodeid if info is None else info
+        if count is None:
+            if consecutive:
+                raise ValueError("consecutive=True asks for a block of ports: give count=N too")
+            port = nodemngr_proxy.newPort(info)
+            ports.append(port)
+            return port
+        block = nodemngr_proxy.newPorts(info, count, consecutive=consecutive)
+        ports.extend(block)
+        return block
 
     yield new_port
     for port in ports:

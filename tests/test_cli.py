@@ -358,3 +358,21 @@ def test_status_says_nothing_of_a_cluster_there_is_not(daemon, run_cli):
     code, out, _ = run_cli("status", env=daemon.env)
     assert code == 0 and "registered" in out
     assert "cluster" not in out, "no cluster view: no cluster rows"
+
+
+def test_new_with_count_prints_a_block_one_port_a_line(daemon, run_cli):
+    env = daemon.env
+    code, out, err = run_cli("new", "trio", "--count", 3, "--consecutive", env=env)
+    assert code == 0 and err == "" and out.splitlines() == [str(p) for p in range(daemon.first, daemon.first + 3)]
+    code, out, err = run_cli("new", "a pair", "--name", "pair", "--count", 2, "--pid", os.getpid(), env=env)
+    assert code == 0 and [int(p) for p in out.split()] == [daemon.first + 3, daemon.first + 4], err
+    assert [(e["port"], e["pid"], e["info"]) for e in daemon.rpc().lookup("pair")] == [
+        (p, os.getpid(), {"name": "pair", "info": "a pair"}) for p in (daemon.first + 3, daemon.first + 4)]
+    for args, text in ((["--consecutive"], "--consecutive asks for a block of ports: give --count N too"),
+                       (["--count", 0], "--count must be an integer from 1 to 64, not 0"),
+                       (["--count", 65], "not 65"), (["--count", "three"], "not three")):
+        code, out, err = run_cli("new", "x", *args, env=env)
+        assert code == 2 and out == "" and text in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, out, err = run_cli("new", "too many", "--count", 64, "--consecutive", env=env)
+    assert code == 1 and out == "" and "no block of 64 consecutive ports free" in err
+    assert_one_line_error(err)

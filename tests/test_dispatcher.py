@@ -56,7 +56,7 @@ def test_every_wire_method_of_the_service_is_in_one_table(dispatcher, tcp):
     methods = answer(dispatcher.dispatch(tcp, body("system.listMethods")))
     assert methods == sorted(methods) and set(methods) == {
         "ping", "newPort", "newSocket", "delPort", "listPorts", "lookup", "status", "locate", "listCluster",
-        "terminate", "namedPort", "system.listMethods", "system.methodHelp", "system.methodSignature",
+        "terminate", "namedPort", "newPorts", "delPorts", "newSockets", "system.listMethods", "system.methodHelp", "system.methodSignature",
         "system.multicall"}
     for method in methods:      # help for a reader in another language, and signatures
         assert answer(dispatcher.dispatch(tcp, body("system.methodHelp", method)))

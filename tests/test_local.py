@@ -282,6 +282,50 @@ def test_run_with_socket_passes_a_bound_socket_as_fd_3(daemon_factory, reap_pids
     assert ports[0] == ports[1] and ports[0] != d.first
 
 
+BLOCK_SERVER = ("import json, os, socket, sys\n"
+                "socks = [socket.socket(fileno=fd) for fd in (3, 4, 5)]\n"
+                "assert all(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) for s in socks)\n"
+                "env = os.environ\n"
+                "assert env['LISTEN_FDS'] == '3' and env['LISTEN_PID'] == str(os.getpid())\n"
+                "print(json.dumps([[s.getsockname()[1] for s in socks], env['LISTEN_FDNAMES'], env['PORT'], env['PORTS'],\n"
+                "                  [env['PORT%d' % i] for i in range(3)], sys.argv[1:]]))\n")
+
+
+def test_run_count_consecutive_socket_gives_three_listening_sockets_on_consecutive_ports(daemon_factory):
+    d = daemon_factory(size=20, settings=FAST_REAP)
+    d.rpc().newPort("below")
+    runs = []
+    for _ in range(2):      # twice: with --name the block is sticky
+        out = run_cli(d, "--name", "trio", "--count", 3, "--consecutive", "--socket", "--", sys.executable, "-c",
+                      BLOCK_SERVER, "{port0}", "{port1}", "{port2}", "{port}", "{port3}", "-p{port1}")
+        assert out.returncode == 0, out.stderr
+        ports, names, port, all_ports, numbered, argv = __import__("json").loads(out.stdout)
+        assert ports == list(range(ports[0], ports[0] + 3)) and ports[0] == d.first + 1
+        assert names == "trio:trio:trio" and port == str(ports[0]) and all_ports == " ".join(map(str, ports))
+        assert numbered == [str(p) for p in ports]
+        assert argv == [str(p) for p in ports] + [str(ports[0]), "{port3}", "-p%d" % ports[1]]
+        assert wait_until(lambda: not d.rpc().lookup("trio"), timeout=10), "freed when the command ended"
+        runs.append(ports)
+        d.rpc().newPort("taking the next free one")
+    assert runs[0] == runs[1]
+
+
+def test_run_count_without_socket_owns_the_block(daemon_factory):
+    d = daemon_factory(size=20, state="none", settings=FAST_REAP)
+    script = ("import json, os, xmlrpc.client\n"
+              "rpc = xmlrpc.client.ServerProxy('http://127.0.0.1:%s/RPC2' % os.environ['NODEMNGR_PORT'])\n"
+              "print(json.dumps([os.getpid(), os.environ['PORTS'], os.environ.get('LISTEN_FDS'),\n"
+              "                  {e['port']: e['pid'] for e in rpc.listPorts()}]))\n")
+    out = run_cli(d, "--count", 2, "--", sys.executable, "-c", script)
+    assert out.returncode == 0, out.stderr
+    pid, ports, listen, held = __import__("json").loads(out.stdout)
+    assert ports == "%d %d" % (d.first, d.first + 1) and listen is None
+    assert held == {str(d.first): pid, str(d.first + 1): pid}, "owned by the command itself"
+    assert wait_until(lambda: not holders(d), timeout=10)
+    out = run_cli(d, "--consecutive", "--", "true")
+    assert out.returncode == 2 and "give --count N too" in out.stderr
+
+
 def test_run_exit_status_and_errors(daemon_factory, tmp_path):
     d = daemon_factory(size=1, state="none")
     out = run_cli(d, "--", "sh", "-c", "exit 7")
@@ -329,13 +373,15 @@ import pytest
 @pytest.mark.parametrize("n", range(%(count)d))
 def test_port(nodemngr_port, nodemngr_port_factory, nodemngr_socket, n):
     extra = nodemngr_port_factory("extra")
+    block = nodemngr_port_factory(count=2, consecutive=True)
+    assert block == [block[0], block[0] + 1]
     held = []
-    for port in (nodemngr_port, extra):
+    for port in [nodemngr_port, extra] + block:
         s = socket.socket()
         s.bind(("127.0.0.1", port))             # nobody else has it, or this fails
         s.listen(1)
         held.append(s)
-    ports = [nodemngr_port, extra, nodemngr_socket.getsockname()[1]]
+    ports = [nodemngr_port, extra, nodemngr_socket.getsockname()[1]] + block
     start = time.monotonic()
     time.sleep(0.002)
     with open(os.environ["RECORD"], "a") as f:
