@@ -22,8 +22,8 @@ The convention the pages follow (docs/contributing.md, "Docs that run", says it 
   repository's files are linked; ``nodemngr`` and ``python3`` on PATH are the repository's
   nodemngr.py and the Python running the tests.  Nothing is running when a page starts: the blocks
   start what they need (a client starts the node manager).  Whatever they leave running is stopped
-  by pid at the page's end: the node manager answering on the page's port, and every process left in
-  the sessions the blocks ran in.
+  by pid at the page's end: every process left in the sessions the blocks ran in, and every node
+  manager started for the page (its state file, in the page's folder, is on its command line).
 
 Other checks: the README is a front door (at most 1,500 words, links to every page of docs/), every
 relative link of the docs leads to a file, and no user-facing text cites an internal issue number.
@@ -35,7 +35,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import xmlrpc.client
 
 import pytest
 
@@ -245,29 +244,37 @@ class Page:
 
     def stop_sessions(self):
         """Stop, by pid, every process left in the sessions the blocks ran in."""
-        left = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    stat = open("/proc/%s/stat" % name).read()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[3]) in self.sessions:
-                    left.append(int(name))
-        for pid in left:
+        for pid in self.processes(lambda pid: int(_read("/proc/%d/stat" % pid).rsplit(b")", 1)[1].split()[3])
+                                  in self.sessions):
             stop_pid(pid)
 
     def stop(self):
+        """Stop what the page left running: the processes of its blocks' sessions, and the node
+        managers started for it (a client starts one detached, in a session of its own, with the
+        page's state file on its command line)."""
         self.stop_sessions()
-        proxy = xmlrpc.client.ServerProxy("http://127.0.0.1:%d/RPC2" % self.port)
-        try:
-            pid = proxy.status()["pid"]
-        except (OSError, xmlrpc.client.Error):
-            return
-        finally:
-            proxy("close")()
-        stop_pid(pid)
-        assert not pid_alive(pid)
+        mine = str(self.folder.parent).encode() + b"/"
+        left = self.processes(lambda pid: mine in _read("/proc/%d/cmdline" % pid) and pid != os.getpid())
+        for pid in left:
+            stop_pid(pid)
+        assert not [pid for pid in left if pid_alive(pid)]
+
+    @staticmethod
+    def processes(predicate):
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if predicate(int(name)):
+                        found.append(int(name))
+                except (OSError, IndexError, ValueError):    # (gone meanwhile)
+                    continue
+        return found
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 @pytest.mark.parametrize("page", PAGES)
