@@ -917,11 +917,11 @@ def _ping_ok(d):
 # 4. Fuzz: random bodies, method names and parameter trees
 # ---------------------------------------------------------------------------------------------
 
-MUTATORS = {"newPort", "newSocket", "namedPort", "delPort", "terminate", "system.multicall"}
+MUTATORS = {"newPort", "newSocket", "namedPort", "delPort", "newPorts", "delPorts", "newSockets", "terminate",
+            "system.multicall"}
 READ_ONLY = ["ping", "listPorts", "lookup", "status", "system.listMethods", "system.methodHelp",
              "system.methodSignature"]
-ALL_METHODS = sorted(READ_ONLY + ["newPort", "newSocket", "namedPort", "delPort", "terminate", "system.multicall",
-                                  "locate", "listCluster"])
+ALL_METHODS = sorted(READ_ONLY + sorted(MUTATORS) + ["locate", "listCluster"])
 ATTACK_NAMES = ["_dispatch", "__init__", "system._methods", "ping.__call__", "system.listMethods.__self__",
                 "nodemngr.ping", "os.system", "", "system."]
 ALLOWED_FAULTS = {1, 2, 3, -32700, -32600, -32601, -32602}
