@@ -64,6 +64,7 @@ PROXY_MODULE = os.path.join(ROOT, "nodemngr_proxy.py")
 RELEASE_1_0_0 = os.path.join(ROOT, "tests", "data", "nodemngr-1.0.0.py")         # 482246a's nodemngr.py
 RELEASE_1_0_0_PROXY = os.path.join(ROOT, "tests", "data", "nodemngr_proxy-1.0.0.py")    # and its client
 BATCH = 250                     # newPort calls per system.multicall batch
+BLOCK = 8                       # scenario 4b: ports of a block (newPorts), against as many newPort calls
 FLAT_MANY = 25000               # registered ports for the "flat cost" case
 WIDE_RANGE = (20000, 59999)     # range for the 25,000-registered daemon
 STALL_RANGE = 2000              # scenario 6: ports in the range, all of them unavailable:
@@ -836,7 +837,8 @@ def run_flat(few_srv, many_srv, durations, results, label="ours"):
 
     Both daemons run at once with the same wide range; pairs alternate between them in small chunks.
     Every port held has a name of its own ({"name": "svc-N"}: explicit, so each is remembered too);
-    4n times pairs for an explicit name (its sticky port), 4l lookup of one name (1.1 and later)."""
+    4n times pairs for an explicit name (its sticky port), 4l lookup of one name (1.1 and later), 4b a
+    block of BLOCK ports (newPorts + delPorts, 1.3) against 4s, the same ports one call each."""
     few = xmlrpc.client.ServerProxy(few_srv.url)
     many = xmlrpc.client.ServerProxy(many_srv.url)
     _mc_new(few, 10, held_info)
@@ -865,12 +867,29 @@ def run_flat(few_srv, many_srv, durations, results, label="ours"):
         ops.append(("lookup", lambda proxy: proxy.lookup("svc-7")))
     except xmlrpc.client.Fault:     # (a baseline from before names)
         pass
+    try:
+        many.delPorts(many.newPorts("bench-block", BLOCK))
+        ops += [("block", block_pair), ("singles", singles_pair)]
+    except xmlrpc.client.Fault:     # (a baseline from before blocks)
+        pass
     for key, op in ops:
         s_few, s_many = pair_samples([few, many], durations["flat"], op=op)
         results.add(key + "_few", label, statistics.median(s_few) * 1e6)
         results.add(key + "_many", label, statistics.median(s_many) * 1e6)
     few_srv.check_alive()
     many_srv.check_alive()
+
+
+def block_pair(proxy):
+    """Scenario 4b: a block of BLOCK ports taken and given back (newPorts, delPorts: 1.3)."""
+    proxy.delPorts(proxy.newPorts("bench-block", BLOCK))
+
+
+def singles_pair(proxy):
+    """Scenario 4s: the same ports one call each, as a client without blocks must."""
+    ports = [proxy.newPort("bench-block") for _ in range(BLOCK)]
+    for port in ports:
+        proxy.delPort(port)
 
 
 def held_info(i):
@@ -1680,9 +1699,13 @@ def render(res, floor, args, cmdline, elapsed, load, wrk_path=None):
         return value, per, ratio, many
 
     labels = ("ours", B) if base else ("ours",)
-    flat_rows = (("4", "flat", "pair cost"), ("4n", "named", "pair cost for an explicit name (sticky)"),
-                 ("4l", "lookup", "lookup of one name"))
-    for num, key, what in flat_rows:
+    flat_rows = (("4", "flat", "pair cost", "µs/pair"),
+                 ("4n", "named", "pair cost for an explicit name (sticky)", "µs/pair"),
+                 ("4l", "lookup", "lookup of one name", "µs/call"),
+                 ("4b", "block", "a block of %d: newPorts + delPorts" % BLOCK, "µs/block"),
+                 ("4s", "singles", "the same %d ports one call each: %d newPort + %d delPort" % ((BLOCK,) * 3),
+                  "µs/block"))
+    for num, key, what, unit in flat_rows:
         if not any(res.data.get((key + "_few", x)) or res.errors.get(("flat", x)) for x in labels):
             continue
         o_value, o_per, fr, o_many = flat("ours", key)
@@ -1691,7 +1714,7 @@ def render(res, floor, args, cmdline, elapsed, load, wrk_path=None):
             b_value += " (%.2fx)" % b_fr
         row(num, "flat cost, %s: %s with 10 → %s named ports registered"
             % ("daemons only" if base else "ours only", what, "{:,}".format(FLAT_MANY)),
-            "µs/call" if key == "lookup" else "µs/pair", "–",
+            unit, "–",
             b_value, o_value, "n/a" if fr is None else "%.2fx (25k/10)" % fr,
             fmt_ratio(o_many, b_many, " (at 25k)"), "<= 1.3x",
             "" if fr is None else ("yes" if fr <= 1.3 else "**no**"), "", b_per, o_per)
@@ -1782,6 +1805,11 @@ def render(res, floor, args, cmdline, elapsed, load, wrk_path=None):
         notes.append("Scenario 4: two more daemons of ours run at once, both with range %d-%d, one holding 10 "
                      "ports and one 25,000; pairs alternate between them in chunks of 20 and the median pair time "
                      "of each is compared." % WIDE_RANGE)
+    block, singles = res.median("block_few", "ours"), res.median("singles_few", "ours")
+    if block and singles:
+        notes.append("Scenario 4b against 4s (10 registered): %s blocks of %d a second with newPorts + delPorts, "
+                     "against %s with %d newPort + %d delPort calls each: %.1fx as many."
+                     % (fmt_num(1e6 / block), BLOCK, fmt_num(1e6 / singles), BLOCK, BLOCK, singles / block))
     for label in labels:
         fill = res.data.get(("fill", label))
         if fill:
