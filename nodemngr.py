@@ -2307,7 +2307,7 @@ class NodeMngr:
             except OSError as exc:
                 for sock in socks:
                     sock.close()
-                self.give_back(ports)
+                self._free_ports(ports)
                 port = ports[len(socks)]
                 if exc.errno != errno.EADDRINUSE:
                     raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
@@ -2426,10 +2426,18 @@ class NodeMngr:
         """Whether the open group holds changes not saved yet."""
         return bool(self._group)
 
-    def give_back(self, ports):
-        """Free those of *ports* that are registered, whoever registered them: ports handed out
-        with sockets that could not be passed after all."""
-        self._free_ports([port for port in dict.fromkeys(ports) if port in self.allocator.held])
+    def holdings(self, ports):
+        """The Registrations of registered *ports* now, for a later give_back()."""
+        held = self.allocator.held
+        return tuple(held[port] for port in ports if port in held)
+
+    def give_back(self, regs):
+        """Free the ports of Registrations *regs* (from holdings()) that are still registered as
+        they were: ports handed out with sockets that could not be passed after all.  A reply
+        waits for its turn's commit while other callers are served, so a port of it may have been
+        freed and registered again meanwhile: that registration is not this one to give back."""
+        held = self.allocator.held
+        self._free_ports(list({reg.port: reg for reg in regs if held.get(reg.port) is reg}))
 
     @property
     def changes(self):
@@ -2784,10 +2792,11 @@ class Sliced:
         return self.reply
 
 
-Handover = namedtuple("Handover", "reply ports sockets")
+Handover = namedtuple("Handover", "reply ports sockets regs", defaults=((),))
 Handover.__doc__ = """The reply (bytes) of a call whose result comes with sockets to pass to the
-caller (SCM_RIGHTS), the ports they are bound to, and the sockets.  If they cannot be passed,
-the door asks Dispatcher.handover_failed for the reply to send instead."""
+caller (SCM_RIGHTS), the ports they are bound to, the sockets, and the Registrations the call
+made (what is given back).  If they cannot be passed, the door asks Dispatcher.handover_failed
+for the reply to send instead."""
 
 
 class Dispatcher:
@@ -2888,7 +2897,8 @@ class Dispatcher:
             result = self._invoke(caller, method, func, params)
             if func.rpc_handover:
                 result, sockets = result
-                return Handover(self._reply((result,), method), result if type(result) is list else [result], sockets)
+                ports = result if type(result) is list else [result]
+                return Handover(self._reply((result,), method), ports, sockets, self.service.holdings(ports))
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             if type(result) is str and result.isascii():     # (ping's): as dumps writes it, 2 us sooner
@@ -2981,7 +2991,7 @@ class Dispatcher:
         (*reason*: an OSError, or None when the caller has not taken the previous socket yet):
         its ports are given back, whoever registered them, and the fault is counted."""
         try:
-            self.service.give_back(handover.ports)
+            self.service.give_back(handover.regs)
         except NodeMngrException as exc:    # (a save that failed: the owner's end frees them)
             log.warning("could not give back ports %s: %s", _span(handover.ports), exc)
         several = len(handover.ports) > 1

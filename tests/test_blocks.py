@@ -163,6 +163,26 @@ def test_a_schema_3_file_without_the_blocks_table_gets_one_and_keeps_its_registr
     m.close()
 
 
+def test_a_handover_that_cannot_go_gives_back_its_own_ports_not_ones_registered_again_since():
+    # A handover's reply waits for the turn's group commit while other connections are served:
+    # meanwhile its caller may free a port of it (delPorts on another connection) and somebody
+    # else register that port.  Its failure must not free that other registration.
+    first, last = free_range(6)
+    service = NodeMngr(first, last)
+    dispatcher = nodemngr.Dispatcher(service)
+    try:
+        local = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+        handover = dispatcher.dispatch(local, rpc_body("newSockets", "pair", 2, True))
+        for sock in handover.sockets:
+            sock.close()
+        service.delPorts([handover.ports[0]])
+        assert service.newPort("theirs") == handover.ports[0]
+        dispatcher.handover_failed(handover, None)
+        assert [(r.port, r.info) for r in service.registrations()] == [(handover.ports[0], "theirs")]
+    finally:
+        service.close()
+
+
 # --- on real daemons ---------------------------------------------------------------------------
 
 RACER = textwrap.dedent("""
