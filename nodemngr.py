@@ -2096,6 +2096,21 @@ def _bound_socket(family, type_, host, port):
         raise
 
 
+# What a socket of the node manager's own could not have for want of the host's resources, not
+# because of the caller's arguments: a fault 3 would tell a client not to try again.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _bind_failure(exc, kind, host, port, count):
+    """The error for the socket of *port*, one of *count* asked for, that could not be made or
+    bound (not EADDRINUSE); none of them is registered any more."""
+    reason = exc.strerror or exc
+    if exc.errno in _OUT_OF_RESOURCES:
+        return NodeMngrException("the node manager cannot open %d %s socket%s now (%s); nothing was registered, try "
+                                 "again later or ask for fewer" % (count, kind, "s" if count > 1 else "", reason))
+    return BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, reason))
+
+
 def _block_shape(count, consecutive):
     """(count, consecutive) of a block, checked: BadArgumentError."""
     if type(count) is not int or not 1 <= count <= MAX_BLOCK:
@@ -2206,7 +2221,7 @@ class NodeMngr:
             except OSError as exc:
                 self.delPort(port)
                 if exc.errno != errno.EADDRINUSE:
-                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                    raise _bind_failure(exc, kind, host, port, 1)
                 self.allocator.set_aside(port)
                 log.info("port %d was taken between its check and the bind; trying another", port)
         raise NodeMngrException("every port tried was taken between its check and the bind; try again")
@@ -2310,7 +2325,7 @@ class NodeMngr:
                 self._free_ports(ports)
                 port = ports[len(socks)]
                 if exc.errno != errno.EADDRINUSE:
-                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                    raise _bind_failure(exc, kind, host, port, count)
                 self.allocator.set_aside(port)
                 log.info("port %d was taken between its check and the bind; trying another block", port)
         raise NodeMngrException("every block tried had a port taken between its check and the bind; try again")

@@ -354,6 +354,26 @@ def test_bad_and_hostile_blocks_are_refused_in_one_sentence(daemon_factory, nobo
     assert sorted(registered(d)) == list(range(d.first, d.first + 4)), "only the good ones"
 
 
+def _few_descriptors():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+
+def test_a_daemon_out_of_descriptors_says_so_rather_than_blame_the_callers_arguments(daemon_factory):
+    d = daemon_factory(size=70, state="none", preexec_fn=_few_descriptors)
+    nm = d.proxy()
+    with pytest.raises(nodemngr.NodeMngrException) as refused:
+        nm.newSockets("many", 64)
+    assert not isinstance(refused.value, nodemngr.BadArgumentError), "fault 3 would say: do not try again"
+    assert refused.value.faultCode == -32603 and "the node manager cannot open 64 tcp sockets now (Too many " \
+        "open files); nothing was registered, try again later or ask for fewer" in str(refused.value)
+    assert registered(d) == {}
+    socks = nm.newSockets("few", 2)
+    for sock in socks:
+        sock.close()
+    assert sorted(registered(d)) == [d.first, d.first + 1]
+
+
 def test_new_sockets_hands_over_a_block_at_once_one_in_flight_per_connection(daemon_factory):
     d = daemon_factory(size=12, state="none")
     nm = d.proxy()
