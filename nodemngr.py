@@ -1346,6 +1346,10 @@ class PortAllocator:
 
     busy_probe_rate = 2000  # set-aside ports probed again per second, at most,
     busy_probe_burst = 32   # and at once
+    # Ports one take_block() call probes at most (about 20 ms of binds): a user holding a port in
+    # every run of the range (a few hundred sockets) must not stall the node manager on each call;
+    # those found busy are set aside, so a caller asking again goes further.
+    block_probes = 1024
 
     def __init__(self, first, last, registrations=(), remembered=None, clock=time.monotonic,
                  busy_retry=BUSY_RETRY, blocks=None):
@@ -1369,6 +1373,8 @@ class PortAllocator:
                 self._block_of.update(dict.fromkeys(ports, name))
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._busy_ports = set()    # the ports in it
+        self._unprobed = set()      # ports back from it, free but not probed since
+        self._budget, self.gave_up = 0, False   # probes left to take_block(); it stopped at block_probes
         self._probes, self._probed_at = self.busy_probe_burst, clock()     # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
@@ -1414,14 +1420,15 @@ class PortAllocator:
         per port passed, so O(ports above it) at worst), then a probe of each of its ports: one
         that another program holds ends the run, is set aside, and the walk goes on past it."""
         now = self._due_back()
+        self._budget, self.gave_up = self.block_probes, False
         kept = self.blocks.get(name)
         if (kept is not None and len(kept) == count and (not consecutive or kept[-1] - kept[0] == count - 1)
-                and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) == count):
+                and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) is None):
             return list(kept)
         if consecutive:
             for spare in (True, False):     # ports no name remembers, else any
                 run = self._take_run(usable, count, now, spare)
-                if run is not None:
+                if run is not None or self.gave_up:
                     return run
             return None
         taken = []
@@ -1508,7 +1515,9 @@ class PortAllocator:
         (take() probes them as it hands them out); return the time now."""
         now = self._refill()
         while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
-            self._make_free(heapq.heappop(self._busy)[1])
+            port = heapq.heappop(self._busy)[1]
+            self._make_free(port)
+            self._unprobed.add(port)
             self._probes -= 1
         return now
 
@@ -1521,6 +1530,8 @@ class PortAllocator:
 
     def _try(self, usable, port, now):
         self._is_free.discard(port)
+        self._unprobed.discard(port)
+        self._budget -= 1
         try:
             if usable(port):
                 return True
@@ -1531,19 +1542,22 @@ class PortAllocator:
         return False
 
     def _try_run(self, usable, ports, now):
-        """Take free *ports* in order while usable() accepts them; return how many it took.  Unless
-        it took them all, those it took are free again (the refused one is set aside)."""
-        taken = 0
+        """Take free *ports* while usable() accepts them, those back from the set-aside ones first
+        (likely still busy: then one probe refuses the run, not a run's worth); return None when it
+        took them all, else the port refused (set aside), the others taken being free again."""
+        unprobed = self._unprobed
+        order = sorted(ports, key=lambda p: p not in unprobed) if unprobed else ports
+        taken = []
         try:
-            for port in ports:
+            for port in order:
                 if not self._try(usable, port, now):
-                    break
-                taken += 1
+                    return port
+                taken.append(port)
         finally:
-            if taken < len(ports):
-                for port in ports[:taken]:
+            if len(taken) < len(ports):
+                for port in taken:
                     self._make_free(port)
-        return taken
+        return None
 
     def _take_run(self, usable, count, now, spare):
         """Take the lowest run of *count* consecutive free ports that usable() accepts (spare: no
@@ -1557,11 +1571,14 @@ class PortAllocator:
             if end < stop:      # (port end breaks the run: the next may begin after it)
                 start = end + 1
                 continue
+            if self._budget < count:    # (those found busy so far are set aside: a next call goes further)
+                self.gave_up = True
+                return None
             run = range(start, stop)
-            taken = self._try_run(usable, run, now)
-            if taken == count:
+            refused = self._try_run(usable, run, now)
+            if refused is None:
                 return list(run)
-            start += taken + 1  # (past the one another program holds)
+            start = refused + 1     # (past the one another program holds)
         return None
 
     def _lowest_free(self, spare):
@@ -2623,8 +2640,13 @@ class NodeMngr:
 
         def take():
             return a.take_block(self.host_check, count, consecutive, name)
+        refusal = functools.partial(self._no_block, count, consecutive)
         try:
-            ports = take() or self._take_after_reaping(take, functools.partial(self._no_block, count, consecutive))
+            ports = take()
+            if ports is None:
+                if a.gave_up:   # (another try now would probe as much again: the caller asks again)
+                    raise refusal()
+                ports = self._take_after_reaping(take, refusal)
         except OSError as exc:
             raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
                                     "registered, try again" % (exc.strerror or exc))
@@ -2705,6 +2727,10 @@ class NodeMngr:
 
     def _no_block(self, count, consecutive):
         a = self.allocator
+        if a.gave_up:
+            return NoFreePortError("no block of %d consecutive ports found in %d-%d within %d probes: other programs "
+                                   "hold a port in each run tried (%d set aside for now); ask again to look further"
+                                   % (count, a.first, a.last, a.block_probes, len(a._busy)))
         run, at, free = a.longest_free_run()
         return NoFreePortError("no block of %d%s ports free in %d-%d: the longest run of free ports is %s, and %d "
                                "%s free in all; %d registered, %d held by other programs" % (

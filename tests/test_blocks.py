@@ -59,6 +59,53 @@ def test_a_consecutive_block_is_the_lowest_free_run_and_a_busy_port_breaks_runs(
     assert a.take_block(usable, 3) == [109, 110, 111]
 
 
+def test_a_port_held_in_every_run_cannot_make_one_block_call_probe_the_whole_range():
+    # A user with a few hundred sockets, one every 64 ports, breaks every run of 64: one call
+    # probed each free port (a bind each, about half a second of the daemon's only thread for
+    # 30,000).  Now each call probes at most 1024, those found busy stay set aside, and a
+    # caller asking again goes further until it finds the run past them.
+    first, last = 10000, 29999
+    busy = set(range(first + 63, last - 1000, 64))
+    probes = []
+
+    def check(port):
+        probes.append(port)
+        return port not in busy
+    m = NodeMngr(first, last, StateStore(None), host_check=check)
+    for calls in range(1, 40):
+        del probes[:]
+        try:
+            ports = m.newPorts("wide", 64, 0, True)
+            break
+        except nodemngr.NoFreePortError as exc:
+            assert str(exc).startswith("no block of 64 consecutive ports found in 10000-29999 within 1024 probes: "
+                                       "other programs hold a port in each run tried ("), exc
+            assert len(probes) <= 1024 and m.registered == 0
+    assert ports == list(range(max(busy) + 1, max(busy) + 65)) and len(probes) <= 1024, calls
+    assert m.newPort("one") == first, "single ports are not held up"
+
+
+def test_ports_back_from_the_set_aside_ones_are_probed_first_in_a_run():
+    # They come back when due without a probe; still busy, each would cost a run's worth of
+    # binds before it refused the run again.
+    now = [0.0]
+    a = PortAllocator(100, 131, clock=lambda: now[0])
+    a.busy_probe_burst = a._probes = 1000
+    busy = {107, 115, 123}
+    probes = []
+
+    def usable(port):
+        probes.append(port)
+        return port not in busy
+    assert a.take_block(usable, 8, True) == [124, 125, 126, 127, 128, 129, 130, 131]
+    for port in range(124, 132):
+        a.untake(port)
+    now[0] += 2 * a.busy_retry      # due again, still busy
+    del probes[:]
+    assert a.take_block(usable, 8, True) == [124, 125, 126, 127, 128, 129, 130, 131]
+    assert probes == [107, 115, 123] + list(range(124, 132)), "one probe for each busy run"
+
+
 def test_a_consecutive_block_avoids_remembered_ports_while_it_can():
     a = PortAllocator(100, 109, remembered={"db": 102})
     usable = lambda port: True      # noqa: E731
