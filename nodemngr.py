@@ -1662,11 +1662,13 @@ class PortAllocator:
 
     def remember_held(self):
         """Let each explicit name of a held port that remembers none remember its lowest such
-        port (a state file from 1.0, which had no memory); return the (name, port) pairs added."""
+        port (a state file from 1.0, which had no memory); return the (name, port) pairs added.
+        A name that remembers a block has a memory: a port it holds besides (a block asked for
+        while its own was held) must not become its port at a restart."""
         added = {}
         for port in sorted(self.held):
             name = explicit_name(self.held[port].info)
-            if (name is not None and name not in self.remembered and name not in added
+            if (name is not None and name not in self.remembered and name not in self.blocks and name not in added
                     and port not in self._remembered_by and port not in self._block_of
                     and self.first <= port <= self.last):
                 added[name] = port

@@ -183,6 +183,22 @@ def test_a_block_is_one_transaction_told_once_and_a_failed_save_takes_nothing(tm
     m.close()
 
 
+def test_a_restart_keeps_the_names_memory_as_it_was_when_a_name_holds_ports_beside_its_block(tmp_path):
+    # At the start, a name that held ports and remembered none got its lowest as its port (for
+    # 1.0's files): a name remembering a block has a memory, and its extra port is not its port.
+    path = str(tmp_path / "state.sqlite3")
+    m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
+    assert m.newPorts({"name": "a"}, 3, 0, True) == [100, 101, 102]
+    assert m.newPorts({"name": "a"}, 1) == [103], "asked while its block is held: the name keeps that block"
+    before = (m.remembered(), dict(m.allocator.blocks))
+    m.close()
+    m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
+    assert (m.remembered(), m.allocator.blocks) == before == ({}, {"a": (100, 101, 102)})
+    m.delPorts([103])
+    assert m.newPort("plain") == 103, "103 is nobody's port"
+    m.close()
+
+
 def test_a_schema_3_file_without_the_blocks_table_gets_one_and_keeps_its_registrations(tmp_path):
     path = str(tmp_path / "state.sqlite3")
     m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
