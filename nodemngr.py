@@ -2281,8 +2281,10 @@ class NodeMngr:
         else is free, and the name then forgets the whole block.  Afterwards each port is an
         ordinary registration: delPort frees one, delPorts several, the owner's end all of them,
         and lookup lists each.  Faults: 2 when the range cannot give the block (the text says how
-        many were asked, whether consecutive, and the longest run of free ports), 3 for a count
-        outside 1-64, a consecutive that is not a boolean, or what newPort refuses.
+        many were asked, whether consecutive, and the longest run of free ports; or, when other
+        programs hold a port in every run of the 1024 ports probed, that asking again looks
+        further), 3 for a count outside 1-64, a consecutive that is not a boolean, or what
+        newPort refuses.
         """
         count, consecutive = _block_shape(count, consecutive)
         return self._hold_ports(self._checked(info, pid, caller), count, consecutive)
