@@ -1375,6 +1375,12 @@ class PortAllocator:
         self._busy_ports = set()    # the ports in it
         self._unprobed = set()      # ports back from it, free but not probed since
         self._budget, self.gave_up = 0, False   # probes left to take_block(); it stopped at block_probes
+        # A walk for a run costs O(range): a failed one is remembered until a port is freed (the
+        # free ports only shrink till then), so that a stream or a multicall of refused blocks
+        # costs one walk, not one each.
+        self._freed = 0                 # ports made free so far
+        self._no_run = (-1, 0)          # (_freed when a walk found no run of this many or more, that many)
+        self._longest = (None, None)    # (_freed and free count, longest_free_run() then)
         self._probes, self._probed_at = self.busy_probe_burst, clock()     # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
@@ -1426,10 +1432,13 @@ class PortAllocator:
                 and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) is None):
             return list(kept)
         if consecutive:
+            if self._no_run[0] == self._freed and count >= self._no_run[1]:
+                return None
             for spare in (True, False):     # ports no name remembers, else any
                 run = self._take_run(usable, count, now, spare)
                 if run is not None or self.gave_up:
                     return run
+            self._no_run = (self._freed, count)
             return None
         taken = []
         try:
@@ -1448,6 +1457,9 @@ class PortAllocator:
         """(length, first port or None) of the longest run of consecutive free ports (remembered
         ones included), and how many ports are free in all: what a refused block is told.  Costs a
         sort of the free ports, which are few when a block is refused for want of them."""
+        key = (self._freed, len(self._is_free))   # (till a port is freed, the free ports only shrink)
+        if self._longest[0] == key:
+            return self._longest[1]
         best = (0, None)
         run, previous = 0, -2
         for port in sorted(self._is_free):
@@ -1455,7 +1467,8 @@ class PortAllocator:
             previous = port
             if run > best[0]:
                 best = (run, port - run + 1)
-        return best[0], best[1], len(self._is_free)
+        self._longest = (key, (best[0], best[1], len(self._is_free)))
+        return self._longest[1]
 
     def block_memory_change(self, ports, info):
         """What holding *ports* (ascending) as one block for *info* changes in the names' memory:
@@ -1713,6 +1726,7 @@ class PortAllocator:
                 heapq.heappush(self._free, port)
 
     def _make_free(self, port):
+        self._freed += 1
         self._busy_ports.discard(port)
         self._is_free.add(port)
         heapq.heappush(self._kept if port in self._remembered_by or port in self._block_of else self._free, port)

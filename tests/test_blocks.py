@@ -106,6 +106,27 @@ def test_ports_back_from_the_set_aside_ones_are_probed_first_in_a_run():
     assert probes == [107, 115, 123] + list(range(124, 132)), "one probe for each busy run"
 
 
+def test_refused_blocks_in_a_fragmented_range_cost_one_walk_not_one_each():
+    # Every other port of 50,000 registered: each refused consecutive block walked the range
+    # (twice) and sorted its free ports, 20-60 ms, and a multicall of 200 held the daemon for
+    # seconds.  Until a port is freed, the free ports only shrink: a refusal is remembered.
+    first, last = 10000, 59999
+    m = NodeMngr(first, last, StateStore(None), host_check=lambda port: True)
+    m.allocator = PortAllocator(first, last, [nodemngr.Registration(p, "x", 0, 0, 0.0, "", 0)
+                                              for p in range(first, last + 1, 2)])
+    dispatcher = nodemngr.Dispatcher(m)
+    caller = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+    calls = [{"methodName": "newPorts", "params": ["pair", 2, 0, True]}] * 200
+    t0 = time.monotonic()
+    results = xmlrpc.client.loads(dispatcher.dispatch(caller, rpc_body("system.multicall", calls)))[0][0]
+    elapsed = time.monotonic() - t0
+    assert [r["faultCode"] for r in results] == [2] * 200 and "the longest run of free ports is 1" in \
+        results[-1]["faultString"]
+    assert elapsed < 1.5, "%.2f s" % elapsed
+    m.delPort(first + 2)
+    assert m.newPorts("pair", 2, 0, True) == [first + 1, first + 2], "a port freed: looked for again"
+
+
 def test_a_consecutive_block_avoids_remembered_ports_while_it_can():
     a = PortAllocator(100, 109, remembered={"db": 102})
     usable = lambda port: True      # noqa: E731
