@@ -1346,6 +1346,10 @@ class PortAllocator:
 
     busy_probe_rate = 2000  # set-aside ports probed again per second, at most,
     busy_probe_burst = 32   # and at once
+    # Ports one take_block() call probes at most (about 20 ms of binds): a user holding a port in
+    # every run of the range (a few hundred sockets) must not stall the node manager on each call;
+    # those found busy are set aside, so a caller asking again goes further.
+    block_probes = 1024
 
     def __init__(self, first, last, registrations=(), remembered=None, clock=time.monotonic,
                  busy_retry=BUSY_RETRY, blocks=None):
@@ -1369,6 +1373,14 @@ class PortAllocator:
                 self._block_of.update(dict.fromkeys(ports, name))
         self._busy = []         # heap of (retry_at, port): refused by the host check lately
         self._busy_ports = set()    # the ports in it
+        self._unprobed = set()      # ports back from it, free but not probed since
+        self._budget, self.gave_up = 0, False   # probes left to take_block(); it stopped at block_probes
+        # A walk for a run costs O(range): a failed one is remembered until a port is freed (the
+        # free ports only shrink till then), so that a stream or a multicall of refused blocks
+        # costs one walk, not one each.
+        self._freed = 0                 # ports made free so far
+        self._no_run = (-1, 0)          # (_freed when a walk found no run of this many or more, that many)
+        self._longest = (None, None)    # (_freed and free count, longest_free_run() then)
         self._probes, self._probed_at = self.busy_probe_burst, clock()     # a token bucket for probing those again
         self._clock, self.busy_retry = clock, busy_retry
         for reg in registrations:
@@ -1414,15 +1426,19 @@ class PortAllocator:
         per port passed, so O(ports above it) at worst), then a probe of each of its ports: one
         that another program holds ends the run, is set aside, and the walk goes on past it."""
         now = self._due_back()
+        self._budget, self.gave_up = self.block_probes, False
         kept = self.blocks.get(name)
         if (kept is not None and len(kept) == count and (not consecutive or kept[-1] - kept[0] == count - 1)
-                and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) == count):
+                and all(p in self._is_free for p in kept) and self._try_run(usable, kept, now) is None):
             return list(kept)
         if consecutive:
+            if self._no_run[0] == self._freed and count >= self._no_run[1]:
+                return None
             for spare in (True, False):     # ports no name remembers, else any
                 run = self._take_run(usable, count, now, spare)
-                if run is not None:
+                if run is not None or self.gave_up:
                     return run
+            self._no_run = (self._freed, count)
             return None
         taken = []
         try:
@@ -1441,6 +1457,9 @@ class PortAllocator:
         """(length, first port or None) of the longest run of consecutive free ports (remembered
         ones included), and how many ports are free in all: what a refused block is told.  Costs a
         sort of the free ports, which are few when a block is refused for want of them."""
+        key = (self._freed, len(self._is_free))   # (till a port is freed, the free ports only shrink)
+        if self._longest[0] == key:
+            return self._longest[1]
         best = (0, None)
         run, previous = 0, -2
         for port in sorted(self._is_free):
@@ -1448,7 +1467,8 @@ class PortAllocator:
             previous = port
             if run > best[0]:
                 best = (run, port - run + 1)
-        return best[0], best[1], len(self._is_free)
+        self._longest = (key, (best[0], best[1], len(self._is_free)))
+        return self._longest[1]
 
     def block_memory_change(self, ports, info):
         """What holding *ports* (ascending) as one block for *info* changes in the names' memory:
@@ -1508,7 +1528,9 @@ class PortAllocator:
         (take() probes them as it hands them out); return the time now."""
         now = self._refill()
         while self._probes >= 1 and self._busy and self._busy[0][0] <= now:
-            self._make_free(heapq.heappop(self._busy)[1])
+            port = heapq.heappop(self._busy)[1]
+            self._make_free(port)
+            self._unprobed.add(port)
             self._probes -= 1
         return now
 
@@ -1521,6 +1543,8 @@ class PortAllocator:
 
     def _try(self, usable, port, now):
         self._is_free.discard(port)
+        self._unprobed.discard(port)
+        self._budget -= 1
         try:
             if usable(port):
                 return True
@@ -1531,19 +1555,22 @@ class PortAllocator:
         return False
 
     def _try_run(self, usable, ports, now):
-        """Take free *ports* in order while usable() accepts them; return how many it took.  Unless
-        it took them all, those it took are free again (the refused one is set aside)."""
-        taken = 0
+        """Take free *ports* while usable() accepts them, those back from the set-aside ones first
+        (likely still busy: then one probe refuses the run, not a run's worth); return None when it
+        took them all, else the port refused (set aside), the others taken being free again."""
+        unprobed = self._unprobed
+        order = sorted(ports, key=lambda p: p not in unprobed) if unprobed else ports
+        taken = []
         try:
-            for port in ports:
+            for port in order:
                 if not self._try(usable, port, now):
-                    break
-                taken += 1
+                    return port
+                taken.append(port)
         finally:
-            if taken < len(ports):
-                for port in ports[:taken]:
+            if len(taken) < len(ports):
+                for port in taken:
                     self._make_free(port)
-        return taken
+        return None
 
     def _take_run(self, usable, count, now, spare):
         """Take the lowest run of *count* consecutive free ports that usable() accepts (spare: no
@@ -1557,11 +1584,14 @@ class PortAllocator:
             if end < stop:      # (port end breaks the run: the next may begin after it)
                 start = end + 1
                 continue
+            if self._budget < count:    # (those found busy so far are set aside: a next call goes further)
+                self.gave_up = True
+                return None
             run = range(start, stop)
-            taken = self._try_run(usable, run, now)
-            if taken == count:
+            refused = self._try_run(usable, run, now)
+            if refused is None:
                 return list(run)
-            start += taken + 1  # (past the one another program holds)
+            start = refused + 1     # (past the one another program holds)
         return None
 
     def _lowest_free(self, spare):
@@ -1645,11 +1675,13 @@ class PortAllocator:
 
     def remember_held(self):
         """Let each explicit name of a held port that remembers none remember its lowest such
-        port (a state file from 1.0, which had no memory); return the (name, port) pairs added."""
+        port (a state file from 1.0, which had no memory); return the (name, port) pairs added.
+        A name that remembers a block has a memory: a port it holds besides (a block asked for
+        while its own was held) must not become its port at a restart."""
         added = {}
         for port in sorted(self.held):
             name = explicit_name(self.held[port].info)
-            if (name is not None and name not in self.remembered and name not in added
+            if (name is not None and name not in self.remembered and name not in self.blocks and name not in added
                     and port not in self._remembered_by and port not in self._block_of
                     and self.first <= port <= self.last):
                 added[name] = port
@@ -1694,6 +1726,7 @@ class PortAllocator:
                 heapq.heappush(self._free, port)
 
     def _make_free(self, port):
+        self._freed += 1
         self._busy_ports.discard(port)
         self._is_free.add(port)
         heapq.heappush(self._kept if port in self._remembered_by or port in self._block_of else self._free, port)
@@ -2096,6 +2129,21 @@ def _bound_socket(family, type_, host, port):
         raise
 
 
+# What a socket of the node manager's own could not have for want of the host's resources, not
+# because of the caller's arguments: a fault 3 would tell a client not to try again.
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _bind_failure(exc, kind, host, port, count):
+    """The error for the socket of *port*, one of *count* asked for, that could not be made or
+    bound (not EADDRINUSE); none of them is registered any more."""
+    reason = exc.strerror or exc
+    if exc.errno in _OUT_OF_RESOURCES:
+        return NodeMngrException("the node manager cannot open %d %s socket%s now (%s); nothing was registered, try "
+                                 "again later or ask for fewer" % (count, kind, "s" if count > 1 else "", reason))
+    return BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, reason))
+
+
 def _block_shape(count, consecutive):
     """(count, consecutive) of a block, checked: BadArgumentError."""
     if type(count) is not int or not 1 <= count <= MAX_BLOCK:
@@ -2206,7 +2254,7 @@ class NodeMngr:
             except OSError as exc:
                 self.delPort(port)
                 if exc.errno != errno.EADDRINUSE:
-                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                    raise _bind_failure(exc, kind, host, port, 1)
                 self.allocator.set_aside(port)
                 log.info("port %d was taken between its check and the bind; trying another", port)
         raise NodeMngrException("every port tried was taken between its check and the bind; try again")
@@ -2247,8 +2295,10 @@ class NodeMngr:
         else is free, and the name then forgets the whole block.  Afterwards each port is an
         ordinary registration: delPort frees one, delPorts several, the owner's end all of them,
         and lookup lists each.  Faults: 2 when the range cannot give the block (the text says how
-        many were asked, whether consecutive, and the longest run of free ports), 3 for a count
-        outside 1-64, a consecutive that is not a boolean, or what newPort refuses.
+        many were asked, whether consecutive, and the longest run of free ports; or, when other
+        programs hold a port in every run of the 1024 ports probed, that asking again looks
+        further), 3 for a count outside 1-64, a consecutive that is not a boolean, or what
+        newPort refuses.
         """
         count, consecutive = _block_shape(count, consecutive)
         return self._hold_ports(self._checked(info, pid, caller), count, consecutive)
@@ -2307,10 +2357,10 @@ class NodeMngr:
             except OSError as exc:
                 for sock in socks:
                     sock.close()
-                self.give_back(ports)
+                self._free_ports(ports)
                 port = ports[len(socks)]
                 if exc.errno != errno.EADDRINUSE:
-                    raise BadArgumentError("cannot bind %s port %d on %s: %s" % (kind, port, host, exc.strerror or exc))
+                    raise _bind_failure(exc, kind, host, port, count)
                 self.allocator.set_aside(port)
                 log.info("port %d was taken between its check and the bind; trying another block", port)
         raise NodeMngrException("every block tried had a port taken between its check and the bind; try again")
@@ -2426,10 +2476,18 @@ class NodeMngr:
         """Whether the open group holds changes not saved yet."""
         return bool(self._group)
 
-    def give_back(self, ports):
-        """Free those of *ports* that are registered, whoever registered them: ports handed out
-        with sockets that could not be passed after all."""
-        self._free_ports([port for port in dict.fromkeys(ports) if port in self.allocator.held])
+    def holdings(self, ports):
+        """The Registrations of registered *ports* now, for a later give_back()."""
+        held = self.allocator.held
+        return tuple(held[port] for port in ports if port in held)
+
+    def give_back(self, regs):
+        """Free the ports of Registrations *regs* (from holdings()) that are still registered as
+        they were: ports handed out with sockets that could not be passed after all.  A reply
+        waits for its turn's commit while other callers are served, so a port of it may have been
+        freed and registered again meanwhile: that registration is not this one to give back."""
+        held = self.allocator.held
+        self._free_ports(list({reg.port: reg for reg in regs if held.get(reg.port) is reg}))
 
     @property
     def changes(self):
@@ -2600,8 +2658,13 @@ class NodeMngr:
 
         def take():
             return a.take_block(self.host_check, count, consecutive, name)
+        refusal = functools.partial(self._no_block, count, consecutive)
         try:
-            ports = take() or self._take_after_reaping(take, functools.partial(self._no_block, count, consecutive))
+            ports = take()
+            if ports is None:
+                if a.gave_up:   # (another try now would probe as much again: the caller asks again)
+                    raise refusal()
+                ports = self._take_after_reaping(take, refusal)
         except OSError as exc:
             raise NodeMngrException("cannot check which ports are free now (%s); nothing was "
                                     "registered, try again" % (exc.strerror or exc))
@@ -2682,6 +2745,10 @@ class NodeMngr:
 
     def _no_block(self, count, consecutive):
         a = self.allocator
+        if a.gave_up:
+            return NoFreePortError("no block of %d consecutive ports found in %d-%d within %d probes: other programs "
+                                   "hold a port in each run tried (%d set aside for now); ask again to look further"
+                                   % (count, a.first, a.last, a.block_probes, len(a._busy)))
         run, at, free = a.longest_free_run()
         return NoFreePortError("no block of %d%s ports free in %d-%d: the longest run of free ports is %s, and %d "
                                "%s free in all; %d registered, %d held by other programs" % (
@@ -2784,10 +2851,11 @@ class Sliced:
         return self.reply
 
 
-Handover = namedtuple("Handover", "reply ports sockets")
+Handover = namedtuple("Handover", "reply ports sockets regs", defaults=((),))
 Handover.__doc__ = """The reply (bytes) of a call whose result comes with sockets to pass to the
-caller (SCM_RIGHTS), the ports they are bound to, and the sockets.  If they cannot be passed,
-the door asks Dispatcher.handover_failed for the reply to send instead."""
+caller (SCM_RIGHTS), the ports they are bound to, the sockets, and the Registrations the call
+made (what is given back).  If they cannot be passed, the door asks Dispatcher.handover_failed
+for the reply to send instead."""
 
 
 class Dispatcher:
@@ -2888,7 +2956,8 @@ class Dispatcher:
             result = self._invoke(caller, method, func, params)
             if func.rpc_handover:
                 result, sockets = result
-                return Handover(self._reply((result,), method), result if type(result) is list else [result], sockets)
+                ports = result if type(result) is list else [result]
+                return Handover(self._reply((result,), method), ports, sockets, self.service.holdings(ports))
             if type(result) is int and _INT32_MIN <= result <= _INT32_MAX:
                 return (_INT_REPLY % result).encode("ascii")
             if type(result) is str and result.isascii():     # (ping's): as dumps writes it, 2 us sooner
@@ -2981,7 +3050,7 @@ class Dispatcher:
         (*reason*: an OSError, or None when the caller has not taken the previous socket yet):
         its ports are given back, whoever registered them, and the fault is counted."""
         try:
-            self.service.give_back(handover.ports)
+            self.service.give_back(handover.regs)
         except NodeMngrException as exc:    # (a save that failed: the owner's end frees them)
             log.warning("could not give back ports %s: %s", _span(handover.ports), exc)
         several = len(handover.ports) > 1

@@ -59,6 +59,74 @@ def test_a_consecutive_block_is_the_lowest_free_run_and_a_busy_port_breaks_runs(
     assert a.take_block(usable, 3) == [109, 110, 111]
 
 
+def test_a_port_held_in_every_run_cannot_make_one_block_call_probe_the_whole_range():
+    # A user with a few hundred sockets, one every 64 ports, breaks every run of 64: one call
+    # probed each free port (a bind each, about half a second of the daemon's only thread for
+    # 30,000).  Now each call probes at most 1024, those found busy stay set aside, and a
+    # caller asking again goes further until it finds the run past them.
+    first, last = 10000, 29999
+    busy = set(range(first + 63, last - 1000, 64))
+    probes = []
+
+    def check(port):
+        probes.append(port)
+        return port not in busy
+    m = NodeMngr(first, last, StateStore(None), host_check=check)
+    for calls in range(1, 40):
+        del probes[:]
+        try:
+            ports = m.newPorts("wide", 64, 0, True)
+            break
+        except nodemngr.NoFreePortError as exc:
+            assert str(exc).startswith("no block of 64 consecutive ports found in 10000-29999 within 1024 probes: "
+                                       "other programs hold a port in each run tried ("), exc
+            assert len(probes) <= 1024 and m.registered == 0
+    assert ports == list(range(max(busy) + 1, max(busy) + 65)) and len(probes) <= 1024, calls
+    assert m.newPort("one") == first, "single ports are not held up"
+
+
+def test_ports_back_from_the_set_aside_ones_are_probed_first_in_a_run():
+    # They come back when due without a probe; still busy, each would cost a run's worth of
+    # binds before it refused the run again.
+    now = [0.0]
+    a = PortAllocator(100, 131, clock=lambda: now[0])
+    a.busy_probe_burst = a._probes = 1000
+    busy = {107, 115, 123}
+    probes = []
+
+    def usable(port):
+        probes.append(port)
+        return port not in busy
+    assert a.take_block(usable, 8, True) == [124, 125, 126, 127, 128, 129, 130, 131]
+    for port in range(124, 132):
+        a.untake(port)
+    now[0] += 2 * a.busy_retry      # due again, still busy
+    del probes[:]
+    assert a.take_block(usable, 8, True) == [124, 125, 126, 127, 128, 129, 130, 131]
+    assert probes == [107, 115, 123] + list(range(124, 132)), "one probe for each busy run"
+
+
+def test_refused_blocks_in_a_fragmented_range_cost_one_walk_not_one_each():
+    # Every other port of 50,000 registered: each refused consecutive block walked the range
+    # (twice) and sorted its free ports, 20-60 ms, and a multicall of 200 held the daemon for
+    # seconds.  Until a port is freed, the free ports only shrink: a refusal is remembered.
+    first, last = 10000, 59999
+    m = NodeMngr(first, last, StateStore(None), host_check=lambda port: True)
+    m.allocator = PortAllocator(first, last, [nodemngr.Registration(p, "x", 0, 0, 0.0, "", 0)
+                                              for p in range(first, last + 1, 2)])
+    dispatcher = nodemngr.Dispatcher(m)
+    caller = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+    calls = [{"methodName": "newPorts", "params": ["pair", 2, 0, True]}] * 200
+    t0 = time.monotonic()
+    results = xmlrpc.client.loads(dispatcher.dispatch(caller, rpc_body("system.multicall", calls)))[0][0]
+    elapsed = time.monotonic() - t0
+    assert [r["faultCode"] for r in results] == [2] * 200 and "the longest run of free ports is 1" in \
+        results[-1]["faultString"]
+    assert elapsed < 1.5, "%.2f s" % elapsed
+    m.delPort(first + 2)
+    assert m.newPorts("pair", 2, 0, True) == [first + 1, first + 2], "a port freed: looked for again"
+
+
 def test_a_consecutive_block_avoids_remembered_ports_while_it_can():
     a = PortAllocator(100, 109, remembered={"db": 102})
     usable = lambda port: True      # noqa: E731
@@ -136,6 +204,22 @@ def test_a_block_is_one_transaction_told_once_and_a_failed_save_takes_nothing(tm
     m.close()
 
 
+def test_a_restart_keeps_the_names_memory_as_it_was_when_a_name_holds_ports_beside_its_block(tmp_path):
+    # At the start, a name that held ports and remembered none got its lowest as its port (for
+    # 1.0's files): a name remembering a block has a memory, and its extra port is not its port.
+    path = str(tmp_path / "state.sqlite3")
+    m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
+    assert m.newPorts({"name": "a"}, 3, 0, True) == [100, 101, 102]
+    assert m.newPorts({"name": "a"}, 1) == [103], "asked while its block is held: the name keeps that block"
+    before = (m.remembered(), dict(m.allocator.blocks))
+    m.close()
+    m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
+    assert (m.remembered(), m.allocator.blocks) == before == ({}, {"a": (100, 101, 102)})
+    m.delPorts([103])
+    assert m.newPort("plain") == 103, "103 is nobody's port"
+    m.close()
+
+
 def test_a_schema_3_file_without_the_blocks_table_gets_one_and_keeps_its_registrations(tmp_path):
     path = str(tmp_path / "state.sqlite3")
     m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
@@ -161,6 +245,26 @@ def test_a_schema_3_file_without_the_blocks_table_gets_one_and_keeps_its_registr
     m = NodeMngr(100, 119, StateStore(path), host_check=lambda port: True)
     assert m.allocator.blocks == {"d": (116, 117)}
     m.close()
+
+
+def test_a_handover_that_cannot_go_gives_back_its_own_ports_not_ones_registered_again_since():
+    # A handover's reply waits for the turn's group commit while other connections are served:
+    # meanwhile its caller may free a port of it (delPorts on another connection) and somebody
+    # else register that port.  Its failure must not free that other registration.
+    first, last = free_range(6)
+    service = NodeMngr(first, last)
+    dispatcher = nodemngr.Dispatcher(service)
+    try:
+        local = dispatcher.caller("local", uid=os.getuid(), pid=os.getpid())
+        handover = dispatcher.dispatch(local, rpc_body("newSockets", "pair", 2, True))
+        for sock in handover.sockets:
+            sock.close()
+        service.delPorts([handover.ports[0]])
+        assert service.newPort("theirs") == handover.ports[0]
+        dispatcher.handover_failed(handover, None)
+        assert [(r.port, r.info) for r in service.registrations()] == [(handover.ports[0], "theirs")]
+    finally:
+        service.close()
 
 
 # --- on real daemons ---------------------------------------------------------------------------
@@ -332,6 +436,26 @@ def test_bad_and_hostile_blocks_are_refused_in_one_sentence(daemon_factory, nobo
     results = multi().results
     assert results[0]["faultCode"] == 3 and results[1] == [[d.first + 2, d.first + 3]]
     assert sorted(registered(d)) == list(range(d.first, d.first + 4)), "only the good ones"
+
+
+def _few_descriptors():
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+
+def test_a_daemon_out_of_descriptors_says_so_rather_than_blame_the_callers_arguments(daemon_factory):
+    d = daemon_factory(size=70, state="none", preexec_fn=_few_descriptors)
+    nm = d.proxy()
+    with pytest.raises(nodemngr.NodeMngrException) as refused:
+        nm.newSockets("many", 64)
+    assert not isinstance(refused.value, nodemngr.BadArgumentError), "fault 3 would say: do not try again"
+    assert refused.value.faultCode == -32603 and "the node manager cannot open 64 tcp sockets now (Too many " \
+        "open files); nothing was registered, try again later or ask for fewer" in str(refused.value)
+    assert registered(d) == {}
+    socks = nm.newSockets("few", 2)
+    for sock in socks:
+        sock.close()
+    assert sorted(registered(d)) == [d.first, d.first + 1]
 
 
 def test_new_sockets_hands_over_a_block_at_once_one_in_flight_per_connection(daemon_factory):
