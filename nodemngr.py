@@ -2750,9 +2750,10 @@ class NodeMngr:
                                    "hold a port in each run tried (%d set aside for now); ask again to look further"
                                    % (count, a.first, a.last, a.block_probes, len(a._busy)))
         run, at, free = a.longest_free_run()
-        return NoFreePortError("no block of %d%s ports free in %d-%d: the longest run of free ports is %s, and %d "
+        return NoFreePortError("no block of %d%s %s free in %d-%d: the longest run of free ports is %s, and %d "
                                "%s free in all; %d registered, %d held by other programs" % (
-                                   count, " consecutive" if consecutive else "", a.first, a.last,
+                                   count, " consecutive" if consecutive else "", "port" if count == 1 else "ports",
+                                   a.first, a.last,
                                    "%d (%d-%d)" % (run, at, at + run - 1) if run else "0", free,
                                    "is" if free == 1 else "are", a.in_range, a.last - a.first + 1 - a.in_range - free))
 

@@ -127,6 +127,14 @@ def test_refused_blocks_in_a_fragmented_range_cost_one_walk_not_one_each():
     assert m.newPorts("pair", 2, 0, True) == [first + 1, first + 2], "a port freed: looked for again"
 
 
+def test_a_refused_block_of_one_says_port_not_ports():
+    m = NodeMngr(100, 100, StateStore(None), host_check=lambda port: True)
+    m.newPort("the only one", 0)
+    with pytest.raises(nodemngr.NoFreePortError, match="^no block of 1 port free in 100-100: the longest run "
+                       "of free ports is 0, and 0 are free in all; 1 registered, 0 held by other programs$"):
+        m.newPorts("one more", 1, 0)
+
+
 def test_a_consecutive_block_avoids_remembered_ports_while_it_can():
     a = PortAllocator(100, 109, remembered={"db": 102})
     usable = lambda port: True      # noqa: E731
