@@ -1258,6 +1258,20 @@ class RawConnection:
         self.close()
 
 
+def read_handovers(sock, replies, max_fds=64, timeout=10.0):
+    """(bytes, descriptors) of *replies* whole XML-RPC replies read from the local socket *sock*,
+    with every descriptor passed along them (SCM_RIGHTS); the caller closes those."""
+    data, fds = b"", []
+    deadline = time.monotonic() + timeout
+    while data.count(b"</methodResponse>") < replies:
+        assert time.monotonic() < deadline, "%d replies not read within %s s: %r" % (replies, timeout, data[-200:])
+        chunk, ancillary, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(4 * max_fds))
+        assert chunk, "the connection was dropped with replies owed"
+        data += chunk
+        fds += [fd for _, _, c in ancillary for fd in struct.unpack("%di" % (len(c) // 4), c)]
+    return data, fds
+
+
 def post(to, body=b"", timeout=10.0, **request):
     """One request, ``http_request(body, **request)``, on a fresh connection to *to* (as for
     RawConnection): its Reply."""

@@ -9,7 +9,6 @@ import json
 import os
 import socket
 import sqlite3
-import struct
 import subprocess
 import textwrap
 import time
@@ -17,8 +16,8 @@ import xmlrpc.client
 
 import pytest
 
-from support import (FAST_REAP, ROOT, free_range, http_request, popen_python, post, registered, rpc_body,
-                     wait_until)
+from support import (FAST_REAP, ROOT, free_range, http_request, popen_python, post, read_handovers, registered,
+                     rpc_body, wait_until)
 
 import nodemngr
 from nodemngr import NodeMngr, PortAllocator, StateStore
@@ -487,12 +486,7 @@ def test_new_sockets_hands_over_a_block_at_once_one_in_flight_per_connection(dae
         s.connect(nodemngr.local_sockaddr("@nodemngr-%d" % d.port))
         s.sendall(request * 3)      # pipelined, no reply read yet
         time.sleep(0.3)
-        data, fds = b"", []
-        while data.count(b"</methodResponse>") < 3:
-            chunk, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 8))
-            assert chunk, "the connection was dropped with replies owed"
-            data += chunk
-            fds += [fd for _, _, c in anc for fd in struct.unpack("%di" % (len(c) // 4), c)]
+        data, fds = read_handovers(s, 3)
     for fd in fds:
         os.close(fd)
     replies = data.split(b"HTTP/1.1 200 OK")[1:]

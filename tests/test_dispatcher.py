@@ -6,13 +6,11 @@ The in-process service is a real NodeMngr (real host checks, a range of free por
 """
 import os
 import socket
-import struct
-import time
 import xmlrpc.client
 
 import pytest
 
-from support import counters, free_range, http_request, rpc_body, wait_until
+from support import counters, free_range, http_request, read_handovers, rpc_body, wait_until
 
 import nodemngr
 from nodemngr import Deferred, Dispatcher, Handover, NodeMngr
@@ -270,13 +268,7 @@ def test_portserver_requests_and_handover_faults_reach_metrics_like_any_call(dae
     with local_connection(daemon) as s:         # two handovers pipelined: the second cannot go
         s.sendall(request * 2)                  # (both answered before this client reads any)
         assert wait_until(lambda: counters(daemon, "nodemngr_requests_total").get("newSocket") == 2)
-        data, fds = b"", []
-        deadline = time.monotonic() + 10
-        while data.count(b"</methodResponse>") < 2 and time.monotonic() < deadline:
-            chunk, ancillary, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
-            assert chunk
-            data += chunk
-            fds += [fd for _, _, c in ancillary for fd in struct.unpack("%di" % (len(c) // 4), c)]
+        data, fds = read_handovers(s, 2)
     for fd in fds:
         os.close(fd)
     assert len(fds) == 1 and data.count(b"faultCode") == 1, data

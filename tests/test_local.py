@@ -16,7 +16,8 @@ import xmlrpc.client
 import pytest
 
 from support import (FAST_REAP, NODEMNGR, ROOT, RawConnection, clean_env, daemon_settings, free_range,
-                     http_request, pid_alive, popen_python, rpc_body, run_python, stop_pid, wait_until)
+                     http_request, pid_alive, popen_python, read_handovers, rpc_body, run_python, stop_pid,
+                     wait_until)
 
 import nodemngr
 
@@ -613,12 +614,7 @@ def test_new_socket_without_a_pid_is_owned_by_its_caller_and_one_is_in_flight_pe
         s.connect(nodemngr.local_sockaddr(local_address(daemon)))
         s.sendall(request * 20)         # pipelined, none of the replies read yet
         time.sleep(0.3)
-        data, fds = b"", []
-        while data.count(b"</methodResponse>") < 20:
-            chunk, anc, _, _ = s.recvmsg(65536, socket.CMSG_SPACE(4 * 16))
-            assert chunk, "the connection was dropped with replies owed"
-            data += chunk
-            fds += [fd for _, _, c in anc for fd in __import__("struct").unpack("%di" % (len(c) // 4), c)]
+        data, fds = read_handovers(s, 20)
     for fd in fds:
         os.close(fd)
     replies = data.split(b"HTTP/1.1 200 OK")[1:]
