@@ -157,7 +157,7 @@ __all__ = [
     # Serving, the command line, legacy names
     "run_daemon", "activated_sockets", "sd_notifier", "spawner_notifier", "reopen_log_files", "main", "format_table", "nm",
 ]
-__version__ = "1.2.0"
+__version__ = "1.3.0"
 
 log = logging.getLogger("nodemngr")
 
@@ -3207,8 +3207,8 @@ class Dispatcher:
         if method in ("newSocket", "newSockets"):
             return Fault(BAD_ARGUMENT, "%s passes sockets, which only the node manager's local socket can carry, "
                          "one call per request (not over TCP, not in system.multicall)" % method)
-        return Fault(BAD_ARGUMENT, "%s waits for etcd, so it cannot run inside system.multicall; call it "
-                     "alone" % method)
+        return Fault(BAD_ARGUMENT, "%s answers from the cluster view in a thread of its own, so it cannot run "
+                     "inside system.multicall; call it alone" % method)
 
     def _invoke(self, caller, method, func, params):
         try:

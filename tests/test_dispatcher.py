@@ -92,7 +92,7 @@ def test_multicall_counts_each_call_and_keeps_socket_and_etcd_calls_out(dispatch
     assert isinstance(results[0][0], int)
     assert [r["faultCode"] for r in results[1:5]] == [1, 3, 3, -32600]
     assert "local socket can carry, one call per request" in results[2]["faultString"]
-    assert "waits for etcd" in results[3]["faultString"]
+    assert "answers from the cluster view in a thread of its own" in results[3]["faultString"]
     assert len(results[5][0]) == 1 and results[6]["faultCode"] == 3 and results[7]["faultCode"] == -32600
     assert dispatcher.requests["newPort"] == 1 and dispatcher.requests["system.multicall"] == 1
     assert dispatcher.faults == {1: 1, 3: 3, -32600: 2}
