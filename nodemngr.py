@@ -3076,9 +3076,13 @@ class Dispatcher:
         self._pages[path] = render
 
     def page(self, path):
-        """The bytes of GET *path*, counted as a request; None when no such page is served."""
+        """The reply to GET *path*: bytes, a list of its parts, or a Sliced being made (shared:
+        one made already is its reply); None when no such page is served."""
         render = self._pages.get(path)
-        return None if render is None else render()
+        if render is None:
+            return None
+        reply = render()
+        return self._made(reply) if type(reply) is Sliced and reply.step() else reply
 
     def metrics(self):
         """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
@@ -5456,44 +5460,66 @@ progress { width: 24em; height: 1.1em; } .muted { color: #777; } .bad { color: #
 
 class StatusPages:
     """The status page (html()), its data as JSON (json()) and its stylesheet (css()), for
-    *service* (a NodeMngr) and its cluster view, if any.  Each registration's JSON is made once
-    and kept while it is held, so that the JSON of 25,000 is a join, not 25,000 encodings."""
+    *service* (a NodeMngr) and its cluster view, if any.  The page and the JSON are each a Sliced
+    (made a slice per turn of the loop: nobody waits behind 25,000 registrations), shared by all
+    who ask for the same state of the registry within a second (a hundred browsers cost one page
+    and hold one copy).  Each registration's JSON is made once and kept while it is held, so that
+    the JSON of 25,000 is mostly references to pieces made before."""
 
-    rows = 500          # registrations the page shows; the others are counted (the JSON has them all)
+    rows = 500          # registrations, names and hosts the page shows; the others are counted (the JSON has them all)
+    host_ports = 20     # ports of each host of the cluster view the page names; the others are counted
     refresh = 5         # seconds between two loads of the page by the browser
 
     def __init__(self, service):
         self.service = service
         self._json_pieces = {}      # port -> (Registration, its JSON as bytes)
+        self._shared = {}           # "html" or "json" -> (service.changes, monotonic time, its Sliced)
 
     def css(self):
         return _PAGE_CSS
 
     def json(self):
         """The page's data, {version, host, range, registrations, reaps, names, uptime, cluster}: a
-        Sliced, as the JSON of registrations not seen yet (25,000 after a restart) is made a slice
-        at a time."""
-        return Sliced(self._json_steps(), "GET /status.json")
+        Sliced whose reply is a list of the JSON's pieces."""
+        return self._share("json", self._json_steps)
+
+    def html(self):
+        """The page (a Sliced): the range and how full it is, the registrations, the last reaps,
+        the names remembered and the cluster view by host (the first *rows* of each, counted)."""
+        return self._share("html", self._html_steps)
+
+    def _share(self, kind, steps):
+        """The page *kind* made, or being made, for this state of the registry less than a second
+        ago (ages and uptime are shown to the second), or a new one."""
+        now, shared = time.monotonic(), self._shared.get(kind)
+        if shared is None or shared[0] != self.service.changes or now - shared[1] >= 1.0:
+            shared = self._shared[kind] = (self.service.changes, now, Sliced(steps(), "GET of the status page"))
+        return shared[2]
 
     def _json_steps(self):
         import json
-        summary, regs = self._summary(), self.service.registrations(ordered=True)    # (one moment's)
-        pieces, kept, cached = [], {}, self._json_pieces
-        until = time.monotonic() + Sliced.budget
-        for reg in regs:
-            entry = cached.get(reg.port)
-            if entry is None or entry[0] is not reg:
-                entry = (reg, json.dumps(_json_entry(reg)).encode("utf-8"))
-            kept[reg.port] = entry
-            pieces.append(entry[1])
-            if len(pieces) % 64 == 0 and time.monotonic() >= until:
-                yield
-                until = time.monotonic() + Sliced.budget
-        self._json_pieces = kept
-        return b'{"registrations": [%s], %s' % (b", ".join(pieces), json.dumps(summary, sort_keys=True)[1:].encode())
+        regs, summary = self.service.registrations(ordered=True), self._summary(self.rows)   # (one moment's)
+        yield
+        pieces, kept, cached = [b'{"registrations": ['], {}, self._json_pieces
 
-    def _summary(self):
-        """Everything of the page's data but the registrations."""
+        def entry(reg):
+            made = cached.get(reg.port)
+            if made is None or made[0] is not reg:
+                made = (reg, json.dumps(_json_entry(reg)).encode("utf-8"))
+            kept[reg.port] = made
+            pieces.extend((b", ", made[1]) if len(pieces) > 1 else (made[1],))
+        yield from _in_slices(regs, entry)
+        self._json_pieces = kept
+        names = sorted(self.service.remembered().items())
+        pieces.append(b'], "names": [')
+        yield
+        yield from _in_slices(range(0, len(names), 64), lambda i: pieces.append(b", " * (i > 0) + json.dumps(
+            [{"name": n, "port": p} for n, p in names[i:i + 64]])[1:-1].encode("utf-8")), every=1)
+        pieces.append(b"], " + json.dumps(summary, sort_keys=True)[1:].encode("utf-8"))
+        return pieces
+
+    def _summary(self, host_ports):
+        """Everything of the page's data but the registrations and names."""
         status = self.service.status()
         cluster = self.service.cluster
         return {"version": status["version"], "host": status["host"], "port": status["port"],
@@ -5501,69 +5527,87 @@ class StatusPages:
                           "free": status["free"]},
                 "reaps": [dict(_json_entry(reg), reaped=_iso(when)) for reg, when in reversed(self.service.recent_reaps)],
                 "reaped": status["reaped"], "uptime": round(status["uptime"], 1),
-                "names": [{"name": name, "port": port} for name, port in sorted(self.service.remembered().items())],
-                "cluster": None if cluster is None else self._cluster(cluster, status)}
+                "cluster": None if cluster is None else self._cluster(cluster, status, host_ports)}
 
-    def _cluster(self, cluster, status):
+    def _cluster(self, cluster, status, host_ports):
         """The cluster view's part: its state, and each host with its entries' count, the first
-        *rows* of them and when the last change of its was seen."""
+        *host_ports* of them and when the last change of its was seen."""
         seen = cluster.seen()
         return {"status": status["cluster"], "skipped": status["clusterSkipped"], "stale": cluster.stale(),
                 "seen": None if seen == math.inf else round(seen, 1),
                 "hosts": [{"host": host, "entries": count, "lastChange": None if when is None else _iso(when),
                            "ports": [{"port": port, "name": name} for port, name in first]}
-                          for host, count, first, when in cluster.hosts(self.rows)]}
+                          for host, count, first, when in cluster.hosts(host_ports)]}
 
-    def html(self):
-        """The page: the range and how full it is, the registrations (the first *rows*), the
-        last reaps, the names remembered, and the cluster view's state."""
-        import html
-        esc = html.escape
-        summary = self._summary()
-        regs = self.service.registrations(ordered=True)
-        now = time.time()
-        r = summary["range"]
-        size = r["last"] - r["first"] + 1
-        out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-               '<meta http-equiv="refresh" content="%d"><title>nodemngr on %s:%d</title>'
-               '<link rel="stylesheet" href="/status.css"></head><body>'
-               % (self.refresh, esc(summary["host"]), summary["port"]),
-               '<h1>nodemngr on %s:%d</h1><p class="muted">version %s, up %s, refreshed every %d s</p>'
-               % (esc(summary["host"]), summary["port"], esc(summary["version"]), _age(summary["uptime"]),
-                  self.refresh),
-               '<h2>Range %d-%d</h2><p><progress max="%d" value="%d"></progress> %d of %d registered, %d free'
-               ' (the others are held by other programs)</p>'
-               % (r["first"], r["last"], size, r["registered"], r["registered"], size, r["free"]),
-               '<h2>Registrations</h2>']
-        out.append(_html_table(("port", "name", "info", "pid", "owner", "age"), [
-            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid or "",
-             "" if not reg.pid else ("alive" if owner_alive(reg.pid, reg.start) else "ended"), _age(now - reg.since))
-            for reg in regs[:self.rows]], esc, "none"))
-        if len(regs) > self.rows:
-            out.append('<p class="muted">and %d more: /status.json and <code>nodemngr list</code> list them all</p>'
-                       % (len(regs) - self.rows))
-        out.append('<h2>Reaped lately (%d since the start)</h2>' % summary["reaped"])
-        out.append(_html_table(("port", "name", "info", "pid", "reaped"), [
-            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid, _age(now - when) + " ago")
-            for reg, when in reversed(self.service.recent_reaps)], esc, "none"))
-        out.append('<h2>Names remembered (sticky ports)</h2>')
-        out.append(_html_table(("name", "port"), [(n["name"], n["port"]) for n in summary["names"]], esc, "none"))
-        out.append(self._cluster_html(summary["cluster"], esc))
+    def _html_steps(self):
+        summary, regs = self._summary(self.host_ports), self.service.registrations(ordered=True)
+        yield
+        names, now, rows = sorted(self.service.remembered().items()), time.time(), []
+        yield from _in_slices(regs[:self.rows], lambda reg: rows.append((
+            reg.port, _shown_name(reg.info), _shown(reg.info), reg.pid or "",
+            "" if not reg.pid else ("alive" if owner_alive(reg.pid, reg.start) else "ended"), _age(now - reg.since))))
+        out = [self._html_head(summary), _html_table(("port", "name", "info", "pid", "owner", "age"), rows, "none"),
+               _more(len(regs), self.rows, "registrations"),
+               '<h2>Reaped lately (%d since the start)</h2>' % summary["reaped"],
+               _html_table(("port", "name", "info", "pid", "reaped"), [
+                   (reg.port, _shown_name(reg.info), _shown(reg.info), reg.pid, _age(now - when) + " ago")
+                   for reg, when in reversed(self.service.recent_reaps)], "none"),
+               '<h2>Names remembered (sticky ports)</h2>',
+               _html_table(("name", "port"), [(printable(n, 300), p) for n, p in names[:self.rows]], "none"),
+               _more(len(names), self.rows, "names")]
+        yield
+        out.append(self._cluster_html(summary["cluster"]))
         out.append('<p class="muted">The same as JSON: <a href="/status.json">/status.json</a></p></body></html>\n')
         return "".join(out).encode("utf-8")
 
-    def _cluster_html(self, cluster, esc):
+    def _html_head(self, summary):
+        import html
+        esc, r = html.escape, summary["range"]
+        size = r["last"] - r["first"] + 1
+        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                '<meta http-equiv="refresh" content="%d"><title>nodemngr on %s:%d</title>'
+                '<link rel="stylesheet" href="/status.css"></head><body>'
+                '<h1>nodemngr on %s:%d</h1><p class="muted">version %s, up %s, refreshed every %d s</p>'
+                '<h2>Range %d-%d</h2><p><progress max="%d" value="%d"></progress> %d of %d registered, %d free'
+                ' (the others are held by other programs)</p><h2>Registrations</h2>'
+                % (self.refresh, esc(summary["host"]), summary["port"], esc(summary["host"]), summary["port"],
+                   esc(summary["version"]), _age(summary["uptime"]), self.refresh, r["first"], r["last"], size,
+                   r["registered"], r["registered"], size, r["free"]))
+
+    def _cluster_html(self, cluster):
+        import html
         if cluster is None:
             return '<h2>Cluster</h2><p class="muted">no cluster view (serve --cluster URL)</p>'
-        out = ['<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
-            "bad" if cluster["stale"] else "muted", esc(cluster["status"]), " (stale)" if cluster["stale"] else "",
-            "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago")]
-        out.append(_html_table(("host", "entries", "last change seen", "ports"), [
-            (h["host"], h["entries"], h["lastChange"] or "none since this view was read",
-             ", ".join("%d %s" % (p["port"], p["name"]) for p in h["ports"]) + (
-                 " and %d more" % (h["entries"] - len(h["ports"])) if h["entries"] > len(h["ports"]) else ""))
-            for h in cluster["hosts"]], esc, "no host publishes"))
-        return "".join(out)
+        hosts = cluster["hosts"]
+        return ''.join((
+            '<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
+                "bad" if cluster["stale"] else "muted", html.escape(cluster["status"]), " (stale)" if cluster["stale"] else "",
+                "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago"),
+            _html_table(("host", "entries", "last change seen", "ports"), [
+                (printable(h["host"], 300), h["entries"], h["lastChange"] or "none since this view was read",
+                 ", ".join("%d %s" % (p["port"], printable(p["name"], 300)) for p in h["ports"]) + (
+                     " and %d more" % (h["entries"] - len(h["ports"])) if h["entries"] > len(h["ports"]) else ""))
+                for h in hosts[:self.rows]], "no host publishes"),
+            _more(len(hosts), self.rows, "hosts")))
+
+
+def _in_slices(items, do, every=64):
+    """do(item) for each of *items*, giving the loop back (a yield) whenever a slice's budget
+    (Sliced.budget) is spent, looked at every *every* items."""
+    until = time.monotonic() + Sliced.budget
+    for i, item in enumerate(items, 1):
+        do(item)
+        if i % every == 0 and time.monotonic() >= until:
+            yield
+            until = time.monotonic() + Sliced.budget
+
+
+def _more(count, shown, what):
+    """The line under a table cut at *shown* rows, saying how many of *what* it leaves out."""
+    if count <= shown:
+        return ""
+    return ('<p class="muted">and %d more %s: /status.json and <code>nodemngr list</code> list them all</p>'
+            % (count - shown, what))
 
 
 def _json_entry(reg):
@@ -5582,9 +5626,17 @@ def _shown(info):
     return printable(info if isinstance(info, str) else repr(info), 300)
 
 
-def _html_table(columns, rows, esc, empty):
+def _shown_name(info):
+    """The name of a registration as a person reads it: printable, as its info is (a name can
+    hold a right-to-left override or a line separator that would disguise it)."""
+    return printable(name_of(info) or "", 300)
+
+
+def _html_table(columns, rows, empty):
+    import html
     if not rows:
         return '<p class="muted">%s</p>' % empty
+    esc = html.escape
     head = "".join("<th>%s</th>" % c for c in columns)
     body = "".join("<tr>%s</tr>" % "".join(
         '<td%s>%s</td>' % (' class="info"' if c == "info" else "", esc(str(v))) for c, v in zip(columns, row))

@@ -204,6 +204,7 @@ SETTINGS = {
     "lock_wait": "StateStore.lock_wait",                # for a state file another daemon holds
     "cluster_resync": "ClusterView.resync_interval",    # between two comparisons of what it published and the registry
     "page_rows": "StatusPages.rows",                    # registrations the status page shows (500)
+    "page_host_ports": "StatusPages.host_ports",        # ports of each cluster host the status page names (20)
     "slice_budget": "Sliced.budget",                    # of work per turn of the loop for a long reply (4 ms)
 }
 
