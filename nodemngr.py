@@ -2714,6 +2714,7 @@ class NodeMngr:
 # Every door's calls, checked, counted and logged the same way; it knows no socket and no framing.
 
 _LARGE_REPLIES = ("listPorts", "lookup", "system.multicall", "listCluster")  # the calls whose reply can be megabytes
+_LARGE_PAGES = (b"/", b"/status.json")     # the pages whose reply can be megabytes (Dispatcher.page)
 
 
 class Busy(Exception):
@@ -3075,12 +3076,15 @@ class Dispatcher:
         """Serve GET *path* (bytes, one of the transport's pages) as what render() returns (bytes)."""
         self._pages[path] = render
 
-    def page(self, path):
+    def page(self, path, short_of_memory=False):
         """The reply to GET *path*: bytes, a list of its parts, or a Sliced being made (shared:
-        one made already is its reply); None when no such page is served."""
+        one made already is its reply); None when no such page is served.  short_of_memory: replies already wait beyond the server's bound,
+        so a page that can be megabytes raises Busy, as listPorts would."""
         render = self._pages.get(path)
         if render is None:
             return None
+        if short_of_memory and path in _LARGE_PAGES:
+            raise Busy("too many replies wait for slow clients to take them; try again shortly")
         reply = render()
         return self._made(reply) if type(reply) is Sliced and reply.step() else reply
 
@@ -3624,15 +3628,15 @@ class Connection:
         """The reply to a request, or None for a slow call, answered when its thread is done."""
         server = self.server
         dispatcher = server.dispatcher
-        if head.page is not None:   # (GET of a page: /metrics, the status page)
-            reply = dispatcher.page(head.page)
-            if reply is None:
-                raise _HTTPError(404, "no such page here")
-        else:
-            try:
+        try:
+            if head.page is not None:   # (GET of a page: /metrics, the status page)
+                reply = dispatcher.page(head.page, server.short_of_memory())
+                if reply is None:
+                    raise _HTTPError(404, "no such page here")
+            else:
                 reply = dispatcher.dispatch(caller, body, server.short_of_memory())
-            except Busy as exc:
-                raise _HTTPError(503, str(exc))
+        except Busy as exc:
+            raise _HTTPError(503, str(exc))
         kind = type(reply)
         if kind is Deferred or kind is Sliced:  # it waits for another server, or is made a slice a turn
             if server.stopping:         # (no new wait once the stop has begun)

@@ -245,6 +245,25 @@ def test_pages_of_25000_registrations_are_made_in_short_slices_and_shared():
         service.close()
 
 
+def test_pages_for_readers_that_never_read_hold_memory_bounded(daemon_factory):
+    """Many clients ask for the megabytes of /status.json and read nothing: they share one copy,
+    and once the replies waiting pass the daemon's bound, newcomers get a 503, as for listPorts."""
+    from support import count_turned_away, fill_registry, http_request, memory_kib, slow_readers
+    d = daemon_factory(size=1000, state="none")
+    fill_registry(d, 1000)          # the JSON is about 4 MB
+    base = memory_kib(d.proc.pid)
+    clients = slow_readers(d, 100, http_request(method="GET", path="/status.json", length=False))
+    try:
+        assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
+        turned_away = count_turned_away(clients)
+        peak = memory_kib(d.proc.pid, "VmHWM")
+    finally:
+        for s in clients:
+            s.close()
+    assert turned_away > 0, "no newcomer was turned away past the bound"
+    assert peak - base < 100 * 1024, "pages waiting for readers grew the daemon by %d KiB" % (peak - base)
+
+
 def test_the_page_lists_every_host_of_the_cluster_view(daemon_factory, etcd, tmp_path):
     """Two daemons publishing to a real etcd: each one's page lists both hosts, with their entries
     and when a change of theirs was last seen; the JSON says the same."""
