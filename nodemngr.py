@@ -3289,12 +3289,15 @@ _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\
 
 # The pages served to GET, with the head of their replies (every other GET is 405 or 404); what
 # each holds is the dispatcher's (Dispatcher.page).  The status page and its stylesheet load
-# nothing from elsewhere and run no script (the browser is told so), and no page is sniffed.
+# nothing from elsewhere and run no script (the browser is told so), and no page is sniffed.  The
+# page and its JSON are never stored: they may sit behind the token, and a copy kept would show
+# ports freed since.
 _PAGE_SAFETY = (b"X-Content-Type-Options: nosniff\r\nContent-Security-Policy: default-src 'none'; style-src 'self'; "
                 b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\nDate: ")
+_NO_STORE = b"Cache-Control: no-store\r\n" + _PAGE_SAFETY
 _PAGES = {b"/metrics": _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8"),
-          b"/": _OK_HEAD.replace(b"text/xml", b"text/html; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY),
-          b"/status.json": _OK_HEAD.replace(b"text/xml", b"application/json").replace(b"Date: ", _PAGE_SAFETY),
+          b"/": _OK_HEAD.replace(b"text/xml", b"text/html; charset=utf-8").replace(b"Date: ", _NO_STORE),
+          b"/status.json": _OK_HEAD.replace(b"text/xml", b"application/json").replace(b"Date: ", _NO_STORE),
           b"/status.css": _OK_HEAD.replace(b"text/xml", b"text/css; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY)}
 
 

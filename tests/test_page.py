@@ -137,12 +137,15 @@ def test_the_page_and_the_json_need_the_token_when_there_is_one(daemon_factory, 
 
 
 def test_the_page_tells_the_browser_to_run_no_script_and_load_nothing_else(daemon):
+    """...and to keep no copy of what it shows (it can sit behind the token, and a page kept would
+    show ports freed since)."""
     for path, kind in (("/", "text/html; charset=utf-8"), ("/status.json", "application/json"),
                        ("/status.css", "text/css; charset=utf-8")):
         headers, _ = get(daemon, path)
         assert headers["Content-Type"] == kind and headers["X-Content-Type-Options"] == "nosniff"
         policy = headers["Content-Security-Policy"]
         assert "default-src 'none'" in policy and "unsafe" not in policy and "script-src" not in policy
+        assert path == "/status.css" or headers["Cache-Control"] == "no-store"
 
 
 def test_a_name_that_would_disguise_itself_is_shown_escaped(daemon):
