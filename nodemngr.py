@@ -3078,8 +3078,9 @@ class Dispatcher:
 
     def page(self, path, short_of_memory=False):
         """The reply to GET *path*: bytes, a list of its parts, or a Sliced being made (shared:
-        one made already is its reply); None when no such page is served.  short_of_memory: replies already wait beyond the server's bound,
-        so a page that can be megabytes raises Busy, as listPorts would."""
+        one made already is its reply); None when no such page is served.  short_of_memory:
+        replies already wait beyond the server's bound, so a page that can be megabytes raises
+        Busy, as listPorts would."""
         render = self._pages.get(path)
         if render is None:
             return None
@@ -3348,9 +3349,9 @@ def read_head(head):
         target = path
     page = target if method == b"GET" and target in _PAGES else None
     if method != b"POST" and page is None:
-        raise _HTTPError(405, "only POST is served, and GET of /, /status.json and /metrics; send XML-RPC "
-                         "calls to / or /RPC2",
-                         "Allow: GET\r\n" if target in _PAGES else "Allow: POST\r\n")
+        raise _HTTPError(405, "only POST is served, and GET of /, /status.json, /status.css and /metrics; send "
+                         "XML-RPC calls to / or /RPC2", "Allow: %s\r\n" % (
+                             "GET, POST" if target == b"/" else "GET" if target in _PAGES else "POST"))
     if target not in (b"/", b"/RPC2") and page is None:
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
     connection = headers.get(b"connection", b"").lower()
@@ -5588,7 +5589,8 @@ class StatusPages:
         hosts = cluster["hosts"]
         return ''.join((
             '<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
-                "bad" if cluster["stale"] else "muted", html.escape(cluster["status"]), " (stale)" if cluster["stale"] else "",
+                "bad" if cluster["stale"] else "muted", html.escape(cluster["status"]),
+                " (stale)" if cluster["stale"] else "",
                 "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago"),
             _html_table(("host", "entries", "last change seen", "ports"), [
                 (printable(h["host"], 300), h["entries"], h["lastChange"] or "none since this view was read",

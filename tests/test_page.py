@@ -318,3 +318,14 @@ def test_hostile_cluster_entries_are_text_and_many_hosts_are_counted(daemon_fact
     assert rows[shown][1] == "3" and rows[shown][3] == "1 <script>alert(1)</script>\\u2028, 2 <script>" \
         "alert(1)</script>\\u2028 and 1 more"
     assert len(rows) == 4 and "and 2 more hosts" in "".join(page.text)
+
+
+def test_a_refused_method_is_told_what_the_path_takes(daemon):
+    """405's Allow names every method the path serves: / takes XML-RPC POSTs and GET of the
+    page, the JSON and the stylesheet only GET, /RPC2 only POST."""
+    from support import post
+    for method, path, allow in (("HEAD", "/", "GET, POST"), ("OPTIONS", "/", "GET, POST"),
+                                ("HEAD", "/status.json", "GET"), ("DELETE", "/status.css", "GET"),
+                                ("HEAD", "/RPC2", "POST")):
+        reply = post(daemon, method=method, path=path, length=False)
+        assert (reply.status, reply.headers["allow"]) == (405, allow), (method, path, reply)
