@@ -2753,11 +2753,20 @@ class Sliced:
     list of its parts).  The transport runs one step per turn of the loop (NodeMngrServer.
     run_sliced), then gives it to Dispatcher.finish like a Deferred."""
 
-    __slots__ = ("_steps", "method", "reply", "fault")
+    __slots__ = ("_steps", "method", "reply", "fault", "_begun")
     budget = 0.004      # seconds of work a step may take before it gives the loop back
 
     def __init__(self, steps, method):
-        self._steps, self.method, self.reply, self.fault = steps, method, None, None
+        self._steps, self.method, self.reply, self.fault, self._begun = steps, method, None, None, False
+
+    def start(self):
+        """The first slice, made for the first who asks; True once the reply is made.  Those who
+        ask for the same reply later make no slice here: a hundred asking in one turn of the loop
+        would otherwise make a hundred slices in it (the loop makes the rest, a slice a turn)."""
+        if self._begun:
+            return self._steps is None
+        self._begun = True
+        return self.step()
 
     def step(self):
         """One slice of the work; True once the reply is made (several connections waiting for
@@ -3087,7 +3096,7 @@ class Dispatcher:
         if short_of_memory and path in _LARGE_PAGES:
             raise Busy("too many replies wait for slow clients to take them; try again shortly")
         reply = render()
-        return self._made(reply) if type(reply) is Sliced and reply.step() else reply
+        return self._made(reply) if type(reply) is Sliced and reply.start() else reply
 
     def metrics(self):
         """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
@@ -3203,7 +3212,7 @@ class Dispatcher:
             if len(replies) >= 64:
                 replies.popitem(last=False)
         replies[name] = reply   # (one being made is shared by those who ask meanwhile)
-        return self._made(reply) if reply.step() else reply
+        return self._made(reply) if reply.start() else reply
 
     def _listing_reply(self, caller):
         """listPorts' reply, kept per state of the registry: it can be megabytes, and many clients
@@ -3213,7 +3222,7 @@ class Dispatcher:
             steps = self._listing_steps(lambda: self.service.registrations(ordered=True), True)
             self._listed = (changes, Sliced(steps, "listPorts"))
         reply = self._listed[1]
-        return self._made(reply) if reply.step() else reply
+        return self._made(reply) if reply.start() else reply
 
     def _made(self, sliced):
         """The reply of a Sliced that is made, its fault (a bug's) counted."""
@@ -4104,6 +4113,7 @@ class NodeMngrServer:
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self._listening = False
         self._executor = None       # threads for slow calls, made on the first one
+        self._sliced = {}           # Sliced being made -> the done() of each connection waiting for it
         self._told = None           # the last STATUS= line sent
         self._accept_warned = 0.0
         self._summary, self._on_release = (lambda: ""), (lambda: None)
@@ -4190,12 +4200,21 @@ class NodeMngrServer:
 
     def run_sliced(self, sliced, done):
         """Make *sliced* a step per turn of the loop, then done(): other clients are served between
-        its slices."""
+        its slices.  A reply shared by many connections (a listing, the status page) is made by
+        one such chain of steps, which calls the done() of each: a step each would be as many
+        slices per turn."""
+        waiting = self._sliced.get(sliced)
+        if waiting is not None:
+            waiting.append(done)
+            return
+        self._sliced[sliced] = [done]
+
         def step():
-            if sliced.step():
-                done()
-            else:
+            if not sliced.step():
                 self.loop.call_soon(step)
+                return
+            for each in self._sliced.pop(sliced):
+                self.loop.call_soon(each)       # (each on its own: one that fails spoils no other)
         self.loop.call_soon(step)
 
     # -- the loop --------------------------------------------------------------------------------

@@ -251,14 +251,15 @@ def test_pages_of_25000_registrations_are_made_in_short_slices_and_shared():
 def test_pages_for_readers_that_never_read_hold_memory_bounded(daemon_factory):
     """Many clients ask for the megabytes of /status.json and read nothing: they share one copy,
     and once the replies waiting pass the daemon's bound, newcomers get a 503, as for listPorts."""
-    from support import count_turned_away, fill_registry, http_request, memory_kib, slow_readers
+    from support import fill_registry, http_request, memory_kib, newcomer_turned_away, slow_readers
     d = daemon_factory(size=1000, state="none")
-    fill_registry(d, 1000)          # the JSON is about 4 MB
+    fill_registry(d, 1000)          # the JSON is about 8 MB (each info is its name too)
     base = memory_kib(d.proc.pid)
-    clients = slow_readers(d, 100, http_request(method="GET", path="/status.json", length=False))
+    request = http_request(method="GET", path="/status.json", length=False)
+    clients = slow_readers(d, 100, request)
     try:
         assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
-        turned_away = count_turned_away(clients)
+        turned_away = newcomer_turned_away(d, request)
         peak = memory_kib(d.proc.pid, "VmHWM")
     finally:
         for s in clients:
@@ -329,3 +330,42 @@ def test_a_refused_method_is_told_what_the_path_takes(daemon):
                                 ("HEAD", "/RPC2", "POST")):
         reply = post(daemon, method=method, path=path, length=False)
         assert (reply.status, reply.headers["allow"]) == (405, allow), (method, path, reply)
+
+
+def test_a_hundred_asking_at_once_make_one_slice_a_turn(monkeypatch):
+    """In-process: a hundred requests for the JSON in one turn of the loop make its first slice
+    once (not a hundred slices, the whole of it, in that turn); the loop then drives one chain of
+    slices for all of them, a slice a turn, and tells each when it is made."""
+    import asyncio
+    import nodemngr
+    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)     # (a slice of 64 entries each)
+    service = nodemngr.NodeMngr(40000, 43999, host_check=lambda port: True)
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(3000):
+            service.newPort("svc %d" % i)
+        dispatcher = nodemngr.Dispatcher(service)
+        dispatcher.add_page(b"/status.json", nodemngr.StatusPages(service).json)
+        replies = [dispatcher.page(b"/status.json") for _ in range(100)]
+        assert all(r is replies[0] for r in replies) and type(replies[0]) is nodemngr.Sliced, "one page, not made yet"
+        server = object.__new__(nodemngr.NodeMngrServer)
+        server.loop, server._sliced = loop, {}
+        turns, slices, told = [0], [], []
+        real_step = nodemngr.Sliced.step
+        monkeypatch.setattr(nodemngr.Sliced, "step", lambda self: slices.append(turns[0]) or real_step(self))
+
+        def tick():
+            turns[0] += 1
+            if len(told) < 100:
+                loop.call_soon(tick)
+        for r in replies:
+            server.run_sliced(r, lambda: told.append(1))
+        loop.call_soon(tick)
+        loop.run_until_complete(asyncio.sleep(0))
+        while len(told) < 100:
+            loop.run_until_complete(asyncio.sleep(0))
+        assert max(slices.count(turn) for turn in set(slices)) == 1, "at most one slice a turn"
+        assert len(json.loads(b"".join(replies[0].reply))["registrations"]) == 3000
+    finally:
+        loop.close()
+        service.close()
