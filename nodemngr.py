@@ -2782,6 +2782,7 @@ class NodeMngr:
 # Every door's calls, checked, counted and logged the same way; it knows no socket and no framing.
 
 _LARGE_REPLIES = ("listPorts", "lookup", "system.multicall", "listCluster")  # the calls whose reply can be megabytes
+_LARGE_PAGES = (b"/", b"/status.json")     # the pages whose reply can be megabytes (Dispatcher.page)
 
 
 class Busy(Exception):
@@ -2820,11 +2821,20 @@ class Sliced:
     list of its parts).  The transport runs one step per turn of the loop (NodeMngrServer.
     run_sliced), then gives it to Dispatcher.finish like a Deferred."""
 
-    __slots__ = ("_steps", "method", "reply", "fault")
+    __slots__ = ("_steps", "method", "reply", "fault", "_begun")
     budget = 0.004      # seconds of work a step may take before it gives the loop back
 
     def __init__(self, steps, method):
-        self._steps, self.method, self.reply, self.fault = steps, method, None, None
+        self._steps, self.method, self.reply, self.fault, self._begun = steps, method, None, None, False
+
+    def start(self):
+        """The first slice, made for the first who asks; True once the reply is made.  Those who
+        ask for the same reply later make no slice here: a hundred asking in one turn of the loop
+        would otherwise make a hundred slices in it (the loop makes the rest, a slice a turn)."""
+        if self._begun:
+            return self._steps is None
+        self._begun = True
+        return self.step()
 
     def step(self):
         """One slice of the work; True once the reply is made (several connections waiting for
@@ -3145,10 +3155,18 @@ class Dispatcher:
         """Serve GET *path* (bytes, one of the transport's pages) as what render() returns (bytes)."""
         self._pages[path] = render
 
-    def page(self, path):
-        """The bytes of GET *path*, counted as a request; None when no such page is served."""
+    def page(self, path, short_of_memory=False):
+        """The reply to GET *path*: bytes, a list of its parts, or a Sliced being made (shared:
+        one made already is its reply); None when no such page is served.  short_of_memory:
+        replies already wait beyond the server's bound, so a page that can be megabytes raises
+        Busy, as listPorts would."""
         render = self._pages.get(path)
-        return None if render is None else render()
+        if render is None:
+            return None
+        if short_of_memory and path in _LARGE_PAGES:
+            raise Busy("too many replies wait for slow clients to take them; try again shortly")
+        reply = render()
+        return self._made(reply) if type(reply) is Sliced and reply.start() else reply
 
     def metrics(self):
         """The Prometheus text exposition (version 0.0.4) of GET /metrics."""
@@ -3264,7 +3282,7 @@ class Dispatcher:
             if len(replies) >= 64:
                 replies.popitem(last=False)
         replies[name] = reply   # (one being made is shared by those who ask meanwhile)
-        return self._made(reply) if reply.step() else reply
+        return self._made(reply) if reply.start() else reply
 
     def _listing_reply(self, caller):
         """listPorts' reply, kept per state of the registry: it can be megabytes, and many clients
@@ -3274,7 +3292,7 @@ class Dispatcher:
             steps = self._listing_steps(lambda: self.service.registrations(ordered=True), True)
             self._listed = (changes, Sliced(steps, "listPorts"))
         reply = self._listed[1]
-        return self._made(reply) if reply.step() else reply
+        return self._made(reply) if reply.start() else reply
 
     def _made(self, sliced):
         """The reply of a Sliced that is made, its fault (a bug's) counted."""
@@ -3351,12 +3369,15 @@ _OK_HEAD = ("HTTP/1.1 200 OK\r\nServer: nodemngr/%s\r\nContent-Type: text/xml\r\
 
 # The pages served to GET, with the head of their replies (every other GET is 405 or 404); what
 # each holds is the dispatcher's (Dispatcher.page).  The status page and its stylesheet load
-# nothing from elsewhere and run no script (the browser is told so), and no page is sniffed.
+# nothing from elsewhere and run no script (the browser is told so), and no page is sniffed.  The
+# page and its JSON are never stored: they may sit behind the token, and a copy kept would show
+# ports freed since.
 _PAGE_SAFETY = (b"X-Content-Type-Options: nosniff\r\nContent-Security-Policy: default-src 'none'; style-src 'self'; "
                 b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'\r\nDate: ")
+_NO_STORE = b"Cache-Control: no-store\r\n" + _PAGE_SAFETY
 _PAGES = {b"/metrics": _OK_HEAD.replace(b"text/xml", b"text/plain; version=0.0.4; charset=utf-8"),
-          b"/": _OK_HEAD.replace(b"text/xml", b"text/html; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY),
-          b"/status.json": _OK_HEAD.replace(b"text/xml", b"application/json").replace(b"Date: ", _PAGE_SAFETY),
+          b"/": _OK_HEAD.replace(b"text/xml", b"text/html; charset=utf-8").replace(b"Date: ", _NO_STORE),
+          b"/status.json": _OK_HEAD.replace(b"text/xml", b"application/json").replace(b"Date: ", _NO_STORE),
           b"/status.css": _OK_HEAD.replace(b"text/xml", b"text/css; charset=utf-8").replace(b"Date: ", _PAGE_SAFETY)}
 
 
@@ -3407,9 +3428,9 @@ def read_head(head):
         target = path
     page = target if method == b"GET" and target in _PAGES else None
     if method != b"POST" and page is None:
-        raise _HTTPError(405, "only POST is served, and GET of /, /status.json and /metrics; send XML-RPC "
-                         "calls to / or /RPC2",
-                         "Allow: GET\r\n" if target in _PAGES else "Allow: POST\r\n")
+        raise _HTTPError(405, "only POST is served, and GET of /, /status.json, /status.css and /metrics; send "
+                         "XML-RPC calls to / or /RPC2", "Allow: %s\r\n" % (
+                             "GET, POST" if target == b"/" else "GET" if target in _PAGES else "POST"))
     if target not in (b"/", b"/RPC2") and page is None:
         raise _HTTPError(404, "no such path; send XML-RPC calls to / or /RPC2")
     connection = headers.get(b"connection", b"").lower()
@@ -3690,15 +3711,15 @@ class Connection:
         """The reply to a request, or None for a slow call, answered when its thread is done."""
         server = self.server
         dispatcher = server.dispatcher
-        if head.page is not None:   # (GET of a page: /metrics, the status page)
-            reply = dispatcher.page(head.page)
-            if reply is None:
-                raise _HTTPError(404, "no such page here")
-        else:
-            try:
+        try:
+            if head.page is not None:   # (GET of a page: /metrics, the status page)
+                reply = dispatcher.page(head.page, server.short_of_memory())
+                if reply is None:
+                    raise _HTTPError(404, "no such page here")
+            else:
                 reply = dispatcher.dispatch(caller, body, server.short_of_memory())
-            except Busy as exc:
-                raise _HTTPError(503, str(exc))
+        except Busy as exc:
+            raise _HTTPError(503, str(exc))
         kind = type(reply)
         if kind is Deferred or kind is Sliced:  # it waits for another server, or is made a slice a turn
             if server.stopping:         # (no new wait once the stop has begun)
@@ -4162,6 +4183,7 @@ class NodeMngrServer:
         self._refused = collections.deque()     # (close at, socket) answered 503, half-closed
         self._listening = False
         self._executor = None       # threads for slow calls, made on the first one
+        self._sliced = {}           # Sliced being made -> the done() of each connection waiting for it
         self._told = None           # the last STATUS= line sent
         self._accept_warned = 0.0
         self._summary, self._on_release = (lambda: ""), (lambda: None)
@@ -4248,12 +4270,21 @@ class NodeMngrServer:
 
     def run_sliced(self, sliced, done):
         """Make *sliced* a step per turn of the loop, then done(): other clients are served between
-        its slices."""
+        its slices.  A reply shared by many connections (a listing, the status page) is made by
+        one such chain of steps, which calls the done() of each: a step each would be as many
+        slices per turn."""
+        waiting = self._sliced.get(sliced)
+        if waiting is not None:
+            waiting.append(done)
+            return
+        self._sliced[sliced] = [done]
+
         def step():
-            if sliced.step():
-                done()
-            else:
+            if not sliced.step():
                 self.loop.call_soon(step)
+                return
+            for each in self._sliced.pop(sliced):
+                self.loop.call_soon(each)       # (each on its own: one that fails spoils no other)
         self.loop.call_soon(step)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -5526,44 +5557,66 @@ progress { width: 24em; height: 1.1em; } .muted { color: #777; } .bad { color: #
 
 class StatusPages:
     """The status page (html()), its data as JSON (json()) and its stylesheet (css()), for
-    *service* (a NodeMngr) and its cluster view, if any.  Each registration's JSON is made once
-    and kept while it is held, so that the JSON of 25,000 is a join, not 25,000 encodings."""
+    *service* (a NodeMngr) and its cluster view, if any.  The page and the JSON are each a Sliced
+    (made a slice per turn of the loop: nobody waits behind 25,000 registrations), shared by all
+    who ask for the same state of the registry within a second (a hundred browsers cost one page
+    and hold one copy).  Each registration's JSON is made once and kept while it is held, so that
+    the JSON of 25,000 is mostly references to pieces made before."""
 
-    rows = 500          # registrations the page shows; the others are counted (the JSON has them all)
+    rows = 500          # registrations, names and hosts the page shows; the others are counted (the JSON has them all)
+    host_ports = 20     # ports of each host of the cluster view the page names; the others are counted
     refresh = 5         # seconds between two loads of the page by the browser
 
     def __init__(self, service):
         self.service = service
         self._json_pieces = {}      # port -> (Registration, its JSON as bytes)
+        self._shared = {}           # "html" or "json" -> (service.changes, monotonic time, its Sliced)
 
     def css(self):
         return _PAGE_CSS
 
     def json(self):
         """The page's data, {version, host, range, registrations, reaps, names, uptime, cluster}: a
-        Sliced, as the JSON of registrations not seen yet (25,000 after a restart) is made a slice
-        at a time."""
-        return Sliced(self._json_steps(), "GET /status.json")
+        Sliced whose reply is a list of the JSON's pieces."""
+        return self._share("json", self._json_steps)
+
+    def html(self):
+        """The page (a Sliced): the range and how full it is, the registrations, the last reaps,
+        the names remembered and the cluster view by host (the first *rows* of each, counted)."""
+        return self._share("html", self._html_steps)
+
+    def _share(self, kind, steps):
+        """The page *kind* made, or being made, for this state of the registry less than a second
+        ago (ages and uptime are shown to the second), or a new one."""
+        now, shared = time.monotonic(), self._shared.get(kind)
+        if shared is None or shared[0] != self.service.changes or now - shared[1] >= 1.0:
+            shared = self._shared[kind] = (self.service.changes, now, Sliced(steps(), "GET of the status page"))
+        return shared[2]
 
     def _json_steps(self):
         import json
-        summary, regs = self._summary(), self.service.registrations(ordered=True)    # (one moment's)
-        pieces, kept, cached = [], {}, self._json_pieces
-        until = time.monotonic() + Sliced.budget
-        for reg in regs:
-            entry = cached.get(reg.port)
-            if entry is None or entry[0] is not reg:
-                entry = (reg, json.dumps(_json_entry(reg)).encode("utf-8"))
-            kept[reg.port] = entry
-            pieces.append(entry[1])
-            if len(pieces) % 64 == 0 and time.monotonic() >= until:
-                yield
-                until = time.monotonic() + Sliced.budget
-        self._json_pieces = kept
-        return b'{"registrations": [%s], %s' % (b", ".join(pieces), json.dumps(summary, sort_keys=True)[1:].encode())
+        regs, summary = self.service.registrations(ordered=True), self._summary(self.rows)   # (one moment's)
+        yield
+        pieces, kept, cached = [b'{"registrations": ['], {}, self._json_pieces
 
-    def _summary(self):
-        """Everything of the page's data but the registrations."""
+        def entry(reg):
+            made = cached.get(reg.port)
+            if made is None or made[0] is not reg:
+                made = (reg, json.dumps(_json_entry(reg)).encode("utf-8"))
+            kept[reg.port] = made
+            pieces.extend((b", ", made[1]) if len(pieces) > 1 else (made[1],))
+        yield from _in_slices(regs, entry)
+        self._json_pieces = kept
+        names = sorted(self.service.remembered().items())
+        pieces.append(b'], "names": [')
+        yield
+        yield from _in_slices(range(0, len(names), 64), lambda i: pieces.append(b", " * (i > 0) + json.dumps(
+            [{"name": n, "port": p} for n, p in names[i:i + 64]])[1:-1].encode("utf-8")), every=1)
+        pieces.append(b"], " + json.dumps(summary, sort_keys=True)[1:].encode("utf-8"))
+        return pieces
+
+    def _summary(self, host_ports):
+        """Everything of the page's data but the registrations and names."""
         status = self.service.status()
         cluster = self.service.cluster
         return {"version": status["version"], "host": status["host"], "port": status["port"],
@@ -5571,69 +5624,88 @@ class StatusPages:
                           "free": status["free"]},
                 "reaps": [dict(_json_entry(reg), reaped=_iso(when)) for reg, when in reversed(self.service.recent_reaps)],
                 "reaped": status["reaped"], "uptime": round(status["uptime"], 1),
-                "names": [{"name": name, "port": port} for name, port in sorted(self.service.remembered().items())],
-                "cluster": None if cluster is None else self._cluster(cluster, status)}
+                "cluster": None if cluster is None else self._cluster(cluster, status, host_ports)}
 
-    def _cluster(self, cluster, status):
+    def _cluster(self, cluster, status, host_ports):
         """The cluster view's part: its state, and each host with its entries' count, the first
-        *rows* of them and when the last change of its was seen."""
+        *host_ports* of them and when the last change of its was seen."""
         seen = cluster.seen()
         return {"status": status["cluster"], "skipped": status["clusterSkipped"], "stale": cluster.stale(),
                 "seen": None if seen == math.inf else round(seen, 1),
                 "hosts": [{"host": host, "entries": count, "lastChange": None if when is None else _iso(when),
                            "ports": [{"port": port, "name": name} for port, name in first]}
-                          for host, count, first, when in cluster.hosts(self.rows)]}
+                          for host, count, first, when in cluster.hosts(host_ports)]}
 
-    def html(self):
-        """The page: the range and how full it is, the registrations (the first *rows*), the
-        last reaps, the names remembered, and the cluster view's state."""
-        import html
-        esc = html.escape
-        summary = self._summary()
-        regs = self.service.registrations(ordered=True)
-        now = time.time()
-        r = summary["range"]
-        size = r["last"] - r["first"] + 1
-        out = ['<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-               '<meta http-equiv="refresh" content="%d"><title>nodemngr on %s:%d</title>'
-               '<link rel="stylesheet" href="/status.css"></head><body>'
-               % (self.refresh, esc(summary["host"]), summary["port"]),
-               '<h1>nodemngr on %s:%d</h1><p class="muted">version %s, up %s, refreshed every %d s</p>'
-               % (esc(summary["host"]), summary["port"], esc(summary["version"]), _age(summary["uptime"]),
-                  self.refresh),
-               '<h2>Range %d-%d</h2><p><progress max="%d" value="%d"></progress> %d of %d registered, %d free'
-               ' (the others are held by other programs)</p>'
-               % (r["first"], r["last"], size, r["registered"], r["registered"], size, r["free"]),
-               '<h2>Registrations</h2>']
-        out.append(_html_table(("port", "name", "info", "pid", "owner", "age"), [
-            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid or "",
-             "" if not reg.pid else ("alive" if owner_alive(reg.pid, reg.start) else "ended"), _age(now - reg.since))
-            for reg in regs[:self.rows]], esc, "none"))
-        if len(regs) > self.rows:
-            out.append('<p class="muted">and %d more: /status.json and <code>nodemngr list</code> list them all</p>'
-                       % (len(regs) - self.rows))
-        out.append('<h2>Reaped lately (%d since the start)</h2>' % summary["reaped"])
-        out.append(_html_table(("port", "name", "info", "pid", "reaped"), [
-            (reg.port, name_of(reg.info) or "", _shown(reg.info), reg.pid, _age(now - when) + " ago")
-            for reg, when in reversed(self.service.recent_reaps)], esc, "none"))
-        out.append('<h2>Names remembered (sticky ports)</h2>')
-        out.append(_html_table(("name", "port"), [(n["name"], n["port"]) for n in summary["names"]], esc, "none"))
-        out.append(self._cluster_html(summary["cluster"], esc))
+    def _html_steps(self):
+        summary, regs = self._summary(self.host_ports), self.service.registrations(ordered=True)
+        yield
+        names, now, rows = sorted(self.service.remembered().items()), time.time(), []
+        yield from _in_slices(regs[:self.rows], lambda reg: rows.append((
+            reg.port, _shown_name(reg.info), _shown(reg.info), reg.pid or "",
+            "" if not reg.pid else ("alive" if owner_alive(reg.pid, reg.start) else "ended"), _age(now - reg.since))))
+        out = [self._html_head(summary), _html_table(("port", "name", "info", "pid", "owner", "age"), rows, "none"),
+               _more(len(regs), self.rows, "registrations"),
+               '<h2>Reaped lately (%d since the start)</h2>' % summary["reaped"],
+               _html_table(("port", "name", "info", "pid", "reaped"), [
+                   (reg.port, _shown_name(reg.info), _shown(reg.info), reg.pid, _age(now - when) + " ago")
+                   for reg, when in reversed(self.service.recent_reaps)], "none"),
+               '<h2>Names remembered (sticky ports)</h2>',
+               _html_table(("name", "port"), [(printable(n, 300), p) for n, p in names[:self.rows]], "none"),
+               _more(len(names), self.rows, "names")]
+        yield
+        out.append(self._cluster_html(summary["cluster"]))
         out.append('<p class="muted">The same as JSON: <a href="/status.json">/status.json</a></p></body></html>\n')
         return "".join(out).encode("utf-8")
 
-    def _cluster_html(self, cluster, esc):
+    def _html_head(self, summary):
+        import html
+        esc, r = html.escape, summary["range"]
+        size = r["last"] - r["first"] + 1
+        return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+                '<meta http-equiv="refresh" content="%d"><title>nodemngr on %s:%d</title>'
+                '<link rel="stylesheet" href="/status.css"></head><body>'
+                '<h1>nodemngr on %s:%d</h1><p class="muted">version %s, up %s, refreshed every %d s</p>'
+                '<h2>Range %d-%d</h2><p><progress max="%d" value="%d"></progress> %d of %d registered, %d free'
+                ' (the others are held by other programs)</p><h2>Registrations</h2>'
+                % (self.refresh, esc(summary["host"]), summary["port"], esc(summary["host"]), summary["port"],
+                   esc(summary["version"]), _age(summary["uptime"]), self.refresh, r["first"], r["last"], size,
+                   r["registered"], r["registered"], size, r["free"]))
+
+    def _cluster_html(self, cluster):
+        import html
         if cluster is None:
             return '<h2>Cluster</h2><p class="muted">no cluster view (serve --cluster URL)</p>'
-        out = ['<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
-            "bad" if cluster["stale"] else "muted", esc(cluster["status"]), " (stale)" if cluster["stale"] else "",
-            "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago")]
-        out.append(_html_table(("host", "entries", "last change seen", "ports"), [
-            (h["host"], h["entries"], h["lastChange"] or "none since this view was read",
-             ", ".join("%d %s" % (p["port"], p["name"]) for p in h["ports"]) + (
-                 " and %d more" % (h["entries"] - len(h["ports"])) if h["entries"] > len(h["ports"]) else ""))
-            for h in cluster["hosts"]], esc, "no host publishes"))
-        return "".join(out)
+        hosts = cluster["hosts"]
+        return ''.join((
+            '<h2>Cluster</h2><p class="%s">%s%s; confirmed current by etcd %s</p>' % (
+                "bad" if cluster["stale"] else "muted", html.escape(cluster["status"]),
+                " (stale)" if cluster["stale"] else "",
+                "never" if cluster["seen"] is None else _age(cluster["seen"]) + " ago"),
+            _html_table(("host", "entries", "last change seen", "ports"), [
+                (printable(h["host"], 300), h["entries"], h["lastChange"] or "none since this view was read",
+                 ", ".join("%d %s" % (p["port"], printable(p["name"], 300)) for p in h["ports"]) + (
+                     " and %d more" % (h["entries"] - len(h["ports"])) if h["entries"] > len(h["ports"]) else ""))
+                for h in hosts[:self.rows]], "no host publishes"),
+            _more(len(hosts), self.rows, "hosts")))
+
+
+def _in_slices(items, do, every=64):
+    """do(item) for each of *items*, giving the loop back (a yield) whenever a slice's budget
+    (Sliced.budget) is spent, looked at every *every* items."""
+    until = time.monotonic() + Sliced.budget
+    for i, item in enumerate(items, 1):
+        do(item)
+        if i % every == 0 and time.monotonic() >= until:
+            yield
+            until = time.monotonic() + Sliced.budget
+
+
+def _more(count, shown, what):
+    """The line under a table cut at *shown* rows, saying how many of *what* it leaves out."""
+    if count <= shown:
+        return ""
+    return ('<p class="muted">and %d more %s: /status.json and <code>nodemngr list</code> list them all</p>'
+            % (count - shown, what))
 
 
 def _json_entry(reg):
@@ -5652,9 +5724,17 @@ def _shown(info):
     return printable(info if isinstance(info, str) else repr(info), 300)
 
 
-def _html_table(columns, rows, esc, empty):
+def _shown_name(info):
+    """The name of a registration as a person reads it: printable, as its info is (a name can
+    hold a right-to-left override or a line separator that would disguise it)."""
+    return printable(name_of(info) or "", 300)
+
+
+def _html_table(columns, rows, empty):
+    import html
     if not rows:
         return '<p class="muted">%s</p>' % empty
+    esc = html.escape
     head = "".join("<th>%s</th>" % c for c in columns)
     body = "".join("<tr>%s</tr>" % "".join(
         '<td%s>%s</td>' % (' class="info"' if c == "info" else "", esc(str(v))) for c, v in zip(columns, row))

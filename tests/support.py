@@ -204,6 +204,7 @@ SETTINGS = {
     "lock_wait": "StateStore.lock_wait",                # for a state file another daemon holds
     "cluster_resync": "ClusterView.resync_interval",    # between two comparisons of what it published and the registry
     "page_rows": "StatusPages.rows",                    # registrations the status page shows (500)
+    "page_host_ports": "StatusPages.host_ports",        # ports of each cluster host the status page names (20)
     "slice_budget": "Sliced.budget",                    # of work per turn of the loop for a long reply (4 ms)
 }
 
@@ -1291,6 +1292,21 @@ def slow_readers(daemon, count, request):
         s.sendall(request)
         socks.append(s)
     return socks
+
+
+def newcomer_turned_away(daemon, request, timeout=10.0):
+    """Whether a newcomer sending *request* (and reading nothing) is answered 503 within *timeout*
+    seconds: the replies already waiting for slow readers (made for them all at once, when they
+    share one) have passed the daemon's bound.  Each newcomer that is not is closed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        socks = slow_readers(daemon, 1, request)
+        try:
+            if count_turned_away(socks, wait=0.5):
+                return True
+        finally:
+            socks[0].close()
+    return False
 
 
 def count_turned_away(socks, wait=0.2):

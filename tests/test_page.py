@@ -137,22 +137,43 @@ def test_the_page_and_the_json_need_the_token_when_there_is_one(daemon_factory, 
 
 
 def test_the_page_tells_the_browser_to_run_no_script_and_load_nothing_else(daemon):
+    """...and to keep no copy of what it shows (it can sit behind the token, and a page kept would
+    show ports freed since)."""
     for path, kind in (("/", "text/html; charset=utf-8"), ("/status.json", "application/json"),
                        ("/status.css", "text/css; charset=utf-8")):
         headers, _ = get(daemon, path)
         assert headers["Content-Type"] == kind and headers["X-Content-Type-Options"] == "nosniff"
         policy = headers["Content-Security-Policy"]
         assert "default-src 'none'" in policy and "unsafe" not in policy and "script-src" not in policy
+        assert path == "/status.css" or headers["Cache-Control"] == "no-store"
+
+
+def test_a_name_that_would_disguise_itself_is_shown_escaped(daemon):
+    """A name is shown as printable as its info is: a right-to-left override or a line separator
+    in it is written as its escape, never obeyed (in the registrations and the names remembered)."""
+    rpc = daemon.rpc()
+    spoof = rpc.newPort({"name": "db\u202egnp.exe\u2028x", "info": 1})
+    page = Dom(get(daemon, "/")[1].decode("utf-8"))
+    rows = {row[0]: row for row in page.rows if row}
+    assert rows[str(spoof)][1] == "db\\u202egnp.exe\\u2028x"
+    assert rows["db\\u202egnp.exe\\u2028x"] == ["db\\u202egnp.exe\\u2028x", str(spoof)], "in the names remembered"
+    assert "\u202e" not in "".join(page.text) and "\u2028" not in "".join(page.text)
+    assert json.loads(get(daemon, "/status.json")[1])["registrations"][0]["name"] == "db\u202egnp.exe\u2028x"
 
 
 def test_a_crowded_registry_is_shown_in_part_and_counted(daemon_factory):
+    """The registrations and the names remembered (25,000 explicit names remember 25,000 ports)
+    are each cut at page_rows and counted; the JSON has them all."""
     d = daemon_factory(size=20, state="none", settings=daemon_settings(page_rows=5))
-    ports = [d.rpc().newPort("svc %d" % i) for i in range(12)]
+    ports = [d.rpc().newPort({"name": "svc %02d" % i}) for i in range(12)]
     _, body = get(d, "/")
     page = Dom(body.decode("utf-8"))
     shown = [row[0] for row in page.rows if row and row[0].isdigit()]
-    assert shown == [str(p) for p in ports[:5]] and "and 7 more" in "".join(page.text)
-    assert len(json.loads(get(d, "/status.json")[1])["registrations"]) == 12, "the JSON has them all"
+    assert shown == [str(p) for p in ports[:5]] and "and 7 more registrations" in "".join(page.text)
+    names = [row[0] for row in page.rows if len(row) == 2]
+    assert names == ["svc %02d" % i for i in range(5)] and "and 7 more names" in "".join(page.text)
+    data = json.loads(get(d, "/status.json")[1])
+    assert len(data["registrations"]) == 12 and len(data["names"]) == 12, "the JSON has them all"
 
 
 def test_a_screenshot_of_the_page_is_made_on_request(daemon, tmp_path, request):
@@ -183,16 +204,68 @@ def test_the_json_of_many_registrations_is_made_a_slice_at_a_time(monkeypatch):
         while not sliced.step():
             steps += 1
         assert steps >= 3000 // 64, "made in slices"
-        first = json.loads(sliced.reply)
+        first = json.loads(b"".join(sliced.reply))
         assert [e["port"] for e in first["registrations"]] == list(range(40000, 43000))
         service.delPort(40057)      # (not the port an explicit name remembers: the lowest free)
         service.newPort("late")
-        again = json.loads(pages.json().finish())
+        again = json.loads(b"".join(pages.json().finish()))
         assert [e["port"] for e in again["registrations"]] == list(range(40000, 43000))
         assert {e["port"]: e["info"] for e in again["registrations"]}[40057] == "late", "a changed port's entry is new"
         assert again["range"]["registered"] == 3000
     finally:
         service.close()
+
+
+def test_pages_of_25000_registrations_are_made_in_short_slices_and_shared():
+    """In-process, at the issue's 25,000 registrations, each with an explicit name the daemon
+    remembers: the page and the JSON are each made a slice per turn of the loop, no slice near the
+    50 ms another caller may wait; a page asked for again, nothing having changed, is the same one
+    (a hundred browsers cost one page and hold one copy); a change makes a new one."""
+    import time
+    import nodemngr
+    service = nodemngr.NodeMngr(30000, 59999, host_check=lambda port: True)
+    try:
+        for i in range(25000):
+            service.newPort({"name": "svc-%05d" % i})
+        pages = nodemngr.StatusPages(service)
+        for make in (pages.html, pages.json):
+            sliced, longest = make(), 0.0
+            assert make() is sliced, "asked again while it is made, nothing changed: the same page"
+            while True:
+                began = time.thread_time()      # (CPU of this thread: not the machine's load)
+                done = sliced.step()
+                longest = max(longest, time.thread_time() - began)
+                if done:
+                    break
+            assert longest < 0.05, "%s: a slice took %.0f ms" % (make.__name__, longest * 1000)
+        page = pages.html().finish().decode("utf-8")
+        assert len(page) < 200000 and "and 24500 more names" in page and "and 24500 more registrations" in page
+        data = json.loads(b"".join(pages.json().finish()))
+        assert len(data["registrations"]) == len(data["names"]) == 25000
+        service.delPort(30000)
+        assert 30000 not in [e["port"] for e in json.loads(b"".join(pages.json().finish()))["registrations"]]
+    finally:
+        service.close()
+
+
+def test_pages_for_readers_that_never_read_hold_memory_bounded(daemon_factory):
+    """Many clients ask for the megabytes of /status.json and read nothing: they share one copy,
+    and once the replies waiting pass the daemon's bound, newcomers get a 503, as for listPorts."""
+    from support import fill_registry, http_request, memory_kib, newcomer_turned_away, slow_readers
+    d = daemon_factory(size=1000, state="none")
+    fill_registry(d, 1000)          # the JSON is about 8 MB (each info is its name too)
+    base = memory_kib(d.proc.pid)
+    request = http_request(method="GET", path="/status.json", length=False)
+    clients = slow_readers(d, 100, request)
+    try:
+        assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
+        turned_away = newcomer_turned_away(d, request)
+        peak = memory_kib(d.proc.pid, "VmHWM")
+    finally:
+        for s in clients:
+            s.close()
+    assert turned_away > 0, "no newcomer was turned away past the bound"
+    assert peak - base < 100 * 1024, "pages waiting for readers grew the daemon by %d KiB" % (peak - base)
 
 
 def test_the_page_lists_every_host_of_the_cluster_view(daemon_factory, etcd, tmp_path):
@@ -219,3 +292,80 @@ def test_the_page_lists_every_host_of_the_cluster_view(daemon_factory, etcd, tmp
     rows = {row[0]: row for row in page.rows if row and row[0].startswith("host-")}
     assert rows["host-a"][1] == "1" and rows["host-a"][3] == "%d db" % db
     assert rows["host-b"][1] == "1" and rows["host-b"][3] == "%d web" % web
+
+
+def test_hostile_cluster_entries_are_text_and_many_hosts_are_counted(daemon_factory, etcd):
+    """Entries another writer put in etcd (of the shape nodemngr writes, on a live lease): a host
+    or name made of markup, or of a right-to-left override, shows as printable text; hosts past
+    page_rows, and ports of a host past page_host_ports, are counted, not listed."""
+    from support import wait_until
+    d = daemon_factory(size=10, state="none", settings=daemon_settings(page_rows=4, page_host_ports=2),
+                       extra_args=["--cluster", etcd.url, "--advertise-host", "host-a", "--cluster-ttl", "3"])
+    assert wait_until(lambda: d.rpc().status()["cluster"] == "ok", timeout=10)
+    lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
+    evil = "<img src=x onerror=alert(1)>\u202eevil"
+    entries = [(evil, port, "<script>alert(1)</script>\u2028") for port in (1, 2, 3)]
+    entries += [("host-%d" % i, 7, "web") for i in range(5)]
+    for host, port, name in entries:
+        value = {"host": host, "port": port, "name": name, "info": name, "pid": 0, "since": "2026-01-01T00:00:00Z"}
+        key = "nodemngr/v1/ports/%s/%d" % (host, port)
+        etcd.call("kv/put", {"key": base64.b64encode(key.encode()).decode(), "lease": lease,
+                             "value": base64.b64encode(json.dumps(value).encode()).decode()})
+    assert wait_until(lambda: len(json.loads(get(d, "/status.json")[1])["cluster"]["hosts"]) == 6, timeout=10)
+    page = Dom(get(d, "/")[1].decode("utf-8"))
+    assert page.tags <= ELEMENTS, "an entry made elements: %s" % (page.tags - ELEMENTS)
+    rows = {row[0]: row for row in page.rows if len(row) == 4}
+    shown = "<img src=x onerror=alert(1)>\\u202eevil"
+    assert rows[shown][1] == "3" and rows[shown][3] == "1 <script>alert(1)</script>\\u2028, 2 <script>" \
+        "alert(1)</script>\\u2028 and 1 more"
+    assert len(rows) == 4 and "and 2 more hosts" in "".join(page.text)
+
+
+def test_a_refused_method_is_told_what_the_path_takes(daemon):
+    """405's Allow names every method the path serves: / takes XML-RPC POSTs and GET of the
+    page, the JSON and the stylesheet only GET, /RPC2 only POST."""
+    from support import post
+    for method, path, allow in (("HEAD", "/", "GET, POST"), ("OPTIONS", "/", "GET, POST"),
+                                ("HEAD", "/status.json", "GET"), ("DELETE", "/status.css", "GET"),
+                                ("HEAD", "/RPC2", "POST")):
+        reply = post(daemon, method=method, path=path, length=False)
+        assert (reply.status, reply.headers["allow"]) == (405, allow), (method, path, reply)
+
+
+def test_a_hundred_asking_at_once_make_one_slice_a_turn(monkeypatch):
+    """In-process: a hundred requests for the JSON in one turn of the loop make its first slice
+    once (not a hundred slices, the whole of it, in that turn); the loop then drives one chain of
+    slices for all of them, a slice a turn, and tells each when it is made."""
+    import asyncio
+    import nodemngr
+    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)     # (a slice of 64 entries each)
+    service = nodemngr.NodeMngr(40000, 43999, host_check=lambda port: True)
+    loop = asyncio.new_event_loop()
+    try:
+        for i in range(3000):
+            service.newPort("svc %d" % i)
+        dispatcher = nodemngr.Dispatcher(service)
+        dispatcher.add_page(b"/status.json", nodemngr.StatusPages(service).json)
+        replies = [dispatcher.page(b"/status.json") for _ in range(100)]
+        assert all(r is replies[0] for r in replies) and type(replies[0]) is nodemngr.Sliced, "one page, not made yet"
+        server = object.__new__(nodemngr.NodeMngrServer)
+        server.loop, server._sliced = loop, {}
+        turns, slices, told = [0], [], []
+        real_step = nodemngr.Sliced.step
+        monkeypatch.setattr(nodemngr.Sliced, "step", lambda self: slices.append(turns[0]) or real_step(self))
+
+        def tick():
+            turns[0] += 1
+            if len(told) < 100:
+                loop.call_soon(tick)
+        for r in replies:
+            server.run_sliced(r, lambda: told.append(1))
+        loop.call_soon(tick)
+        loop.run_until_complete(asyncio.sleep(0))
+        while len(told) < 100:
+            loop.run_until_complete(asyncio.sleep(0))
+        assert max(slices.count(turn) for turn in set(slices)) == 1, "at most one slice a turn"
+        assert len(json.loads(b"".join(replies[0].reply))["registrations"]) == 3000
+    finally:
+        loop.close()
+        service.close()
