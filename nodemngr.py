@@ -3611,13 +3611,29 @@ class Connection:
             held = grouped and server.must_hold(self)
         if reply is None:
             return
-        if held:    # sent once the turn's group is saved (release_held)
-            self.held.append((head, reply))
-            return
-        self._reply(head, reply)
+        kind = type(reply)
+        if kind is Deferred:    # (it waits for etcd, never shows the registry)
+            self._await(head, reply)
+        elif held:  # sent once the turn's group is saved (release_held); a Sliced is made only then, as
+            self.held.append((head, reply))     # its snapshot may show the group's changes
+            if kind is Sliced:
+                self.awaiting = (head, reply)
+        elif kind is Sliced:
+            self._await(head, reply)
+        else:
+            self._reply(head, reply)
+
+    def _await(self, head, deferred):
+        """Wait for *deferred* (a Deferred or a Sliced), reading nothing more meanwhile."""
+        server = self.server
+        self.awaiting = (head, deferred)
+        self.transport.pause_reading()
+        run = server.run_slow if type(deferred) is Deferred else server.run_sliced
+        run(deferred, functools.partial(self._slow_done, deferred))
 
     def _reply_to(self, head, body, caller):
-        """The reply to a request, or None for a slow call, answered when its thread is done."""
+        """The reply to a request: bytes, a list of them, a Handover, or a Deferred or Sliced to
+        wait for."""
         server = self.server
         dispatcher = server.dispatcher
         if head.page is not None:   # (GET of a page: /metrics, the status page)
@@ -3630,14 +3646,8 @@ class Connection:
             except Busy as exc:
                 raise _HTTPError(503, str(exc))
         kind = type(reply)
-        if kind is Deferred or kind is Sliced:  # it waits for another server, or is made a slice a turn
-            if server.stopping:         # (no new wait once the stop has begun)
-                return dispatcher.abandon(reply)
-            self.awaiting = (head, reply)
-            self.transport.pause_reading()
-            run = server.run_slow if kind is Deferred else server.run_sliced
-            run(reply, functools.partial(self._slow_done, reply))
-            return None
+        if (kind is Deferred or kind is Sliced) and server.stopping:    # (no new wait once the stop has begun)
+            return dispatcher.abandon(reply)
         return reply
 
     def release_held(self, failed):
@@ -3653,6 +3663,11 @@ class Connection:
                     dispatcher.handover_failed(reply, ConnectionResetError("the client has gone"))
                 for sock in reply.sockets:
                     sock.close()
+            if type(reply) is Sliced:   # (a listing that may show the group's changes)
+                self.awaiting = None
+                if failed is None and self.phase is not _CLOSED:
+                    self._await(head, reply)
+                    continue
             if self.phase is _CLOSED:
                 continue
             if failed is not None and head.page is not None:
