@@ -748,6 +748,22 @@ _STR_REPLY = _INT_REPLY.replace("<int>%d</int>", "<string>%s</string>")
 _LIST_HEAD = b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
 _LIST_FOOT = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
 _LIST_HEAD_SIZE, _LIST_FOOT_SIZE = len(_LIST_HEAD), len(_LIST_FOOT)
+_NESTED_HEAD = b"<value><array><data>\n" * 2                # a multicall's [listing]
+_NESTED_FOOT = b"</data></array></value>\n" * 2
+
+
+def _list_item(value):
+    """*value* marshalled as an item of a reply's array (what _LIST_HEAD and _LIST_FOOT enclose)."""
+    return dumps(([value],), methodresponse=True, allow_none=False)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE].encode("utf-8")
+
+
+class _Snapshot(list):
+    """The registrations a listing of a system.multicall shows, by port; whole: all of them."""
+    __slots__ = ("whole",)
+
+    def __init__(self, regs, whole):
+        super().__init__(regs)
+        self.whole = whole
 
 
 @functools.lru_cache(maxsize=64)
@@ -2880,6 +2896,8 @@ class Dispatcher:
             if method == "lookup" and len(params) == 1 and type(params[0]) is str:
                 self.requests["lookup"] += 1
                 return self._lookup_reply(caller, params[0])
+            if method == "system.multicall" and len(params) == 1 and type(params[0]) is list:
+                return self._multicall_reply(caller, params[0])
             func = self._checked(caller, method, params)
             if func.rpc_slow and self.service.cluster is not None:     # (without one: fault 5 at once)
                 return self._deferred(method, func, params)
@@ -3030,7 +3048,39 @@ class Dispatcher:
         finally:
             self.service.end_group()
 
-    def _multicall(self, caller, calls):
+    def _multicall_reply(self, caller, calls):
+        """system.multicall's reply over the wire: its calls made now, in order, in one group; a
+        listing among them (listPorts, lookup) is the registrations of its moment, marshalled as
+        listPorts' own is (kept entries, a slice at a time): 25,000 entries made in one go would
+        hold up every other caller for a second."""
+        try:
+            self._checked(caller, "system.multicall", (calls,))
+            self.service.begin_group()
+            try:
+                results = self._multicall(caller, calls, snapshots=True)
+            finally:
+                self.service.end_group()
+        except NodeMngrException as exc:
+            raise Fault(exc.faultCode, str(exc))
+        if not any(type(r) is list and type(r[0]) is _Snapshot for r in results):
+            return self._reply((results,), "system.multicall")
+        reply = Sliced(self._multicall_steps(results), "system.multicall")
+        return self._made(reply) if reply.step() else reply
+
+    def _multicall_steps(self, results):
+        pieces = [_LIST_HEAD]
+        for result in results:
+            if type(result) is list and type(result[0]) is _Snapshot:
+                pieces.append(_NESTED_HEAD)     # ([listing]: an array in an array)
+                yield from self._entry_pieces(result[0], pieces, result[0].whole)
+                pieces.append(_NESTED_FOOT)
+            else:
+                pieces.append(_list_item(result))
+        pieces.append(_LIST_FOOT)
+        return pieces
+
+    def _multicall(self, caller, calls, snapshots=False):
+        """The results of *calls*; with *snapshots*, a listing's is a _Snapshot to marshal later."""
         results = []
         listings = looked = 0
         for call in calls:
@@ -3055,7 +3105,12 @@ class Dispatcher:
                 func = self._checked(caller, method, params)
                 if func.rpc_slow or func.rpc_handover:
                     raise self._alone(method)
-                results.append([self._invoke(caller, method, func, params)])
+                if snapshots and method == "listPorts":
+                    results.append([_Snapshot(self.service.registrations(ordered=True), True)])
+                elif snapshots and method == "lookup" and type(params[0]) is str:
+                    results.append([_Snapshot(self.service.named(params[0]), False)])
+                else:
+                    results.append([self._invoke(caller, method, func, params)])
             except Fault as fault:
                 self.faults[fault.faultCode] += 1
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
@@ -3218,25 +3273,28 @@ class Dispatcher:
         registration is held (whole: they are the whole registry, and the entries of ports no longer
         held are dropped), so that a listing after a change is a join; the entries not made yet
         (25,000 after a restart) are made a slice at a time (see Sliced), so that nobody waits."""
-        regs = registrations()
+        pieces = [_LIST_HEAD]
+        yield from self._entry_pieces(registrations(), pieces, whole)
+        pieces.append(_LIST_FOOT)
+        return pieces       # (the transport sends them a chunk at a time: never joined whole)
+
+    def _entry_pieces(self, regs, pieces, whole):
+        """Append the marshalled entries of *regs* to *pieces*, yielding when a slice's budget is
+        spent (see _listing_steps)."""
         cache = self._entries
         kept = {} if whole else cache
-        pieces = [_LIST_HEAD]
         until = time.monotonic() + Sliced.budget
-        for reg in regs:
+        for count, reg in enumerate(regs, 1):
             entry = cache.get(reg.port)
             if entry is None or entry[0] is not reg:    # (kept entries are kept as they are: a listing
-                piece = dumps(([_listed((reg,))[0]],), methodresponse=True)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE]
-                entry = (reg, piece.encode("utf-8"))    # makes no new object the collector would scan)
+                entry = (reg, _list_item(_listed((reg,))[0]))   # makes no new object the collector would scan)
             kept[reg.port] = entry
             pieces.append(entry[1])
-            if len(pieces) % 100 == 0 and time.monotonic() >= until:
+            if count % 100 == 0 and time.monotonic() >= until:
                 yield
                 until = time.monotonic() + Sliced.budget
         if whole:
             self._entries = kept
-        pieces.append(_LIST_FOOT)
-        return pieces       # (the transport sends them a chunk at a time: never joined whole)
 
 
 # ---------------------------------------------------------------------------------------------
