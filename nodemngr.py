@@ -3756,10 +3756,10 @@ class Connection:
         if reply is None:
             pass
         elif type(reply) is list:   # (a listing, in pieces made beforehand, which clients share)
-            size = sum(map(len, reply))
-            self._send(_reply_head(head, size))
-            self.outbuf.extend(reply)
-            self._queue(size)
+            cursor = _Cursor(reply)
+            self._send(_reply_head(head, cursor.left))
+            self.outbuf.append(cursor)
+            self._queue(cursor.cost)
             self._send(b"")
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
             self.transport.write(_reply_head(head, len(reply)) + reply)
@@ -3907,19 +3907,17 @@ class Connection:
             self._queue(len(data))
         if outbuf and not self.pending and not self.more:
             piece = outbuf[0]
-            if len(piece) > _CHUNK:
+            if type(piece) is _Cursor:
+                piece = piece.take(_CHUNK)
+                if outbuf[0].done:
+                    self._queue(-outbuf.popleft().cost)
+            elif len(piece) > _CHUNK:
                 view = memoryview(piece)
                 outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
+                self._queue(-len(piece))
             else:
                 outbuf.popleft()
-                if outbuf and len(piece) + len(outbuf[0]) <= _CHUNK:   # (a listing's entries: a chunk of them)
-                    pieces = [piece]
-                    size = len(piece)
-                    while outbuf and size + len(outbuf[0]) <= _CHUNK:
-                        size += len(outbuf[0])
-                        pieces.append(outbuf.popleft())
-                    piece = b"".join(pieces)
-            self._queue(-len(piece))
+                self._queue(-len(piece))
             self.transport.write(piece)
             if outbuf and not self.pending:
                 self.more = True
@@ -3975,6 +3973,38 @@ class Connection:
         self.outbuf.clear()
 
     connection_lost = close
+
+
+class _Cursor:
+    """A reply in pieces (a listing's: shared with the other clients sent it, and with the kept
+    entries) in a connection's outbuf, sent a chunk at a time from where it is up to: a client
+    that does not read holds a reference to the list, not a copy of its 25,000 references."""
+
+    __slots__ = ("pieces", "index", "left", "cost")
+    _sized = (None, 0)      # (the last list sized, its size): many clients are sent the same listing
+
+    def __init__(self, pieces):
+        if _Cursor._sized[0] is not pieces:
+            _Cursor._sized = (pieces, sum(map(len, pieces)))
+        self.pieces, self.index, self.left = pieces, 0, _Cursor._sized[1]
+        self.cost = 8 * len(pieces)     # (what it holds of its own, for the server's bound)
+
+    def __len__(self):
+        return self.left
+
+    @property
+    def done(self):
+        return self.index >= len(self.pieces)
+
+    def take(self, most):
+        """The next pieces, joined: *most* bytes at most, unless one piece alone is more."""
+        pieces, first = self.pieces, self.index
+        end, size = first + 1, len(pieces[first])
+        while end < len(pieces) and size + len(pieces[end]) <= most:
+            size += len(pieces[end])
+            end += 1
+        self.index, self.left = end, self.left - size
+        return b"".join(pieces[first:end])
 
 
 def _check_request_line(buf, pos):

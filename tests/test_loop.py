@@ -135,11 +135,10 @@ def test_unread_replies_are_bounded_in_memory(daemon_factory):
     try:
         assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
         peak = memory_kib(d.proc.pid, "VmHWM")
-        turned_away = count_turned_away(clients)
+        count_turned_away(clients)      # (they share one listing now: few if any are turned away)
     finally:
         for s in clients:
             s.close()
-    assert turned_away > 0
     assert peak - base < 100 * 1024, "replies waiting for clients grew the daemon by %d KiB" % (peak - base)
     assert wait_until(lambda: memory_kib(d.proc.pid) - base < 40 * 1024, timeout=5), "memory stayed held"
 
