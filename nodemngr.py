@@ -3505,7 +3505,7 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller",
+                 "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller", "paused_left",
                  "more", "held")
 
     def __init__(self, server, sock, peer, caller):
@@ -3527,6 +3527,7 @@ class Connection:
         self.request_caller = caller    # the Caller of the request whose body is awaited
         self.more = False               # the next chunk of a long reply is due at the next turn
         self.held = []                  # (head, reply) waiting for the turn's group commit
+        self.paused_left = None         # bytes of its replies not taken when writing last paused
 
     # -- what the server asks --------------------------------------------------------------------
 
@@ -3571,12 +3572,28 @@ class Connection:
         transport's and the kernel's send queue, has shrunk); if so, its deadline moves to *until*."""
         if self.transport is None:
             return False
-        left = sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
+        left = self._left()
         taking = 0 < left < self.owed
         self.owed = left
         if taking:
             self.deadline = until
         return taking
+
+    def reading_reply(self, until):
+        """Whether the client took some of its reply since writing last paused (a reply of
+        megabytes that a client parses as it reads can take it longer than stall_timeout: it is
+        not stalled); if so, its deadline moves to *until*."""
+        if self.transport is None or self.paused_left is None or not (self.phase is _READING or self.phase is _DRAINING):
+            return False
+        left = self._left()
+        if not 0 < left < self.paused_left:
+            return False
+        self.paused_left, self.deadline = left, until
+        return True
+
+    def _left(self):
+        """Bytes of its replies not taken yet: ours, the transport's and the kernel's send queue."""
+        return sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
 
     # -- asyncio's calls -------------------------------------------------------------------------
 
@@ -3614,6 +3631,7 @@ class Connection:
 
     def pause_writing(self):
         """A reply waits to be taken: count it, and read nothing more until it has left."""
+        self.paused_left = self._left()
         size = self.transport.get_write_buffer_size()
         self.server.owed_bytes(size - self.pending)
         self.pending = size
@@ -3685,6 +3703,7 @@ class Connection:
         """Wait for *deferred* (a Deferred or a Sliced), reading nothing more meanwhile."""
         server = self.server
         self.awaiting = (head, deferred)
+        self.deadline = math.inf    # (the node manager's own work, however long: not the client stalling)
         self.transport.pause_reading()
         run = server.run_slow if type(deferred) is Deferred else server.run_sliced
         run(deferred, functools.partial(self._slow_done, deferred))
@@ -3742,6 +3761,7 @@ class Connection:
         head, self.awaiting = self.awaiting[0], None
         if self.phase is _CLOSED:       # (gone meanwhile: nobody is left to tell)
             return
+        self.deadline = time.monotonic() + self.server.stall_timeout
         self._reply(head, reply)
         self.answer_received()
 
@@ -4348,7 +4368,10 @@ class NodeMngrServer:
         while self._refused and self._refused[0][0] < now:
             _drain(self._refused.popleft()[1]).close()
         for connection in [c for c in self.connections if c.expired(now)]:
-            if not (self.released and connection.taking_replies(now + self.stop_grace)):
+            if self.released:
+                if not connection.taking_replies(now + self.stop_grace):
+                    connection.expire()
+            elif not connection.reading_reply(now + self.stall_timeout):
                 connection.expire()
         if not self.stopping:
             if self.notify is not None:

@@ -126,3 +126,19 @@ def _unread_reply(sock):
     """Whether the head of a reply has reached *sock* (not read)."""
     r, _, _ = select.select([sock], [], [], 0)
     return bool(r) and sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 ")
+
+
+def test_a_client_taking_a_long_listing_steadily_is_not_cut_as_stalled(daemon_factory):
+    """Promise: a client that stalls is cut off; one that takes its reply is served.  Broken: the
+    stall limit ran from a request's first byte to its reply's last, whether the client was
+    taking the reply or not: at 25,000 registrations with 4 KiB infos a listing is 150 MB, which
+    a Python client parses in more than the 10 s limit, so every listPorts there was cut
+    mid-reply.  Now a client's deadline moves on whenever it takes some of its reply."""
+    d = daemon_factory(size=600, settings=daemon_settings(stall_timeout=0.5))
+    fill_registry(d, 500)           # one listPorts reply is about 4 MB, more than the kernel buffers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect((d.host, d.port))
+    with RawConnection(sock, read_size=16384, read_pause=0.01) as c:   # 2 to 3 s: slowly, steadily
+        c.send(http_request(rpc_body("listPorts")))
+        assert len(c.reply().result()) == 500
