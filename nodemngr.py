@@ -748,6 +748,22 @@ _STR_REPLY = _INT_REPLY.replace("<int>%d</int>", "<string>%s</string>")
 _LIST_HEAD = b"<?xml version='1.0'?>\n<methodResponse>\n<params>\n<param>\n<value><array><data>\n"
 _LIST_FOOT = b"</data></array></value>\n</param>\n</params>\n</methodResponse>\n"
 _LIST_HEAD_SIZE, _LIST_FOOT_SIZE = len(_LIST_HEAD), len(_LIST_FOOT)
+_NESTED_HEAD = b"<value><array><data>\n" * 2                # a multicall's [listing]
+_NESTED_FOOT = b"</data></array></value>\n" * 2
+
+
+def _list_item(value):
+    """*value* marshalled as an item of a reply's array (what _LIST_HEAD and _LIST_FOOT enclose)."""
+    return dumps(([value],), methodresponse=True, allow_none=False)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE].encode("utf-8")
+
+
+class _Snapshot(list):
+    """The registrations a listing of a system.multicall shows, by port; whole: all of them."""
+    __slots__ = ("whole",)
+
+    def __init__(self, regs, whole):
+        super().__init__(regs)
+        self.whole = whole
 
 
 @functools.lru_cache(maxsize=64)
@@ -2959,6 +2975,8 @@ class Dispatcher:
             if method == "lookup" and len(params) == 1 and type(params[0]) is str:
                 self.requests["lookup"] += 1
                 return self._lookup_reply(caller, params[0])
+            if method == "system.multicall" and len(params) == 1 and type(params[0]) is list:
+                return self._multicall_reply(caller, params[0])
             func = self._checked(caller, method, params)
             if func.rpc_slow and self.service.cluster is not None:     # (without one: fault 5 at once)
                 return self._deferred(method, func, params)
@@ -3110,7 +3128,39 @@ class Dispatcher:
         finally:
             self.service.end_group()
 
-    def _multicall(self, caller, calls):
+    def _multicall_reply(self, caller, calls):
+        """system.multicall's reply over the wire: its calls made now, in order, in one group; a
+        listing among them (listPorts, lookup) is the registrations of its moment, marshalled as
+        listPorts' own is (kept entries, a slice at a time): 25,000 entries made in one go would
+        hold up every other caller for a second."""
+        try:
+            self._checked(caller, "system.multicall", (calls,))
+            self.service.begin_group()
+            try:
+                results = self._multicall(caller, calls, snapshots=True)
+            finally:
+                self.service.end_group()
+        except NodeMngrException as exc:
+            raise Fault(exc.faultCode, str(exc))
+        if not any(type(r) is list and type(r[0]) is _Snapshot for r in results):
+            return self._reply((results,), "system.multicall")
+        reply = Sliced(self._multicall_steps(results), "system.multicall")
+        return self._made(reply) if reply.step() else reply
+
+    def _multicall_steps(self, results):
+        pieces = [_LIST_HEAD]
+        for result in results:
+            if type(result) is list and type(result[0]) is _Snapshot:
+                pieces.append(_NESTED_HEAD)     # ([listing]: an array in an array)
+                yield from self._entry_pieces(result[0], pieces, result[0].whole)
+                pieces.append(_NESTED_FOOT)
+            else:
+                pieces.append(_list_item(result))
+        pieces.append(_LIST_FOOT)
+        return pieces
+
+    def _multicall(self, caller, calls, snapshots=False):
+        """The results of *calls*; with *snapshots*, a listing's is a _Snapshot to marshal later."""
         results = []
         listings = looked = 0
         for call in calls:
@@ -3135,7 +3185,12 @@ class Dispatcher:
                 func = self._checked(caller, method, params)
                 if func.rpc_slow or func.rpc_handover:
                     raise self._alone(method)
-                results.append([self._invoke(caller, method, func, params)])
+                if snapshots and method == "listPorts":
+                    results.append([_Snapshot(self.service.registrations(ordered=True), True)])
+                elif snapshots and method == "lookup" and type(params[0]) is str:
+                    results.append([_Snapshot(self.service.named(params[0]), False)])
+                else:
+                    results.append([self._invoke(caller, method, func, params)])
             except Fault as fault:
                 self.faults[fault.faultCode] += 1
                 results.append({"faultCode": fault.faultCode, "faultString": fault.faultString})
@@ -3306,25 +3361,28 @@ class Dispatcher:
         registration is held (whole: they are the whole registry, and the entries of ports no longer
         held are dropped), so that a listing after a change is a join; the entries not made yet
         (25,000 after a restart) are made a slice at a time (see Sliced), so that nobody waits."""
-        regs = registrations()
+        pieces = [_LIST_HEAD]
+        yield from self._entry_pieces(registrations(), pieces, whole)
+        pieces.append(_LIST_FOOT)
+        return pieces       # (the transport sends them a chunk at a time: never joined whole)
+
+    def _entry_pieces(self, regs, pieces, whole):
+        """Append the marshalled entries of *regs* to *pieces*, yielding when a slice's budget is
+        spent (see _listing_steps)."""
         cache = self._entries
         kept = {} if whole else cache
-        pieces = [_LIST_HEAD]
         until = time.monotonic() + Sliced.budget
-        for reg in regs:
+        for count, reg in enumerate(regs, 1):
             entry = cache.get(reg.port)
             if entry is None or entry[0] is not reg:    # (kept entries are kept as they are: a listing
-                piece = dumps(([_listed((reg,))[0]],), methodresponse=True)[_LIST_HEAD_SIZE:-_LIST_FOOT_SIZE]
-                entry = (reg, piece.encode("utf-8"))    # makes no new object the collector would scan)
+                entry = (reg, _list_item(_listed((reg,))[0]))   # makes no new object the collector would scan)
             kept[reg.port] = entry
             pieces.append(entry[1])
-            if len(pieces) % 100 == 0 and time.monotonic() >= until:
+            if count % 100 == 0 and time.monotonic() >= until:
                 yield
                 until = time.monotonic() + Sliced.budget
         if whole:
             self._entries = kept
-        pieces.append(_LIST_FOOT)
-        return pieces       # (the transport sends them a chunk at a time: never joined whole)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3538,7 +3596,7 @@ class Connection:
     """
 
     __slots__ = ("server", "sock", "peer", "caller", "transport", "phase", "deadline", "inbuf", "pos", "head",
-                 "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller",
+                 "outbuf", "pending", "queued", "between", "served", "owed", "awaiting", "active", "request_caller", "paused_left",
                  "more", "held")
 
     def __init__(self, server, sock, peer, caller):
@@ -3560,6 +3618,7 @@ class Connection:
         self.request_caller = caller    # the Caller of the request whose body is awaited
         self.more = False               # the next chunk of a long reply is due at the next turn
         self.held = []                  # (head, reply) waiting for the turn's group commit
+        self.paused_left = None         # bytes of its replies not taken when writing last paused
 
     # -- what the server asks --------------------------------------------------------------------
 
@@ -3604,12 +3663,28 @@ class Connection:
         transport's and the kernel's send queue, has shrunk); if so, its deadline moves to *until*."""
         if self.transport is None:
             return False
-        left = sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
+        left = self._left()
         taking = 0 < left < self.owed
         self.owed = left
         if taking:
             self.deadline = until
         return taking
+
+    def reading_reply(self, until):
+        """Whether the client took some of its reply since writing last paused (a reply of
+        megabytes that a client parses as it reads can take it longer than stall_timeout: it is
+        not stalled); if so, its deadline moves to *until*."""
+        if self.transport is None or self.paused_left is None or not (self.phase is _READING or self.phase is _DRAINING):
+            return False
+        left = self._left()
+        if not 0 < left < self.paused_left:
+            return False
+        self.paused_left, self.deadline = left, until
+        return True
+
+    def _left(self):
+        """Bytes of its replies not taken yet: ours, the transport's and the kernel's send queue."""
+        return sum(map(len, self.outbuf)) + self.transport.get_write_buffer_size() + _unsent_bytes(self.sock)
 
     # -- asyncio's calls -------------------------------------------------------------------------
 
@@ -3647,6 +3722,7 @@ class Connection:
 
     def pause_writing(self):
         """A reply waits to be taken: count it, and read nothing more until it has left."""
+        self.paused_left = self._left()
         size = self.transport.get_write_buffer_size()
         self.server.owed_bytes(size - self.pending)
         self.pending = size
@@ -3702,13 +3778,30 @@ class Connection:
             held = grouped and server.must_hold(self)
         if reply is None:
             return
-        if held:    # sent once the turn's group is saved (release_held)
-            self.held.append((head, reply))
-            return
-        self._reply(head, reply)
+        kind = type(reply)
+        if kind is Deferred:    # (it waits for etcd, never shows the registry)
+            self._await(head, reply)
+        elif held:  # sent once the turn's group is saved (release_held); a Sliced is made only then, as
+            self.held.append((head, reply))     # its snapshot may show the group's changes
+            if kind is Sliced:
+                self.awaiting = (head, reply)
+        elif kind is Sliced:
+            self._await(head, reply)
+        else:
+            self._reply(head, reply)
+
+    def _await(self, head, deferred):
+        """Wait for *deferred* (a Deferred or a Sliced), reading nothing more meanwhile."""
+        server = self.server
+        self.awaiting = (head, deferred)
+        self.deadline = math.inf    # (the node manager's own work, however long: not the client stalling)
+        self.transport.pause_reading()
+        run = server.run_slow if type(deferred) is Deferred else server.run_sliced
+        run(deferred, functools.partial(self._slow_done, deferred))
 
     def _reply_to(self, head, body, caller):
-        """The reply to a request, or None for a slow call, answered when its thread is done."""
+        """The reply to a request: bytes, a list of them, a Handover, or a Deferred or Sliced to
+        wait for."""
         server = self.server
         dispatcher = server.dispatcher
         try:
@@ -3721,14 +3814,8 @@ class Connection:
         except Busy as exc:
             raise _HTTPError(503, str(exc))
         kind = type(reply)
-        if kind is Deferred or kind is Sliced:  # it waits for another server, or is made a slice a turn
-            if server.stopping:         # (no new wait once the stop has begun)
-                return dispatcher.abandon(reply)
-            self.awaiting = (head, reply)
-            self.transport.pause_reading()
-            run = server.run_slow if kind is Deferred else server.run_sliced
-            run(reply, functools.partial(self._slow_done, reply))
-            return None
+        if (kind is Deferred or kind is Sliced) and server.stopping:    # (no new wait once the stop has begun)
+            return dispatcher.abandon(reply)
         return reply
 
     def release_held(self, failed):
@@ -3744,6 +3831,11 @@ class Connection:
                     dispatcher.handover_failed(reply, ConnectionResetError("the client has gone"))
                 for sock in reply.sockets:
                     sock.close()
+            if type(reply) is Sliced:   # (a listing that may show the group's changes)
+                self.awaiting = None
+                if failed is None and self.phase is not _CLOSED:
+                    self._await(head, reply)
+                    continue
             if self.phase is _CLOSED:
                 continue
             if failed is not None and head.page is not None:
@@ -3760,6 +3852,7 @@ class Connection:
         head, self.awaiting = self.awaiting[0], None
         if self.phase is _CLOSED:       # (gone meanwhile: nobody is left to tell)
             return
+        self.deadline = time.monotonic() + self.server.stall_timeout
         self._reply(head, reply)
         self.answer_received()
 
@@ -3774,10 +3867,10 @@ class Connection:
         if reply is None:
             pass
         elif type(reply) is list:   # (a listing, in pieces made beforehand, which clients share)
-            size = sum(map(len, reply))
-            self._send(_reply_head(head, size))
-            self.outbuf.extend(reply)
-            self._queue(size)
+            cursor = _Cursor(reply)
+            self._send(_reply_head(head, cursor.left))
+            self.outbuf.append(cursor)
+            self._queue(cursor.cost)
             self._send(b"")
         elif len(reply) <= _CHUNK and not self.outbuf and not self.pending:
             self.transport.write(_reply_head(head, len(reply)) + reply)
@@ -3925,19 +4018,17 @@ class Connection:
             self._queue(len(data))
         if outbuf and not self.pending and not self.more:
             piece = outbuf[0]
-            if len(piece) > _CHUNK:
+            if type(piece) is _Cursor:
+                piece = piece.take(_CHUNK)
+                if outbuf[0].done:
+                    self._queue(-outbuf.popleft().cost)
+            elif len(piece) > _CHUNK:
                 view = memoryview(piece)
                 outbuf[0], piece = view[_CHUNK:], view[:_CHUNK]
+                self._queue(-len(piece))
             else:
                 outbuf.popleft()
-                if outbuf and len(piece) + len(outbuf[0]) <= _CHUNK:   # (a listing's entries: a chunk of them)
-                    pieces = [piece]
-                    size = len(piece)
-                    while outbuf and size + len(outbuf[0]) <= _CHUNK:
-                        size += len(outbuf[0])
-                        pieces.append(outbuf.popleft())
-                    piece = b"".join(pieces)
-            self._queue(-len(piece))
+                self._queue(-len(piece))
             self.transport.write(piece)
             if outbuf and not self.pending:
                 self.more = True
@@ -3993,6 +4084,38 @@ class Connection:
         self.outbuf.clear()
 
     connection_lost = close
+
+
+class _Cursor:
+    """A reply in pieces (a listing's: shared with the other clients sent it, and with the kept
+    entries) in a connection's outbuf, sent a chunk at a time from where it is up to: a client
+    that does not read holds a reference to the list, not a copy of its 25,000 references."""
+
+    __slots__ = ("pieces", "index", "left", "cost")
+    _sized = (None, 0)      # (the last list sized, its size): many clients are sent the same listing
+
+    def __init__(self, pieces):
+        if _Cursor._sized[0] is not pieces:
+            _Cursor._sized = (pieces, sum(map(len, pieces)))
+        self.pieces, self.index, self.left = pieces, 0, _Cursor._sized[1]
+        self.cost = 8 * len(pieces)     # (what it holds of its own, for the server's bound)
+
+    def __len__(self):
+        return self.left
+
+    @property
+    def done(self):
+        return self.index >= len(self.pieces)
+
+    def take(self, most):
+        """The next pieces, joined: *most* bytes at most, unless one piece alone is more."""
+        pieces, first = self.pieces, self.index
+        end, size = first + 1, len(pieces[first])
+        while end < len(pieces) and size + len(pieces[end]) <= most:
+            size += len(pieces[end])
+            end += 1
+        self.index, self.left = end, self.left - size
+        return b"".join(pieces[first:end])
 
 
 def _check_request_line(buf, pos):
@@ -4346,7 +4469,10 @@ class NodeMngrServer:
         while self._refused and self._refused[0][0] < now:
             _drain(self._refused.popleft()[1]).close()
         for connection in [c for c in self.connections if c.expired(now)]:
-            if not (self.released and connection.taking_replies(now + self.stop_grace)):
+            if self.released:
+                if not connection.taking_replies(now + self.stop_grace):
+                    connection.expire()
+            elif not connection.reading_reply(now + self.stall_timeout):
                 connection.expire()
         if not self.stopping:
             if self.notify is not None:

@@ -333,3 +333,34 @@ def test_a_listing_made_of_kept_entries_is_the_registry_byte_for_byte_through_ch
         assert made("lookup", "nobody") == expected("lookup", "nobody")
     finally:
         service.close()
+
+
+def test_listings_inside_a_multicall_are_made_in_slices_and_show_their_moment(tmp_path, monkeypatch):
+    """Promise: no caller waits behind a listing, whatever asks for it.  Broken: a listPorts (or
+    lookups of a crowded name) inside system.multicall was marshalled whole, in one go: at 25,000
+    registrations the loop stood still for half a second.  Now the multicall's reply is a Sliced of
+    kept entries, each listing showing the registry as it was at its place among the calls."""
+    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)    # (a slice of 100 entries each)
+    first, last = free_range(400)
+    service = NodeMngr(first, last, host_check=lambda port: True)
+    dispatcher = Dispatcher(service)
+    tcp = dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid())
+    try:
+        for i in range(300):
+            service.newPort({"name": "crowd", "n": i} if i % 2 else "svc %d" % i)
+        calls = [{"methodName": "lookup", "params": ["crowd"]}, {"methodName": "listPorts", "params": []}]
+        reply = dispatcher.dispatch(tcp, body("system.multicall", calls))
+        assert isinstance(reply, nodemngr.Sliced), "long listings in a multicall: made in slices"
+        expected = [[dispatcher.call(tcp, "lookup", ("crowd",))], [dispatcher.call(tcp, "listPorts")]]
+        assert b"".join(reply.finish()) == nodemngr.marshal_reply((expected,), "system.multicall")[0], "byte for byte"
+        port = first + 300
+        calls = [{"methodName": "newPort", "params": ["new"]}, {"methodName": "lookup", "params": ["new"]},
+                 {"methodName": "delPort", "params": [first]}, {"methodName": "listPorts", "params": []},
+                 {"methodName": "lookup", "params": [7]}]
+        results = answer(dispatcher.dispatch(tcp, body("system.multicall", calls)))
+        assert results[0] == [port] and [e["port"] for e in results[1][0]] == [port]
+        assert [e["port"] for e in results[3][0]] == list(range(first + 1, first + 301)), "after the delPort"
+        assert results[4]["faultCode"] == 3
+        assert dispatcher.requests["lookup"] == 4 and dispatcher.requests["listPorts"] == 3, "each counted once"
+    finally:
+        service.close()

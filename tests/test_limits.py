@@ -7,7 +7,8 @@ import xmlrpc.client
 import pytest
 
 import nodemngr
-from support import RawConnection, clean_env, daemon_settings, http_request, rpc_body, run_python, wait_until
+from support import (RawConnection, clean_env, daemon_settings, fill_registry, http_request, memory_kib, rpc_body,
+                     run_python, slow_readers, wait_until)
 
 PING_REQUEST = http_request(rpc_body("ping"))
 
@@ -97,3 +98,47 @@ def test_a_portserver_client_is_served_while_the_house_is_full_of_idlers(daemon_
     finally:
         for s in held:
             s.close()
+
+
+def test_clients_that_never_read_a_listing_do_not_deny_it_to_the_others(daemon_factory):
+    """Promise: one slow or hostile client never stops the others from being served.  Broken: each
+    listPorts reply waiting for a client that never reads counted its whole size (4 MB here)
+    against the daemon's 32 MiB bound for replies owed, although every one of them is the same
+    listing, its pieces shared: nine such clients, and every other caller's listPorts got HTTP 503
+    until they were cut 10 s later (and asked again).  Now a waiting listing holds a reference
+    to the pieces it shares, and counts that."""
+    d = daemon_factory(size=1000)
+    fill_registry(d, 1000)          # one listPorts reply is about 4 MB
+    base = memory_kib(d.proc.pid)
+    clients = slow_readers(d, 40, http_request(rpc_body("listPorts")))
+    try:
+        assert wait_until(lambda: all(_unread_reply(s) for s in clients), timeout=10), "each has its reply waiting"
+        listing = d.rpc().listPorts()
+        grown = memory_kib(d.proc.pid) - base
+    finally:
+        for s in clients:
+            s.close()
+    assert len(listing) == 1000, "a reader is served its listing"
+    assert grown < 40 * 1024, "40 unread listings grew the daemon by %d KiB" % grown
+
+
+def _unread_reply(sock):
+    """Whether the head of a reply has reached *sock* (not read)."""
+    r, _, _ = select.select([sock], [], [], 0)
+    return bool(r) and sock.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 ")
+
+
+def test_a_client_taking_a_long_listing_steadily_is_not_cut_as_stalled(daemon_factory):
+    """Promise: a client that stalls is cut off; one that takes its reply is served.  Broken: the
+    stall limit ran from a request's first byte to its reply's last, whether the client was
+    taking the reply or not: at 25,000 registrations with 4 KiB infos a listing is 150 MB, which
+    a Python client parses in more than the 10 s limit, so every listPorts there was cut
+    mid-reply.  Now a client's deadline moves on whenever it takes some of its reply."""
+    d = daemon_factory(size=600, settings=daemon_settings(stall_timeout=0.5))
+    fill_registry(d, 500)           # one listPorts reply is about 4 MB, more than the kernel buffers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.connect((d.host, d.port))
+    with RawConnection(sock, read_size=16384, read_pause=0.01) as c:   # 2 to 3 s: slowly, steadily
+        c.send(http_request(rpc_body("listPorts")))
+        assert len(c.reply().result()) == 500

@@ -15,8 +15,8 @@ import xmlrpc.client
 
 import pytest
 
-from support import (SHORT_LOCK_WAIT, RawConnection, clean_env, free_port, http_request, nodemngr_argv, popen_python,
-                     registered, rpc_body, stop_pid, wait_until)
+from support import (SHORT_LOCK_WAIT, RawConnection, clean_env, daemon_settings, free_port, http_request, nodemngr_argv,
+                     popen_python, registered, rpc_body, stop_pid, wait_until)
 
 import nodemngr
 
@@ -485,3 +485,34 @@ def _replies_of_one_turn(d, bodies):
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_listing_made_in_slices_never_shows_changes_whose_save_failed(daemon_factory, tmp_path):
+    """Promise: a reply that may show a turn's changes waits until they are saved; if that fails,
+    none of them was made.  Broken: a listPorts made in slices (a long registry) started before
+    the turn's group was saved, from a snapshot holding that group's newPorts, and was sent when
+    made, whether the save succeeded or not: after a failed save, the listing showed ports that
+    were never registered (the registry itself was read back without them)."""
+    folder = tmp_path / "state"
+    folder.mkdir()
+    d = daemon_factory(size=400, state=folder / "state.sqlite3", settings=daemon_settings(slice_budget=0.0))
+    multi = xmlrpc.client.MultiCall(d.rpc())
+    for i in range(250):
+        multi.newPort("kept %d" % i)
+    multi()
+    requests = [http_request(rpc_body("newPort", "phantom %d" % i)) for i in range(3)]
+    requests += [http_request(rpc_body("listPorts"))] * 3
+    conns = _in_one_turn(d, requests, lambda: resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE,
+                                                                (1024, resource.RLIM_INFINITY)))
+    try:
+        replies = [conn.reply().result() for conn in conns]
+    finally:
+        resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        for conn in conns:
+            conn.close()
+    assert all(isinstance(r, xmlrpc.client.Fault) and r.faultCode == -32603 for r in replies[:3]), replies[:3]
+    for listing in replies[3:]:
+        shown = [] if isinstance(listing, xmlrpc.client.Fault) else [e["info"] for e in listing]
+        assert not [info for info in shown if info.startswith("phantom")], (
+            "a listing showed ports whose save failed: %s" % [i for i in shown if i.startswith("phantom")])
+    assert sorted(e["info"] for e in d.rpc().listPorts()) == sorted("kept %d" % i for i in range(250))
