@@ -1294,21 +1294,6 @@ def slow_readers(daemon, count, request):
     return socks
 
 
-def newcomer_turned_away(daemon, request, timeout=10.0):
-    """Whether a newcomer sending *request* (and reading nothing) is answered 503 within *timeout*
-    seconds: the replies already waiting for slow readers (made for them all at once, when they
-    share one) have passed the daemon's bound.  Each newcomer that is not is closed."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        socks = slow_readers(daemon, 1, request)
-        try:
-            if count_turned_away(socks, wait=0.5):
-                return True
-        finally:
-            socks[0].close()
-    return False
-
-
 def count_turned_away(socks, wait=0.2):
     """How many of *socks* have a 503 waiting to be read, or arriving within *wait* seconds (all of
     them watched at once)."""

@@ -249,9 +249,10 @@ def test_pages_of_25000_registrations_are_made_in_short_slices_and_shared():
 
 
 def test_pages_for_readers_that_never_read_hold_memory_bounded(daemon_factory):
-    """Many clients ask for the megabytes of /status.json and read nothing: they share one copy,
-    and once the replies waiting pass the daemon's bound, newcomers get a 503, as for listPorts."""
-    from support import fill_registry, http_request, memory_kib, newcomer_turned_away, slow_readers
+    """Many clients ask for the megabytes of /status.json and read nothing: they share one copy of
+    its pieces (each owes a cursor over them, as for listPorts), so the daemon grows by one copy,
+    not by one per reader (925 MB for these 100 before)."""
+    from support import count_turned_away, fill_registry, http_request, memory_kib, slow_readers
     d = daemon_factory(size=1000, state="none")
     fill_registry(d, 1000)          # the JSON is about 8 MB (each info is its name too)
     base = memory_kib(d.proc.pid)
@@ -259,12 +260,11 @@ def test_pages_for_readers_that_never_read_hold_memory_bounded(daemon_factory):
     clients = slow_readers(d, 100, request)
     try:
         assert d.rpc().ping().startswith("NodeMngr at ")       # served meanwhile
-        turned_away = newcomer_turned_away(d, request)
+        count_turned_away(clients)      # (the daemon pushes what the kernel takes meanwhile)
         peak = memory_kib(d.proc.pid, "VmHWM")
     finally:
         for s in clients:
             s.close()
-    assert turned_away > 0, "no newcomer was turned away past the bound"
     assert peak - base < 100 * 1024, "pages waiting for readers grew the daemon by %d KiB" % (peak - base)
 
 
