@@ -880,6 +880,9 @@ def popen_python(argv, stdin=None, stdout=None, stderr=None, env=None, cwd=None,
     ``[SCRIPT, ARGS...]`` with no other option, a ForkedProcess from the fork server when it is the
     same program.  finalize=True: it ends with the interpreter's whole teardown, as an exec'd one
     (for tests of what a process prints even at exit), not without the modules' (see _run)."""
+    bad = [a for a in argv if not isinstance(a, (str, bytes, os.PathLike))]
+    if bad:     # (as an exec'd run would: the fork server must not hide it)
+        raise TypeError("expected str, bytes or os.PathLike object, not %s" % type(bad[0]).__name__)
     text = text or popen_kw.pop("universal_newlines", False)
     forkable = argv[0] == "-c" and len(argv) >= 2 or not str(argv[0]).startswith("-") and os.path.isfile(str(argv[0]))
     server = fork_server() if not popen_kw and forkable else None

@@ -226,12 +226,12 @@ def test_a_flood_of_new_socket_and_new_port_never_gives_a_port_twice(daemon_fact
 def run_cli_process(d, *args, **kw):
     """``python3 nodemngr.py run ARGS`` (forked where support's fork server can, with the
     interpreter's whole exit)."""
-    return popen_python([NODEMNGR, "run"] + list(args), env=d.env, finalize=True, **kw)
+    return popen_python([NODEMNGR, "run"] + [str(a) for a in args], env=d.env, finalize=True, **kw)
 
 
 def run_cli(d, *args):
     """run_cli_process() to its end: the CompletedProcess, its output as text."""
-    return run_python([NODEMNGR, "run"] + list(args), env=d.env, capture_output=True, text=True,
+    return run_python([NODEMNGR, "run"] + [str(a) for a in args], env=d.env, capture_output=True, text=True,
                       timeout=30, finalize=True)
 
 
