@@ -41,7 +41,7 @@ def etcd(tmp_path):
 def pytest_addoption(parser, pluginmanager):
     parser.addoption("--screenshot", metavar="PNG", help="write the status page's screenshot (docs/status-page.png) "
                      "there; an ordinary run writes none")
-    # tox.ini's addopts asks for -n 3 (pytest-xdist); where xdist is missing, as in a plain
+    # tox.ini's addopts asks for -n 6 (pytest-xdist); where xdist is missing, as in a plain
     # `python3 -m pytest` before `pip install -e .[test]`, -n is taken here and ignored: the suite
     # runs serially instead of failing on an option nobody knows.
     if not pluginmanager.has_plugin("xdist"):   # (_addoption: pytest keeps lowercase short options to plugins such as xdist)
