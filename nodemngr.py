@@ -4115,6 +4115,8 @@ class _Cursor:
             size += len(pieces[end])
             end += 1
         self.index, self.left = end, self.left - size
+        if end >= len(pieces) and _Cursor._sized[0] is pieces:     # (sent: kept by nobody for its size)
+            _Cursor._sized = (None, 0)
         return b"".join(pieces[first:end])
 
 
@@ -5140,10 +5142,13 @@ _REPLY_FOOT = "</data></array></value>\n</param>\n</params>\n</methodResponse>\n
 _STRUCT_END = "</struct></value>\n"
 
 
+_ENTRY_FIELDS = ("host", "port", "name", "info", "pid", "since")     # a cluster entry's struct, in order
+
+
 def _struct_piece(entry):
-    """The XML of *entry* as a struct in an array, but for its stale and seen members and its end
-    (_STRUCT_END): what ClusterView.answer joins for a listing."""
-    text = dumps((entry,), allow_none=False)
+    """The XML of *entry* (its values in _ENTRY_FIELDS' order) as a struct in an array, but for its
+    stale and seen members and its end (_STRUCT_END): what ClusterView.locate joins for a listing."""
+    text = dumps((dict(zip(_ENTRY_FIELDS, entry)),), allow_none=False)
     return text[len("<params>\n<param>\n"):-len(_STRUCT_END + "</param>\n</params>\n")]
 
 
@@ -5195,8 +5200,8 @@ class ClusterView:
         self._stop = threading.Event()
         self._kick = threading.Event()          # the keeper must not wait: a write found the lease gone
         self._mirror = threading.Lock()         # (guards the mirror: what follows)
-        self._pieces = {}           # host -> {port: struct piece}: listCluster's
-        self._named = {}            # name -> {(host, port): struct piece}: locate's
+        self._pieces = {}           # host -> {port: entry}: listCluster's (entry: its values, a tuple)
+        self._named = {}            # name -> {(host, port): entry}: locate's
         self._keys = {}             # every key (bytes) under the prefix -> (host, port, name) or why skipped
         self._changed_at = {}       # host -> time.time() when the watch last brought a change of its
         self._revision = None       # the revision the mirror reflects (None: never read)
@@ -5306,7 +5311,10 @@ class ClusterView:
         tail = ("<member>\n<name>stale</name>\n<value><boolean>%d</boolean></value>\n</member>\n<member>\n"
                 "<name>seen</name>\n<value><double>%r</double></value>\n</member>\n" % (
                     stale, round(min(seen, 1e9), 3))) + _STRUCT_END
-        parts = [(tail.join(pieces[i:i + 1000]) + tail).encode("utf-8") for i in range(0, len(pieces), 1000)]
+        # (the entries are marshalled here, in this thread, rather than kept marshalled: a mirror
+        # of 50,000 entries holds about half the memory that way)
+        parts = [(tail.join(map(_struct_piece, pieces[i:i + 1000])) + tail).encode("utf-8")
+                 for i in range(0, len(pieces), 1000)]
         return Marshalled([_REPLY_HEAD.encode("ascii")] + parts + [_REPLY_FOOT.encode("ascii")])
 
     def stop(self, timeout=0.5):
@@ -5614,11 +5622,12 @@ class ClusterView:
             keys[key] = why
             skipped[why] += 1
             return
-        where = (entry["host"], entry["port"])
-        piece = _struct_piece(entry)
-        pieces.setdefault(where[0], {})[where[1]] = piece
-        named.setdefault(entry["name"], {})[where] = piece
-        keys[key] = where + (entry["name"],)
+        host, name = sys.intern(entry["host"]), sys.intern(entry["name"])    # (shared by many entries)
+        where = (host, entry["port"])
+        piece = (host, entry["port"], name, entry["info"], entry["pid"], entry["since"])
+        pieces.setdefault(host, {})[where[1]] = piece
+        named.setdefault(name, {})[where] = piece
+        keys[key] = where + (name,)
 
     def _leave(self, key):
         was = self._keys.pop(key, None)
