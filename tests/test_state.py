@@ -315,6 +315,15 @@ def _unread_tcp(d, conn):
     return False
 
 
+def _two_new_ports_then_a_portserver_line(d, a, p):
+    """With the daemon stopped (_stop): two pipelined newPorts on connection *a*, then a portserver
+    line on local socket *p*, all there for the daemon's next turn once it goes on."""
+    a.send(http_request(rpc_body("newPort", "a1")) + http_request(rpc_body("newPort", "a2")))
+    wait_until(lambda: _unread_tcp(d, a), timeout=2, interval=0.001)
+    p.sendall(b"%d\n" % os.getpid())
+    time.sleep(0.05)
+
+
 # --- what an adversarial run of the group commit found (each failed before its fix) -------------
 
 def test_a_portserver_reply_is_never_sent_before_its_port_is_saved(daemon_factory, tmp_path):
@@ -340,10 +349,7 @@ def test_a_portserver_reply_is_never_sent_before_its_port_is_saved(daemon_factor
     time.sleep(0.1)     # (accepted, and watched by the loop)
     _stop(d)
     try:
-        a.send(http_request(rpc_body("newPort", "a1")) + http_request(rpc_body("newPort", "a2")))
-        wait_until(lambda: _unread_tcp(d, a), timeout=2, interval=0.001)
-        p.sendall(b"%d\n" % os.getpid())
-        time.sleep(0.05)
+        _two_new_ports_then_a_portserver_line(d, a, p)
         # from now on every write of the state file fails
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
     finally:
@@ -387,10 +393,7 @@ def test_a_portserver_port_survives_a_kill_9_right_after_its_reply(daemon_factor
         time.sleep(0.3)     # (attached)
         _stop(d)
         try:
-            a.send(http_request(rpc_body("newPort", "a1")) + http_request(rpc_body("newPort", "a2")))
-            wait_until(lambda: _unread_tcp(d, a), timeout=2, interval=0.001)
-            p.sendall(b"%d\n" % os.getpid())
-            time.sleep(0.05)
+            _two_new_ports_then_a_portserver_line(d, a, p)
         finally:
             os.kill(d.proc.pid, signal.SIGCONT)
         told = p.recv(100)
