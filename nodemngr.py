@@ -5142,14 +5142,26 @@ _REPLY_FOOT = "</data></array></value>\n</param>\n</params>\n</methodResponse>\n
 _STRUCT_END = "</struct></value>\n"
 
 
-_ENTRY_FIELDS = ("host", "port", "name", "info", "pid", "since")     # a cluster entry's struct, in order
+# A cluster entry's struct as dumps() writes it, but for its stale and seen members and its end
+# (_STRUCT_END): filled with _mirrored(entry), it is what ClusterView.locate joins for a listing.
+_ENTRY_PIECE = ("<value><struct>\n<member>\n<name>host</name>\n<value><string>%s</string></value>\n</member>\n"
+                "<member>\n<name>port</name>\n<value><int>%d</int></value>\n</member>\n"
+                "<member>\n<name>name</name>\n<value><string>%s</string></value>\n</member>\n"
+                "<member>\n<name>info</name>\n%s</member>\n"
+                "<member>\n<name>pid</name>\n<value><int>%d</int></value>\n</member>\n"
+                "<member>\n<name>since</name>\n<value><dateTime.iso8601>%s</dateTime.iso8601></value>\n</member>\n")
 
 
-def _struct_piece(entry):
-    """The XML of *entry* (its values in _ENTRY_FIELDS' order) as a struct in an array, but for its
-    stale and seen members and its end (_STRUCT_END): what ClusterView.locate joins for a listing."""
-    text = dumps((dict(zip(_ENTRY_FIELDS, entry)),), allow_none=False)
-    return text[len("<params>\n<param>\n"):-len(_STRUCT_END + "</param>\n</params>\n")]
+def _mirrored(entry):
+    """What the mirror keeps of a cluster entry (a dict of cluster_entry's): the values that fill
+    _ENTRY_PIECE, marshalled where they are not numbers.  A piece is made from it in a
+    microsecond, with no Python code between (a listing of 50,000 in a thread holds up the loop
+    no longer than before), and it holds about half the memory of the piece."""
+    since = entry["since"]
+    info = dumps((entry["info"],), allow_none=False)[len("<params>\n<param>\n"):-len("</param>\n</params>\n")]
+    return (xmlrpc.client.escape(entry["host"]), entry["port"], xmlrpc.client.escape(entry["name"]), info,
+            entry["pid"], "%04d%02d%02dT%02d:%02d:%02d" % (since.year, since.month, since.day, since.hour,
+                                                          since.minute, since.second))
 
 
 class ClusterView:
@@ -5294,8 +5306,8 @@ class ClusterView:
 
     def locate(self, name=None):
         """Every host's entries (those named *name* when given), sorted by host then port, each
-        with stale and seen: Marshalled (in parts of a thousand entries).  ClusterError when the mirror was never filled, or is
-        stale and has nothing that matches."""
+        with stale and seen: Marshalled (in parts of 200 entries).  ClusterError when the mirror
+        was never filled, or is stale and has nothing that matches."""
         stale, seen = self.stale(), self.seen()
         with self._mirror:
             if self._revision is None:
@@ -5311,10 +5323,10 @@ class ClusterView:
         tail = ("<member>\n<name>stale</name>\n<value><boolean>%d</boolean></value>\n</member>\n<member>\n"
                 "<name>seen</name>\n<value><double>%r</double></value>\n</member>\n" % (
                     stale, round(min(seen, 1e9), 3))) + _STRUCT_END
-        # (the entries are marshalled here, in this thread, rather than kept marshalled: a mirror
-        # of 50,000 entries holds about half the memory that way)
-        parts = [(tail.join(map(_struct_piece, pieces[i:i + 1000])) + tail).encode("utf-8")
-                 for i in range(0, len(pieces), 1000)]
+        parts = []
+        for i in range(0, len(pieces), 200):
+            parts.append((tail.join(map(_ENTRY_PIECE.__mod__, pieces[i:i + 200])) + tail).encode("utf-8"))
+            time.sleep(0)   # (this runs in a thread: the loop gets the GIL back at once, not in 5 ms)
         return Marshalled([_REPLY_HEAD.encode("ascii")] + parts + [_REPLY_FOOT.encode("ascii")])
 
     def stop(self, timeout=0.5):
@@ -5624,7 +5636,7 @@ class ClusterView:
             return
         host, name = sys.intern(entry["host"]), sys.intern(entry["name"])    # (shared by many entries)
         where = (host, entry["port"])
-        piece = (host, entry["port"], name, entry["info"], entry["pid"], entry["since"])
+        piece = _mirrored(entry)
         pieces.setdefault(host, {})[where[1]] = piece
         named.setdefault(name, {})[where] = piece
         keys[key] = where + (name,)
