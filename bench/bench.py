@@ -3,7 +3,7 @@
 
 Run from the repository root::
 
-    python3 bench/bench.py                      # full run (3 rounds), about 4 minutes
+    python3 bench/bench.py                      # full run (3 rounds), 5 to 7 minutes with wrk and etcd
     python3 bench/bench.py --quick              # short smoke run
     python3 bench/bench.py --only speed         # just the speed table (issue 22), about 2 minutes
     python3 bench/bench.py --only speed --quick # the same, about 20 s
