@@ -5159,9 +5159,10 @@ def _mirrored(entry):
     no longer than before), and it holds about half the memory of the piece."""
     since = entry["since"]
     info = dumps((entry["info"],), allow_none=False)[len("<params>\n<param>\n"):-len("</param>\n</params>\n")]
-    return (xmlrpc.client.escape(entry["host"]), entry["port"], xmlrpc.client.escape(entry["name"]), info,
-            entry["pid"], "%04d%02d%02dT%02d:%02d:%02d" % (since.year, since.month, since.day, since.hour,
-                                                          since.minute, since.second))
+    # (host and name as dumps writes them: escaped, and a carriage return as &#13;, kept so)
+    host, name = (xmlrpc.client.escape(entry[k]).replace("\r", "&#13;") for k in ("host", "name"))
+    return (host, entry["port"], name, info, entry["pid"],
+            "%04d%02d%02dT%02d:%02d:%02d" % (since.year, since.month, since.day, since.hour, since.minute, since.second))
 
 
 class ClusterView:
