@@ -5635,7 +5635,9 @@ class ClusterView:
             keys[key] = why
             skipped[why] += 1
             return
-        host, name = sys.intern(entry["host"]), sys.intern(entry["name"])    # (shared by many entries)
+        # (not sys.intern'ed: an interned string is immortal on Python 3.12, and these are whatever
+        # any writer of the prefix put there)
+        host, name = entry["host"], entry["name"]
         where = (host, entry["port"])
         piece = _mirrored(entry)
         pieces.setdefault(host, {})[where[1]] = piece
