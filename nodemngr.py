@@ -5159,9 +5159,10 @@ def _mirrored(entry):
     no longer than before), and it holds about half the memory of the piece."""
     since = entry["since"]
     info = dumps((entry["info"],), allow_none=False)[len("<params>\n<param>\n"):-len("</param>\n</params>\n")]
-    return (xmlrpc.client.escape(entry["host"]), entry["port"], xmlrpc.client.escape(entry["name"]), info,
-            entry["pid"], "%04d%02d%02dT%02d:%02d:%02d" % (since.year, since.month, since.day, since.hour,
-                                                          since.minute, since.second))
+    # (host and name as dumps writes them: escaped, and a carriage return as &#13;, kept so)
+    host, name = (xmlrpc.client.escape(entry[k]).replace("\r", "&#13;") for k in ("host", "name"))
+    return (host, entry["port"], name, info, entry["pid"],
+            "%04d%02d%02dT%02d:%02d:%02d" % (since.year, since.month, since.day, since.hour, since.minute, since.second))
 
 
 class ClusterView:
@@ -5634,7 +5635,9 @@ class ClusterView:
             keys[key] = why
             skipped[why] += 1
             return
-        host, name = sys.intern(entry["host"]), sys.intern(entry["name"])    # (shared by many entries)
+        # (not sys.intern'ed: an interned string is immortal on Python 3.12, and these are whatever
+        # any writer of the prefix put there)
+        host, name = entry["host"], entry["name"]
         where = (host, entry["port"])
         piece = _mirrored(entry)
         pieces.setdefault(host, {})[where[1]] = piece

@@ -251,6 +251,29 @@ def test_the_mirror_marshals_an_entry_as_dumps_does():
         assert nodemngr._ENTRY_PIECE % nodemngr._mirrored(entry) == piece, info
 
 
+def test_the_mirror_writes_a_carriage_return_of_a_host_or_name_as_dumps_does():
+    """nodemngr's dumps writes a carriage return as &#13; (a raw one is read back as a line feed);
+    the mirror's pieces must too, for the host and the name as for the info, or a listing says
+    "a\nb" of a port named "a\rb"."""
+    import nodemngr
+    for host, name, info in [("h\rz", "n", "i"), ("h", "d\rb", "i"), ("h\r&<", "\r\n&", {"k\r": "\r"})]:
+        entry = {"host": host, "port": 7, "name": name, "info": info, "pid": 1,
+                 "since": datetime.datetime(2026, 1, 2, 3, 4, 5)}
+        made = nodemngr.dumps((entry,), allow_none=False)
+        piece = made[len("<params>\n<param>\n"):-len(nodemngr._STRUCT_END + "</param>\n</params>\n")]
+        assert nodemngr._ENTRY_PIECE % nodemngr._mirrored(entry) == piece, (host, name)
+
+
+def test_a_carriage_return_in_a_host_or_name_is_listed_as_it_is(daemon_factory, etcd):
+    """End to end: an entry whose host and name hold a carriage return (cluster_entry takes both)
+    comes back from listCluster with it, not with a line feed."""
+    lease = etcd.call("lease/grant", {"TTL": 60})["ID"]
+    put(etcd, "nodemngr/v1/ports/h\rz/7", {"host": "h\rz", "port": 7, "name": "d\rb", "info": "x\ry", "pid": 0,
+                                           "since": "2026-01-01T00:00:00Z"}, lease)
+    d = host_daemon(daemon_factory, etcd, "host-a", size=10)
+    assert [(e["host"], e["name"], e["info"]) for e in d.rpc().listCluster()] == [("h\rz", "d\rb", "x\ry")]
+
+
 def test_entries_nodemngr_would_not_write_are_skipped_and_counted(daemon_factory, etcd):
     """Only entries of the exact shape nodemngr writes, whose value agrees with the key and which
     hang on a live lease, are answered; the others are skipped and counted by reason (metrics,

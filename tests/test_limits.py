@@ -155,3 +155,38 @@ def test_a_listing_sent_whole_is_not_kept_for_its_size():
     assert cursor.take(30) == b"c" * 5 and cursor.done
     assert nodemngr._Cursor._sized[0] is not pieces, "a listing sent whole is still kept"
     assert other.take(100) == b"a" * 10 + b"b" * 20 + b"c" * 5 and len(other) == 0
+
+
+def test_hosts_and_names_etcd_brings_are_not_kept_once_their_entries_go():
+    """The mirror must not sys.intern what etcd brings: from Python 3.12 on (up to 3.13) an
+    interned string is immortal, so every host and name any writer of the prefix ever put (a name
+    may be 64 KiB) stayed in the daemon's memory for good.  Entries made and dropped here must
+    leave nothing behind, and what the mirror keeps is not the interpreter's interned text."""
+    import base64
+    import collections
+    import json
+    import sys
+    import tracemalloc
+
+    def value(host, name):
+        return base64.b64encode(json.dumps({"host": host, "port": 7, "name": name, "info": "x", "pid": 0,
+                                            "since": "2026-01-01T00:00:00Z"}).encode())
+
+    def enter(host, name):
+        pieces, named, keys, skipped = {}, {}, {}, collections.Counter()
+        nodemngr.ClusterView._enter(b"nodemngr/v1/ports/%s/7" % host.encode(), value(host, name), 1,
+                                    pieces, named, keys, skipped)
+        return keys
+
+    where = enter("host-%d" % id(enter), "name-%d" % id(enter))[b"nodemngr/v1/ports/host-%d/7" % id(enter)]
+    assert sys.intern("host-%d" % id(enter)) is not where[0] and sys.intern("name-%d" % id(enter)) is not where[2]
+    tracemalloc.start()
+    try:
+        enter("h0", "n0")
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):
+            enter("h-%d-%s" % (i, "y" * 1000), "n-%d-%s" % (i, "z" * 4000))
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 512 * 1024, "1,000 entries made and dropped left %d KiB behind" % (grown // 1024)
