@@ -4309,6 +4309,7 @@ class NodeMngrServer:
         self._listening = False
         self._executor = None       # threads for slow calls, made on the first one
         self._sliced = {}           # Sliced being made -> the done() of each connection waiting for it
+        self._slicing = collections.deque()     # those Sliced, in turn: one step of the first a turn
         self._told = None           # the last STATUS= line sent
         self._accept_warned = 0.0
         self._summary, self._on_release = (lambda: ""), (lambda: None)
@@ -4394,23 +4395,30 @@ class NodeMngrServer:
         future.add_done_callback(lambda future: done())
 
     def run_sliced(self, sliced, done):
-        """Make *sliced* a step per turn of the loop, then done(): other clients are served between
-        its slices.  A reply shared by many connections (a listing, the status page) is made by
-        one such chain of steps, which calls the done() of each: a step each would be as many
-        slices per turn."""
+        """Make *sliced*, then done(): one step of one Sliced per turn of the loop, whatever is
+        being made, so that other clients are served between any two slices.  A reply shared by
+        many connections (a listing, the status page) is made once, then the done() of each is
+        called; replies of different states of the registry (a listing asked between changes by
+        each of 120 clients) take their turns, not a slice each per turn."""
         waiting = self._sliced.get(sliced)
         if waiting is not None:
             waiting.append(done)
             return
         self._sliced[sliced] = [done]
+        self._slicing.append(sliced)
+        if len(self._slicing) == 1:
+            self.loop.call_soon(self._slice_turn)
 
-        def step():
-            if not sliced.step():
-                self.loop.call_soon(step)
-                return
+    def _slice_turn(self):
+        sliced = self._slicing[0]
+        if sliced.step():
+            self._slicing.popleft()
             for each in self._sliced.pop(sliced):
                 self.loop.call_soon(each)       # (each on its own: one that fails spoils no other)
-        self.loop.call_soon(step)
+        else:
+            self._slicing.rotate(-1)
+        if self._slicing:
+            self.loop.call_soon(self._slice_turn)
 
     # -- the loop --------------------------------------------------------------------------------
 

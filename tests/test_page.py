@@ -4,6 +4,7 @@ is shown in part, counted.  A real headless Chromium (Debian's chromium; .ci/run
 loads the page from a real daemon.  `pytest tests/test_page.py --screenshot docs/status-page.png`
 remakes the README's picture; an ordinary run writes none."""
 import base64
+import collections
 import html.parser
 import json
 import os
@@ -349,7 +350,7 @@ def test_a_hundred_asking_at_once_make_one_slice_a_turn(monkeypatch):
         replies = [dispatcher.page(b"/status.json") for _ in range(100)]
         assert all(r is replies[0] for r in replies) and type(replies[0]) is nodemngr.Sliced, "one page, not made yet"
         server = object.__new__(nodemngr.NodeMngrServer)
-        server.loop, server._sliced = loop, {}
+        server.loop, server._sliced, server._slicing = loop, {}, collections.deque()
         turns, slices, told = [0], [], []
         real_step = nodemngr.Sliced.step
         monkeypatch.setattr(nodemngr.Sliced, "step", lambda self: slices.append(turns[0]) or real_step(self))
@@ -369,3 +370,38 @@ def test_a_hundred_asking_at_once_make_one_slice_a_turn(monkeypatch):
     finally:
         loop.close()
         service.close()
+
+
+def test_replies_of_different_states_take_turns_one_slice_a_turn_in_all():
+    """In-process: twelve different replies being made at once (a listing asked between changes
+    by each of 120 clients that never read) made a slice each per turn, twelve slices a turn:
+    pings waited 100 ms.  They take turns, one slice a turn in all, and each is told when made."""
+    import asyncio
+    import nodemngr
+    loop = asyncio.new_event_loop()
+    try:
+        server = object.__new__(nodemngr.NodeMngrServer)
+        server.loop, server._sliced, server._slicing = loop, {}, collections.deque()
+        turns, slices, told = [0], [], []
+
+        def steps(n):
+            for _ in range(5):
+                slices.append(turns[0])
+                yield
+            return n
+        made = [nodemngr.Sliced(steps(n), "listPorts") for n in range(12)]
+
+        def tick():
+            turns[0] += 1
+            if len(told) < len(made):
+                loop.call_soon(tick)
+        for sliced in made:
+            server.run_sliced(sliced, lambda: told.append(1))
+        loop.call_soon(tick)
+        while len(told) < len(made):
+            loop.run_until_complete(asyncio.sleep(0))
+        assert len(slices) == 12 * 5 and max(slices.count(turn) for turn in set(slices)) == 1, \
+            "more than one slice in a turn"
+        assert [sliced.reply for sliced in made] == list(range(12))
+    finally:
+        loop.close()
