@@ -3369,20 +3369,23 @@ class Dispatcher:
     def _entry_pieces(self, regs, pieces, whole):
         """Append the marshalled entries of *regs* to *pieces*, yielding when a slice's budget is
         spent (see _listing_steps)."""
-        cache = self._entries
-        kept = {} if whole else cache
+        # An entry made is kept at once, for the listings being made meanwhile too (twelve of them,
+        # of twelve states of the registry, each made the same 25,000 entries); kept entries are
+        # used as they are, so that a listing makes no new object the collector would scan.
+        cache, listed = self._entries, set()
         until = time.monotonic() + Sliced.budget
         for count, reg in enumerate(regs, 1):
             entry = cache.get(reg.port)
-            if entry is None or entry[0] is not reg:    # (kept entries are kept as they are: a listing
-                entry = (reg, _list_item(_listed((reg,))[0]))   # makes no new object the collector would scan)
-            kept[reg.port] = entry
+            if entry is None or entry[0] is not reg:
+                entry = cache[reg.port] = (reg, _list_item(_listed((reg,))[0]))
+            listed.add(reg.port)
             pieces.append(entry[1])
             if count % 100 == 0 and time.monotonic() >= until:
                 yield
                 until = time.monotonic() + Sliced.budget
-        if whole:
-            self._entries = kept
+        if whole:   # (entries of ports no longer held go; one a later state holds is made again)
+            for port in [port for port in cache if port not in listed]:
+                del cache[port]
 
 
 # ---------------------------------------------------------------------------------------------
