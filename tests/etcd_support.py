@@ -177,7 +177,7 @@ class Proxy:
                     elif s is upstream and marked:
                         for proxy in [self] + self.others:
                             proxy.mode = "freeze"
-        except OSError:
+        except (OSError, ValueError):     # (ValueError: select() on a socket another thread closed)
             pass
         finally:
             client.close()

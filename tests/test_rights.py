@@ -514,7 +514,9 @@ for pid in kids:
 
 def test_pids_named_from_a_container_do_not_hold_up_other_clients(daemon, nobody):
     """One 61 KB request from a container (nobody, 300 idle processes of its own): a ping every
-    10 ms from another client meanwhile waits well under half a second."""
+    10 ms from another client meanwhile waits under a second (it waited 2 s and more when /proc
+    was scanned per call; a CI run with six workers on two cores measured 0.62 s, the bound was
+    0.5 s)."""
     flood = nobody.popen(SCAN_FLOOD, daemon.port, 300, 230, namespace=True, stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE)
     try:
@@ -534,7 +536,7 @@ def test_pids_named_from_a_container_do_not_hold_up_other_clients(daemon, nobody
         flood.kill()
         flood.wait()
     assert "answered" in said, said
-    assert worst < 0.5, "a ping waited %.2f s while a container named pids (%s)" % (worst, said.strip())
+    assert worst < 1.0, "a ping waited %.2f s while a container named pids (%s)" % (worst, said.strip())
 
 
 # -- under the service unit's address families, and where netlink is refused ----------------------
