@@ -301,93 +301,87 @@ def test_the_changes_of_a_multicall_are_told_once_after_they_are_saved(dispatche
         service.close()
 
 
-def test_a_listing_made_of_kept_entries_is_the_registry_byte_for_byte_through_changes(tmp_path, monkeypatch):
+@pytest.fixture
+def sliced(monkeypatch):
+    """(first port, service, dispatcher, a TCP caller) in this process, with a range of 400 and
+    listings made a slice of 100 entries at a time."""
+    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)
+    first, last = free_range(400)
+    service = NodeMngr(first, last, host_check=lambda port: True)
+    dispatcher = Dispatcher(service)
+    try:
+        yield first, service, dispatcher, dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid())
+    finally:
+        service.close()
+
+
+def test_a_listing_made_of_kept_entries_is_the_registry_byte_for_byte_through_changes(sliced):
     """listPorts and lookup join entries marshalled once each; whatever changed (a port freed,
     taken again with another info, a name's holders), the bytes are those dumps makes of the
     registry now, made in slices or at once."""
-    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)    # (a slice of 100 entries each)
-    first, last = free_range(400)
-    service = NodeMngr(first, last, host_check=lambda port: True)
-    dispatcher = Dispatcher(service)
-    tcp = dispatcher.caller("tcp", address="127.0.0.1")
-    try:
-        def expected(method, *params):
-            return nodemngr.marshal_reply((dispatcher.call(tcp, method, params),), method)[0]
+    first, service, dispatcher, tcp = sliced
 
-        def made(method, *params):
-            reply = dispatcher.dispatch(tcp, body(method, *params))
-            if isinstance(reply, nodemngr.Sliced):
-                reply = reply.finish()
-            return b"".join(reply) if isinstance(reply, list) else reply
-        for i in range(350):
-            service.newPort({"name": "crowd", "n": i} if i % 3 == 0 else "svc %d" % i)
-        assert isinstance(dispatcher.dispatch(tcp, body("listPorts")), nodemngr.Sliced), "long: made in slices"
-        assert made("listPorts") == expected("listPorts")
-        assert made("lookup", "crowd") == expected("lookup", "crowd")
-        for port in range(first, first + 350, 7):
-            service.delPort(port)
-        for i in range(30):
-            service.newPort("again %d\r\n" % i if i % 2 else {"name": "crowd", "when": "now"})
-        assert made("listPorts") == expected("listPorts")
-        assert made("lookup", "crowd") == expected("lookup", "crowd")
-        assert made("lookup", "nobody") == expected("lookup", "nobody")
-    finally:
-        service.close()
+    def expected(method, *params):
+        return nodemngr.marshal_reply((dispatcher.call(tcp, method, params),), method)[0]
+
+    def made(method, *params):
+        reply = dispatcher.dispatch(tcp, body(method, *params))
+        if isinstance(reply, nodemngr.Sliced):
+            reply = reply.finish()
+        return b"".join(reply) if isinstance(reply, list) else reply
+    for i in range(350):
+        service.newPort({"name": "crowd", "n": i} if i % 3 == 0 else "svc %d" % i)
+    assert isinstance(dispatcher.dispatch(tcp, body("listPorts")), nodemngr.Sliced), "long: made in slices"
+    assert made("listPorts") == expected("listPorts")
+    assert made("lookup", "crowd") == expected("lookup", "crowd")
+    for port in range(first, first + 350, 7):
+        service.delPort(port)
+    for i in range(30):
+        service.newPort("again %d\r\n" % i if i % 2 else {"name": "crowd", "when": "now"})
+    assert made("listPorts") == expected("listPorts")
+    assert made("lookup", "crowd") == expected("lookup", "crowd")
+    assert made("lookup", "nobody") == expected("lookup", "nobody")
 
 
-def test_listings_of_two_states_made_at_once_share_the_entries_they_make(monkeypatch):
+def test_listings_of_two_states_made_at_once_share_the_entries_they_make(sliced):
     """Twelve listings of twelve states of the registry, made at once (120 clients asking between
     changes), each made all 25,000 entries again: twelve copies in memory (161 MiB).  An entry
     made by one is kept at once for the others; each listing is still its own state's."""
-    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)    # (a slice of 100 entries each)
-    first, last = free_range(400)
-    service = NodeMngr(first, last, host_check=lambda port: True)
-    dispatcher = Dispatcher(service)
-    tcp = dispatcher.caller("tcp", address="127.0.0.1")
-    try:
-        for i in range(300):
-            service.newPort("svc %d" % i)
-        older = dispatcher.dispatch(tcp, body("listPorts"))
-        older.step()
-        added = service.newPort("one more")
-        newer = dispatcher.dispatch(tcp, body("listPorts"))
-        assert isinstance(older, nodemngr.Sliced) and newer is not older
-        while not (older.step() & newer.step()):
-            pass
-        old, new = older.finish(), newer.finish()
-        assert len(new) == len(old) + 1 and ("<int>%d</int>" % added).encode() in b"".join(new)
-        shared = sum(a is b for a, b in zip(old[1:-1], new[1:-1]))
-        assert shared == len(old) - 2, "entries made twice: %d of %d shared" % (shared, len(old) - 2)
-    finally:
-        service.close()
+    first, service, dispatcher, tcp = sliced
+    for i in range(300):
+        service.newPort("svc %d" % i)
+    older = dispatcher.dispatch(tcp, body("listPorts"))
+    older.step()
+    added = service.newPort("one more")
+    newer = dispatcher.dispatch(tcp, body("listPorts"))
+    assert isinstance(older, nodemngr.Sliced) and newer is not older
+    while not (older.step() & newer.step()):
+        pass
+    old, new = older.finish(), newer.finish()
+    assert len(new) == len(old) + 1 and ("<int>%d</int>" % added).encode() in b"".join(new)
+    shared = sum(a is b for a, b in zip(old[1:-1], new[1:-1]))
+    assert shared == len(old) - 2, "entries made twice: %d of %d shared" % (shared, len(old) - 2)
 
 
-def test_listings_inside_a_multicall_are_made_in_slices_and_show_their_moment(tmp_path, monkeypatch):
+def test_listings_inside_a_multicall_are_made_in_slices_and_show_their_moment(sliced):
     """Promise: no caller waits behind a listing, whatever asks for it.  Broken: a listPorts (or
     lookups of a crowded name) inside system.multicall was marshalled whole, in one go: at 25,000
     registrations the loop stood still for half a second.  Now the multicall's reply is a Sliced of
     kept entries, each listing showing the registry as it was at its place among the calls."""
-    monkeypatch.setattr(nodemngr.Sliced, "budget", 0.0)    # (a slice of 100 entries each)
-    first, last = free_range(400)
-    service = NodeMngr(first, last, host_check=lambda port: True)
-    dispatcher = Dispatcher(service)
-    tcp = dispatcher.caller("tcp", address="127.0.0.1", uid=os.getuid())
-    try:
-        for i in range(300):
-            service.newPort({"name": "crowd", "n": i} if i % 2 else "svc %d" % i)
-        calls = [{"methodName": "lookup", "params": ["crowd"]}, {"methodName": "listPorts", "params": []}]
-        reply = dispatcher.dispatch(tcp, body("system.multicall", calls))
-        assert isinstance(reply, nodemngr.Sliced), "long listings in a multicall: made in slices"
-        expected = [[dispatcher.call(tcp, "lookup", ("crowd",))], [dispatcher.call(tcp, "listPorts")]]
-        assert b"".join(reply.finish()) == nodemngr.marshal_reply((expected,), "system.multicall")[0], "byte for byte"
-        port = first + 300
-        calls = [{"methodName": "newPort", "params": ["new"]}, {"methodName": "lookup", "params": ["new"]},
-                 {"methodName": "delPort", "params": [first]}, {"methodName": "listPorts", "params": []},
-                 {"methodName": "lookup", "params": [7]}]
-        results = answer(dispatcher.dispatch(tcp, body("system.multicall", calls)))
-        assert results[0] == [port] and [e["port"] for e in results[1][0]] == [port]
-        assert [e["port"] for e in results[3][0]] == list(range(first + 1, first + 301)), "after the delPort"
-        assert results[4]["faultCode"] == 3
-        assert dispatcher.requests["lookup"] == 4 and dispatcher.requests["listPorts"] == 3, "each counted once"
-    finally:
-        service.close()
+    first, service, dispatcher, tcp = sliced
+    for i in range(300):
+        service.newPort({"name": "crowd", "n": i} if i % 2 else "svc %d" % i)
+    calls = [{"methodName": "lookup", "params": ["crowd"]}, {"methodName": "listPorts", "params": []}]
+    reply = dispatcher.dispatch(tcp, body("system.multicall", calls))
+    assert isinstance(reply, nodemngr.Sliced), "long listings in a multicall: made in slices"
+    expected = [[dispatcher.call(tcp, "lookup", ("crowd",))], [dispatcher.call(tcp, "listPorts")]]
+    assert b"".join(reply.finish()) == nodemngr.marshal_reply((expected,), "system.multicall")[0], "byte for byte"
+    port = first + 300
+    calls = [{"methodName": "newPort", "params": ["new"]}, {"methodName": "lookup", "params": ["new"]},
+             {"methodName": "delPort", "params": [first]}, {"methodName": "listPorts", "params": []},
+             {"methodName": "lookup", "params": [7]}]
+    results = answer(dispatcher.dispatch(tcp, body("system.multicall", calls)))
+    assert results[0] == [port] and [e["port"] for e in results[1][0]] == [port]
+    assert [e["port"] for e in results[3][0]] == list(range(first + 1, first + 301)), "after the delPort"
+    assert results[4]["faultCode"] == 3
+    assert dispatcher.requests["lookup"] == 4 and dispatcher.requests["listPorts"] == 3, "each counted once"
