@@ -1469,6 +1469,11 @@ class PortAllocator:
                     self._make_free(port)
         return sorted(taken) if len(taken) == count else None
 
+    @property
+    def set_aside_count(self):
+        """How many ports the host check refused lately are set aside (not probed again yet)."""
+        return len(self._busy)
+
     def longest_free_run(self):
         """(length, first port or None) of the longest run of consecutive free ports (remembered
         ones included), and how many ports are free in all: what a refused block is told.  Costs a
@@ -2764,7 +2769,7 @@ class NodeMngr:
         if a.gave_up:
             return NoFreePortError("no block of %d consecutive ports found in %d-%d within %d probes: other programs "
                                    "hold a port in each run tried (%d set aside for now); ask again to look further"
-                                   % (count, a.first, a.last, a.block_probes, len(a._busy)))
+                                   % (count, a.first, a.last, a.block_probes, a.set_aside_count))
         run, at, free = a.longest_free_run()
         return NoFreePortError("no block of %d%s %s free in %d-%d: the longest run of free ports is %s, and %d "
                                "%s free in all; %d registered, %d held by other programs" % (
