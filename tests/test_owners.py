@@ -266,13 +266,19 @@ def test_out_of_descriptors_frees_nothing_and_loses_nothing(daemon_factory, slee
         changed = wait_until(lambda: len(call_on(newest[2], "listPorts")) != 3, timeout=2.5 * REAP_INTERVAL,
                              interval=0.2)
         assert not changed
-        assert call_on(newest[2], "delPort", ports[2]) == 0
-        assert call_on(newest[3], "newPort", "again", 0) == ports[2]
+        freed = call_on(newest[2], "delPort", ports[2])
+        if freed == 0:
+            assert call_on(newest[3], "newPort", "again", 0) == ports[2]
+            last = (ports[2], 0)
+        else:   # (a connection accepted with no descriptor to spare for its sock_diag lookup does not
+            # learn its user: it gets no rights, fail closed; seen once in CI, under load)
+            assert freed.faultCode == 4 and "registered by uid" in freed.faultString, freed
+            last = (ports[2], sleeper.pid)
         listing = call_on(newest[4], "listPorts")
     finally:
         for s in held:
             s.close()
-    assert [(e["port"], e["pid"]) for e in listing] == [(p, sleeper.pid) for p in ports[:2]] + [(ports[2], 0)]
+    assert [(e["port"], e["pid"]) for e in listing] == [(p, sleeper.pid) for p in ports[:2]] + [last]
     assert "has ended" not in d.read_log()
 
 
